@@ -1,0 +1,27 @@
+"""Parameter accounting: one function for every method, agreeing with the saved file to the byte."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .checkpoint import serialize
+
+
+def account(method) -> dict:
+    """Trainable parameters, bytes as saved, percent of the backbone, per-module breakdown.
+
+    Counts come from `state_to_save()`, the same tensors the checkpoint holds, and the byte
+    count is the length of the serialized file itself."""
+    tensors = method.state_to_save()
+    per_module: dict[str, int] = defaultdict(int)
+    for name, tensor in tensors.items():
+        per_module[name.rsplit(".", 1)[0]] += tensor.numel()
+    params = sum(t.numel() for t in tensors.values())
+    return {
+        "trainable_params": params,
+        "bytes_saved": len(serialize(method)),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "percent_of_backbone": 100.0 * params / method.backbone_params,
+        "backbone_params": method.backbone_params,
+        "per_module": dict(per_module),
+    }

@@ -1,0 +1,124 @@
+"""`lora-diffusion train | eval | prepare-backbone`.
+
+Bad input (a config field, a missing file, an unknown backbone) prints one line naming the field
+or file and exits with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import checkpoint, config as config_lib
+from .errors import UserError
+
+
+def _print_result(result: dict) -> None:
+    keys = [k for k in result if "/" in k or k.endswith("_s") or k.startswith("peak")]
+    for k in keys:
+        v = result[k]
+        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    acc = result.get("accounting")
+    if acc:
+        print(f"  {'trainable_params':28s} {acc['trainable_params']} "
+              f"({acc['percent_of_backbone']:.3f}% of backbone), {acc['bytes_saved']} bytes saved")
+
+
+def cmd_train(args) -> int:
+    from .train import Recipe
+
+    config = config_lib.load(args.config, args.set)
+    out = Path(args.output_dir or config.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"output_dir: {out} is not empty (pass --overwrite to replace it)")
+    recipe = Recipe(config)  # loads data, backbone and method: all input errors surface here
+    result = recipe.run()
+    checkpoint.save(out, recipe.method, config, recipe.fingerprint, recipe.backbone.source)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"checkpoint and result.json in {out}")
+    _print_result(result)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import tasks
+    from .train import Recipe
+
+    overrides = config_lib.parse_sets(args.set or [])
+    if args.task:
+        overrides["task"] = args.task
+    if args.data_file:
+        if not Path(args.data_file).is_file():
+            raise UserError(f"data-file: {args.data_file} not found")
+        overrides["test_file"] = args.data_file
+    recipe = Recipe.from_checkpoint(args.checkpoint, overrides)
+    config = recipe.config
+    t0 = time.perf_counter()
+    if recipe.test_examples is not None:
+        result = recipe.evaluate(recipe.test_examples, "test")
+        result["test/source"] = args.data_file
+    else:
+        result = recipe.evaluate(recipe.dev_examples, "dev")
+    result["eval_time_s"] = time.perf_counter() - t0
+    result["split_note"] = tasks.get_task(config.task).split_note
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .prepare import prepare_backbone
+
+    result = prepare_backbone(out_dir=args.out, mode=args.mode, steps=args.steps,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              backbone_name=args.backbone, data_dir=args.data_dir,
+                              overwrite=args.overwrite)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one configuration")
+    t.add_argument("--config", help="YAML/JSON config file (defaults are in config.py)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. trajectory.rank=8")
+    t.add_argument("--output-dir", help="checkpoint directory (default: config output_dir)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--task", help="task whose format --data-file is in (default: the checkpoint's)")
+    e.add_argument("--data-file", help="labelled file in the task's format, reported as split 'test'")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("prepare-backbone", help="turn an encoder into a masked diffusion LM")
+    b.add_argument("--out", default="runs/backbones/minilm-mdlm")
+    b.add_argument("--backbone", default="minilm")
+    b.add_argument("--mode", choices=("head", "full"), default="full")
+    b.add_argument("--steps", type=int, default=1500)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--lr", type=float, default=1e-4)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--data-dir")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Absorbing-state (masked) diffusion: noise schedules, the conditional ELBO, the sampler, scoring.
+
+MDLM / LLaDA style. At time t in (0, 1] each response token is replaced by [MASK] with
+probability p(t); the prompt stays clean. The network does not see t: anything
+timestep-dependent (our trajectory modules) is handed t by the caller through `denoise`.
+
+`denoise(input_ids, attention_mask, select, t) -> logits[N, V]` returns logits only at the
+positions in `select` (bool [B, S]): computing the 30k-word output at every position dominates
+CPU time, so nothing here ever asks for more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def mask_prob(t: torch.Tensor, schedule: str) -> torch.Tensor:
+    """p(t): probability that a token is masked at time t (p(0) = 0, p(1) = 1)."""
+    if schedule == "linear":  # LLaDA
+        return t
+    if schedule == "loglinear":  # MDLM: sigma(t) = -log(1 - (1 - eps) t), p = 1 - e^-sigma
+        return (1 - 1e-3) * t
+    if schedule == "cosine":
+        return 1 - torch.cos(0.5 * math.pi * t)
+    raise ValueError(f"unknown noise schedule {schedule!r}")
+
+
+def elbo_weight(t: torch.Tensor, schedule: str) -> torch.Tensor:
+    """w(t) = p'(t) / p(t), the continuous-time ELBO weight (1/t for the linear schedule)."""
+    if schedule in ("linear", "loglinear"):
+        return 1.0 / t
+    if schedule == "cosine":
+        half = 0.5 * math.pi
+        return half * torch.sin(half * t) / (1 - torch.cos(half * t))
+    raise ValueError(f"unknown noise schedule {schedule!r}")
+
+
+def sample_times(batch_size: int, t_min: float, generator: torch.Generator) -> torch.Tensor:
+    """Low-discrepancy t in [t_min, 1] (MDLM): one uniform offset, evenly spaced across the batch."""
+    offset = torch.rand((), generator=generator)
+    u = (offset + torch.arange(batch_size) / batch_size) % 1.0
+    return t_min + (1 - t_min) * u
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, S] long, clean tokens
+    attention_mask: torch.Tensor  # [B, S] long
+    response_mask: torch.Tensor  # [B, S] bool, the positions diffusion acts on
+    prompt_mask: torch.Tensor  # [B, S] bool, prompt tokens (for routers that pool the prompt)
+
+
+def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length: int) -> Batch:
+    """[CLS] prompt response [SEP], right-padded. The response is never truncated; the prompt
+    keeps its last tokens, because templates end with the cue ("Sentiment:") the answer follows."""
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    rows, resp_spans, prompt_spans = [], [], []
+    for p_ids, r_ids in zip(prompt_ids, responses):
+        room = max_length - len(r_ids) - 2
+        if room < 1:
+            raise ValueError(f"response of {len(r_ids)} tokens does not fit max_length={max_length}")
+        p_ids = p_ids[-room:]
+        rows.append([cls_id, *p_ids, *r_ids, sep_id])
+        prompt_spans.append((1, 1 + len(p_ids)))
+        resp_spans.append((1 + len(p_ids), 1 + len(p_ids) + len(r_ids)))
+    width = max(len(r) for r in rows)
+    pad_id = tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response = torch.zeros((len(rows), width), dtype=torch.bool)
+    prompt = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        response[i, slice(*resp_spans[i])] = True
+        prompt[i, slice(*prompt_spans[i])] = True
+    return Batch(input_ids, attention, response, prompt)
+
+
+def apply_mask(batch: Batch, t: torch.Tensor, mask_id: int, schedule: str,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each response token with probability p(t); returns (noisy ids, masked positions)."""
+    u = torch.rand(batch.input_ids.shape, generator=generator)
+    masked = batch.response_mask & (u < mask_prob(t, schedule)[:, None])
+    noisy = torch.where(masked, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
+    return noisy, masked
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, t_min: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """Conditional ELBO: w(t) * sum of CE over masked response tokens / response length.
+
+    Samples where nothing got masked contribute zero (the estimator stays unbiased)."""
+    B = batch.input_ids.shape[0]
+    t = sample_times(B, t_min, generator)
+    noisy, masked = apply_mask(batch, t, mask_id, schedule, generator)
+    if not masked.any():
+        zero = torch.zeros((), requires_grad=True)
+        return zero, {"masked_tokens": 0.0, "masked_accuracy": float("nan")}
+    logits = denoise(noisy, batch.attention_mask, masked, t)  # [N, V]
+    targets = batch.input_ids[masked]
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    row = masked.nonzero()[:, 0]
+    resp_len = batch.response_mask.sum(1).clamp(min=1).float()
+    weight = elbo_weight(t, schedule)[row] / resp_len[row]
+    loss = (weight * ce).sum() / B
+    stats = {
+        "masked_tokens": float(masked.sum()),
+        "masked_accuracy": float((logits.argmax(-1) == targets).float().mean()),
+    }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def stratified_times(boundaries: list[float], points: int, t_min: float) -> list[tuple[float, float]]:
+    """(t, weight) pairs: each phase gets points in proportion to its length (at least one),
+    at the midpoints of equal sub-intervals; weights sum to 1."""
+    out = []
+    for lo, hi in zip(boundaries, boundaries[1:]):
+        n = max(1, round(points * (hi - lo)))
+        for j in range(n):
+            t = lo + (j + 0.5) * (hi - lo) / n
+            out.append((max(t, t_min), (hi - lo) / n))
+    return out
+
+
+@torch.no_grad()
+def score_candidates(denoise: Denoise, batch: Batch, mask_id: int, schedule: str,
+                     times: list[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
+    """ELBO score of each row's response, averaged over stratified t: for each t mask each
+    response token with probability p(t) (at least one), score = L / n_masked * sum log p.
+    For a one-token response this is exactly mean_t log p(answer | slot masked, t)."""
+    B = batch.input_ids.shape[0]
+    resp_len = batch.response_mask.sum(1).float()
+    total = torch.zeros(B)
+    for t_value, weight in times:
+        t = torch.full((B,), t_value)
+        noisy, masked = apply_mask(batch, t, mask_id, schedule, generator)
+        # at least one masked token per row: force the response token with the smallest u
+        none = ~masked.any(1)
+        if none.any():
+            first = batch.response_mask.float().argmax(1)
+            masked[none, first[none]] = True
+            noisy[none, first[none]] = mask_id
+        logp = F.log_softmax(denoise(noisy, batch.attention_mask, masked, t).float(), -1)
+        token_logp = logp.gather(1, batch.input_ids[masked][:, None])[:, 0]
+        row = masked.nonzero()[:, 0]
+        per_row = torch.zeros(B).index_add_(0, row, token_logp)
+        total += weight * per_row * resp_len / masked.sum(1).float()
+    return total
+
+
+@torch.no_grad()
+def score_label_words(denoise: Denoise, batch: Batch, label_ids: list[int], schedule: str,
+                      times: list[tuple[float, float]], mask_id: int) -> torch.Tensor:
+    """Fast path for one-token label words: one forward per t scores every label at once.
+    `batch` holds each prompt with a one-token answer slot. Returns [B, num_labels]."""
+    B = batch.input_ids.shape[0]
+    slot = batch.response_mask
+    noisy = torch.where(slot, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
+    scores = torch.zeros(B, len(label_ids))
+    for t_value, weight in times:
+        t = torch.full((B,), t_value)
+        logp = F.log_softmax(denoise(noisy, batch.attention_mask, slot, t).float(), -1)
+        scores += weight * logp[:, label_ids]
+    return scores
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def transfer_counts(length: int, steps: int) -> list[int]:
+    """How many tokens each reverse step unmasks (LLaDA): L split evenly, remainder first."""
+    base, extra = divmod(length, steps)
+    return [base + (1 if s < extra else 0) for s in range(steps)]
+
+
+@torch.no_grad()
+def sample(denoise: Denoise, batch: Batch, mask_id: int, steps: int, remasking: str,
+           generator: torch.Generator) -> torch.Tensor:
+    """Reverse process from an all-masked response: T steps from t=1 down, each unmasking its
+    share of tokens, chosen by confidence (low_confidence) or at random. Returns the ids [B, S]
+    with the response filled in; rows may have different response lengths."""
+    ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
+    B = ids.shape[0]
+    lengths = batch.response_mask.sum(1).tolist()
+    plans = [transfer_counts(int(n), steps) for n in lengths]
+    for s in range(steps):
+        still = ids == mask_id
+        still &= batch.response_mask
+        if not still.any():
+            break
+        t = torch.full((B,), 1.0 - s / steps)
+        logits = denoise(ids, batch.attention_mask, still, t).float()
+        probs = logits.softmax(-1)
+        conf, pred = probs.max(-1)
+        if remasking == "random":
+            conf = torch.rand(conf.shape, generator=generator)
+        rows = still.nonzero()
+        for b in range(B):
+            take = plans[b][s]
+            sel = (rows[:, 0] == b).nonzero()[:, 0]
+            if take == 0 or len(sel) == 0:
+                continue
+            best = sel[conf[sel].topk(min(take, len(sel))).indices]
+            ids[b, rows[best, 1]] = pred[best]
+    return ids

