@@ -59,6 +59,34 @@ class LoraConfig:
 
 
 @dataclass
+class PrefixConfig:
+    """Prefix tuning: learned key/value vectors prepended to every self-attention layer."""
+
+    length: int = 16  # prefix vectors per layer (the size knob)
+    init: str = "tokens"  # tokens: key/value projections of random vocabulary embeddings | random
+    init_std: float = 0.02  # std of the "random" init
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapters: h + up(act(down(h))) on a sublayer's output, up initialised to zero."""
+
+    bottleneck: int = 16  # width of the bottleneck (the size knob)
+    placement: str = "pfeiffer"  # pfeiffer: after the FFN | houlsby: after attention and FFN
+    activation: str = "relu"  # relu | gelu | tanh
+
+
+@dataclass
+class TLoraConfig:
+    """T-LoRA: weight LoRA whose active rank is masked by t, r(t) = floor((r_max-r_min)(1-t)) + r_min."""
+
+    rank: int = 8  # r_max (the size knob)
+    min_rank: int = 1  # r_min, the rank at t = 1 (pure noise)
+    alpha: float = 16.0  # scale alpha / r_max, fixed for every t
+    targets: str = "attention"  # attention | attention_mlp
+
+
+@dataclass
 class DiffusionConfig:
     noise_schedule: str = "linear"  # masking probability as a function of t
     t_min: float = 1e-3  # t is drawn from [t_min, 1] so the 1/t weight stays bounded
@@ -97,6 +125,9 @@ class Config:
     method: str = "trajectory"
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    tlora: TLoraConfig = field(default_factory=TLoraConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -281,3 +312,15 @@ def validate(config: Config) -> None:
     _check(lc.rank >= 1, "lora.rank", f"must be >= 1, got {lc.rank}")
     _one_of(lc.targets, ("attention", "attention_mlp"), "lora.targets")
     _check(0 <= lc.dropout < 1, "lora.dropout", "must lie in [0, 1)")
+
+    pc, ac, tl = config.prefix, config.adapter, config.tlora
+    _check(pc.length >= 1, "prefix.length", f"must be >= 1, got {pc.length}")
+    _one_of(pc.init, ("tokens", "random"), "prefix.init")
+    _check(pc.init_std > 0, "prefix.init_std", "must be > 0")
+    _check(ac.bottleneck >= 1, "adapter.bottleneck", f"must be >= 1, got {ac.bottleneck}")
+    _one_of(ac.placement, ("pfeiffer", "houlsby"), "adapter.placement")
+    _one_of(ac.activation, ("relu", "gelu", "tanh"), "adapter.activation")
+    _check(tl.rank >= 1, "tlora.rank", f"must be >= 1, got {tl.rank}")
+    _check(1 <= tl.min_rank <= tl.rank, "tlora.min_rank", "must lie in [1, rank]")
+    _check(tl.alpha > 0, "tlora.alpha", "must be > 0")
+    _one_of(tl.targets, ("attention", "attention_mlp"), "tlora.targets")

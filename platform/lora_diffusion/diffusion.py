@@ -93,12 +93,36 @@ def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length
 
 
 def apply_mask(batch: Batch, t: torch.Tensor, mask_id: int, schedule: str,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each response token with probability p(t); returns (noisy ids, masked positions)."""
+               generator: torch.Generator, nonempty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each response token with probability p(t); returns (noisy ids, masked positions).
+
+    With `nonempty`, rows are drawn from the law conditioned on at least one masked token:
+    the first masked token j has P(j) = (1-p)^(j-1) p / (1-(1-p)^L), later tokens are masked
+    independently with probability p. `elbo_factor` carries the matching weight."""
+    p = mask_prob(t, schedule)[:, None]
     u = torch.rand(batch.input_ids.shape, generator=generator)
-    masked = batch.response_mask & (u < mask_prob(t, schedule)[:, None])
+    masked = batch.response_mask & (u < p)
+    if nonempty:
+        empty = ~masked.any(1)
+        if empty.any():
+            rank = batch.response_mask.cumsum(1)  # 1..L on response positions
+            L = batch.response_mask.sum(1, keepdim=True)
+            cdf = (1 - (1 - p) ** rank) / (1 - (1 - p) ** L).clamp(min=1e-12)
+            v = torch.rand((batch.input_ids.shape[0], 1), generator=generator)
+            first = (batch.response_mask & (cdf >= v)).float().argmax(1, keepdim=True)
+            u2 = torch.rand(batch.input_ids.shape, generator=generator)
+            pos = torch.arange(batch.input_ids.shape[1])[None, :]
+            redraw = batch.response_mask & ((pos == first) | ((pos > first) & (u2 < p)))
+            masked = torch.where(empty[:, None], redraw, masked)
     noisy = torch.where(masked, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
     return noisy, masked
+
+
+def elbo_factor(t: torch.Tensor, length: torch.Tensor, schedule: str) -> torch.Tensor:
+    """w(t) * P(at least one of L tokens masked): the per-row weight of the ELBO estimate when
+    masks are drawn with `nonempty=True`. For one token and the linear schedule it is exactly 1."""
+    p = mask_prob(t, schedule)
+    return elbo_weight(t, schedule) * (1 - (1 - p) ** length)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -106,21 +130,20 @@ def apply_mask(batch: Batch, t: torch.Tensor, mask_id: int, schedule: str,
 
 def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, t_min: float,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """Conditional ELBO: w(t) * sum of CE over masked response tokens / response length.
+    """Conditional ELBO: E_t[w(t) * sum of CE over masked response tokens] / response length.
 
-    Samples where nothing got masked contribute zero (the estimator stays unbiased)."""
+    Masks are drawn conditioned on at least one masked token and reweighted (`elbo_factor`): an
+    unbiased estimator of the same bound that wastes no sample (with one-token answers a plain
+    draw leaves the answer unmasked, and the sample useless, with probability 1 - t)."""
     B = batch.input_ids.shape[0]
     t = sample_times(B, t_min, generator)
-    noisy, masked = apply_mask(batch, t, mask_id, schedule, generator)
-    if not masked.any():
-        zero = torch.zeros((), requires_grad=True)
-        return zero, {"masked_tokens": 0.0, "masked_accuracy": float("nan")}
+    noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
     logits = denoise(noisy, batch.attention_mask, masked, t)  # [N, V]
     targets = batch.input_ids[masked]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     row = masked.nonzero()[:, 0]
     resp_len = batch.response_mask.sum(1).clamp(min=1).float()
-    weight = elbo_weight(t, schedule)[row] / resp_len[row]
+    weight = (elbo_factor(t, resp_len, schedule) / resp_len)[row]
     loss = (weight * ce).sum() / B
     stats = {
         "masked_tokens": float(masked.sum()),
@@ -147,26 +170,20 @@ def stratified_times(boundaries: list[float], points: int, t_min: float) -> list
 @torch.no_grad()
 def score_candidates(denoise: Denoise, batch: Batch, mask_id: int, schedule: str,
                      times: list[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
-    """ELBO score of each row's response, averaged over stratified t: for each t mask each
-    response token with probability p(t) (at least one), score = L / n_masked * sum log p.
-    For a one-token response this is exactly mean_t log p(answer | slot masked, t)."""
+    """ELBO estimate of log p(response | prompt) per row, t stratified over `times`: at each t a
+    mask conditioned on at least one masked token, weighted by `elbo_factor`. For a one-token
+    response and the linear schedule this is exactly sum_t weight * log p(answer | masked, t)."""
     B = batch.input_ids.shape[0]
     resp_len = batch.response_mask.sum(1).float()
     total = torch.zeros(B)
     for t_value, weight in times:
         t = torch.full((B,), t_value)
-        noisy, masked = apply_mask(batch, t, mask_id, schedule, generator)
-        # at least one masked token per row: force the response token with the smallest u
-        none = ~masked.any(1)
-        if none.any():
-            first = batch.response_mask.float().argmax(1)
-            masked[none, first[none]] = True
-            noisy[none, first[none]] = mask_id
+        noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
         logp = F.log_softmax(denoise(noisy, batch.attention_mask, masked, t).float(), -1)
         token_logp = logp.gather(1, batch.input_ids[masked][:, None])[:, 0]
         row = masked.nonzero()[:, 0]
         per_row = torch.zeros(B).index_add_(0, row, token_logp)
-        total += weight * per_row * resp_len / masked.sum(1).float()
+        total += weight * elbo_factor(t, resp_len, schedule) * per_row
     return total
 
 
@@ -182,7 +199,7 @@ def score_label_words(denoise: Denoise, batch: Batch, label_ids: list[int], sche
     for t_value, weight in times:
         t = torch.full((B,), t_value)
         logp = F.log_softmax(denoise(noisy, batch.attention_mask, slot, t).float(), -1)
-        scores += weight * logp[:, label_ids]
+        scores += weight * elbo_factor(t, torch.ones(B), schedule)[:, None] * logp[:, label_ids]
     return scores
 
 
@@ -212,6 +229,7 @@ def sample(denoise: Denoise, batch: Batch, mask_id: int, steps: int, remasking: 
             break
         t = torch.full((B,), 1.0 - s / steps)
         logits = denoise(ids, batch.attention_mask, still, t).float()
+        logits[:, mask_id] = float("-inf")  # the reverse process never emits [MASK] itself
         probs = logits.softmax(-1)
         conf, pred = probs.max(-1)
         if remasking == "random":

@@ -170,7 +170,7 @@ class TrajectoryMethod(Method):
         nuc = sum(nuclear_norm_lowrank(B, A) for B, A in pairs)
         orth = sum(orthogonality(A) for _, A in pairs)
         total = self.tc.nuclear_weight * nuc + self.tc.orth_weight * orth
-        return total, {"reg_nuclear": float(nuc), "reg_orth": float(orth)}
+        return total, {"reg_nuclear": float(nuc.detach()), "reg_orth": float(orth.detach())}
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -1,0 +1,77 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021), written here.
+
+The `adapters` library (adapter-transformers 1.3.0) pins transformers ~=4.57 and cannot run on
+the transformers 5 this project uses, so the adapter is a small module:
+
+    a(h) = h + up(act(down(h)))        up initialised to zero: the output is unchanged at init
+
+Placement (a forward hook on the sublayer's output projection, so the backbone's modules and
+state_dict keys are untouched): the adapter acts on the output of the projection *before*
+dropout, the residual connection and LayerNorm, as in Houlsby:
+    pfeiffer  after the FFN only          (layer.output.dense)
+    houlsby   after attention and the FFN (layer.attention.output.dense and layer.output.dense)
+Adapters do not depend on t: they are active with or without a context.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config
+from ..errors import UserError
+from .base import Method
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, hidden: int, bottleneck: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, hidden)
+        nn.init.normal_(self.down.weight, std=hidden ** -0.5)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+def _sublayer_outputs(layer: nn.Module, placement: str) -> dict[str, nn.Module]:
+    sites = {"ffn": ("output", "dense")}
+    if placement == "houlsby":
+        sites = {"attn": ("attention", "output", "dense"), **sites}
+    out = {}
+    for key, path in sites.items():
+        node = layer
+        for part in path:
+            node = getattr(node, part, None)
+        if not isinstance(node, nn.Linear):
+            raise UserError(f"field adapter.placement: the blocks of this backbone have no "
+                            f"{'.'.join(path)} projection (BERT-style layout expected)")
+        out[key] = node
+    return out
+
+
+class AdapterMethod(Method):
+    name = "adapter"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        ac = config.adapter
+        self.adapters = nn.ModuleDict()
+        self._hooks = []
+        for i, layer in enumerate(backbone.layers):
+            for site, module in _sublayer_outputs(layer, ac.placement).items():
+                key = f"layer{i}_{site}"
+                self.adapters[key] = Bottleneck(module.out_features, ac.bottleneck, ac.activation)
+                self._hooks.append(module.register_forward_hook(
+                    lambda _m, _i, output, key=key: self.adapters[key](output)))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -1,0 +1,28 @@
+"""BitFit (Ben Zaken et al. 2022): only the bias terms train.
+
+Which biases: every parameter of the masked LM whose name ends in `.bias`: the encoder's
+(query/key/value/output projections, FFN, every LayerNorm, the embedding LayerNorm) and the MLM
+head's (transform dense and LayerNorm, and the vocabulary bias `cls.predictions.bias`, which is
+tied to the decoder's bias and counted once). The MLM head is the classifier of label-word
+scoring, so its bias plays the role of the classifier bias BitFit trains. BitFit has no size
+knob: its size is fixed by the backbone (57,018 on MiniLM-L6, 30,522 of them the vocabulary bias).
+"""
+
+from ..backbone import Backbone
+from ..config import Config
+from ..errors import UserError
+from .base import Method
+
+
+class BitFit(Method):
+    name = "bitfit"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        found = False
+        for n, p in self.model.named_parameters():
+            if n.endswith(".bias") or n == "bias":
+                p.requires_grad_(True)
+                found = True
+        if not found:
+            raise UserError(f"method: bitfit found no bias terms in {type(self.model).__name__}")

@@ -1,0 +1,57 @@
+"""Weight LoRA through HF PEFT: W' = W + (alpha / r) B A on the attention (and MLP) projections.
+
+PEFT's `inject_adapter_in_model` replaces the target nn.Linear modules *in place* inside the
+masked LM (no PeftModel wrapper), so `Backbone.logits`, which calls `model.base_model` and
+`model.cls` directly, runs through the LoRA layers. B starts at zero: the output is unchanged at
+initialisation. DoRA and rsLoRA are PEFT flags.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config
+from ..errors import UserError
+from .base import Method
+
+# Full-name regexes (PEFT matches a string target_modules with re.fullmatch). "output.dense"
+# alone would also match attention.output.dense, so the MLP output is anchored on the block index.
+# BERT / RoBERTa / ELECTRA module names.
+_ATTENTION = r"attention\.self\.(query|key|value)|attention\.output\.dense"
+TARGET_PATTERNS = {
+    "attention": rf".*\.layer\.\d+\.({_ATTENTION})",
+    "attention_mlp": rf".*\.layer\.\d+\.({_ATTENTION}|intermediate\.dense|output\.dense)",
+}
+
+
+def target_linears(model: nn.Module, targets: str, field_name: str) -> dict[str, nn.Linear]:
+    """The nn.Linear modules a weight method adapts, by full module name (shared with T-LoRA)."""
+    pattern = re.compile(TARGET_PATTERNS[targets])
+    found = {n: m for n, m in model.named_modules() if pattern.fullmatch(n) and isinstance(m, nn.Linear)}
+    if not found:
+        raise UserError(f"field {field_name}: no module of {type(model).__name__} matches the "
+                        f"'{targets}' targets (BERT-style names query/key/value/attention.output.dense)")
+    return found
+
+
+class LoraMethod(Method):
+    name = "lora"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
+        lc = config.lora
+        target_linears(self.model, lc.targets, "lora.targets")  # fail early with a clear message
+        peft_config = PeftLoraConfig(
+            r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
+            target_modules=TARGET_PATTERNS[lc.targets], use_dora=lc.use_dora,
+            use_rslora=lc.use_rslora, init_lora_weights=True)  # A kaiming-uniform, B zero
+        inject_adapter_in_model(peft_config, self.model)
+        # PEFT marks only the adapter tensors trainable; make sure nothing else is
+        for n, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in n)

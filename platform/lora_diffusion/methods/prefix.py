@@ -1,0 +1,127 @@
+"""Prefix tuning (Li & Liang 2021): learned key/value vectors prepended in every self-attention.
+
+PEFT's prefix tuning hands the prefix to the model as `past_key_values`; BERT encoders in
+transformers 5 do not take a cache unless configured as decoders (BertModel forces
+use_cache=False, builds the bidirectional mask without the prefix length and shifts position ids
+by the cache length), and `Backbone.logits` calls `model.base_model` directly, below any
+PeftModel wrapper. So the prefix is implemented here, with the same mechanism HF uses for a
+cache: a forward pre-hook on each `BertSelfAttention` passes a one-layer "cache" whose `update`
+returns [P_k; K] and [P_v; V], and extends the attention mask by n_prefix always-visible columns.
+Queries, positions and the output length are unchanged.
+
+Parameters per layer: P_k, P_v [n_prefix, all_head_size]. Li & Liang's reparameterisation MLP is
+a training aid that is dropped after training; it is not used, so what trains is what is saved.
+Init "tokens" (Li & Liang's advice to initialise from real words): P_k, P_v are that layer's key
+and value projections of the embeddings of n_prefix seeded random vocabulary tokens.
+
+Unlike the other methods, prefix tuning changes the output at initialisation (the prefix is
+attended to from the first step): there is no zero-init that removes a key from a softmax.
+It does not depend on t: the prefix is used with or without a context.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config
+from ..errors import UserError
+from .base import Method
+
+
+class _PrefixCache:
+    """Quacks like the part of `transformers.Cache` that BertSelfAttention calls."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key, self.value = key, value  # [B, heads, P, head_dim]
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return (torch.cat([self.key.to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # the prefix takes no positions
+
+
+def _extend_mask(mask: torch.Tensor | None, n_prefix: int) -> torch.Tensor | None:
+    """Prepend n_prefix visible key columns to a 4-D [B, 1, Q, K] mask (bool or additive)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise UserError(f"method: prefix tuning expects a 4-D attention mask, got shape {tuple(mask.shape)}")
+    pad_shape = (*mask.shape[:-1], n_prefix)
+    if mask.dtype == torch.bool:
+        pad = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
+    else:
+        pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad.expand(*mask.shape[:-1], n_prefix), mask], dim=-1)
+
+
+class PrefixLayer(nn.Module):
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.key = nn.Parameter(key)  # [P, all_head_size]
+        self.value = nn.Parameter(value)
+
+    def expanded(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        P, D = self.key.shape
+        shape = (1, P, self.heads, D // self.heads)
+        k = self.key.view(shape).transpose(1, 2).expand(batch, -1, -1, -1)
+        v = self.value.view(shape).transpose(1, 2).expand(batch, -1, -1, -1)
+        return k, v
+
+
+class PrefixMethod(Method):
+    name = "prefix"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        pc = config.prefix
+        self.n_prefix = pc.length
+        if backbone.config._attn_implementation not in ("eager", "sdpa"):
+            raise UserError(f"method: prefix tuning supports eager/sdpa attention, not "
+                            f"{backbone.config._attn_implementation}")
+        gen = torch.Generator().manual_seed(config.train.seed)
+        embeddings = backbone.model.get_input_embeddings().weight
+        self.prefixes = nn.ModuleList()
+        self._hooks = []
+        for i, layer in enumerate(backbone.layers):
+            attn = getattr(getattr(layer, "attention", None), "self", None)
+            if attn is None or not all(hasattr(attn, a) for a in ("key", "value", "num_attention_heads")):
+                raise UserError("method: prefix tuning needs BERT-style self-attention "
+                                "(layer.attention.self with key/value projections)")
+            with torch.no_grad():
+                if pc.init == "tokens":
+                    tokens = torch.randint(0, embeddings.shape[0], (pc.length,), generator=gen)
+                    e = embeddings[tokens]
+                    e = (e - e.mean(-1, keepdim=True)) / (e.std(-1, keepdim=True) + 1e-6)  # ~ LayerNorm
+                    k, v = attn.key(e), attn.value(e)
+                else:
+                    size = attn.key.out_features
+                    k = torch.randn(pc.length, size, generator=gen) * pc.init_std
+                    v = torch.randn(pc.length, size, generator=gen) * pc.init_std
+            self.prefixes.append(PrefixLayer(k.detach().clone(), v.detach().clone(), attn.num_attention_heads))
+            self._hooks.append(attn.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+
+    def _hook(self, i: int):
+        def hook(_module, args, kwargs):
+            if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+                raise UserError("method: prefix tuning cannot run with a key/value cache")
+            if kwargs.get("encoder_hidden_states") is not None:
+                return args, kwargs  # cross-attention: no prefix
+            hidden = args[0] if args else kwargs["hidden_states"]
+            k, v = self.prefixes[i].expanded(hidden.shape[0])
+            kwargs = dict(kwargs)
+            kwargs["cache"] = _PrefixCache(k, v)
+            if len(args) > 1:  # attention_mask given positionally
+                args = (args[0], _extend_mask(args[1], self.n_prefix), *args[2:])
+            else:
+                kwargs["attention_mask"] = _extend_mask(kwargs.get("attention_mask"), self.n_prefix)
+            return args, kwargs
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

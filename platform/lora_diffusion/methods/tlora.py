@@ -1,0 +1,87 @@
+"""T-LoRA (arXiv 2507.05964): weight LoRA whose active rank is masked by the diffusion time.
+
+    y = W x + (alpha / r_max) * B (m(t) * (A x)),   m(t)_j = 1 if j < r(t) else 0
+    r(t) = floor((r_max - r_min) * (1 - t)) + r_min
+
+so high noise (t near 1) uses only the first r_min rank components and t near 0 all r_max
+(T-LoRA's "less rank at high noise"). The scale alpha / r_max is the same for every t, as in
+T-LoRA, where masking switches components off without renormalising.
+
+Initialisation ("simplest faithful option" of Ortho-LoRA): the rows of A are orthonormal (QR of
+a seeded Gaussian), B is zero, so the output is unchanged at init and the masked components are
+orthogonal directions from the start. T-LoRA's full Ortho-LoRA additionally initialises B from
+singular vectors and subtracts the frozen initial product; with B = 0 that subtraction is zero.
+
+PEFT has no t-masked rank, so the adaptation is a forward hook on each target nn.Linear that adds
+the low-rank term to its output: the backbone's modules and state_dict keys are untouched.
+With no context (t unknown) the hooks add nothing: the method behaves as the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config
+from ..errors import UserError
+from .base import Method
+from .lora import target_linears
+
+
+def tlora_rank(t: torch.Tensor, r_max: int, r_min: int) -> torch.Tensor:
+    """Active rank per sample, r(t) = floor((r_max - r_min)(1 - t)) + r_min, in [r_min, r_max]."""
+    r = torch.floor((r_max - r_min) * (1.0 - t.float())).long() + r_min
+    return r.clamp(r_min, r_max)
+
+
+class MaskedLoRA(nn.Module):
+    """The (A, B) pair of one linear layer: A [r, in] orthonormal rows, B [out, r] zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(in_features, rank, generator=generator))
+        self.A = nn.Parameter(q.T.contiguous())  # rank <= in_features: orthonormal rows
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def delta(self, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        z = x @ self.A.T  # [B, S, r]
+        z = z * keep.view(keep.shape[0], *([1] * (z.dim() - 2)), keep.shape[1]).to(z.dtype)
+        return (z @ self.B.T) * scale
+
+
+class TLoraMethod(Method):
+    name = "tlora"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        tl = config.tlora
+        self.r_max, self.r_min, self.scale = tl.rank, tl.min_rank, tl.alpha / tl.rank
+        linears = target_linears(self.model, tl.targets, "tlora.targets")
+        smallest = min(lin.in_features for lin in linears.values())
+        if tl.rank > smallest:
+            raise UserError(f"field tlora.rank: {tl.rank} exceeds the input size {smallest} of a "
+                            f"target layer (A needs orthonormal rows)")
+        gen = torch.Generator().manual_seed(config.train.seed)
+        self.adapters = nn.ModuleDict()
+        self._hooks = []
+        for name, lin in linears.items():
+            key = name.replace(".", "_")
+            self.adapters[key] = MaskedLoRA(lin.in_features, lin.out_features, tl.rank, gen)
+            self._hooks.append(lin.register_forward_hook(self._hook(key)))
+
+    def active_rank(self, t: torch.Tensor) -> torch.Tensor:
+        return tlora_rank(t, self.r_max, self.r_min)
+
+    def _hook(self, key: str):
+        def hook(_module, inputs, output):
+            if self.context is None:  # no time given: behave as the base model
+                return output
+            r = self.active_rank(self.context.t).to(output.device)
+            keep = torch.arange(self.r_max, device=output.device) < r[:, None]  # [B, r_max]
+            return output + self.adapters[key].delta(inputs[0], keep, self.scale)
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

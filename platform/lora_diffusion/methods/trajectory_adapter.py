@@ -1,0 +1,40 @@
+"""The trajectory modules placed as adapters: same phases, rank schedule, sharing and modules as
+`trajectory`, but inside every transformer block at the FFN output (Pfeiffer's placement: on the
+output of `layer.output.dense`, before dropout, residual and LayerNorm) instead of on the
+residual stream after chosen blocks.
+
+    a_i(h) = h + (alpha / r_k) B_{i,k} A_{i,k} h,   k = phase(t), in every block i
+
+Comparing it with `trajectory` (same `trajectory.*` knobs) separates the effect of the timestep
+schedule from the effect of placement. `trajectory.injection_layers` is ignored: every block gets
+a module. Everything else (phase routing, regularisers, saved names `injection.layer{i}...`)
+is `TrajectoryMethod`'s own code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from ..backbone import Backbone
+from ..config import Config
+from ..errors import UserError
+from .trajectory import TrajectoryMethod
+
+
+class TrajectoryAdapterMethod(TrajectoryMethod):
+    name = "trajectory_adapter"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        n_layers = len(backbone.layers)
+        every = dataclasses.replace(config.trajectory, injection_layers=list(range(n_layers)))
+        super().__init__(dataclasses.replace(config, trajectory=every), backbone)
+        self.remove()  # drop the block-output hooks the parent registered ...
+        self._hooks = []
+        for i, layer in enumerate(backbone.layers):  # ... and hook the FFN output projections
+            target = getattr(getattr(layer, "output", None), "dense", None)
+            if not isinstance(target, nn.Linear):
+                raise UserError("method: trajectory_adapter needs BERT-style blocks "
+                                "(layer.output.dense)")
+            self._hooks.append(target.register_forward_hook(self._hook(f"layer{i}")))

@@ -1,0 +1,121 @@
+"""Masked diffusion: schedules, the conditional loss, stratified scoring, the sampler."""
+
+import math
+
+import pytest
+import torch
+
+from lora_diffusion import diffusion
+from lora_diffusion.diffusion import Batch
+
+
+def _batch(B=3, S=10, resp=(6, 8)):
+    ids = torch.arange(B * S).reshape(B, S) % 40 + 1  # token ids 1..40; 0 is [MASK]
+    response = torch.zeros(B, S, dtype=torch.bool)
+    response[:, resp[0]:resp[1]] = True
+    prompt = torch.zeros(B, S, dtype=torch.bool)
+    prompt[:, 1:resp[0]] = True
+    return Batch(ids, torch.ones_like(ids), response, prompt)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "loglinear", "cosine"])
+def test_schedules_go_from_clean_to_all_masked(schedule):
+    t = torch.tensor([1e-6, 0.5, 1.0])
+    p = diffusion.mask_prob(t, schedule)
+    assert p[0] < 1e-5 and 0 < p[1] < 1 and p[2] > 0.998
+    # w(t) = p'(t)/p(t), checked by finite differences
+    tt = torch.tensor([0.3], dtype=torch.float64)
+    h = 1e-6
+    deriv = (diffusion.mask_prob(tt + h, schedule) - diffusion.mask_prob(tt - h, schedule)) / (2 * h)
+    assert torch.allclose(diffusion.elbo_weight(tt, schedule), deriv / diffusion.mask_prob(tt, schedule), rtol=1e-4)
+
+
+def test_masking_touches_only_the_response():
+    batch = _batch()
+    noisy, masked = diffusion.apply_mask(batch, torch.ones(3), mask_id=0, schedule="linear",
+                                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masked, batch.response_mask)  # t = 1 masks every response token
+    assert torch.equal(noisy[~batch.response_mask], batch.input_ids[~batch.response_mask])
+
+
+def test_loss_is_the_weighted_cross_entropy_on_masked_positions():
+    batch = _batch(B=4)
+    V = 1000
+    seen = {}
+
+    def denoise(ids, attn, select, t):
+        seen["select"], seen["t"] = select.clone(), t.clone()
+        return torch.zeros(int(select.sum()), V)  # uniform prediction: CE = log V everywhere
+
+    loss, _ = diffusion.diffusion_loss(denoise, batch, 0, "linear", 1e-3, torch.Generator().manual_seed(0))
+    sel, t = seen["select"], seen["t"]
+    assert not (sel & ~batch.response_mask).any()
+    assert sel.any(1).all()  # masks are drawn conditioned on at least one masked token
+    factor = (1 - (1 - t) ** 2) / t  # w(t) * P(at least one of 2 masked)
+    expected = sum(factor[i] * sel[i].sum() / 2 for i in range(4)) * math.log(V) / 4
+    assert torch.isclose(loss, torch.as_tensor(expected, dtype=loss.dtype), rtol=1e-5)
+
+
+def test_nonempty_masks_follow_the_conditional_law():
+    """P(mask pattern | at least one masked) for L = 3 at t = 0.3, by Monte Carlo."""
+    batch = _batch(B=20000, S=6, resp=(2, 5))
+    t = torch.full((20000,), 0.3)
+    _, masked = diffusion.apply_mask(batch, t, 0, "linear", torch.Generator().manual_seed(0), nonempty=True)
+    m = masked[:, 2:5]
+    assert m.any(1).all()
+    p, norm = 0.3, 1 - 0.7 ** 3
+    for pattern in ([1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 1, 1]):
+        k = sum(pattern)
+        expected = p ** k * (1 - p) ** (3 - k) / norm
+        freq = (m == torch.tensor(pattern, dtype=torch.bool)).all(1).float().mean()
+        assert abs(freq - expected) < 0.015, (pattern, float(freq), expected)
+
+
+def test_stratified_times_cover_each_phase_and_weights_sum_to_one():
+    times = diffusion.stratified_times([0, 0.25, 0.5, 1.0], points=4, t_min=1e-3)
+    assert [round(t, 4) for t, _ in times] == [0.125, 0.375, 0.625, 0.875]
+    assert math.isclose(sum(w for _, w in times), 1.0)
+    assert len(diffusion.stratified_times([0, 0.1, 1.0], points=2, t_min=1e-3)) == 3  # every phase >= 1
+
+
+def test_general_scoring_equals_the_one_token_fast_path():
+    batch = _batch(resp=(6, 7))
+    V = 50
+    table = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+
+    def denoise(ids, attn, select, t):  # depends on t and the row, not on the masked token
+        rows = select.nonzero()[:, 0]
+        return table[rows] * t[rows, None]
+
+    times = diffusion.stratified_times([0, 0.5, 1.0], 4, 1e-3)
+    labels = batch.input_ids[:, 6].tolist()
+    fast = diffusion.score_label_words(denoise, batch, labels, "linear", times, mask_id=0)
+    general = diffusion.score_candidates(denoise, batch, 0, "linear", times, torch.Generator().manual_seed(0))
+    assert torch.allclose(fast.diagonal(), general, atol=1e-5)
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_sampler_fills_every_masked_position_and_keeps_the_prompt(remasking):
+    batch = _batch(resp=(4, 9))
+    V = 30
+
+    def denoise(ids, attn, select, t):
+        assert (ids[select] == 0).all()  # only still-masked positions are asked for
+        return torch.randn(int(select.sum()), V, generator=torch.Generator().manual_seed(1)) + 5
+
+    out = diffusion.sample(denoise, batch, mask_id=0, steps=3, remasking=remasking,
+                           generator=torch.Generator().manual_seed(0))
+    assert not (out[batch.response_mask] == 0).any()
+    assert torch.equal(out[~batch.response_mask], batch.input_ids[~batch.response_mask])
+    assert diffusion.transfer_counts(5, 3) == [2, 2, 1]
+
+
+def test_encode_keeps_the_response_and_the_end_of_the_prompt(tiny_backbone_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    b = diffusion.encode(tok, ["one two three four five six seven eight nine ten sentiment :"],
+                         [[2307]], max_length=8)
+    assert b.input_ids.shape == (1, 8)
+    assert b.input_ids[0, b.response_mask[0]].tolist() == [2307]
+    assert tok.decode(b.input_ids[0, b.prompt_mask[0]]).endswith("sentiment :")
