@@ -150,6 +150,8 @@ class Recipe:
         self.method.train()
         batch = self.encode(self.train_batch(self.step))
         gen = seeded(c.train.seed, self.step, self.rank, 1)
+        torch.manual_seed(int(torch.randint(2**62, (), generator=seeded(c.train.seed, self.step, self.rank, 2))))
+        # ^ dropout draws from the global generator: seeding it per step makes resume exact
         prompt = batch.prompt_mask
 
         def denoise(ids, attn, select, t):
@@ -170,8 +172,8 @@ class Recipe:
         self.step += 1
         self.train_time += time.perf_counter() - t0
         self.train_tokens += int(batch.attention_mask.sum()) * self.world_size
-        self.last_loss = float(loss)
-        return {"train/loss": float(loss), "train/masked_accuracy": stats["masked_accuracy"],
+        self.last_loss = float(loss.detach())
+        return {"train/loss": self.last_loss, "train/masked_accuracy": stats["masked_accuracy"],
                 **{f"train/{k}": v for k, v in reg_logs.items()}}
 
     def _sync_gradients(self) -> None:

@@ -1,0 +1,14 @@
+"""The rank schedule sweep: search_spaces/rank_schedule.yaml through the shared sweep engine.
+
+    python jobs/rank_schedule_sweep.py [--smoke] [--resume] [--num-samples N] [--set key=value ...]
+    ray submit cluster.yaml jobs/rank_schedule_sweep.py          (joins the cluster; see --help)
+
+Imports only the installed package, so `ray submit` can copy this file alone.
+"""
+
+import sys
+
+from lora_diffusion.sweep import main
+
+if __name__ == "__main__":
+    sys.exit(main(default_space="rank_schedule"))

@@ -1,0 +1,14 @@
+"""The regularizer sweep: search_spaces/regularizers.yaml through the shared sweep engine.
+
+    python jobs/regularizer_sweep.py [--smoke] [--resume] [--num-samples N] [--set key=value ...]
+    ray submit cluster.yaml jobs/regularizer_sweep.py          (joins the cluster; see --help)
+
+Imports only the installed package, so `ray submit` can copy this file alone.
+"""
+
+import sys
+
+from lora_diffusion.sweep import main
+
+if __name__ == "__main__":
+    sys.exit(main(default_space="regularizers"))

@@ -1,0 +1,109 @@
+"""The Ray Train worker loop: one `Recipe` per worker, reporting once per evaluation.
+
+Every worker builds the recipe with its world rank and size (the recipe shards the data and
+all-reduces gradients when torch.distributed is up, which TorchTrainer does: gloo on CPU, NCCL on
+GPU). Resume comes from `ray.train.get_checkpoint()`: the Train run's latest checkpoint after a
+worker failure (FailureConfig) or when a Tune trial is restored. Only rank 0 writes checkpoints;
+every rank calls `ray.train.report` (it is collective in Train V2).
+
+A checkpoint directory holds only the method and its optimizer:
+    method.safetensors, config.json, backbone.json   as `lora_diffusion.checkpoint.save` writes them
+                                                     (so `lora-diffusion eval --checkpoint` reads it)
+    optimizer.pt                                     AdamW state (torch.save; loaded weights_only)
+    trainer_state.json                               step, train time, tokens seen
+
+Reported metrics: the recipe's metrics plus `step` (the recipe's own counter), `resumed_from_step`
+(where this Train run started: 0, or the checkpoint's step); the first report of a run also
+carries `accounting_json`, and one last report after training carries `result_json` (the final
+result with split-labelled accuracies and accounting).
+
+Test hook: `test_kill_worker` = "RANK:STEP:MARKER" in the loop config makes that rank
+`os._exit(1)` when it reaches evaluation step STEP, once (the MARKER file records that it did).
+The sweep passes it from the environment variable LORA_DIFFUSION_TEST_KILL_WORKER.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TEST_KILL_ENV = "LORA_DIFFUSION_TEST_KILL_WORKER"
+
+
+def save_state(directory: Path, recipe) -> None:
+    from . import checkpoint
+
+    directory = Path(directory)
+    checkpoint.save(directory, recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
+    state = recipe.state_dict()
+    torch.save(state["optimizer"], directory / "optimizer.pt")
+    meta = {k: state[k] for k in ("step", "train_time", "train_tokens")}
+    (directory / "trainer_state.json").write_text(json.dumps(meta))
+
+
+def load_state(directory: Path, recipe) -> None:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    tensors = load_file(str(directory / "method.safetensors"), device=str(recipe.device))
+    optimizer = torch.load(directory / "optimizer.pt", map_location=recipe.device, weights_only=True)
+    meta = json.loads((directory / "trainer_state.json").read_text())
+    recipe.load_state_dict({"method": tensors, "optimizer": optimizer, **meta})
+
+
+def _maybe_die(hook: str | None, rank: int, step: int) -> None:
+    if not hook:
+        return
+    want_rank, want_step, marker = hook.split(":", 2)
+    if rank == int(want_rank) and step == int(want_step) and not os.path.exists(marker):
+        Path(marker).write_text(f"rank {rank} exited at step {step}\n")
+        os._exit(1)
+
+
+def train_loop(loop_config: dict) -> None:
+    """`train_loop_per_worker` of the sweep's TorchTrainer."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from . import config as config_lib
+    from .accounting import account
+    from .train import Recipe
+
+    t0 = time.perf_counter()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    config = config_lib.from_dict(loop_config["config"])
+    recipe = Recipe(config, rank=rank, world_size=world)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            load_state(Path(d), recipe)
+    start = recipe.step
+    hook = loop_config.get("test_kill_worker")
+    first = {"accounting_json": json.dumps(account(recipe.method))}
+
+    def report(metrics: dict, rec) -> None:
+        _maybe_die(hook, rank, rec.step)
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        out["step"] = rec.step
+        out["resumed_from_step"] = start
+        out.update(first)
+        first.clear()
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_state(Path(tmp), rec)
+                ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(out, checkpoint=None)
+
+    result = recipe.run(report=report, log=None)
+    result["wall_time_s"] = time.perf_counter() - t0  # this Train run's wall time (since its start)
+    result["resumed_from_step"] = start
+    final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update(step=recipe.step, resumed_from_step=start, result_json=json.dumps(result, default=str))
+    ray.train.report(final, checkpoint=None)

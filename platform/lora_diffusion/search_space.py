@@ -1,0 +1,312 @@
+"""Search spaces: YAML files in search_spaces/, validated on load, sampled define-by-run by Optuna.
+
+A space file holds
+
+    description: one line shown in the sweep's banner
+    fixed:                       # config overrides applied to every trial (dotted Config keys)
+      method: trajectory
+      train.steps: 200
+    params:                      # what Optuna samples, in this order
+      trajectory.rank_schedule: {type: categorical, choices: [constant, linear, reversed]}
+      trajectory.min_rank:
+        type: int
+        low: 1
+        high: 4
+        when: {trajectory.rank_schedule: [linear, reversed]}   # only sampled for these values
+      train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+    sweep:                       # optional defaults of the sweep's options
+      num_samples: 8
+      max_concurrent: 2
+
+Parameter types: categorical (choices), int (low, high, optional step), float (low, high,
+optional step), loguniform (low > 0, high). `when` maps earlier parameters to a value or a list
+of values; a parameter whose condition does not hold is not sampled (the config default, or the
+`fixed` value, applies). Two more key forms: `switch.NAME` is a categorical that sets no config
+field and only steers `when` (e.g. which regulariser is on); `field@label` samples the same
+config field as `field` with its own range under its own condition (e.g. `train.lr@full`), the
+conditions must make them exclusive. Every key must be a Config field and every value it can take must give a
+valid config: `load` checks that (and a seeded set of sampled combinations) and raises a
+`UserError` naming the file, the key and the problem, before anything starts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import config as config_lib
+from .errors import UserError
+
+TYPES = ("categorical", "int", "float", "loguniform")
+TOP_KEYS = ("description", "fixed", "params", "sweep")
+SWEEP_KEYS = {"num_samples": int, "max_concurrent": int, "workers": int, "seed": int,
+              "grace_period": int, "reduction_factor": int}
+PARAM_KEYS = {"type", "choices", "low", "high", "step", "when"}
+SPACES_DIR = "search_spaces"
+SWITCH = "switch."
+
+
+@dataclass
+class Param:
+    key: str  # the Optuna parameter name
+    type: str
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    when: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def field(self) -> str | None:
+        """The Config field this parameter sets (None for a switch)."""
+        return None if self.key.startswith(SWITCH) else self.key.split("@", 1)[0]
+
+    def active(self, values: dict) -> bool:
+        return all(values.get(k, _MISSING) in allowed for k, allowed in self.when.items())
+
+    def suggest(self, trial):
+        """Ask an Optuna trial (or Ray's captor of one) for this parameter."""
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.key, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1))
+        if self.type == "float":
+            return trial.suggest_float(self.key, self.low, self.high, step=self.step)
+        return trial.suggest_float(self.key, self.low, self.high, log=True)
+
+    def sample(self, rng: random.Random):
+        """A random value without Optuna (used to validate combinations)."""
+        if self.type == "categorical":
+            return rng.choice(self.choices)
+        if self.type == "int":
+            step = int(self.step or 1)
+            return rng.randrange(int(self.low), int(self.high) + 1, step)
+        if self.type == "float":
+            return rng.uniform(self.low, self.high)
+        return self.low * (self.high / self.low) ** rng.random()
+
+    def extremes(self) -> list:
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
+
+
+_MISSING = object()
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    path: str
+    description: str = ""
+    fixed: dict = field(default_factory=dict)
+    params: list[Param] = field(default_factory=list)
+    sweep: dict = field(default_factory=dict)
+
+    def define_by_run(self) -> "DefineByRun":
+        return DefineByRun(self.params)
+
+    def sample(self, rng: random.Random) -> dict:
+        values: dict = {}
+        for p in self.params:
+            if p.active(values):
+                values[p.key] = p.sample(rng)
+        return values
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "description": self.description,
+                "fixed": self.fixed, "sweep": self.sweep,
+                "params": {p.key: {k: v for k, v in p.__dict__.items() if k != "key" and v not in (None, {})}
+                           for p in self.params}}
+
+
+class DefineByRun:
+    """The define-by-run function OptunaSearch calls per trial: conditional parameters are only
+    asked for when their `when` holds. A class (not a closure) so the searcher can pickle it."""
+
+    def __init__(self, params: list[Param]):
+        self.params = params
+
+    def __call__(self, trial):
+        values: dict = {}
+        for p in self.params:
+            if p.active(values):
+                values[p.key] = p.suggest(trial)
+        return None  # everything sampled is captured by Ray's captor
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_path(spec: str, repo: Path | None = None) -> Path:
+    """A file path, or a bare name looked up in search_spaces/ (cwd, then the repository)."""
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else f"{spec}.yaml"
+    for base in (Path.cwd(), repo):
+        if base is not None and (base / SPACES_DIR / name).is_file():
+            return base / SPACES_DIR / name
+    raise UserError(f"search space {spec}: file not found (looked in ./{SPACES_DIR}/"
+                    + (f" and {repo / SPACES_DIR}/" if repo else "") + ")")
+
+
+def load(path: str | Path, base_overrides: dict | None = None) -> SearchSpace:
+    """Read and validate a search space file; `base_overrides` (--set) apply under `fixed`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"search space {path}: not valid YAML: {exc}") from None
+    return parse(data, str(path), base_overrides)
+
+
+def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
+    def fail(key: str, problem: str):
+        raise UserError(f"search space {source}: {key}: {problem}")
+
+    if not isinstance(data, dict):
+        fail("(top level)", "must be a mapping with 'params' (and optionally 'fixed', 'sweep')")
+    for key in data:
+        if key not in TOP_KEYS:
+            fail(key, f"unknown section (valid: {', '.join(TOP_KEYS)})")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        fail("fixed", "must be a mapping of config keys to values")
+    raw_params = data.get("params")
+    if not isinstance(raw_params, dict) or not raw_params:
+        fail("params", "must be a non-empty mapping of config keys to parameter specs")
+    sweep = data.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        fail("sweep", "must be a mapping")
+    for key, value in sweep.items():
+        if key not in SWEEP_KEYS:
+            fail(f"sweep.{key}", f"unknown option (valid: {', '.join(SWEEP_KEYS)})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"sweep.{key}", f"must be a positive integer, got {value!r}")
+
+    fixed = {**fixed, **(base_overrides or {})}
+    # the fixed part alone must be a valid config
+    _check_config(fixed, source, "fixed")
+    valid_keys = set(config_lib.Config().flat())
+
+    params: list[Param] = []
+    for key, spec in raw_params.items():
+        if not isinstance(key, str):
+            fail(str(key), "parameter names must be strings")
+        field_name = key.split("@", 1)[0]
+        if key.startswith(SWITCH):
+            if not key[len(SWITCH):] or not isinstance(spec, dict) or spec.get("type") != "categorical":
+                fail(key, "a switch must be a categorical with a name, e.g. switch.regularizer")
+        elif field_name not in valid_keys:
+            fail(key, "unknown config field" + _suggest(field_name, valid_keys))
+        if not isinstance(spec, dict):
+            fail(key, "must be a mapping with 'type' and its bounds or choices")
+        extra = set(spec) - PARAM_KEYS
+        if extra:
+            fail(key, f"unknown option(s) {', '.join(sorted(extra))} (valid: {', '.join(sorted(PARAM_KEYS))})")
+        ptype = spec.get("type")
+        if ptype not in TYPES:
+            fail(key, f"bad type {ptype!r} (valid: {', '.join(TYPES)})")
+        p = Param(key=key, type=ptype)
+        if ptype == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                fail(key, "categorical needs a non-empty list 'choices'")
+            for c in choices:
+                if not (c is None or isinstance(c, (bool, int, float, str))):
+                    fail(key, f"choice {c!r} is not a scalar (Optuna stores None, bool, int, float, str)")
+            if any(k in spec for k in ("low", "high", "step")):
+                fail(key, "categorical takes 'choices', not low/high/step")
+            p.choices = choices
+        else:
+            if "choices" in spec:
+                fail(key, f"{ptype} takes low/high, not 'choices'")
+            for bound in ("low", "high"):
+                v = spec.get(bound)
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    fail(key, f"{ptype} needs a number '{bound}', got {v!r}")
+                if ptype == "int" and not float(v).is_integer():
+                    fail(key, f"int needs an integer '{bound}', got {v!r}")
+            p.low, p.high = spec["low"], spec["high"]
+            if p.low > p.high:
+                fail(key, f"low ({p.low}) > high ({p.high})")
+            if ptype == "loguniform" and p.low <= 0:
+                fail(key, f"loguniform needs low > 0, got {p.low}")
+            step = spec.get("step")
+            if step is not None:
+                if ptype == "loguniform":
+                    fail(key, "loguniform takes no 'step'")
+                if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+                    fail(key, f"step must be a positive number, got {step!r}")
+                p.step = step
+        when = spec.get("when") or {}
+        if not isinstance(when, dict):
+            fail(key, "'when' must map earlier parameters to a value or a list of values")
+        earlier = {q.key: q for q in params}
+        for other, allowed in when.items():
+            if other not in earlier:
+                fail(key, f"'when' refers to {other!r}, which is not a parameter listed before it")
+            allowed = allowed if isinstance(allowed, list) else [allowed]
+            q = earlier[other]
+            if q.type == "categorical":
+                bad = [a for a in allowed if a not in q.choices]
+                if bad:
+                    fail(key, f"'when' value(s) {bad} are not choices of {other}")
+            p.when[other] = allowed
+        # every value alone (with the fixed part) must give a valid config
+        if p.field is not None:
+            for value in p.extremes():
+                _check_config({**fixed, p.field: value}, source, key)
+        params.append(p)
+
+    space = SearchSpace(name=Path(source).stem, path=source, description=str(data.get("description", "")),
+                        fixed=fixed, params=params, sweep=dict(sweep))
+    # and a seeded set of combinations, so that cross-field constraints (min_rank <= rank) surface now
+    rng = random.Random(0)
+    for _ in range(32):
+        values = space.sample(rng)
+        what = "combination " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+        fields = [p.field for p in params if p.key in values and p.field is not None]
+        dup = sorted({f for f in fields if fields.count(f) > 1})
+        if dup:
+            fail(what, f"sets {', '.join(dup)} twice: make the 'when' conditions of its labelled "
+                       "variants exclusive")
+        _check_config({**fixed, **overrides(values)}, source, what)
+    return space
+
+
+def overrides(params: dict) -> dict:
+    """Sampled parameters (Optuna names) -> config overrides: switches dropped, labels stripped."""
+    out = {}
+    for key, value in params.items():
+        if key.startswith(SWITCH):
+            continue
+        out[key.split("@", 1)[0]] = value
+    return out
+
+
+def resolve(space: SearchSpace, params: dict) -> config_lib.Config:
+    """The trial's Config: defaults < fixed < sampled params."""
+    return config_lib.from_dict({}, {**space.fixed, **overrides(params)})
+
+
+def _check_config(overrides: dict, source: str, key: str) -> None:
+    try:
+        config_lib.from_dict({}, overrides)
+    except UserError as exc:
+        raise UserError(f"search space {source}: {key}: invalid config: {exc}") from None
+
+
+def _suggest(key: str, valid: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(valid), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

@@ -1,0 +1,414 @@
+"""The sweep engine: Ray Tune trials that each run a Ray Train `TorchTrainer`, Optuna + ASHA, MLflow.
+
+    python jobs/rank_schedule_sweep.py                      # the real sweep (MiniLM, SST-2, ~20 min on 2 cores)
+    python jobs/rank_schedule_sweep.py --smoke              # tiny random BERT built on the fly, ~1 min
+    python jobs/rank_schedule_sweep.py --resume             # continue an interrupted sweep of that name
+    ray submit cluster.yaml jobs/rank_schedule_sweep.py     # on a cluster (joins it: address "auto")
+
+Shape (Ray 2.60, Train V2):
+- a trial is a Tune function trainable that builds and fits a TorchTrainer with N workers
+  (`ray_worker.train_loop`); `TuneReportCallback` forwards each evaluation's report to Tune;
+  the Train run is named by the trial id under `<sweep>/train/`, so a restored trial's Train run
+  finds its own latest checkpoint; `FailureConfig` restarts failed workers from it.
+- OptunaSearch (seeded TPE) samples the search space define-by-run (conditional parameters);
+  ASHA stops weak trials on dev/accuracy at rungs of the recipe's step counter.
+- `tracking.MlflowSweepCallback` logs one parent run per sweep and one child run per trial,
+  re-attaching to them on resume.
+- Everything the user can get wrong (space file, --set keys, existing sweep) raises a
+  `UserError` before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import config as config_lib
+from . import search_space as space_lib
+from .errors import UserError
+
+METRIC, MODE = "dev/accuracy", "max"
+SPEC_FILE = "sweep.json"
+
+# --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial
+SMOKE_OVERRIDES = {
+    "max_length": 32, "max_train_examples": 64, "max_eval_examples": 16, "train_accuracy_examples": 16,
+    "train.steps": 6, "train.batch_size": 8, "train.eval_every": 2, "train.warmup_steps": 1,
+    "trajectory.injection_layers": [0], "diffusion.eval_t_points": 2, "diffusion.sampler_steps": 2,
+}
+SMOKE_SWEEP = {"num_samples": 4, "max_concurrent": 2, "workers": 1, "grace_period": 2, "reduction_factor": 2}
+DEFAULT_SWEEP = {"num_samples": 8, "max_concurrent": 2, "workers": 1, "seed": 0, "grace_period": 50,
+                 "reduction_factor": 3}
+
+
+def repo_root() -> Path:
+    """The checkout the package is installed from (editable install), else the current directory."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "pyproject.toml").is_file() and (here / "platform" / "lora_diffusion").is_dir():
+        return here
+    return Path.cwd()
+
+
+def build_tiny_backbone(out: Path) -> Path:
+    """A 2-layer, 32-wide random BertForMaskedLM with the MiniLM tokenizer (as tests/conftest.py)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from .backbone import resolve_backbone
+
+    tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    tmp = out.with_name(out.name + ".tmp")
+    BertForMaskedLM(cfg).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def build_parser(default_space: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"Ray Tune + Optuna + ASHA sweep (default space: {default_space})")
+    p.add_argument("--space", default=default_space,
+                   help="search space: a YAML file or a name in search_spaces/ (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random backbone built on the fly and a few steps per trial (about a minute)")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's sweep.num_samples)")
+    p.add_argument("--storage-path", help="where sweeps live (default: <repo>/runs/sweeps)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: lora-diffusion-sweeps)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep of this name where it stopped")
+    p.add_argument("--name", help="sweep name (default: the space's name, plus -smoke with --smoke)")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--seed", type=int, help="Optuna sampler seed (trials' train.seed comes from --set)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="base config override for every trial, e.g. train.steps=300")
+    p.add_argument("--address", help="Ray address: 'auto' joins the running cluster, 'local' starts a "
+                   "private one (default: $RAY_ADDRESS, else auto on a `ray up` head node, else local)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each Train worker reserves "
+                   "(default: the cluster's CPUs shared among workers x concurrent trials, at most 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves (default: 1 if the "
+                   "cluster has GPUs, else 0)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial (default 2)")
+    p.add_argument("--verbose", type=int, default=1, help="Tune's verbosity (0 quiet, 1 status tables)")
+    return p
+
+
+def _positive(name: str, value):
+    if value is not None and value < 1:
+        raise UserError(f"--{name}: must be >= 1, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def run_trial(params: dict, spec: dict) -> None:
+    """Tune function trainable: resolve the trial's config and fit a TorchTrainer on it."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .ray_worker import train_loop
+
+    trial_id = tune.get_context().get_trial_id()
+    config = config_lib.from_dict({}, {**spec["fixed"], **space_lib.overrides(params)})
+    res = spec["resources"]
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if res["gpus_per_worker"]:
+        per_worker["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "test_kill_worker": spec.get("test_kill_worker")},
+        torch_config=TorchConfig(backend="nccl" if res["gpus_per_worker"] else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec["workers"], use_gpu=bool(res["gpus_per_worker"]),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=trial_id,  # deterministic: a restored trial finds its own Train run and checkpoint
+            storage_path=spec["train_storage"],
+            failure_config=FailureConfig(max_failures=spec["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+class TrialResolver:
+    """trial config (sampled params) -> (flat resolved config for MLflow params, tags)."""
+
+    def __init__(self, fixed: dict, code_version: str):
+        self.fixed, self.code_version = fixed, code_version
+
+    def __call__(self, params: dict):
+        config = config_lib.from_dict({}, {**self.fixed, **space_lib.overrides(params)})
+        flat = config.flat()
+        flat.update({f"sampled.{k}": v for k, v in params.items()})
+        tags = {"method": config.method, "seed": config.train.seed, "code_version": self.code_version,
+                "task": config.task}
+        return flat, tags
+
+
+def _short(params: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return " ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in params.items())
+
+
+def progress_callback_class():
+    from ray.tune import Callback
+
+    class ProgressLines(Callback):
+        """One readable line per trial report, and one when a trial ends."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("result_json"):
+                r = json.loads(result["result_json"])
+                acc = r.get("accounting", {})
+                print(f"[trial {trial.trial_id}] final  step {r.get('steps')}  "
+                      f"dev/accuracy {r.get('dev/accuracy', float('nan')):.4f}  "
+                      f"dev/accuracy_sampler {r.get('dev/accuracy_sampler', float('nan')):.4f}  "
+                      f"train/accuracy {r.get('train/accuracy', float('nan')):.4f}  "
+                      f"params {acc.get('trainable_params')}", flush=True)
+                return
+            print(f"[trial {trial.trial_id}] step {int(result.get('step', 0)):5d}  "
+                  f"loss {result.get('train/loss', float('nan')):.4f}  "
+                  f"dev/accuracy {result.get(METRIC, float('nan')):.4f}"
+                  + (f"  (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else "")
+                  + f"  | {_short(trial.config)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(f"[trial {trial.trial_id}] done at step {trial.last_result.get('step')}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[trial {trial.trial_id}] FAILED (see {trial.local_path})", flush=True)
+
+    return ProgressLines
+
+
+# ----------------------------------------------------------------------------- ray
+
+
+def _ray_address(arg: str | None) -> str:
+    if arg:
+        return arg
+    if os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    if (Path.home() / "ray_bootstrap_config.yaml").is_file():  # head node of a `ray up` cluster
+        return "auto"
+    return "local"
+
+
+def _init_ray(address: str, log_to_driver: bool = True) -> None:
+    import ray
+
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
+                 configure_logging=True, logging_level="WARNING")
+    else:
+        ray.init(address=address, log_to_driver=log_to_driver)
+
+
+def _resources(args, spec_sweep: dict) -> dict:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
+    slots = spec_sweep["workers"] * spec_sweep["max_concurrent"]
+    cpw = args.cpus_per_worker
+    if cpw is None:
+        cpw = max(0.01, min(1.0, math.floor(100 * (cpus - 0.1) / slots) / 100))
+    gpw = args.gpus_per_worker
+    if gpw is None:
+        gpw = 1.0 if gpus >= slots else (math.floor(100 * gpus / slots) / 100 if gpus else 0.0)
+    return {"cpus_per_worker": cpw, "gpus_per_worker": gpw, "trial_cpus": 0.01,
+            "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def prepare(args, default_space: str) -> dict:
+    """Everything checked before Ray starts: the spec of a new sweep, or the saved one to resume."""
+    run_dir = repo_root() / "runs"
+    storage = Path(args.storage_path or run_dir / "sweeps").expanduser().resolve()
+    for name in ("num_samples", "workers", "max_concurrent"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+
+    if args.resume:
+        name = args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem
+                             + ("-smoke" if args.smoke else ""))
+        exp_dir = storage / name
+        saved = exp_dir / SPEC_FILE
+        if not saved.is_file() or not (exp_dir / "tuner.pkl").is_file():
+            raise UserError(f"--resume: no sweep named {name!r} in {storage} (expected {saved} and "
+                            f"{exp_dir / 'tuner.pkl'}); start it without --resume")
+        spec = json.loads(saved.read_text())
+        # the space is validated again (the code may have changed since)
+        space_lib.parse(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
+        if args.set or args.num_samples or args.workers:
+            print("note: --resume continues the saved sweep; --set, --num-samples and --workers are ignored",
+                  file=sys.stderr)
+        spec["tracking_uri"] = args.tracking_uri or spec["tracking_uri"]
+        return spec
+
+    import yaml
+
+    path = space_lib.resolve_path(args.space, repo_root())
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    base = dict(SMOKE_OVERRIDES) if args.smoke else {}
+    data_env = os.environ.get("LORA_DIFFUSION_DATA_DIR")
+    if data_env:
+        base["data_dir"] = str(Path(data_env).resolve())
+    base.update(config_lib.parse_sets(args.set))
+    name = args.name or path.stem + ("-smoke" if args.smoke else "")
+    if args.smoke and "backbone" not in config_lib.parse_sets(args.set):
+        base["backbone"] = str(storage / name / "smoke-backbone")
+    space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
+    exp_dir = storage / name
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise UserError(f"sweep {name!r} already exists in {exp_dir}: pass --resume to continue it, "
+                        f"--name to start another, or delete that directory")
+    sweep = {**DEFAULT_SWEEP, **space.sweep, **(SMOKE_SWEEP if args.smoke else {})}
+    for key in ("num_samples", "workers", "max_concurrent", "seed"):
+        if getattr(args, key) is not None:
+            sweep[key] = getattr(args, key)
+    steps = config_lib.from_dict({}, space.fixed).train.steps
+    sweep["grace_period"] = min(sweep["grace_period"], steps)
+    tracking_uri = args.tracking_uri or _default_uri(run_dir)
+    return {
+        "name": name, "storage": str(storage), "exp_dir": str(exp_dir), "space_path": str(path),
+        "space_yaml": raw, "base_overrides": base, "fixed": space.fixed, "sweep": sweep,
+        "smoke": bool(args.smoke), "tracking_uri": tracking_uri,
+        "experiment": args.experiment or "lora-diffusion-sweeps", "max_failures": args.max_failures,
+        "steps": steps, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _default_uri(run_dir: Path) -> str:
+    from .tracking import default_tracking_uri
+
+    return default_tracking_uri(run_dir)
+
+
+def run(args, default_space: str) -> int:
+    spec = prepare(args, default_space)  # every user error surfaces here, before ray.init
+    from .tracking import prepare_uri
+
+    prepare_uri(spec["tracking_uri"])
+    exp_dir = Path(spec["exp_dir"])
+    if not args.resume:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        if spec["smoke"] and spec["base_overrides"].get("backbone", "").endswith("smoke-backbone"):
+            build_tiny_backbone(Path(spec["base_overrides"]["backbone"]))
+        (exp_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from . import tracking
+
+    sweep = spec["sweep"]
+    address = _ray_address(args.address)
+    t0 = time.time()
+    _init_ray(address)
+    try:
+        spec["resources"] = _resources(args, sweep)
+        spec["workers"] = sweep["workers"]
+        spec["train_storage"] = str(exp_dir / "train")
+        spec["test_kill_worker"] = os.environ.get("LORA_DIFFUSION_TEST_KILL_WORKER")
+        res = spec["resources"]
+        print(f"sweep {spec['name']}: {sweep['num_samples']} trials x {sweep['workers']} worker(s), "
+              f"{sweep['max_concurrent']} at a time, {spec['steps']} steps each; space {spec['space_path']}; "
+              f"ray {address} ({res['cluster_cpus']:g} CPU, {res['cluster_gpus']:g} GPU; "
+              f"{res['cpus_per_worker']:g} CPU / {res['gpus_per_worker']:g} GPU per worker); "
+              f"storage {exp_dir}; mlflow {spec['tracking_uri']}", flush=True)
+
+        version = tracking.code_version(repo_root())
+        tracker = tracking.SweepTracker(spec["tracking_uri"], spec["name"], spec["experiment"],
+                                        tags={"code_version": version, "space": Path(spec["space_path"]).stem})
+        mlflow_cb = tracking.MlflowSweepCallback(tracker, TrialResolver(spec["fixed"], version))
+        callbacks = [mlflow_cb, progress_callback_class()()]
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
+                                        {"CPU": res["trial_cpus"]})
+
+        if args.resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+            # the run config (and its callbacks) comes back from tuner.pkl: use this session's
+            # callbacks, which carry this invocation's tracking URI
+            tuner._local_tuner.get_run_config().callbacks = callbacks
+        else:
+            space = space_lib.parse(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
+            import optuna
+
+            searcher = OptunaSearch(space=space.define_by_run(), metric=METRIC, mode=MODE,
+                                    sampler=optuna.samplers.TPESampler(seed=sweep["seed"]))
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=sweep["max_concurrent"])
+            scheduler = ASHAScheduler(time_attr="step", max_t=spec["steps"] + 1,
+                                      grace_period=sweep["grace_period"],
+                                      reduction_factor=sweep["reduction_factor"])
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher,
+                                            scheduler=scheduler, num_samples=sweep["num_samples"],
+                                            max_concurrent_trials=sweep["max_concurrent"]),
+                run_config=tune.RunConfig(name=spec["name"], storage_path=spec["storage"],
+                                          callbacks=callbacks, verbose=args.verbose,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        tracker.parent_run(params={"space": Path(spec["space_path"]).stem, "smoke": spec["smoke"],
+                                   **{f"sweep.{k}": v for k, v in sweep.items()},
+                                   **{f"fixed.{k}": v for k, v in spec["fixed"].items()}})
+        results = tuner.fit()
+        return _summarise(results, spec, mlflow_cb, time.time() - t0)
+    finally:
+        ray.shutdown()
+
+
+def _summarise(results, spec, mlflow_cb, wall: float) -> int:
+    rows = []
+    for r in results:
+        if r.metrics and METRIC in r.metrics:
+            rows.append(r)
+    errors = [r for r in results if r.error]
+    best = None
+    if rows:
+        b = max(rows, key=lambda r: r.metrics[METRIC])
+        best = {"trial_id": b.metrics.get("trial_id"), "dev/accuracy": b.metrics[METRIC],
+                "step": b.metrics.get("step"), "params": b.config,
+                "config": TrialResolver(spec["fixed"], "")(b.config)[0]}
+    status = "FINISHED" if not errors else "FAILED"
+    mlflow_cb.finish(best, status)
+    print(f"\nsweep {spec['name']}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
+    if best:
+        print(f"best trial {best['trial_id']}: dev/accuracy {best['dev/accuracy']:.4f} at step {best['step']}")
+        for k, v in best["params"].items():
+            print(f"  {k} = {v}")
+    (Path(spec["exp_dir"]) / "best.json").write_text(json.dumps({**(best or {}), "wall_s": wall}, indent=2,
+                                                                default=str))
+    return 0 if not errors else 1
+
+
+def main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
+    args = build_parser(default_space).parse_args(argv)
+    try:
+        return run(args, default_space)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

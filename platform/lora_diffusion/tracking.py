@@ -1,0 +1,311 @@
+"""MLflow tracking of sweeps: one parent run per sweep, one nested child run per trial.
+
+Ray's stock `MLflowLoggerCallback` keeps its trial -> run map in memory: after `Tuner.restore`
+every resumed trial gets a second run, the first stays RUNNING, and steps restart. Here every
+run is found again by its tags (`sweep` + `role`, plus `trial_id` for trials), so a resumed sweep
+re-attaches to the runs it already has:
+
+- the parent run (tags sweep, role=sweep) is created once and re-opened on resume;
+- a trial's run (tags sweep, trial_id, role=trial, mlflow.parentRunId) is created once; on
+  re-attach its last logged step is read back and only later steps are logged, so every metric
+  is one increasing sequence of the recipe's own step counter;
+- a run is ended FINISHED / FAILED once: ending an already-ended run with the same status is a
+  no-op.
+
+`SweepTracker` is plain MLflow (unit-tested against a sqlite store); `MlflowSweepCallback` is the
+Tune callback that drives it from the sweep's driver process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+STEP_METRIC = "train/loss"  # logged with every report: its history tells the last logged step
+DEFAULT_EXPERIMENT = "lora-diffusion-sweeps"
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    """$MLFLOW_TRACKING_URI if set, else a SQLite store in the project's run directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
+def prepare_uri(uri: str) -> str:
+    """Create the directory of a sqlite store (MLflow does not); reject a malformed sqlite URI."""
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:///"):
+            raise UserError(f"tracking-uri: {uri}: a SQLite store is sqlite:///ABSOLUTE/PATH.db")
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            path = Path("/" + str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def code_version(repo: Path | None = None) -> str:
+    """The git sha of the working tree (suffix -dirty with local changes), else the package version."""
+    from . import __version__
+
+    cwd = str(repo) if repo else None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode == 0 and sha.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                   capture_output=True, text=True, timeout=10)
+            return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"lora-diffusion-{__version__}"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+class SweepTracker:
+    """Find-or-create MLflow runs for one sweep, by tags; safe to use again after a crash."""
+
+    def __init__(self, tracking_uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMENT,
+                 tags: dict | None = None):
+        self.tracking_uri = tracking_uri
+        self.sweep = sweep
+        self.experiment = experiment
+        self.tags = dict(tags or {})
+        self._client = None
+        self._experiment_id: str | None = None
+        self._last_step: dict[str, int] = {}  # run_id -> last step logged
+
+    # pickled with Tune's run config: the client is rebuilt on first use
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(prepare_uri(self.tracking_uri))
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                location = None
+                if self.tracking_uri.startswith("sqlite:///"):
+                    db = Path(self.tracking_uri[len("sqlite:///"):])
+                    location = (db.parent / "mlartifacts").resolve().as_uri()
+                self._experiment_id = self.client.create_experiment(self.experiment,
+                                                                    artifact_location=location)
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    # ------------------------------------------------------------------------- lookup
+    def find_runs(self, **tags) -> list:
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {"sweep": self.sweep, **tags}.items())
+        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1000,
+                                       order_by=["attributes.start_time ASC"])
+
+    def _find_one(self, **tags):
+        runs = self.find_runs(**tags)
+        return runs[0] if runs else None
+
+    def trial_runs(self) -> list:
+        return self.find_runs(role="trial")
+
+    # ------------------------------------------------------------------------- parent
+    def parent_run(self, params: dict | None = None) -> str:
+        """The sweep's run: re-opened if it exists (a resumed sweep), else created."""
+        run = self._find_one(role="sweep")
+        if run is not None:
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.sweep,
+                                     tags={**self.tags, "sweep": self.sweep, "role": "sweep"})
+        if params:
+            self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    # ------------------------------------------------------------------------- trials
+    def trial_run(self, trial_id: str, params: dict | None = None, tags: dict | None = None,
+                  run_name: str | None = None) -> str:
+        """The trial's run: re-attached (status back to RUNNING unless it already finished,
+        steps continuing after the last logged one) or created nested under the parent."""
+        run = self._find_one(role="trial", trial_id=trial_id)
+        if run is not None:
+            run_id = run.info.run_id
+            if run.info.status not in ("RUNNING", "FINISHED"):
+                self.client.update_run(run_id, status="RUNNING")
+            if run_id not in self._last_step:
+                history = self.client.get_metric_history(run_id, STEP_METRIC)
+                self._last_step[run_id] = max((m.step for m in history), default=-1)
+            return run_id
+        parent = self.parent_run()
+        all_tags = {**self.tags, **(tags or {}), "sweep": self.sweep, "role": "trial",
+                    "trial_id": trial_id, "mlflow.parentRunId": parent}
+        run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id,
+                                     tags={k: str(v) for k, v in all_tags.items()})
+        run_id = run.info.run_id
+        self._last_step[run_id] = -1
+        if params:
+            self._log_params(run_id, params)
+        return run_id
+
+    def last_step(self, run_id: str) -> int:
+        if run_id not in self._last_step:
+            history = self.client.get_metric_history(run_id, STEP_METRIC)
+            self._last_step[run_id] = max((m.step for m in history), default=-1)
+        return self._last_step[run_id]
+
+    def log_step(self, run_id: str, metrics: dict, step: int) -> bool:
+        """Log the numeric metrics at `step`; a step not after the last logged one is skipped
+        (a resumed worker repeats the evaluations after its last checkpoint). True if logged."""
+        from mlflow.entities import Metric
+
+        if step <= self.last_step(run_id):
+            return False
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if _is_number(v)]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+        self._last_step[run_id] = int(step)
+        return True
+
+    def log_final(self, run_id: str, result: dict, step: int) -> None:
+        """The final result of a trial: split-labelled metrics as `final/<key>`, accounting as
+        params and metrics, and the whole result as `result.json`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"final/{k}", float(v), now, int(step)) for k, v in result.items() if _is_number(v)]
+        acc = result.get("accounting") or {}
+        metrics += [Metric(f"accounting/{k}", float(v), now, int(step)) for k, v in acc.items() if _is_number(v)]
+        self.client.log_batch(run_id, metrics=metrics)
+        params = {f"accounting.{k}": v for k, v in acc.items() if _is_number(v)}
+        self._log_params(run_id, params)
+        self.client.log_text(run_id, json.dumps(result, indent=2, default=str), "result.json")
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> bool:
+        """End a run once: an already-ended run is left as it is. True if this call ended it."""
+        if self.client.get_run(run_id).info.status in TERMINAL:
+            return False
+        self.client.set_terminated(run_id, status)
+        return True
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+
+# ----------------------------------------------------------------------------- Tune callback
+
+
+from ray.tune import Callback  # noqa: E402  (the tracker above needs no Ray)
+
+
+class MlflowSweepCallback(Callback):
+    """Drives a `SweepTracker` from Tune events on the driver.
+
+    `resolve(trial_config) -> (flat params, tags)` turns a trial's sampled parameters into the
+    resolved config (its MLflow params) and tags (method, seed). Workers report their recipe's
+    own step as `step`; the first report of every (re)started Train run carries the accounting
+    (`accounting_json`), the last one the final result (`result_json`)."""
+
+    def __init__(self, tracker: SweepTracker, resolve):
+        self.tracker = tracker
+        self.resolve = resolve
+        self._runs: dict[str, str] = {}
+        self._accounting: dict[str, dict] = {}
+        self._final_logged: set[str] = set()
+        self._last_result: dict[str, dict] = {}
+
+    def setup(self, **info):
+        self.parent_id = self.tracker.parent_run()
+
+    def _run_for(self, trial) -> str:
+        tid = trial.trial_id
+        if tid not in self._runs:
+            params, tags = self.resolve(trial.config)
+            self._runs[tid] = self.tracker.trial_run(tid, params=params, tags=tags,
+                                                     run_name=f"{self.tracker.sweep}/{tid}")
+            if "result.json" in {f.path for f in self.tracker.client.list_artifacts(self._runs[tid])}:
+                self._final_logged.add(tid)  # finished before the driver was interrupted
+        return self._runs[tid]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        tid = trial.trial_id
+        if result.get("accounting_json"):
+            self._accounting[tid] = json.loads(result["accounting_json"])
+        step = int(result.get("step", 0))
+        if result.get("result_json"):
+            if tid not in self._final_logged:
+                self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
+                self._final_logged.add(tid)
+            return
+        self._last_result[tid] = dict(result)
+        metrics = {k: v for k, v in result.items()
+                   if "/" in k or k in ("resumed_from_step", "worker_restarts")}
+        self.tracker.log_step(run_id, metrics, step)
+
+    def _end(self, trial, status: str):
+        run_id = self._run_for(trial)
+        tid = trial.trial_id
+        if status == "FINISHED" and tid not in self._final_logged:
+            # stopped early by the scheduler: no final evaluation ran; keep what is known
+            last = self._last_result.get(tid) or trial.last_result or {}
+            result = {k: v for k, v in last.items() if "/" in k or k == "step"}
+            result["stopped_early_at_step"] = last.get("step")
+            if tid in self._accounting:
+                result["accounting"] = self._accounting[tid]
+            self.tracker.client.set_tag(run_id, "stopped_early", "true")
+            self.tracker.log_final(run_id, result, int(last.get("step", 0) or 0))
+            self._final_logged.add(tid)
+        self.tracker.end_run(run_id, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+    def finish(self, best: dict | None, status: str = "FINISHED") -> None:
+        """End the parent run, with the best trial's configuration and score."""
+        parent = self.tracker.parent_run()
+        if best:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.tracker.client.log_batch(parent, metrics=[
+                Metric("best/dev_accuracy", float(best["dev/accuracy"]), now, 0)])
+            self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
+            self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
+        self.tracker.end_run(parent, status)

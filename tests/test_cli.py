@@ -1,0 +1,61 @@
+"""Bad input: one line naming the field or file, exit code 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lora_diffusion.cli import main
+
+
+@pytest.fixture
+def run_cli(tiny_backbone_dir, real_data_dir, tmp_path, capsys):
+    def run(*sets):
+        out = tmp_path / "out"
+        base = [f"backbone={tiny_backbone_dir}", f"data_dir={real_data_dir}", "trajectory.injection_layers=[0]",
+                "train.steps=1", "max_train_examples=16", "max_eval_examples=8"]
+        args = ["train", "--output-dir", str(out)]
+        for s in base + list(sets):
+            args += ["--set", s]
+        code = main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        return code, err, out
+    return run
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("trajectory.rank_schedule=zigzag", "trajectory.rank_schedule"),
+    ("trajectory.rank=0", "trajectory.rank"),
+    ("trajectory.rank=-3", "trajectory.rank"),
+    ("trajectory.rank=33", "trajectory.rank"),  # the tiny backbone's hidden size is 32
+    ("trajectory.phase_boundaries=[0, 0.5, 0.9]", "trajectory.phase_boundaries"),
+    ("trajectory.phase_boundaries=[0.1, 0.5, 1.0]", "trajectory.phase_boundaries"),
+    ("trajectory.injection_layers=[7]", "trajectory.injection_layers"),
+    ("diffusion.noise_schedule=quadratic", "diffusion.noise_schedule"),
+    ("train.lr=fast", "train.lr"),
+    ("trajectory.bogus=1", "trajectory.bogus"),
+    ("backbone=/no/such/model", "/no/such/model"),
+    ("test_file=/no/such/file.tsv", "/no/such/file.tsv"),
+    ("data_dir=/no/such/dir", "/no/such/dir"),
+    ("task=imdb", "task"),
+])
+def test_bad_input_names_the_field_exits_2_and_writes_nothing(run_cli, setting, named):
+    code, err, out = run_cli(setting)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert not out.exists()
+
+
+def test_missing_column_names_the_file_and_column(run_cli, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tstars\nfine film\t1\n")
+    code, err, out = run_cli(f"test_file={bad}")
+    assert code == 2 and "bad.tsv" in err[0] and "label" in err[0]
+    assert not out.exists()
+
+
+def test_console_script_exits_2_on_bad_config(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lora_diffusion.cli", "train", "--config",
+                           str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.yaml'}"]

@@ -1,0 +1,80 @@
+"""The shared recipe: no leakage, reproducible checkpoints, accounting that matches the file."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lora_diffusion import checkpoint
+from lora_diffusion.accounting import account
+from lora_diffusion.train import Recipe
+
+
+def test_training_never_sees_dev_rows(tiny_config):
+    recipe = Recipe(tiny_config(**{"train.steps": 20}))
+    seen = {e.id for step in range(20) for e in recipe.train_batch(step)}
+    dev = {e.id for e in recipe.dev_examples}
+    assert seen and dev
+    assert seen <= {e.id for e in recipe.train_examples}
+    assert not seen & dev
+    assert all(i.startswith("sst2/train/") for i in seen)
+
+
+def test_batches_depend_only_on_seed_and_step(tiny_config):
+    a, b = Recipe(tiny_config()), Recipe(tiny_config())
+    assert [e.id for e in a.train_batch(7)] == [e.id for e in b.train_batch(7)]
+    c = Recipe(tiny_config(**{"train.seed": 1}))
+    assert [e.id for e in a.train_batch(7)] != [e.id for e in c.train_batch(7)]
+
+
+def test_workers_split_the_global_batch(tiny_config):
+    full = Recipe(tiny_config()).train_batch(3)
+    w0 = Recipe(tiny_config(), rank=0, world_size=2).train_batch(3)
+    w1 = Recipe(tiny_config(), rank=1, world_size=2).train_batch(3)
+    assert sorted(e.id for e in w0 + w1) == sorted(e.id for e in full)
+
+
+def test_save_load_evaluate_reproduces_accuracy_and_counts_match_file(tiny_config, tmp_path):
+    config = tiny_config()
+    recipe = Recipe(config)
+    result = recipe.run(log=None)
+    out = checkpoint.save(tmp_path / "ckpt", recipe.method, config, recipe.fingerprint, recipe.backbone.source)
+    tensors = load_file(out / checkpoint.WEIGHTS)
+    acc = account(recipe.method)
+    assert acc["trainable_params"] == sum(t.numel() for t in tensors.values())
+    assert acc["bytes_saved"] == (out / checkpoint.WEIGHTS).stat().st_size
+    assert result["accounting"]["trainable_params"] == acc["trainable_params"]
+
+    restored = Recipe.from_checkpoint(out)
+    again = restored.evaluate(restored.dev_examples, "dev")
+    assert again["dev/accuracy"] == result["dev/accuracy"]
+    assert again["dev/accuracy_sampler"] == result["dev/accuracy_sampler"]
+    assert json.loads((out / "config.json").read_text())["trajectory"]["rank"] == config.trajectory.rank
+
+
+def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, real_data_dir):
+    rows = (Path(real_data_dir) / "sst2" / "dev.tsv").read_text().splitlines()[:9]
+    test_file = tmp_path / "external.tsv"
+    test_file.write_text("\n".join(rows) + "\n")
+    result = Recipe(tiny_config(test_file=str(test_file))).run(log=None)
+    for key in ("train/accuracy", "dev/accuracy", "dev/accuracy_sampler", "test/accuracy"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["test/examples"] == 8 and result["test/source"] == str(test_file)
+    assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
+
+
+def test_resume_from_state_continues_identically(tiny_config):
+    config = tiny_config(**{"train.steps": 6, "train.eval_every": 3})
+    straight = Recipe(config)
+    straight.run(log=None)
+
+    first = Recipe(config)
+    for _ in range(3):
+        first.train_step()
+    state = first.state_dict()
+    resumed = Recipe(config)
+    resumed.load_state_dict(state)
+    resumed.run(log=None)
+    for name, tensor in straight.method.state_to_save().items():
+        assert torch.equal(tensor, resumed.method.state_to_save()[name]), name
