@@ -52,6 +52,7 @@ def main(argv=None) -> int:
         spec.steps, spec.search_steps, spec.seeds = min(args.steps, 3), 1, args.seeds[:1]
         spec.search_dev_examples = 8
         spec.budget = args.budget or 3000
+        spec.lr_grids = {m: grid[-1:] for m, grid in spec.lr_grids.items()}  # no search
     t0 = time.perf_counter()
     try:
         result = comparison.run_comparison(spec)

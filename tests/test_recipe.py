@@ -78,3 +78,15 @@ def test_resume_from_state_continues_identically(tiny_config):
     resumed.run(log=None)
     for name, tensor in straight.method.state_to_save().items():
         assert torch.equal(tensor, resumed.method.state_to_save()[name]), name
+
+
+def test_heldout_file_shares_no_row_or_sentence_with_training(real_data_dir, tmp_path):
+    from lora_diffusion import tasks
+    from lora_diffusion.heldout import _sentence, write_sst2_heldout
+
+    info = write_sst2_heldout(str(tmp_path / "h.tsv"), 60000, seed=0, n=200, data_dir=str(real_data_dir))
+    held = tasks.load_split("sst2", "test", data_file=info["path"])
+    used = tasks.load_split("sst2", "train", str(real_data_dir), max_examples=60000, seed=0)
+    assert len(held) == 200
+    assert not {_sentence(e) for e in held} & {_sentence(e) for e in used}
+    assert {e.label for e in held} == {0, 1}

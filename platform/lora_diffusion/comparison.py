@@ -71,6 +71,8 @@ def search_lr(spec: ComparisonSpec, config, log=None) -> tuple[float, list[dict]
     from .train import Recipe
 
     trials = []
+    if len(spec.lr_grids[config.method]) == 1:  # nothing to choose
+        return spec.lr_grids[config.method][0], trials
     steps = spec.search_steps or max(1, spec.steps // 3)
     for lr in spec.lr_grids[config.method]:
         c = config_lib.from_dict(config.to_dict(), {

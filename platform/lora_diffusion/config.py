@@ -87,6 +87,13 @@ class TLoraConfig:
 
 
 @dataclass
+class RouterConfig:
+    """Router composition of trained trajectory checkpoints (method: router)."""
+
+    checkpoints: list[str] = field(default_factory=list)  # two or more trajectory checkpoint dirs
+
+
+@dataclass
 class DiffusionConfig:
     noise_schedule: str = "linear"  # masking probability as a function of t
     t_min: float = 1e-3  # t is drawn from [t_min, 1] so the 1/t weight stays bounded
@@ -121,10 +128,15 @@ class Config:
 
     backbone: str = "minilm"  # "minilm" (packaged), a local HF directory, or a hub id
     trust_remote_code: bool = False
+    # Seed of backbone parts the checkpoint lacks (all-MiniLM-L6-v2 has no MLM head). Kept apart
+    # from train.seed so that seeds vary the method, not the backbone, and checkpoints trained
+    # with different seeds share one backbone (routers compose them).
+    backbone_seed: int = 0
 
     method: str = "trajectory"
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     tlora: TLoraConfig = field(default_factory=TLoraConfig)

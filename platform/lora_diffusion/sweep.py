@@ -285,7 +285,10 @@ def prepare(args, default_space: str) -> dict:
     for key in ("num_samples", "workers", "max_concurrent", "seed"):
         if getattr(args, key) is not None:
             sweep[key] = getattr(args, key)
-    steps = config_lib.from_dict({}, space.fixed).train.steps
+    fixed_cfg = config_lib.from_dict({}, space.fixed)
+    steps, every = fixed_cfg.train.steps, fixed_cfg.train.eval_every
+    if args.smoke:  # ASHA's first rung halfway, whatever --set made of the steps
+        sweep["grace_period"] = max(every, steps // 2)
     sweep["grace_period"] = min(sweep["grace_period"], steps)
     tracking_uri = args.tracking_uri or _default_uri(run_dir)
     return {

@@ -65,13 +65,14 @@ class Recipe:
         self.test_examples = (self._load("test", data_file=config.test_file,
                                          max_examples=config.max_eval_examples)
                               if config.test_file else None)
-        torch.manual_seed(tr.seed)  # a head-less encoder gets a seeded MLM head
+        torch.manual_seed(config.backbone_seed)  # a head-less encoder gets a seeded MLM head
         self.backbone = backbone or load_backbone(config.backbone, trust_remote_code=config.trust_remote_code,
                                                   allow_hub=config.allow_hub)
         self.fingerprint = backbone_fingerprint(self.backbone)
         self.tokenizer = self.backbone.tokenizer
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
                           if self.spec.kind == "classification" else None)
+        torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
         self.method = build_method(config, self.backbone).to(self.device)
         self.params = list(self.method.trainable().values())
         self.optimizer = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
@@ -136,6 +137,10 @@ class Recipe:
         finally:
             self.method.set_context(None)
 
+    def denoiser(self, batch: diffusion.Batch):
+        """`denoise` bound to a batch's prompt positions (routers pool the prompt)."""
+        return lambda ids, attn, select, t: self.denoise(ids, attn, select, t, batch.prompt_mask)
+
     def lr_at(self, step: int) -> float:
         tr = self.config.train
         if step < tr.warmup_steps:
@@ -152,12 +157,7 @@ class Recipe:
         gen = seeded(c.train.seed, self.step, self.rank, 1)
         torch.manual_seed(int(torch.randint(2**62, (), generator=seeded(c.train.seed, self.step, self.rank, 2))))
         # ^ dropout draws from the global generator: seeding it per step makes resume exact
-        prompt = batch.prompt_mask
-
-        def denoise(ids, attn, select, t):
-            return self.denoise(ids, attn, select, t, prompt)
-
-        loss, stats = diffusion.diffusion_loss(denoise, batch, self.backbone.mask_token_id,
+        loss, stats = diffusion.diffusion_loss(self.denoiser(batch), batch, self.backbone.mask_token_id,
                                                c.diffusion.noise_schedule, c.diffusion.t_min, gen)
         reg, reg_logs = self.method.regularization()
         total = loss + reg.to(loss.device)
@@ -212,7 +212,7 @@ class Recipe:
             gen = seeded(c.train.seed, 7)
             for i in range(0, len(examples), batch_size):
                 batch = self.encode(examples[i:i + batch_size])
-                scores = diffusion.score_candidates(self.denoise, batch, self.backbone.mask_token_id,
+                scores = diffusion.score_candidates(self.denoiser(batch), batch, self.backbone.mask_token_id,
                                                     c.diffusion.noise_schedule, times, gen)
                 total += float(scores.sum())
                 tokens += int(batch.response_mask.sum())
@@ -224,7 +224,7 @@ class Recipe:
         c = self.config
         if all(len(ids) == 1 for ids in self.label_ids):  # one forward per t scores all labels
             batch = self.encode(chunk, [[self.backbone.mask_token_id]] * len(chunk))
-            scores = diffusion.score_label_words(self.denoise, batch, [ids[0] for ids in self.label_ids],
+            scores = diffusion.score_label_words(self.denoiser(batch), batch, [ids[0] for ids in self.label_ids],
                                                  c.diffusion.noise_schedule, times,
                                                  self.backbone.mask_token_id)
             return scores.argmax(1).tolist()
@@ -232,7 +232,7 @@ class Recipe:
         for ids in self.label_ids:  # multi-token label words: score each candidate's ELBO
             batch = self.encode(chunk, [ids] * len(chunk))
             per_label.append(diffusion.score_candidates(
-                self.denoise, batch, self.backbone.mask_token_id, c.diffusion.noise_schedule, times,
+                self.denoiser(batch), batch, self.backbone.mask_token_id, c.diffusion.noise_schedule, times,
                 seeded(c.train.seed, 11)))
         return torch.stack(per_label, 1).argmax(1).tolist()
 
@@ -241,7 +241,7 @@ class Recipe:
         c = self.config
         length = max(len(ids) for ids in self.label_ids)
         batch = self.encode(chunk, [[self.backbone.mask_token_id] * length] * len(chunk))
-        ids = diffusion.sample(self.denoise, batch, self.backbone.mask_token_id,
+        ids = diffusion.sample(self.denoiser(batch), batch, self.backbone.mask_token_id,
                                c.diffusion.sampler_steps, c.diffusion.remasking, seeded(c.train.seed, 13))
         preds = []
         for row, resp in zip(ids, batch.response_mask):

@@ -6,6 +6,7 @@ from .bitfit import BitFit
 from .full import FullFinetune
 from .lora import LoraMethod
 from .prefix import PrefixMethod
+from .router import TrajectoryRouter
 from .tlora import TLoraMethod
 from .trajectory import TrajectoryMethod
 from .trajectory_adapter import TrajectoryAdapterMethod
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     BitFit.name: BitFit,
     TLoraMethod.name: TLoraMethod,
     TrajectoryAdapterMethod.name: TrajectoryAdapterMethod,
+    TrajectoryRouter.name: TrajectoryRouter,
 }
 
 

@@ -121,28 +121,40 @@ class TrajectoryLayer(nn.Module):
         return [(m.B, m.A) for m in mods]
 
 
+def build_injection(tc: TrajectoryConfig, sampler_steps: int, backbone: Backbone):
+    """Validate the trajectory settings against the backbone and build the modules:
+    (layer indices, phase boundaries, per-phase ranks, ModuleDict of TrajectoryLayer)."""
+    hidden, n_layers = backbone.hidden_size, len(backbone.layers)
+    if tc.rank > hidden:
+        raise UserError(f"field trajectory.rank: {tc.rank} exceeds the hidden size {hidden}")
+    for i in tc.injection_layers:
+        if not -n_layers <= i < n_layers:
+            raise UserError(f"field trajectory.injection_layers: {i} is outside the "
+                            f"{n_layers} layers of the backbone")
+    layers = sorted({i % n_layers for i in tc.injection_layers})
+    boundaries = phase_boundaries(tc, sampler_steps)
+    ranks = rank_schedule(tc, boundaries)
+    if not any(ranks):
+        raise UserError("field trajectory.min_rank: the schedule gives every phase rank 0")
+    modules = nn.ModuleDict({f"layer{i}": TrajectoryLayer(tc, hidden, ranks) for i in layers})
+    return layers, boundaries, ranks, modules
+
+
+def _replace_hidden(output, fn):
+    """Apply fn to a block's hidden-state output, whether the block returns a tensor or a tuple."""
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
 class TrajectoryMethod(Method):
     name = "trajectory"
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
-        tc = config.trajectory
-        hidden, n_layers = backbone.hidden_size, len(backbone.layers)
-        if tc.rank > hidden:
-            raise UserError(f"field trajectory.rank: {tc.rank} exceeds the hidden size {hidden}")
-        layers = sorted({i % n_layers for i in tc.injection_layers})
-        for i in tc.injection_layers:
-            if not -n_layers <= i < n_layers:
-                raise UserError(f"field trajectory.injection_layers: {i} is outside the "
-                                f"{n_layers} layers of the backbone")
-        self.tc = tc
-        self.boundaries = phase_boundaries(tc, config.diffusion.sampler_steps)
-        self.ranks = rank_schedule(tc, self.boundaries)
-        if not any(self.ranks):
-            raise UserError("field trajectory.min_rank: the schedule gives every phase rank 0")
-        self.injection = nn.ModuleDict({
-            f"layer{i}": TrajectoryLayer(tc, hidden, self.ranks) for i in layers
-        })
+        self.tc = config.trajectory
+        layers, self.boundaries, self.ranks, self.injection = build_injection(
+            self.tc, config.diffusion.sampler_steps, backbone)
         self.register_buffer("inner_edges", torch.tensor(self.boundaries[1:-1]), persistent=False)
         self._hooks = [backbone.layers[i].register_forward_hook(self._hook(f"layer{i}"))
                        for i in layers]
@@ -158,10 +170,9 @@ class TrajectoryMethod(Method):
         def hook(_module, _inputs, output):
             if self.context is None:  # no time given: behave as the base model
                 return output
-            h = output[0] if isinstance(output, tuple) else output
             phase = self.phase_of(self.context.t)
-            h = h + self.injection[key].delta(h, phase, self.context.task_ids)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+            layer, ids = self.injection[key], self.context.task_ids
+            return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids))
         return hook
 
     def regularization(self):

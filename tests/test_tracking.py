@@ -1,0 +1,156 @@
+"""MLflow re-attachment against a real SQLite store: a resumed sweep finds its runs by tag."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lora_diffusion.tracking import MlflowSweepCallback, SweepTracker
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    # one store for the module (creating the schema takes seconds); each test uses its own sweeps
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/store/mlflow.db"  # the directory is created
+
+
+@pytest.fixture
+def uri(store, request):
+    return store
+
+
+@pytest.fixture(autouse=True)
+def _unique_sweeps(monkeypatch, request):
+    """Prefix every sweep name with the test's name so the tests share one store independently."""
+    original = SweepTracker.__init__
+
+    def init(self, tracking_uri, sweep, *args, **kwargs):
+        original(self, tracking_uri, f"{request.node.name}:{sweep}", *args, **kwargs)
+
+    monkeypatch.setattr(SweepTracker, "__init__", init)
+
+
+def _steps(tracker, run_id, key="train/loss"):
+    return [m.step for m in sorted(tracker.client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_parent_run_is_reattached_not_duplicated(uri):
+    a = SweepTracker(uri, "s1")
+    pid = a.parent_run(params={"space": "rank_schedule"})
+    assert a.parent_run() == pid
+    b = SweepTracker(uri, "s1")  # a new driver after a crash: the run is still RUNNING
+    assert b.parent_run() == pid
+    b.end_run(pid)
+    c = SweepTracker(uri, "s1")  # resumed after it ended: re-opened
+    assert c.parent_run() == pid
+    assert c.client.get_run(pid).info.status == "RUNNING"
+    assert len(c.find_runs(role="sweep")) == 1
+    assert SweepTracker(uri, "s2").parent_run() != pid  # another sweep, another parent
+
+
+def test_trial_run_reattached_and_steps_continue(uri):
+    a = SweepTracker(uri, "s1", tags={"code_version": "abc"})
+    rid = a.trial_run("t1", params={"train.lr": 0.01, "method": "trajectory"}, tags={"method": "trajectory"})
+    for step in (10, 20, 30):
+        assert a.log_step(rid, {"train/loss": 1.0 / step, "dev/accuracy": 0.5, "note": "x"}, step)
+    # driver killed here: the run stays RUNNING; the resumed Train run restarts from step 20
+    b = SweepTracker(uri, "s1")
+    assert b.trial_run("t1", params={"train.lr": 0.01}) == rid
+    assert b.last_step(rid) == 30
+    assert not b.log_step(rid, {"train/loss": 0.05}, 20)
+    assert not b.log_step(rid, {"train/loss": 0.05}, 30)
+    assert b.log_step(rid, {"train/loss": 0.02}, 40)
+    assert _steps(b, rid) == [10, 20, 30, 40]
+    run = b.client.get_run(rid)
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == b.parent_run()
+    assert tags["trial_id"] == "t1" and tags["sweep"].endswith(":s1") and tags["code_version"] == "abc"
+    assert run.data.params["train.lr"] == "0.01"
+    assert len(b.trial_runs()) == 1
+
+
+def test_end_run_exactly_once(uri):
+    t = SweepTracker(uri, "s1")
+    rid = t.trial_run("t1")
+    assert t.end_run(rid, "FINISHED")
+    assert not t.end_run(rid, "FINISHED")
+    assert not t.end_run(rid, "FAILED")
+    assert t.client.get_run(rid).info.status == "FINISHED"
+    # a FAILED trial that Tune resumes (resume_errored) is re-opened and can finish
+    r2 = t.trial_run("t2")
+    t.end_run(r2, "FAILED")
+    assert SweepTracker(uri, "s1").trial_run("t2") == r2
+    assert t.client.get_run(r2).info.status == "RUNNING"
+
+
+def test_same_trial_id_in_two_sweeps(uri):
+    a, b = SweepTracker(uri, "s1"), SweepTracker(uri, "s2")
+    assert a.trial_run("t1") != b.trial_run("t1")
+
+
+def test_final_result_logged(uri):
+    t = SweepTracker(uri, "s1")
+    rid = t.trial_run("t1")
+    result = {"dev/accuracy": 0.7, "train/accuracy": 0.9, "task": "sst2",
+              "accounting": {"trainable_params": 1234, "bytes_saved": 5000, "per_module": {"a": 1}}}
+    t.log_final(rid, result, 100)
+    run = t.client.get_run(rid)
+    assert run.data.metrics["final/dev/accuracy"] == 0.7
+    assert run.data.metrics["accounting/trainable_params"] == 1234
+    assert run.data.params["accounting.bytes_saved"] == "5000"
+    assert [a.path for a in t.client.list_artifacts(rid)] == ["result.json"]
+
+
+def _trial(tid, **config):
+    return SimpleNamespace(trial_id=tid, config=config, last_result={}, local_path="/nowhere")
+
+
+def _resolve(params):
+    return {"method": "trajectory", **params}, {"method": "trajectory", "seed": 0}
+
+
+def test_callback_resume_cycle(uri):
+    import json
+
+    cb = MlflowSweepCallback(SweepTracker(uri, "sw"), _resolve)
+    cb.setup()
+    t1, t2 = _trial("t1", **{"train.lr": 0.01}), _trial("t2", **{"train.lr": 0.02})
+    for t in (t1, t2):
+        cb.on_trial_start(0, [], t)
+    cb.on_trial_result(0, [], t1, {"step": 2, "train/loss": 3.0, "dev/accuracy": 0.5,
+                                   "accounting_json": json.dumps({"trainable_params": 10})})
+    cb.on_trial_result(0, [], t1, {"step": 4, "train/loss": 2.0, "dev/accuracy": 0.6})
+    cb.on_trial_result(0, [], t1, {"step": 4, "result_json": json.dumps({"dev/accuracy": 0.6, "steps": 4})})
+    cb.on_trial_complete(0, [], t1)
+    cb.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "dev/accuracy": 0.5})
+    # -- the driver dies; a new driver restores the sweep (the callback is rebuilt) --
+    cb2 = MlflowSweepCallback(SweepTracker(uri, "sw"), _resolve)
+    cb2.setup()
+    cb2.on_trial_start(0, [], t2)
+    cb2.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "dev/accuracy": 0.5, "resumed_from_step": 2})
+    cb2.on_trial_result(0, [], t2, {"step": 4, "train/loss": 2.5, "dev/accuracy": 0.55, "resumed_from_step": 2})
+    cb2.on_trial_complete(0, [], t2)  # stopped by the scheduler: no result_json
+    cb2.finish({"trial_id": "t1", "dev/accuracy": 0.6})
+    tr = cb2.tracker
+    runs = tr.trial_runs()
+    assert sorted(r.data.tags["trial_id"] for r in runs) == ["t1", "t2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    by = {r.data.tags["trial_id"]: r.info.run_id for r in runs}
+    assert _steps(tr, by["t1"]) == [2, 4] and _steps(tr, by["t2"]) == [2, 4]
+    t2run = tr.client.get_run(by["t2"])
+    assert t2run.data.tags.get("stopped_early") == "true"
+    assert t2run.data.metrics["resumed_from_step"] == 2
+    assert tr.client.get_run(by["t1"]).data.metrics["final/dev/accuracy"] == 0.6
+    parent = tr.find_runs(role="sweep")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.metrics["best/dev_accuracy"] == 0.6
+
+
+def test_callback_pickles_without_client(uri):
+    import pickle
+
+    cb = MlflowSweepCallback(SweepTracker(uri, "sw"), _resolve)
+    cb.tracker.parent_run()
+    clone = pickle.loads(pickle.dumps(cb))
+    assert clone.tracker._client is None and clone.tracker.parent_run() == cb.tracker.parent_run()
