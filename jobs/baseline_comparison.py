@@ -48,7 +48,8 @@ def main(argv=None) -> int:
         spec.sets = {"backbone": str(tiny), "max_length": 32, "max_train_examples": 64,
                      "max_eval_examples": 24, "train_accuracy_examples": 8,
                      "train.batch_size": 8, "train.warmup_steps": 1, "train.eval_every": 1000,
-                     "diffusion.eval_t_points": 2, "trajectory.injection_layers": [1], **sets}
+                     "diffusion.eval_t_points": 2, "trajectory.injection_layers": [1],
+                     "train.threads": 1, **sets}
         spec.steps, spec.search_steps, spec.seeds = min(args.steps, 3), 1, args.seeds[:1]
         spec.search_dev_examples = 8
         spec.budget = args.budget or 3000

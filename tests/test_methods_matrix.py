@@ -39,8 +39,12 @@ VARIANTS = {  # extra configurations that take the same checks
 CASES = {**{m: (m, {}) for m in MATRIX}, **VARIANTS}
 
 
+# composition methods that need trained checkpoints to exist; tested in their own modules
+NOT_IN_MATRIX = {"router"}
+
+
 def test_matrix_covers_every_registered_method():
-    assert set(MATRIX) == set(METHODS)
+    assert set(MATRIX) == set(METHODS) - NOT_IN_MATRIX
 
 
 def _build(tiny_backbone_dir, method, **sets):

@@ -255,6 +255,11 @@ def _coerce(value, hint, name: str):
             raise UserError(f"field {name}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"field {name}: expected a number, got {value!r}")
         return float(value)

@@ -327,6 +327,9 @@ def run(args, default_space: str) -> int:
     from . import tracking
 
     sweep = spec["sweep"]
+    # Tune snapshots the experiment every >= 10 s by default: a driver killed in between would
+    # re-run trials that had already finished. The state of a sweep is small; save it often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     address = _ray_address(args.address)
     t0 = time.time()
     _init_ray(address)
