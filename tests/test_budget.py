@@ -57,3 +57,27 @@ def test_matching_leaves_the_backbone_untouched(backbone):
     after = backbone.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_comparison_runs_matched_methods_and_writes_the_table(tiny_backbone_dir, real_data_dir, tmp_path):
+    from lora_diffusion import comparison
+
+    spec = comparison.ComparisonSpec(
+        methods=["lora", "bitfit"], tasks=["sst2"], seeds=[0, 1], steps=1, budget=2500,
+        search_steps=1, search_dev_examples=8,
+        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2]},
+        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(real_data_dir), "max_length": 32,
+              "max_train_examples": 32, "max_eval_examples": 16, "train_accuracy_examples": 8,
+              "train.batch_size": 4, "train.warmup_steps": 1, "diffusion.eval_t_points": 1})
+    result = comparison.run_comparison(spec, log=None)
+    assert len(result["runs"]) == 4
+    lora, bitfit = result["summary"]
+    assert lora["method"] == "lora" and lora["budget_matched"] and lora["seeds"] == 2
+    assert abs(lora["trainable_params"] - 2500) <= 250
+    assert not bitfit["budget_matched"] and bitfit["knob"] is None  # fixed size, said so
+    assert len(result["lr_search"][0]["trials"]) == 2 and result["lr_search"][1]["trials"] == []
+    # seed 0 draws the searched dev rows too (nested seeded subsets): they are left out
+    assert all(r["dev_unseen/examples"] == 8 for r in result["runs"] if r["seed"] == 0)
+    json_path, md_path = comparison.write_outputs(result, tmp_path)
+    table = md_path.read_text()
+    assert "| sst2 | lora | lora.rank=5 |" in table and "fixed size" in table

@@ -108,10 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_prepare)
+
+    # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.sweep
+    sub.add_parser("sweep", add_help=False,
+                   help="Ray Tune + Optuna sweep over a search space (lora-diffusion sweep --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

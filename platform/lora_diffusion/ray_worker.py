@@ -11,6 +11,7 @@ A checkpoint directory holds only the method and its optimizer:
                                                      (so `lora-diffusion eval --checkpoint` reads it)
     optimizer.pt                                     AdamW state (torch.save; loaded weights_only)
     trainer_state.json                               step, train time, tokens seen
+    metrics.json                                     the metrics reported with it (replayed on resume)
 
 Reported metrics: the recipe's metrics plus `step` (the recipe's own counter), `resumed_from_step`
 (where this Train run started: 0, or the checkpoint's step); the first report of a run also
@@ -18,7 +19,7 @@ carries `accounting_json`, and one last report after training carries `result_js
 result with split-labelled accuracies and accounting).
 
 Test hook: `test_kill_worker` = "RANK:STEP:MARKER" in the loop config makes that rank
-`os._exit(1)` when it reaches evaluation step STEP, once (the MARKER file records that it did).
+`os._exit(1)` when it reaches evaluation step STEP (5 s later), once (the MARKER file records that it did).
 The sweep passes it from the environment variable LORA_DIFFUSION_TEST_KILL_WORKER.
 """
 
@@ -61,6 +62,10 @@ def _maybe_die(hook: str | None, rank: int, step: int) -> None:
         return
     want_rank, want_step, marker = hook.split(":", 2)
     if rank == int(want_rank) and step == int(want_step) and not os.path.exists(marker):
+        # The Train controller collects reports at its health checks (every 2 s): wait for the
+        # previous report's checkpoint to be registered, as it would be in a run whose steps take
+        # seconds, so the restart has a checkpoint to resume from.
+        time.sleep(5)
         Path(marker).write_text(f"rank {rank} exited at step {step}\n")
         os._exit(1)
 
@@ -78,14 +83,25 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     config = config_lib.from_dict(loop_config["config"])
+    if config.train.threads is None and loop_config.get("threads"):
+        torch.set_num_threads(int(loop_config["threads"]))  # the CPUs this worker reserved
     recipe = Recipe(config, rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()
+    replay = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             load_state(Path(d), recipe)
+            if (Path(d) / "metrics.json").is_file():
+                replay = json.loads((Path(d) / "metrics.json").read_text())
     start = recipe.step
     hook = loop_config.get("test_kill_worker")
     first = {"accounting_json": json.dumps(account(recipe.method))}
+    if replay is not None:
+        # The checkpoint's own report may never have reached Tune (the driver died while it sat
+        # in the report queue): report it again; the tracker skips steps it already logged.
+        replay.update(first, resumed_from_step=start)
+        first.clear()
+        ray.train.report(replay, checkpoint=None)
 
     def report(metrics: dict, rec) -> None:
         _maybe_die(hook, rank, rec.step)
@@ -97,6 +113,7 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(Path(tmp), rec)
+                (Path(tmp) / "metrics.json").write_text(json.dumps(out))
                 ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(out, checkpoint=None)

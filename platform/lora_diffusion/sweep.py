@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -131,7 +132,8 @@ def run_trial(params: dict, spec: dict) -> None:
         per_worker["GPU"] = res["gpus_per_worker"]
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "test_kill_worker": spec.get("test_kill_worker")},
+        train_loop_config={"config": config.to_dict(), "test_kill_worker": spec.get("test_kill_worker"),
+                           "threads": max(1, int(res["cpus_per_worker"]))},
         torch_config=TorchConfig(backend="nccl" if res["gpus_per_worker"] else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec["workers"], use_gpu=bool(res["gpus_per_worker"]),
                                      resources_per_worker=per_worker),
@@ -274,6 +276,9 @@ def prepare(args, default_space: str) -> dict:
         base["data_dir"] = str(Path(data_env).resolve())
     base.update(config_lib.parse_sets(args.set))
     name = args.name or path.stem + ("-smoke" if args.smoke else "")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise UserError(f"--name: {name!r} must be letters, digits, '_', '.', '-' (it names a directory "
+                        "and an MLflow tag)")
     if args.smoke and "backbone" not in config_lib.parse_sets(args.set):
         base["backbone"] = str(storage / name / "smoke-backbone")
     space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
@@ -393,6 +398,15 @@ def _summarise(results, spec, mlflow_cb, wall: float) -> int:
         if r.metrics and METRIC in r.metrics:
             rows.append(r)
     errors = [r for r in results if r.error]
+    try:  # trials neither finished nor failed: the driver was interrupted (Ctrl-C)
+        unfinished = [t.trial_id for t in results._experiment_analysis.trials
+                      if t.status not in ("TERMINATED", "ERROR")]
+    except AttributeError:
+        unfinished = []
+    if unfinished:
+        print(f"\nsweep {spec['name']} interrupted with {len(unfinished)} unfinished trial(s): "
+              f"rerun the same command with --resume to continue it")
+        return 1
     best = None
     if rows:
         b = max(rows, key=lambda r: r.metrics[METRIC])

@@ -1,0 +1,45 @@
+"""Side-by-side measurements: several config variants trained in one process, one after another,
+with step time and peak memory reported as ratios to the first variant (these machines are
+noisy: only ratios taken in one run are comparable)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from . import config as config_lib
+
+
+def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[dict]:
+    from .train import Recipe
+
+    rows = []
+    for name, sets in variants.items():
+        config = config_lib.from_dict({}, {**base, **sets})
+        t0 = time.perf_counter()
+        recipe = Recipe(config)
+        result = recipe.run(log=log)
+        rows.append({
+            "variant": name, "sets": sets,
+            "dev/accuracy": result["dev/accuracy"], "dev/accuracy_sampler": result["dev/accuracy_sampler"],
+            "dev/examples": result["dev/examples"], "train/accuracy": result["train/accuracy"],
+            "trainable_params": result["accounting"]["trainable_params"],
+            "step_time_s": result["step_time_s"], "tokens_per_s": result["tokens_per_s"],
+            "wall_time_s": time.perf_counter() - t0,
+        })
+        if log:
+            log(json.dumps(rows[-1]))
+    ref = rows[0]["step_time_s"]
+    for row in rows:
+        row["step_time_ratio"] = row["step_time_s"] / ref
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| variant | trainable params | dev acc (ELBO) | dev acc (sampler) | train acc | step time s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['dev/accuracy']:.3f} | "
+                     f"{r['dev/accuracy_sampler']:.3f} | {r['train/accuracy']:.3f} | "
+                     f"{r['step_time_s']:.3f} | {r['step_time_ratio']:.2f} |")
+    return "\n".join(lines)
