@@ -154,3 +154,10 @@ def test_callback_pickles_without_client(uri):
     cb.tracker.parent_run()
     clone = pickle.loads(pickle.dumps(cb))
     assert clone.tracker._client is None and clone.tracker.parent_run() == cb.tracker.parent_run()
+
+
+def test_new_sweep_with_a_reused_name_gets_new_runs(uri):
+    old = SweepTracker(uri, "same-name", sweep_id="same-name-aaaa")
+    old_parent, old_trial = old.parent_run(), old.trial_run("t1")
+    new = SweepTracker(uri, "same-name", sweep_id="same-name-bbbb")
+    assert new.parent_run() != old_parent and new.trial_run("t1") != old_trial

@@ -15,8 +15,10 @@ A checkpoint directory holds only the method and its optimizer:
 
 Reported metrics: the recipe's metrics plus `step` (the recipe's own counter), `resumed_from_step`
 (where this Train run started: 0, or the checkpoint's step); the first report of a run also
-carries `accounting_json`, and one last report after training carries `result_json` (the final
-result with split-labelled accuracies and accounting).
+carries `accounting_json`, and the report of the last step carries `result_json` (the final
+result with split-labelled accuracies and accounting; `wall_time_s` in it counts from the start
+of the Train run that finished). A run resumed from a checkpoint first re-reports that
+checkpoint's metrics (they may never have reached Tune).
 
 Test hook: `test_kill_worker` = "RANK:STEP:MARKER" in the loop config makes that rank
 `os._exit(1)` when it reaches evaluation step STEP (5 s later), once (the MARKER file records that it did).
@@ -110,6 +112,13 @@ def train_loop(loop_config: dict) -> None:
         out["resumed_from_step"] = start
         out.update(first)
         first.clear()
+        if rec.step >= config.train.steps:
+            # The final result rides on the last evaluation's report: a scheduler that stops the
+            # trial at its last rung (ASHA stops at max_t) cannot cut it off. `run` returns it.
+            result = rec.result(time.perf_counter() - t0)
+            result["resumed_from_step"] = start
+            rec.result = lambda wall_time, _r=result: _r
+            out["result_json"] = json.dumps(result, default=str)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_state(Path(tmp), rec)
@@ -118,9 +127,4 @@ def train_loop(loop_config: dict) -> None:
         else:
             ray.train.report(out, checkpoint=None)
 
-    result = recipe.run(report=report, log=None)
-    result["wall_time_s"] = time.perf_counter() - t0  # this Train run's wall time (since its start)
-    result["resumed_from_step"] = start
-    final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update(step=recipe.step, resumed_from_step=start, result_json=json.dumps(result, default=str))
-    ray.train.report(final, checkpoint=None)
+    recipe.run(report=report, log=None)

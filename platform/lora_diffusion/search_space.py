@@ -192,9 +192,11 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(f"sweep.{key}", f"must be a positive integer, got {value!r}")
 
-    fixed = {**fixed, **(base_overrides or {})}
-    # the fixed part alone must be a valid config
-    _check_config(fixed, source, "fixed")
+    _check_config(fixed, source, "fixed")  # the fixed part alone must be a valid config
+    if base_overrides:
+        fixed = {**fixed, **base_overrides}
+        _check_config(fixed, source, "fixed with the command line's --set " +
+                      " ".join(f"{k}={v}" for k, v in base_overrides.items() if k not in ("data_dir", "backbone")))
     valid_keys = set(config_lib.Config().flat())
 
     params: list[Param] = []

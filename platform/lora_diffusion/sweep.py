@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from . import config as config_lib
@@ -176,6 +177,7 @@ def progress_callback_class():
         """One readable line per trial report, and one when a trial ends."""
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._step_line(trial, result)
             if result.get("result_json"):
                 r = json.loads(result["result_json"])
                 acc = r.get("accounting", {})
@@ -184,7 +186,8 @@ def progress_callback_class():
                       f"dev/accuracy_sampler {r.get('dev/accuracy_sampler', float('nan')):.4f}  "
                       f"train/accuracy {r.get('train/accuracy', float('nan')):.4f}  "
                       f"params {acc.get('trainable_params')}", flush=True)
-                return
+
+        def _step_line(self, trial, result):
             print(f"[trial {trial.trial_id}] step {int(result.get('step', 0)):5d}  "
                   f"loss {result.get('train/loss', float('nan')):.4f}  "
                   f"dev/accuracy {result.get(METRIC, float('nan')):.4f}"
@@ -217,7 +220,10 @@ def _init_ray(address: str, log_to_driver: bool = True) -> None:
     import ray
 
     if address == "local":
-        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs to
+        # free a worker group's placement group when Tune stops a trial (ASHA) by killing it:
+        # without it the resources leak and later trials wait forever for their workers.
+        ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
                  configure_logging=True, logging_level="WARNING")
     else:
         ray.init(address=address, log_to_driver=log_to_driver)
@@ -302,6 +308,7 @@ def prepare(args, default_space: str) -> dict:
         "smoke": bool(args.smoke), "tracking_uri": tracking_uri,
         "experiment": args.experiment or "lora-diffusion-sweeps", "max_failures": args.max_failures,
         "steps": steps, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sweep_id": f"{name}-{uuid.uuid4().hex[:8]}",  # MLflow runs are found by this, not the name
     }
 
 
@@ -352,7 +359,7 @@ def run(args, default_space: str) -> int:
 
         version = tracking.code_version(repo_root())
         tracker = tracking.SweepTracker(spec["tracking_uri"], spec["name"], spec["experiment"],
-                                        tags={"code_version": version, "space": Path(spec["space_path"]).stem})
+                                        sweep_id=spec.get("sweep_id"), tags={"code_version": version, "space": Path(spec["space_path"]).stem})
         mlflow_cb = tracking.MlflowSweepCallback(tracker, TrialResolver(spec["fixed"], version))
         callbacks = [mlflow_cb, progress_callback_class()()]
         trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
@@ -398,14 +405,12 @@ def _summarise(results, spec, mlflow_cb, wall: float) -> int:
         if r.metrics and METRIC in r.metrics:
             rows.append(r)
     errors = [r for r in results if r.error]
-    try:  # trials neither finished nor failed: the driver was interrupted (Ctrl-C)
-        unfinished = [t.trial_id for t in results._experiment_analysis.trials
-                      if t.status not in ("TERMINATED", "ERROR")]
-    except AttributeError:
-        unfinished = []
-    if unfinished:
-        print(f"\nsweep {spec['name']} interrupted with {len(unfinished)} unfinished trial(s): "
-              f"rerun the same command with --resume to continue it")
+    # trials neither finished nor failed, or never started: the driver was interrupted (Ctrl-C)
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished or len(results) < spec["sweep"]["num_samples"]:
+        print(f"\nsweep {spec['name']} interrupted ({results.num_terminated} of "
+              f"{spec['sweep']['num_samples']} trials finished): rerun the same command with --resume "
+              "to continue it")
         return 1
     best = None
     if rows:

@@ -5,8 +5,8 @@ every resumed trial gets a second run, the first stays RUNNING, and steps restar
 run is found again by its tags (`sweep` + `role`, plus `trial_id` for trials), so a resumed sweep
 re-attaches to the runs it already has:
 
-- the parent run (tags sweep, role=sweep) is created once and re-opened on resume;
-- a trial's run (tags sweep, trial_id, role=trial, mlflow.parentRunId) is created once; on
+- the parent run (tags sweep, sweep_id, role=sweep) is created once and re-opened on resume;
+- a trial's run (tags sweep, sweep_id, trial_id, role=trial, mlflow.parentRunId) is created once; on
   re-attach its last logged step is read back and only later steps are logged, so every metric
   is one increasing sequence of the recipe's own step counter;
 - a run is ended FINISHED / FAILED once: ending an already-ended run with the same status is a
@@ -77,9 +77,12 @@ class SweepTracker:
     """Find-or-create MLflow runs for one sweep, by tags; safe to use again after a crash."""
 
     def __init__(self, tracking_uri: str, sweep: str, experiment: str = DEFAULT_EXPERIMENT,
-                 tags: dict | None = None):
+                 tags: dict | None = None, sweep_id: str | None = None):
         self.tracking_uri = tracking_uri
         self.sweep = sweep
+        # runs are found by the sweep's id (made when the sweep is created), so a new sweep that
+        # reuses a deleted sweep's name never adopts the old sweep's runs
+        self.sweep_id = sweep_id or sweep
         self.experiment = experiment
         self.tags = dict(tags or {})
         self._client = None
@@ -119,7 +122,7 @@ class SweepTracker:
 
     # ------------------------------------------------------------------------- lookup
     def find_runs(self, **tags) -> list:
-        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {"sweep": self.sweep, **tags}.items())
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {"sweep_id": self.sweep_id, **tags}.items())
         return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1000,
                                        order_by=["attributes.start_time ASC"])
 
@@ -139,7 +142,8 @@ class SweepTracker:
                 self.client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=self.sweep,
-                                     tags={**self.tags, "sweep": self.sweep, "role": "sweep"})
+                                     tags={**self.tags, "sweep": self.sweep, "sweep_id": self.sweep_id,
+                                           "role": "sweep"})
         if params:
             self._log_params(run.info.run_id, params)
         return run.info.run_id
@@ -159,7 +163,7 @@ class SweepTracker:
                 self._last_step[run_id] = max((m.step for m in history), default=-1)
             return run_id
         parent = self.parent_run()
-        all_tags = {**self.tags, **(tags or {}), "sweep": self.sweep, "role": "trial",
+        all_tags = {**self.tags, **(tags or {}), "sweep": self.sweep, "sweep_id": self.sweep_id, "role": "trial",
                     "trial_id": trial_id, "mlflow.parentRunId": parent}
         run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id,
                                      tags={k: str(v) for k, v in all_tags.items()})
@@ -234,7 +238,7 @@ class MlflowSweepCallback(Callback):
     `resolve(trial_config) -> (flat params, tags)` turns a trial's sampled parameters into the
     resolved config (its MLflow params) and tags (method, seed). Workers report their recipe's
     own step as `step`; the first report of every (re)started Train run carries the accounting
-    (`accounting_json`), the last one the final result (`result_json`)."""
+    (`accounting_json`), the report of the last step the final result (`result_json`)."""
 
     def __init__(self, tracker: SweepTracker, resolve):
         self.tracker = tracker
@@ -266,15 +270,12 @@ class MlflowSweepCallback(Callback):
         if result.get("accounting_json"):
             self._accounting[tid] = json.loads(result["accounting_json"])
         step = int(result.get("step", 0))
-        if result.get("result_json"):
-            if tid not in self._final_logged:
-                self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
-                self._final_logged.add(tid)
-            return
         self._last_result[tid] = dict(result)
-        metrics = {k: v for k, v in result.items()
-                   if "/" in k or k in ("resumed_from_step", "worker_restarts")}
+        metrics = {k: v for k, v in result.items() if "/" in k or k == "resumed_from_step"}
         self.tracker.log_step(run_id, metrics, step)
+        if result.get("result_json") and tid not in self._final_logged:
+            self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
+            self._final_logged.add(tid)
 
     def _end(self, trial, status: str):
         run_id = self._run_for(trial)

@@ -271,6 +271,9 @@ class Recipe:
         wall0 = time.perf_counter()
         while self.step < tr.steps:
             metrics = self.train_step()
+            if log and self.step % 50 == 0 and self.step % tr.eval_every:
+                log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
+                    f"{self.train_time / self.step:.3f} s/step")
             if self.step % tr.eval_every == 0 or self.step == tr.steps:
                 metrics.update(self.evaluate(self.dev_examples, "dev", sampler=False))
                 metrics["step"] = self.step

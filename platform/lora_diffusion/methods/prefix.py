@@ -55,7 +55,7 @@ def _extend_mask(mask: torch.Tensor | None, n_prefix: int) -> torch.Tensor | Non
         pad = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
     else:
         pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad.expand(*mask.shape[:-1], n_prefix), mask], dim=-1)
+    return torch.cat([pad, mask], dim=-1)
 
 
 class PrefixLayer(nn.Module):
