@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from lora_diffusion import comparison
+from lora_diffusion.backbone import build_tiny_backbone
 from lora_diffusion.errors import UserError
 
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
                                      steps=args.steps, budget=args.budget,
                                      search_dev_examples=args.search_dev_examples, sets=sets)
     if args.smoke:
-        tiny = comparison.make_tiny_backbone(tempfile.mkdtemp(prefix="tiny-bert-"))
+        tiny = build_tiny_backbone(tempfile.mkdtemp(prefix="tiny-bert-"))
         spec.sets = {"backbone": str(tiny), "max_length": 32, "max_train_examples": 64,
                      "max_eval_examples": 24, "train_accuracy_examples": 8,
                      "train.batch_size": 8, "train.warmup_steps": 1, "train.eval_every": 1000,

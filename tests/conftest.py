@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,18 +26,9 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BertForMaskedLM with the MiniLM (bert-base-uncased) tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from lora_diffusion.backbone import build_tiny_backbone
 
-    from lora_diffusion.backbone import resolve_backbone
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertForMaskedLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture

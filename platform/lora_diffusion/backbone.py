@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +126,25 @@ def _in_hf_cache(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:
         return False
+
+
+def build_tiny_backbone(out: str | Path) -> Path:
+    """A 2-layer, 32-wide random BertForMaskedLM with the MiniLM (bert-base-uncased) tokenizer,
+    for tests and `--smoke` paths. Written atomically; an existing one is reused."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    BertForMaskedLM(cfg).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # an empty directory made by the caller
+    os.replace(tmp, out)
+    return out

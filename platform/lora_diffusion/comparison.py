@@ -196,19 +196,3 @@ def write_outputs(result: dict, output: str | Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def make_tiny_backbone(directory: str | Path) -> Path:
-    """A 2-layer, 32-wide random BertForMaskedLM with the MiniLM tokenizer (for --smoke)."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    from .backbone import resolve_backbone
-
-    out = Path(directory)
-    if (out / "config.json").is_file():
-        return out
-    tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertForMaskedLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out

@@ -56,26 +56,6 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
-def build_tiny_backbone(out: Path) -> Path:
-    """A 2-layer, 32-wide random BertForMaskedLM with the MiniLM tokenizer (as tests/conftest.py)."""
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-    from .backbone import resolve_backbone
-
-    tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    tmp = out.with_name(out.name + ".tmp")
-    BertForMaskedLM(cfg).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
-
-
 # ----------------------------------------------------------------------------- options
 
 
@@ -327,6 +307,8 @@ def run(args, default_space: str) -> int:
     if not args.resume:
         exp_dir.mkdir(parents=True, exist_ok=True)
         if spec["smoke"] and spec["base_overrides"].get("backbone", "").endswith("smoke-backbone"):
+            from .backbone import build_tiny_backbone
+
             build_tiny_backbone(Path(spec["base_overrides"]["backbone"]))
         (exp_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
 

@@ -1,0 +1,128 @@
+"""End to end: `ray up` / `ray submit` / `ray down` on the one-machine variant of cluster.yaml.
+
+An sshd on 127.0.0.1 (port 22, else a free port) accepts a key made in tmp_path for root. It runs in
+its own PID and mount namespaces (lora_diffusion.cluster.LoopbackSshd): the cluster's `ray stop`
+cannot touch other Ray instances on this machine, HOME is a tmp dir whose ~/lora-diffusion links to
+this checkout (so setup finds this .venv current and installs nothing), and /mnt/shared is
+tmp_path/shared. Killing the namespace's first process ends every process of the cluster.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_diffusion import cluster
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "lora-diffusion-e2e"  # --cluster-name: the launcher's local state never mixes with a user's cluster
+
+
+def _skip_reason() -> str | None:
+    missing = cluster.missing_tools(isolate=True)
+    if missing:
+        return (f"not installed: {', '.join(missing)} "
+                "(apt-get install -y openssh-server rsync; .ci/run does this)")
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs root on Linux (sshd for root on loopback, PID/mount namespaces)"
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--mount", "true"], capture_output=True)
+    if r.returncode != 0:
+        return f"cannot make PID/mount namespaces here: {r.stderr.decode().strip()}"
+    for src in cluster.load(REPO / "cluster.yaml")["file_mounts"].values():
+        if not (REPO / src).exists():
+            return f"file_mounts source {src} is missing (the datasets belong in ../shared/data)"
+    if not cluster.port_free(cluster.MLFLOW_PORT, _private_ip()):
+        return f"port {cluster.MLFLOW_PORT} on {_private_ip()} is in use (the head's MLflow server needs it)"
+    if not cluster.port_free(6379, "0.0.0.0"):
+        return "port 6379 is in use (the head's Ray GCS needs it)"
+    return None
+
+
+def _private_ip() -> str:
+    return subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()[0]
+
+
+def _run(cmd, log: Path, timeout: float, env) -> float:
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env,
+                           cwd=REPO, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - t0
+    if r.returncode != 0:
+        tail = log.read_text(errors="replace")[-4000:]
+        raise AssertionError(f"{' '.join(map(str, cmd[:3]))} exited {r.returncode} after {took:.0f} s:\n{tail}")
+    return took
+
+
+def test_ray_up_submit_smoke_sweep_down(tmp_path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    shared = tmp_path / "shared"
+    sshd = cluster.LoopbackSshd(tmp_path / "sshd", isolate=True, shared_dir=shared,
+                                project_link=("lora-diffusion", REPO))
+    times = {}
+    up = False
+    in_namespace = []
+    try:
+        sshd.start()
+        yaml_path = cluster.write_yaml(cluster.local_variant(REPO / "cluster.yaml", sshd.key, "root",
+                                                             ssh_port=sshd.port), tmp_path / "cluster.local.yaml")
+        up = True
+        times["ray up"] = _run(["ray", "up", "-y", "-n", NAME, yaml_path], tmp_path / "up.log", 300, env)
+        times["ray submit (smoke sweep)"] = _run(
+            ["ray", "submit", "-n", NAME, yaml_path, REPO / "jobs" / "rank_schedule_sweep.py", "--",
+             "--smoke", "--storage-path", "/mnt/shared/sweeps"], tmp_path / "submit.log", 600, env)
+
+        # the sweep's files are on the shared storage (tmp_path/shared = /mnt/shared on the cluster)
+        exp = shared / "sweeps" / "rank_schedule-smoke"
+        assert (exp / "best.json").is_file() and (exp / "sweep.json").is_file()
+        spec = json.loads((exp / "sweep.json").read_text())
+        uri = spec["tracking_uri"]  # from $MLFLOW_TRACKING_URI that setup_commands gave the head
+        assert uri == f"http://{_private_ip()}:{cluster.MLFLOW_PORT}", uri
+
+        from mlflow.tracking import MlflowClient
+
+        for client in (MlflowClient(uri), MlflowClient(f"sqlite:///{shared / 'mlflow' / 'mlflow.db'}")):
+            exp_ = client.get_experiment_by_name("lora-diffusion-sweeps")
+            runs = client.search_runs([exp_.experiment_id], max_results=100)
+            parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+            assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+            children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+            assert len(children) == spec["sweep"]["num_samples"] == 4
+            assert len({r.data.tags["trial_id"] for r in children}) == 4
+            assert all(r.info.status == "FINISHED" and "dev/accuracy" in r.data.metrics for r in children)
+    finally:
+        try:
+            if up:
+                t0 = time.monotonic()
+                try:
+                    _run(["ray", "down", "-y", "-n", NAME, str(tmp_path / "cluster.local.yaml")],
+                         tmp_path / "down.log", 120, env)
+                except (AssertionError, subprocess.TimeoutExpired):
+                    # fallback: `ray stop --force` inside the cluster's namespace only
+                    subprocess.run(sshd.ssh_command("bash -lc 'ray stop --force'"), timeout=60,
+                                   capture_output=True)
+                times["ray down"] = time.monotonic() - t0
+        finally:
+            in_namespace = sshd.namespace_pids()
+            for suffix in (".lock", ".state"):  # the launcher's record of this test cluster
+                Path(f"/tmp/ray/cluster-{NAME}{suffix}").unlink(missing_ok=True)
+            sshd.stop()  # kills the namespace: sshd, and any Ray or MLflow process left in it
+        print("\n" + "  ".join(f"{k} {v:.0f} s" for k, v in times.items()), flush=True)
+    deadline = time.monotonic() + 20  # ssh control masters (ControlPersist) close with the server
+    while True:
+        left = [p for p in in_namespace if Path(f"/proc/{p}").exists()]
+        left += subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not left, f"processes left behind: {left}"
