@@ -35,3 +35,14 @@ def test_preparation_refuses_to_overwrite(tiny_backbone_dir, real_data_dir, tmp_
     with pytest.raises(UserError, match="out:"):
         prepare_backbone(str(tmp_path / "prep"), steps=1, backbone_name=str(tiny_backbone_dir),
                          data_dir=str(real_data_dir), log=None)
+
+
+def test_long_texts_are_cut_to_fit(tiny_backbone_dir):
+    from transformers import AutoTokenizer
+
+    from lora_diffusion.prepare import _encode_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    batch = _encode_text(tok, ["word " * 200, "short text"], max_length=64)
+    assert batch.input_ids.shape == (2, 63)  # [CLS] + 61 + [SEP]
+    assert int(batch.response_mask[0].sum()) == 61

@@ -52,7 +52,8 @@ def masked_token_accuracy(backbone, texts: list[str], t_value: float, max_length
 
 
 def _encode_text(tokenizer, texts, max_length):
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 2] for t in texts]
+    # max_length - 3: [CLS], [SEP] and the one (empty-prompt) position encode() reserves
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 3] for t in texts]
     return diffusion.encode(tokenizer, [""] * len(texts), ids, max_length)
 
 
