@@ -18,34 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 60, 10
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of the session the driver was started in (ours only, by pid)."""
-    import psutil
-
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.pid != os.getpid():
-                p.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-
-
-def session_alive(sid: int) -> list[int]:
-    import psutil
-
-    alive = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return alive
 
 
 def trial_results(exp_dir: Path) -> dict[str, list[dict]]:

@@ -16,20 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY, DIE_AT = 40, 10, 20
-
-
-def _kill_session(sid: int) -> None:
-    import psutil
-
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.pid != os.getpid():
-                p.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
 
 
 @pytest.mark.slow
@@ -51,7 +41,7 @@ def test_worker_death_resumes_from_checkpoint(tiny_backbone_dir, real_data_dir, 
     try:
         rc = proc.wait(timeout=240)
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
     out = (tmp_path / "sweep.log").read_text()
     print(f"sweep with a worker failure: {time.time() - t0:.0f} s")
     assert rc == 0, out[-5000:]

@@ -1,4 +1,4 @@
-"""`lora-diffusion train | eval | prepare-backbone`.
+"""`lora-diffusion train | eval | prepare-backbone | report`.
 
 Bad input (a config field, a missing file, an unknown backbone) prints one line naming the field
 or file and exits with code 2, before anything is written.
@@ -79,6 +79,25 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from . import ablation
+
+    if args.tracking_uri:
+        uri = args.tracking_uri
+    else:
+        from .sweep import repo_root
+        from .tracking import default_tracking_uri
+
+        uri = default_tracking_uri(repo_root() / "runs")
+    axes = [a.strip() for a in args.axes.split(",") if a.strip()] if args.axes else None
+    reference = ablation.parse_reference(args.reference) or None
+    out = Path(args.out or Path("runs") / "reports" / args.sweep)
+    files = ablation.write_report(uri, args.sweep, axes, reference, out, metric=args.metric)
+    print(files["summary"].read_text())
+    print(f"{len(files)} files in {out}, logged on the parent run of sweep {args.sweep} under ablation/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_prepare)
+
+    r = sub.add_parser("report", help="aggregate a sweep's trials from MLflow: grid table, statistics, plots")
+    r.add_argument("--sweep", required=True, help="sweep name (tag sweep= of its MLflow runs)")
+    r.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    r.add_argument("--axes", help="comma-separated params, e.g. trajectory.rank,trajectory.rank_schedule "
+                                  "(default: the sweep's varying sampled params)")
+    r.add_argument("--reference", help="reference cell, key=value,... (paired differences by seed)")
+    r.add_argument("--metric", default="final/dev/accuracy")
+    r.add_argument("--out", help="output directory (default: runs/reports/SWEEP)")
+    r.set_defaults(func=cmd_report)
 
     # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.sweep
     sub.add_parser("sweep", add_help=False,
