@@ -72,7 +72,8 @@ def cmd_prepare(args) -> int:
     from .prepare import prepare_backbone
 
     result = prepare_backbone(out_dir=args.out, mode=args.mode, steps=args.steps,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              batch_size=args.batch_size,
+                              lr=args.lr or (3e-3 if args.mode == "head" else 1e-4), seed=args.seed,
                               backbone_name=args.backbone, data_dir=args.data_dir,
                               overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
@@ -122,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", choices=("head", "full"), default="full")
     b.add_argument("--steps", type=int, default=1500)
     b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--lr", type=float, default=1e-4)
+    b.add_argument("--lr", type=float, default=None,
+                   help="default 3e-3 for --mode head, 1e-4 for --mode full (measured: head at 1e-4 "
+                        "reached only 0.064 held-out masked-token accuracy in 600 steps)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--data-dir")
     b.add_argument("--overwrite", action="store_true")
