@@ -10,6 +10,10 @@ A grid file (search_spaces/grid_*.yaml) holds
       trajectory.num_phases: [1, 2, 4]
     seeds: [0, 1, 2]            # train.seed of the repeated runs of every cell
     reference: {trajectory.rank_schedule: constant}   # the cell the others are compared to
+    sweep: {max_concurrent: 2}  # optional: options of the sweep engine (workers, max_concurrent)
+
+`jobs/ablation_grid.py` runs a grid file on the sweep engine (sweep.py: one Tune trial per
+cell x seed, grid search, no early stopping) and writes this report on the sweep's parent run.
 
 `load_grid` validates it (every cell x seed must give a valid config) and raises `UserError`
 naming the file and the key. The statistics never come from memory: `load_trials` reads the
@@ -31,7 +35,8 @@ import yaml
 from . import config as config_lib
 from .errors import UserError
 
-GRID_KEYS = ("description", "fixed", "grid", "seeds", "reference")
+GRID_KEYS = ("description", "fixed", "grid", "seeds", "reference", "sweep")
+GRID_SWEEP_KEYS = ("max_concurrent", "workers")
 DEV_METRIC = "final/dev/accuracy"
 TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
@@ -49,6 +54,7 @@ class Grid:
     axes: dict[str, list] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     reference: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)
 
     def cells(self) -> list[dict]:
         """Every combination of the axes' values, in file order."""
@@ -71,7 +77,9 @@ def load_grid(path: str | Path) -> Grid:
     return parse_grid(data, str(path))
 
 
-def parse_grid(data, source: str) -> Grid:
+def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
+    """Validate a grid file's content; `base_overrides` (the sweep's --set, --smoke) apply under
+    `fixed` and may not set an axis."""
     def err(key: str, problem: str):
         raise UserError(f"{source}: {key}: {problem}")
 
@@ -109,12 +117,24 @@ def parse_grid(data, source: str) -> Grid:
             err(f"reference.{key}", f"not an axis of the grid (axes: {', '.join(axes)})")
         if value not in axes[key]:
             err(f"reference.{key}", f"{value!r} is not one of the axis values {axes[key]}")
+    sweep = data.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        err("sweep", "expected a mapping")
+    for key, value in sweep.items():
+        if key not in GRID_SWEEP_KEYS:
+            err(f"sweep.{key}", f"unknown option (valid: {', '.join(GRID_SWEEP_KEYS)})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            err(f"sweep.{key}", f"must be a positive integer, got {value!r}")
     # every key must be a config field and every cell a valid config
     for key, value in fixed.items():
         _check_config({key: value}, source, f"fixed.{key}")
+    for key, value in (base_overrides or {}).items():
+        if key in axes or key == SEED_FIELD:
+            err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
+    fixed = {**fixed, **(base_overrides or {})}
     grid = Grid(name=Path(source).stem, path=source, description=str(data.get("description", "")),
                 fixed=dict(fixed), axes={k: list(v) for k, v in axes.items()}, seeds=list(seeds),
-                reference=dict(reference))
+                reference=dict(reference), sweep=dict(sweep))
     for key, values in grid.axes.items():
         for v in values:
             _check_config({**grid.fixed, key: v}, source, f"grid.{key}")
@@ -229,6 +249,7 @@ def load_trials(tracking_uri: str, sweep: str):
         df = pd.DataFrame(columns=["trial_id", "run_id", "status", "seed", DEV_METRIC, TEST_METRIC,
                                    "trainable_params", "bytes_saved"])
     df.attrs["parent_run_id"] = parent.info.run_id
+    df.attrs["parent_tags"] = dict(parent.data.tags)
     df.attrs["sweep_id"] = sweep_id
     return df.sort_values(["start_time", "trial_id"], kind="stable").reset_index(drop=True) \
         if "start_time" in df else df
@@ -563,6 +584,12 @@ def write_report(tracking_uri: str, sweep: str, axes: list[str] | None, referenc
     parent_id = df.attrs["parent_run_id"]
     if df.empty:
         raise UserError(f"sweep: {sweep!r} has no trial runs in {tracking_uri}")
+    # a grid sweep tags its parent run with its axes and reference cell (sweep.py)
+    tags = df.attrs.get("parent_tags", {})
+    if not axes and tags.get("ablation.axes"):
+        axes = tags["ablation.axes"].split(",")
+    if reference is None and tags.get("ablation.reference"):
+        reference = json.loads(tags["ablation.reference"]) or None
     axes = list(axes) if axes else infer_axes(df)
     table = aggregate(df, axes, reference, metric)
     out = Path(out_dir)

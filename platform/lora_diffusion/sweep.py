@@ -14,6 +14,9 @@ Shape (Ray 2.60, Train V2):
   ASHA stops weak trials on dev/accuracy at rungs of the recipe's step counter.
 - `tracking.MlflowSweepCallback` logs one parent run per sweep and one child run per trial,
   re-attaching to them on resume.
+- A grid file (search_spaces/grid_*.yaml, see ablation.py) instead of a search space runs every
+  cell x seed once: Tune's grid search (BasicVariantGenerator), no early stopping; at the end
+  the ablation report (table, parquet, heatmaps, Pareto plot) is written on the parent run.
 - Everything the user can get wrong (space file, --set keys, existing sweep) raises a
   `UserError` before Ray starts.
 """
@@ -36,6 +39,7 @@ from .errors import UserError
 
 METRIC, MODE = "dev/accuracy", "max"
 SPEC_FILE = "sweep.json"
+SEED_FIELD = "train.seed"  # a grid's seeds: one trial per cell x seed
 
 # --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial
 SMOKE_OVERRIDES = {
@@ -61,8 +65,9 @@ def repo_root() -> Path:
 
 def build_parser(default_space: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"Ray Tune + Optuna + ASHA sweep (default space: {default_space})")
-    p.add_argument("--space", default=default_space,
-                   help="search space: a YAML file or a name in search_spaces/ (default: %(default)s)")
+    p.add_argument("--space", "--grid", dest="space", default=default_space,
+                   help="search space or ablation grid: a YAML file or a name in search_spaces/ "
+                        "(default: %(default)s)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random backbone built on the fly and a few steps per trial (about a minute)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's sweep.num_samples)")
@@ -138,7 +143,7 @@ class TrialResolver:
     def __call__(self, params: dict):
         config = config_lib.from_dict({}, {**self.fixed, **space_lib.overrides(params)})
         flat = config.flat()
-        flat.update({f"sampled.{k}": v for k, v in params.items()})
+        flat.update({f"sampled.{k}": v for k, v in params.items() if k != SEED_FIELD})
         tags = {"method": config.method, "seed": config.train.seed, "code_version": self.code_version,
                 "task": config.task}
         return flat, tags
@@ -245,7 +250,10 @@ def prepare(args, default_space: str) -> dict:
                             f"{exp_dir / 'tuner.pkl'}); start it without --resume")
         spec = json.loads(saved.read_text())
         # the space is validated again (the code may have changed since)
-        space_lib.parse(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
+        if spec.get("kind") == "grid":
+            _parse_grid(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
+        else:
+            space_lib.parse(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
         if args.set or args.num_samples or args.workers:
             print("note: --resume continues the saved sweep; --set, --num-samples and --workers are ignored",
                   file=sys.stderr)
@@ -267,16 +275,31 @@ def prepare(args, default_space: str) -> dict:
                         "and an MLflow tag)")
     if args.smoke and "backbone" not in config_lib.parse_sets(args.set):
         base["backbone"] = str(storage / name / "smoke-backbone")
-    space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
     exp_dir = storage / name
     if exp_dir.exists() and any(exp_dir.iterdir()):
         raise UserError(f"sweep {name!r} already exists in {exp_dir}: pass --resume to continue it, "
                         f"--name to start another, or delete that directory")
-    sweep = {**DEFAULT_SWEEP, **space.sweep, **(SMOKE_SWEEP if args.smoke else {})}
+    kind = "grid" if isinstance(raw, dict) and "grid" in raw else "optuna"
+    if kind == "grid":
+        if args.smoke:
+            raw = smoke_grid(raw)
+        # validates file, keys, every cell x seed; UserError names file and key
+        grid = _parse_grid(raw, str(path), base, sets=config_lib.parse_sets(args.set))
+        fixed, base = grid.fixed, {k: v for k, v in base.items() if k not in grid.axes}
+        sweep = {**DEFAULT_SWEEP, **grid.sweep, **(SMOKE_SWEEP if args.smoke else {})}
+        if args.num_samples is not None:
+            raise UserError("--num-samples: a grid runs every cell x seed once; edit the grid file's "
+                            "axes or seeds instead")
+        sweep["num_samples"] = len(grid.runs())
+        grid_spec = {"axes": grid.axes, "seeds": grid.seeds, "reference": grid.reference}
+    else:
+        space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
+        fixed, grid_spec = space.fixed, None
+        sweep = {**DEFAULT_SWEEP, **space.sweep, **(SMOKE_SWEEP if args.smoke else {})}
     for key in ("num_samples", "workers", "max_concurrent", "seed"):
         if getattr(args, key) is not None:
             sweep[key] = getattr(args, key)
-    fixed_cfg = config_lib.from_dict({}, space.fixed)
+    fixed_cfg = config_lib.from_dict({}, fixed)
     steps, every = fixed_cfg.train.steps, fixed_cfg.train.eval_every
     if args.smoke:  # ASHA's first rung halfway, whatever --set made of the steps
         sweep["grace_period"] = max(every, steps // 2)
@@ -284,12 +307,46 @@ def prepare(args, default_space: str) -> dict:
     tracking_uri = args.tracking_uri or _default_uri(run_dir)
     return {
         "name": name, "storage": str(storage), "exp_dir": str(exp_dir), "space_path": str(path),
-        "space_yaml": raw, "base_overrides": base, "fixed": space.fixed, "sweep": sweep,
+        "space_yaml": raw, "base_overrides": base, "fixed": fixed, "sweep": sweep, "kind": kind,
+        "grid": grid_spec,
         "smoke": bool(args.smoke), "tracking_uri": tracking_uri,
         "experiment": args.experiment or "lora-diffusion-sweeps", "max_failures": args.max_failures,
         "steps": steps, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sweep_id": f"{name}-{uuid.uuid4().hex[:8]}",  # MLflow runs are found by this, not the name
     }
+
+
+def _parse_grid(raw, source: str, base: dict, sets: dict | None = None):
+    """A grid file's content, validated with the sweep's overrides. --smoke's own overrides
+    give way to the grid's axes; a --set of an axis is an error."""
+    from . import ablation
+
+    axes = (raw or {}).get("grid") if isinstance(raw, dict) else None
+    axes = axes if isinstance(axes, dict) else {}
+    sets = sets or {}
+    base = {k: v for k, v in base.items() if k not in axes or k in sets}
+    return ablation.parse_grid(raw, source, base_overrides=base)
+
+
+def smoke_grid(raw: dict) -> dict:
+    """--smoke on a grid: two values per axis (the reference value first) and two seeds."""
+    raw = dict(raw)
+    axes, ref = raw.get("grid"), raw.get("reference") or {}
+    if isinstance(axes, dict) and isinstance(ref, dict):
+        raw["grid"] = {k: ([ref[k]] + [v for v in vals if v != ref[k]] if k in ref else list(vals))[:2]
+                       if isinstance(vals, list) else vals for k, vals in axes.items()}
+    if isinstance(raw.get("seeds"), list):
+        raw["seeds"] = raw["seeds"][:2]
+    return raw
+
+
+def grid_param_space(grid: dict) -> dict:
+    """Tune's param_space of a grid: every axis value x every seed, each run one trial."""
+    from ray import tune
+
+    space = {axis: tune.grid_search(list(values)) for axis, values in grid["axes"].items()}
+    space[SEED_FIELD] = tune.grid_search(list(grid["seeds"]))
+    return space
 
 
 def _default_uri(run_dir: Path) -> str:
@@ -353,6 +410,19 @@ def run(args, default_space: str) -> int:
             # the run config (and its callbacks) comes back from tuner.pkl: use this session's
             # callbacks, which carry this invocation's tracking URI
             tuner._local_tuner.get_run_config().callbacks = callbacks
+        elif spec.get("kind") == "grid":
+            from ray.tune.search import BasicVariantGenerator
+
+            tuner = tune.Tuner(
+                trainable, param_space=grid_param_space(spec["grid"]),
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode=MODE, num_samples=1,
+                    search_alg=BasicVariantGenerator(max_concurrent=sweep["max_concurrent"]),
+                    max_concurrent_trials=sweep["max_concurrent"]),  # FIFO: every run to the end
+                run_config=tune.RunConfig(name=spec["name"], storage_path=spec["storage"],
+                                          callbacks=callbacks, verbose=args.verbose,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
         else:
             space = space_lib.parse(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
             import optuna
@@ -375,10 +445,41 @@ def run(args, default_space: str) -> int:
         tracker.parent_run(params={"space": Path(spec["space_path"]).stem, "smoke": spec["smoke"],
                                    **{f"sweep.{k}": v for k, v in sweep.items()},
                                    **{f"fixed.{k}": v for k, v in spec["fixed"].items()}})
+        if spec.get("kind") == "grid":  # so that `lora-diffusion report --sweep NAME` rebuilds the same table
+            tracker.client.set_tag(tracker.parent_run(), "ablation.axes", ",".join(spec["grid"]["axes"]))
+            tracker.client.set_tag(tracker.parent_run(), "ablation.reference",
+                                   json.dumps(spec["grid"]["reference"]))
         results = tuner.fit()
-        return _summarise(results, spec, mlflow_cb, time.time() - t0)
+        rc = _summarise(results, spec, mlflow_cb, time.time() - t0)
+        if not _interrupted(results, spec):  # the report, failed cells included
+            _report(spec)
+        return rc
     finally:
         ray.shutdown()
+
+
+def _report(spec: dict) -> None:
+    """The ablation report on the parent run (grid: its axes and reference; Optuna: the sampled
+    params, plus Optuna's plots). A failure here does not undo the sweep: say how to redo it."""
+    from . import ablation
+
+    grid = spec.get("grid") or {}
+    out = repo_root() / "runs" / "reports" / spec["name"]
+    try:
+        files = ablation.write_report(spec["tracking_uri"], spec["name"], grid.get("axes") and list(grid["axes"]),
+                                      grid.get("reference") or None, out)
+    except Exception as exc:  # noqa: BLE001 - reporting must not turn a finished sweep into a failed one
+        print(f"warning: the ablation report failed ({type(exc).__name__}: {exc}); rebuild it with "
+              f"`lora-diffusion report --sweep {spec['name']}`", file=sys.stderr)
+        return
+    print(f"\nablation report ({len(files)} files in {out}, logged on the parent run under ablation/):\n")
+    print(files["summary"].read_text())
+
+
+def _interrupted(results, spec) -> bool:
+    """Trials neither finished nor failed, or never started: the driver was interrupted (Ctrl-C)."""
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    return bool(unfinished) or len(results) < spec["sweep"]["num_samples"]
 
 
 def _summarise(results, spec, mlflow_cb, wall: float) -> int:
@@ -387,9 +488,7 @@ def _summarise(results, spec, mlflow_cb, wall: float) -> int:
         if r.metrics and METRIC in r.metrics:
             rows.append(r)
     errors = [r for r in results if r.error]
-    # trials neither finished nor failed, or never started: the driver was interrupted (Ctrl-C)
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished or len(results) < spec["sweep"]["num_samples"]:
+    if _interrupted(results, spec):
         print(f"\nsweep {spec['name']} interrupted ({results.num_terminated} of "
               f"{spec['sweep']['num_samples']} trials finished): rerun the same command with --resume "
               "to continue it")
