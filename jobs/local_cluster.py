@@ -7,15 +7,16 @@ The variant is cluster.yaml with only the provider (local, head 127.0.0.1, no wo
 for root on loopback) and node types replaced (lora_diffusion.cluster.local_variant). Then:
 
     ray up -y runs/cluster.local.yaml
-    ray submit runs/cluster.local.yaml jobs/rank_schedule_sweep.py -- --smoke --storage-path /mnt/shared/sweeps
+    ray submit runs/cluster.local.yaml jobs/rank_schedule_sweep.py -- --smoke
     ray down -y runs/cluster.local.yaml
 
 --sshd (root, Linux) runs sshd on 127.0.0.1 in its own PID and mount namespaces: the cluster's
 `ray stop` and processes stay inside it, its HOME is runs/local-cluster/home (where
-~/lora-diffusion links to this checkout, so setup reuses this .venv), /mnt/shared is
-runs/local-cluster/shared. Without --sshd, USER's ~/lora-diffusion is where the cluster puts the
-project (a copy with its own venv, unless you link it to this checkout yourself:
-`ln -s "$PWD" ~/lora-diffusion`), and /mnt/shared must be writable.
+~/lora-diffusion links to this checkout, so setup reuses this .venv), and an S3 server on
+loopback (moto, in memory: gone with Ctrl-C) stands in for the bucket cluster.yaml names; the
+node's .bashrc points AWS_ENDPOINT_URL at it. Without --sshd, USER's ~/lora-diffusion is where the
+cluster puts the project (a copy with its own venv, unless you link it to this checkout yourself:
+`ln -s "$PWD" ~/lora-diffusion`), and USER's AWS credentials must reach the bucket.
 """
 
 import argparse
@@ -38,21 +39,25 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=22, help="sshd port on 127.0.0.1 (default: %(default)s)")
     p.add_argument("--sshd", action="store_true", help="run an isolated sshd on 127.0.0.1 until Ctrl-C")
     p.add_argument("--workdir", default=str(REPO / "runs" / "local-cluster"),
-                   help="--sshd: its keys, HOME and shared storage (default: %(default)s)")
+                   help="--sshd: its keys and HOME (default: %(default)s)")
     args = p.parse_args(argv)
 
-    sshd = None
+    sshd = s3 = None
     if args.sshd:
         missing = cluster.missing_tools(isolate=True)
         if missing:
             print(f"error: not installed: {', '.join(missing)} (apt-get install openssh-server rsync)",
                   file=sys.stderr)
             return 2
+        s3 = cluster.LoopbackS3(cluster.bucket_of(args.cluster_yaml), log=Path(args.workdir) / "s3.log")
         sshd = cluster.LoopbackSshd(args.workdir, port=args.port, user=args.user, isolate=True,
-                                    project_link=("lora-diffusion", REPO))
+                                    env=s3.env, project_link=("lora-diffusion", REPO))
         try:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            s3.start()
             sshd.start()
         except RuntimeError as exc:
+            s3.stop()
             print(f"error: {exc}", file=sys.stderr)
             return 2
         key = sshd.key
@@ -64,8 +69,9 @@ def main(argv=None) -> int:
     if sshd is None:
         print(f"the key must be in {args.user}'s authorized_keys: cat {key}.pub >> ~{args.user}/.ssh/authorized_keys")
         return 0
-    print(f"sshd on 127.0.0.1:{sshd.port}, HOME {sshd.home}, /mnt/shared = {sshd.shared_dir}; "
-          "Ctrl-C stops it and every process of the cluster", flush=True)
+    print(f"sshd on 127.0.0.1:{sshd.port}, HOME {sshd.home}; S3 on {s3.endpoint} (bucket {s3.bucket}; "
+          f"export {' '.join(f'{k}={v}' for k, v in s3.env.items())} to look into it); "
+          "Ctrl-C stops them and every process of the cluster", flush=True)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     try:
         sshd.proc.wait()
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
         pass
     finally:
         sshd.stop()
+        s3.stop()
     return 0
 
 

@@ -59,25 +59,50 @@ def test_matching_leaves_the_backbone_untouched(backbone):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_comparison_runs_matched_methods_and_writes_the_table(tiny_backbone_dir, real_data_dir, tmp_path):
-    from lora_diffusion import comparison
+def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, real_data_dir):
+    """The baseline comparison's two grids: budget-matched cells, one search run per rate, the
+    best rate per (task, method) (ties: the smaller), and a valid stage-2 grid file."""
+    import pandas as pd
+
+    from lora_diffusion import ablation, comparison
 
     spec = comparison.ComparisonSpec(
-        methods=["lora", "bitfit"], tasks=["sst2"], seeds=[0, 1], steps=1, budget=2500,
-        search_steps=1, search_dev_examples=8,
-        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2]},
-        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(real_data_dir), "max_length": 32,
-              "max_train_examples": 32, "max_eval_examples": 16, "train_accuracy_examples": 8,
-              "train.batch_size": 4, "train.warmup_steps": 1, "diffusion.eval_t_points": 1})
-    result = comparison.run_comparison(spec, log=None)
-    assert len(result["runs"]) == 4
-    lora, bitfit = result["summary"]
-    assert lora["method"] == "lora" and lora["budget_matched"] and lora["seeds"] == 2
-    assert abs(lora["trainable_params"] - 2500) <= 250
-    assert not bitfit["budget_matched"] and bitfit["knob"] is None  # fixed size, said so
-    assert len(result["lr_search"][0]["trials"]) == 2 and result["lr_search"][1]["trials"] == []
-    # seed 0 draws the searched dev rows too (nested seeded subsets): they are left out
-    assert all(r["dev_unseen/examples"] == 8 for r in result["runs"] if r["seed"] == 0)
-    json_path, md_path = comparison.write_outputs(result, tmp_path)
-    table = md_path.read_text()
-    assert "| sst2 | lora | lora.rank=5 |" in table and "fixed size" in table
+        methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
+        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2], "trajectory": [3e-3, 6e-3]},
+        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(real_data_dir),
+              "trajectory.injection_layers": [0]})
+    cells = comparison.sized_cells(spec)
+    lora, bitfit, traj = cells
+    assert lora == {"task": "sst2", "method": "lora", "lora.rank": 5} and bitfit == {"task": "sst2", "method": "bitfit"}
+    assert "trajectory.rank" in traj
+
+    search = comparison.lr_search_grid(spec, cells)
+    assert [(c["method"], c["train.lr"]) for c in search["cells"]] == [
+        ("lora", 1e-3), ("lora", 3e-3), ("trajectory", 3e-3), ("trajectory", 6e-3)]  # bitfit: one rate
+    assert search["seeds"] == [0] and search["fixed"]["train.steps"] == 2
+    grid = ablation.parse_grid(search, "lr_search.yaml")
+    assert len(grid.runs()) == 4 and list(grid.axes) == ["task", "method", "train.lr"]
+
+    trials = pd.DataFrame([
+        {"task": "sst2", "method": "lora", "train.lr": 1e-3, "status": "FINISHED", ablation.DEV_METRIC: 0.70},
+        {"task": "sst2", "method": "lora", "train.lr": 3e-3, "status": "FINISHED", ablation.DEV_METRIC: 0.75},
+        {"task": "sst2", "method": "trajectory", "train.lr": 3e-3, "status": "FINISHED", ablation.DEV_METRIC: 0.80},
+        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FINISHED", ablation.DEV_METRIC: 0.80},
+        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FAILED", ablation.DEV_METRIC: 0.99}])
+    lrs = comparison.choose_lrs(spec, cells, trials)
+    assert lrs == {("sst2", "lora"): 3e-3, ("sst2", "bitfit"): 1e-2, ("sst2", "trajectory"): 3e-3}
+
+    final = ablation.parse_grid(comparison.final_grid(spec, cells, lrs), "final.yaml")
+    assert list(final.axes) == ["task", "method"] and final.reference == {"method": "trajectory"}
+    assert [r["train.lr"] for r in final.runs()] == [3e-3, 3e-3, 1e-2, 1e-2, 3e-3, 3e-3]
+    assert final.runs()[0]["lora.rank"] == 5 and final.runs()[0]["train.seed"] == 0
+
+
+def test_cells_grid_rejects_indistinguishable_cells():
+    from lora_diffusion import ablation
+
+    with pytest.raises(UserError, match="two cells share"):
+        ablation.parse_grid({"cells": [{"method": "lora", "train.lr": 1e-3}, {"method": "lora", "train.lr": 3e-3}],
+                             "axes": ["method"]}, "g.yaml")
+    with pytest.raises(UserError, match="either `grid`"):
+        ablation.parse_grid({"cells": [{"method": "lora"}], "grid": {"method": ["lora"]}}, "g.yaml")

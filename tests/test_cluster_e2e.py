@@ -3,8 +3,10 @@
 An sshd on 127.0.0.1 (port 22, else a free port) accepts a key made in tmp_path for root. It runs in
 its own PID and mount namespaces (lora_diffusion.cluster.LoopbackSshd): the cluster's `ray stop`
 cannot touch other Ray instances on this machine, HOME is a tmp dir whose ~/lora-diffusion links to
-this checkout (so setup finds this .venv current and installs nothing), and /mnt/shared is
-tmp_path/shared. Killing the namespace's first process ends every process of the cluster.
+this checkout (so setup finds this .venv current and installs nothing). The object store is an S3
+server on loopback (moto) holding the bucket cluster.yaml names; the node's .bashrc points AWS_* at
+it, as an instance profile would. Killing the namespace's first process ends every process of
+the cluster.
 """
 
 import json
@@ -66,13 +68,15 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path):
         pytest.skip(reason)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
-    shared = tmp_path / "shared"
-    sshd = cluster.LoopbackSshd(tmp_path / "sshd", isolate=True, shared_dir=shared,
+    bucket = cluster.bucket_of(REPO / "cluster.yaml")
+    s3 = cluster.LoopbackS3(bucket, log=tmp_path / "s3.log")
+    sshd = cluster.LoopbackSshd(tmp_path / "sshd", isolate=True, env=s3.env,
                                 project_link=("lora-diffusion", REPO))
     times = {}
     up = False
     in_namespace = []
     try:
+        s3.start()
         sshd.start()
         yaml_path = cluster.write_yaml(cluster.local_variant(REPO / "cluster.yaml", sshd.key, "root",
                                                              ssh_port=sshd.port), tmp_path / "cluster.local.yaml")
@@ -80,18 +84,25 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path):
         times["ray up"] = _run(["ray", "up", "-y", "-n", NAME, yaml_path], tmp_path / "up.log", 300, env)
         times["ray submit (smoke sweep)"] = _run(
             ["ray", "submit", "-n", NAME, yaml_path, REPO / "jobs" / "rank_schedule_sweep.py", "--",
-             "--smoke", "--storage-path", "/mnt/shared/sweeps"], tmp_path / "submit.log", 600, env)
+             "--smoke"], tmp_path / "submit.log", 600, env)
 
-        # the sweep's files are on the shared storage (tmp_path/shared = /mnt/shared on the cluster)
-        exp = shared / "sweeps" / "rank_schedule-smoke"
-        assert (exp / "best.json").is_file() and (exp / "sweep.json").is_file()
-        spec = json.loads((exp / "sweep.json").read_text())
+        # the sweep lives in the bucket ($LORA_DIFFUSION_STORAGE that setup_commands gave the head)
+        objects = {o["Key"] for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                   for o in page.get("Contents", [])}
+        exp = "sweeps/rank_schedule-smoke"
+        for name in ("sweep.json", "best.json", "tuner.pkl"):
+            assert f"{exp}/{name}" in objects, sorted(objects)[:50]
+        assert any(k.startswith(f"{exp}/train/") and "checkpoint" in k for k in objects), "no Train checkpoint"
+        spec = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{exp}/sweep.json")["Body"].read())
+        assert spec["storage"] == f"s3://{bucket}/sweeps", spec["storage"]
         uri = spec["tracking_uri"]  # from $MLFLOW_TRACKING_URI that setup_commands gave the head
         assert uri == f"http://{_private_ip()}:{cluster.MLFLOW_PORT}", uri
+        # MLflow: runs on the head's disk, artifacts (the sweep's ablation report) in the bucket
+        assert any(k.startswith("mlflow-artifacts/") and k.endswith("summary.md") for k in objects)
 
         from mlflow.tracking import MlflowClient
 
-        for client in (MlflowClient(uri), MlflowClient(f"sqlite:///{shared / 'mlflow' / 'mlflow.db'}")):
+        for client in (MlflowClient(uri), MlflowClient(f"sqlite:///{sshd.home / 'mlflow' / 'mlflow.db'}")):
             exp_ = client.get_experiment_by_name("lora-diffusion-sweeps")
             runs = client.search_runs([exp_.experiment_id], max_results=100)
             parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
@@ -117,6 +128,7 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path):
             for suffix in (".lock", ".state"):  # the launcher's record of this test cluster
                 Path(f"/tmp/ray/cluster-{NAME}{suffix}").unlink(missing_ok=True)
             sshd.stop()  # kills the namespace: sshd, and any Ray or MLflow process left in it
+            s3.stop()
         print("\n" + "  ".join(f"{k} {v:.0f} s" for k, v in times.items()), flush=True)
     deadline = time.monotonic() + 20  # ssh control masters (ControlPersist) close with the server
     while True:

@@ -133,9 +133,24 @@ def test_every_field_a_user_edits_has_a_comment():
         assert hits, field
         for i in hits:
             assert "#" in lines[i] or lines[i - 1].lstrip().startswith("#"), f"no comment on: {lines[i]}"
-    assert "fs-0123456789abcdef0" in CLUSTER_YAML.read_text()  # the EFS id: a marked placeholder
-    i = next(i for i, l in enumerate(lines) if "fs-0123456789abcdef0" in l)
-    assert "EDIT" in lines[i - 1]
+    # the placeholders a user replaces: the bucket (setup_commands) and the workers' instance profile
+    for placeholder in ("LORA_DIFFUSION_BUCKET=s3://", "instance-profile/"):
+        i = next(i for i, l in enumerate(lines) if placeholder in l)
+        assert any("EDIT" in l for l in lines[max(0, i - 4):i + 1]), placeholder
+
+
+def test_sweeps_live_in_the_object_store_named_in_the_file():
+    """Ray storage on an object-store URI, the same bucket for MLflow's artifacts, and the MLflow
+    server bound to the head's private address (not 0.0.0.0)."""
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    setup = "\n".join(config["setup_commands"])
+    bucket = cluster.bucket_of(CLUSTER_YAML)
+    assert "LORA_DIFFUSION_STORAGE=$LORA_DIFFUSION_BUCKET/sweeps" in setup
+    assert "/mnt/" not in CLUSTER_YAML.read_text()  # no shared file system is needed
+    start = "\n".join(config["head_start_ray_commands"])
+    assert '--artifacts-destination "$LORA_DIFFUSION_BUCKET/mlflow-artifacts"' in start
+    assert '--host "$IP"' in start and "0.0.0.0" not in start
+    assert bucket and "/" not in bucket
 
 
 def test_check_install_names_what_is_missing_or_different(tmp_path):

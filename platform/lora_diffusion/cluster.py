@@ -11,8 +11,10 @@
   machine and for tests/test_cluster_e2e.py. With `isolate=True` it runs in its own PID and mount
   namespaces (Linux, root): processes started over SSH (Ray, MLflow) see only each other, so the
   `ray stop` of `ray up`/`ray down` stops only this cluster's Ray, and stopping the sshd ends all of
-  them; HOME, /tmp/ray and /mnt/shared are private directories, so nothing of the cluster lands
-  in the real home directory.
+  them; HOME and /tmp/ray are private directories, so nothing of the cluster lands in the real
+  home directory. `env` goes into that HOME's .bashrc: what an instance profile gives a cloud node.
+- `LoopbackS3`: an S3 API on 127.0.0.1 (moto's server, in memory) holding the bucket that
+  cluster.yaml names, and the AWS_* environment that points a node at it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -31,7 +34,6 @@ from pathlib import Path
 import yaml
 
 PROJECT_DIR = "~/lora-diffusion"  # where cluster.yaml puts the project on every node
-SHARED_DIR = "/mnt/shared"  # where cluster.yaml mounts the shared storage on every node
 MLFLOW_PORT = 5000  # the MLflow server on the head's private address
 AWS_ONLY_KEYS = ("available_node_types", "head_node_type")  # the local provider makes its own
 
@@ -165,17 +167,17 @@ class LoopbackSshd:
 
     isolate=True (root only): own PID and mount namespaces; HOME of `user` is `workdir`/home, with
     `project_link` -> the checkout when given (the cluster then uses this checkout and its
-    .venv instead of copying the project and building a venv), /tmp/ray is `workdir`/ray-tmp and
-    /mnt/shared is `shared_dir`. stop() kills the namespace's first process: everything in it
-    (Ray, MLflow, SSH sessions) ends with it."""
+    .venv instead of copying the project and building a venv), `env` exported from its .bashrc,
+    and /tmp/ray is `workdir`/ray-tmp. stop() kills the namespace's first process: everything in
+    it (Ray, MLflow, SSH sessions) ends with it."""
 
     def __init__(self, workdir: str | Path, *, port: int | None = None, user: str = "root",
-                 isolate: bool = False, shared_dir: str | Path | None = None,
+                 isolate: bool = False, env: dict[str, str] | None = None,
                  project_link: tuple[str, str | Path] | None = None):
         self.workdir = Path(workdir).resolve()
         self.port = port if port is not None else (22 if port_free(22) else free_port())
         self.user, self.isolate = user, isolate
-        self.shared_dir = Path(shared_dir).resolve() if shared_dir else self.workdir / "shared"
+        self.env = dict(env or {})
         self.project_link = project_link
         self.key = self.workdir / "id_ed25519"
         self.home = self.workdir / "home"
@@ -207,9 +209,13 @@ class LoopbackSshd:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
         cmd = [sshd, "-D", "-e", "-f", str(config)]
         if self.isolate:
-            for d in (self.home, self.workdir / "ray-tmp", self.shared_dir):
+            for d in (self.home, self.workdir / "ray-tmp"):
                 d.mkdir(parents=True, exist_ok=True)
-            (self.home / ".bashrc").touch()
+            bashrc = self.home / ".bashrc"
+            kept = [l for l in (bashrc.read_text().splitlines() if bashrc.exists() else [])
+                    if not l.startswith("export ") or l.split("=", 1)[0][7:] not in self.env]
+            bashrc.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items())
+                              + "".join(l + "\n" for l in kept))
             if self.project_link:
                 name, target = self.project_link
                 link = self.home / name
@@ -229,8 +235,6 @@ class LoopbackSshd:
             script = " && ".join([
                 "mkdir -p /tmp/ray", f"mount --bind {self.workdir / 'ray-tmp'} /tmp/ray",
                 f"mount --bind {passwd} /etc/passwd",
-                f"mount -t tmpfs tmpfs {Path(SHARED_DIR).parent}", f"mkdir -p {SHARED_DIR}",
-                f"mount --bind {self.shared_dir} {SHARED_DIR}",
                 "exec " + " ".join(cmd)])
             cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private",
                    "bash", "-c", script]
@@ -299,6 +303,70 @@ class LoopbackSshd:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def bucket_of(cluster_yaml: str | Path) -> str:
+    """The S3 bucket cluster.yaml's setup commands export as LORA_DIFFUSION_BUCKET."""
+    text = "\n".join(load(cluster_yaml).get("setup_commands") or [])
+    m = re.search(r"LORA_DIFFUSION_BUCKET=s3://([A-Za-z0-9.\-_]+)", text)
+    if not m:
+        raise ValueError(f"{cluster_yaml}: setup_commands export no LORA_DIFFUSION_BUCKET=s3://...")
+    return m.group(1)
+
+
+class LoopbackS3:
+    """moto's S3 server on 127.0.0.1 (state in memory) with `bucket` created: the object store of
+    a one-machine cluster. `env` is what a node needs to use it (endpoint and dummy keys)."""
+
+    def __init__(self, bucket: str, port: int | None = None, log: str | Path | None = None):
+        self.bucket, self.port = bucket, port or free_port()
+        self.log = Path(log) if log else None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "loopback",
+                "AWS_SECRET_ACCESS_KEY": "loopback", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="loopback",
+                            aws_secret_access_key="loopback", region_name="us-east-1")
+
+    def start(self, timeout: float = 30) -> "LoopbackS3":
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      str(self.port)], stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto's S3 server exited with {self.proc.returncode}")
+            try:
+                self.client().create_bucket(Bucket=self.bucket)
+                return self
+            except Exception:  # not listening yet
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"moto's S3 server on 127.0.0.1:{self.port} did not answer in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
         self.proc = None
 
     def __enter__(self):

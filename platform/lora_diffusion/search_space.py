@@ -285,10 +285,21 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
     return space
 
 
+CELL = "cell"  # a grid trial's listed cell (sweep.grid_param_space): a mapping of config keys
+
+
+def flatten(params: dict) -> dict:
+    """A trial's config with a listed grid cell spread out: {"cell": {a: 1}, "train.seed": 0} ->
+    {a: 1, "train.seed": 0}; other trial configs pass through."""
+    if not isinstance(params.get(CELL), dict):
+        return dict(params)
+    return {**params[CELL], **{k: v for k, v in params.items() if k != CELL}}
+
+
 def overrides(params: dict) -> dict:
     """Sampled parameters (Optuna names) -> config overrides: switches dropped, labels stripped."""
     out = {}
-    for key, value in params.items():
+    for key, value in flatten(params).items():
         if key.startswith(SWITCH):
             continue
         out[key.split("@", 1)[0]] = value

@@ -36,10 +36,12 @@ from pathlib import Path
 from . import config as config_lib
 from . import search_space as space_lib
 from .errors import UserError
+from .storage import SweepStorage
 
 METRIC, MODE = "dev/accuracy", "max"
 SPEC_FILE = "sweep.json"
-SEED_FIELD = "train.seed"  # a grid's seeds: one trial per cell x seed
+SEED_FIELD = "train.seed"
+TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)  # a grid's seeds: one trial per cell x seed
 
 # --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial
 SMOKE_OVERRIDES = {
@@ -71,7 +73,8 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="tiny random backbone built on the fly and a few steps per trial (about a minute)")
     p.add_argument("--num-samples", type=int, help="trials (default: the space's sweep.num_samples)")
-    p.add_argument("--storage-path", help="where sweeps live (default: <repo>/runs/sweeps)")
+    p.add_argument("--storage-path", help="where sweeps live: a directory or an object-store URI such as "
+                   "s3://bucket/sweeps (default: $LORA_DIFFUSION_STORAGE, else <repo>/runs/sweeps)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: lora-diffusion-sweeps)")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name where it stopped")
@@ -141,6 +144,7 @@ class TrialResolver:
         self.fixed, self.code_version = fixed, code_version
 
     def __call__(self, params: dict):
+        params = space_lib.flatten(params)
         config = config_lib.from_dict({}, {**self.fixed, **space_lib.overrides(params)})
         flat = config.flat()
         flat.update({f"sampled.{k}": v for k, v in params.items() if k != SEED_FIELD})
@@ -152,7 +156,7 @@ class TrialResolver:
 def _short(params: dict) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
-    return " ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in params.items())
+    return " ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in space_lib.flatten(params).items())
 
 
 def progress_callback_class():
@@ -236,19 +240,18 @@ def _resources(args, spec_sweep: dict) -> dict:
 def prepare(args, default_space: str) -> dict:
     """Everything checked before Ray starts: the spec of a new sweep, or the saved one to resume."""
     run_dir = repo_root() / "runs"
-    storage = Path(args.storage_path or run_dir / "sweeps").expanduser().resolve()
+    storage = SweepStorage(storage_location(args.storage_path))
     for name in ("num_samples", "workers", "max_concurrent"):
         _positive(name.replace("_", "-"), getattr(args, name))
 
     if args.resume:
         name = args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem
                              + ("-smoke" if args.smoke else ""))
-        exp_dir = storage / name
-        saved = exp_dir / SPEC_FILE
-        if not saved.is_file() or not (exp_dir / "tuner.pkl").is_file():
-            raise UserError(f"--resume: no sweep named {name!r} in {storage} (expected {saved} and "
-                            f"{exp_dir / 'tuner.pkl'}); start it without --resume")
-        spec = json.loads(saved.read_text())
+        if not storage.exists(f"{name}/{SPEC_FILE}") or not storage.exists(f"{name}/tuner.pkl"):
+            raise UserError(f"--resume: no sweep named {name!r} in {storage.join()} (expected "
+                            f"{storage.join(name, SPEC_FILE)} and {storage.join(name, 'tuner.pkl')}); "
+                            "start it without --resume")
+        spec = json.loads(storage.read_text(f"{name}/{SPEC_FILE}"))
         # the space is validated again (the code may have changed since)
         if spec.get("kind") == "grid":
             _parse_grid(spec["space_yaml"], spec["space_path"], spec["base_overrides"])
@@ -274,12 +277,11 @@ def prepare(args, default_space: str) -> dict:
         raise UserError(f"--name: {name!r} must be letters, digits, '_', '.', '-' (it names a directory "
                         "and an MLflow tag)")
     if args.smoke and "backbone" not in config_lib.parse_sets(args.set):
-        base["backbone"] = str(storage / name / "smoke-backbone")
-    exp_dir = storage / name
-    if exp_dir.exists() and any(exp_dir.iterdir()):
-        raise UserError(f"sweep {name!r} already exists in {exp_dir}: pass --resume to continue it, "
-                        f"--name to start another, or delete that directory")
-    kind = "grid" if isinstance(raw, dict) and "grid" in raw else "optuna"
+        base["backbone"] = TINY_BACKBONE  # built on each node on first use: no shared path needed
+    if storage.is_nonempty_dir(name):
+        raise UserError(f"sweep {name!r} already exists in {storage.join(name)}: pass --resume to "
+                        f"continue it, --name to start another, or delete it")
+    kind = "grid" if isinstance(raw, dict) and ("grid" in raw or "cells" in raw) else "optuna"
     if kind == "grid":
         if args.smoke:
             raw = smoke_grid(raw)
@@ -291,7 +293,8 @@ def prepare(args, default_space: str) -> dict:
             raise UserError("--num-samples: a grid runs every cell x seed once; edit the grid file's "
                             "axes or seeds instead")
         sweep["num_samples"] = len(grid.runs())
-        grid_spec = {"axes": grid.axes, "seeds": grid.seeds, "reference": grid.reference}
+        grid_spec = {"axes": grid.axes, "seeds": grid.seeds, "reference": grid.reference,
+                     "cells": grid.explicit_cells}
     else:
         space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
         fixed, grid_spec = space.fixed, None
@@ -306,7 +309,7 @@ def prepare(args, default_space: str) -> dict:
     sweep["grace_period"] = min(sweep["grace_period"], steps)
     tracking_uri = args.tracking_uri or _default_uri(run_dir)
     return {
-        "name": name, "storage": str(storage), "exp_dir": str(exp_dir), "space_path": str(path),
+        "name": name, "storage": storage.join(), "exp_dir": storage.join(name), "space_path": str(path),
         "space_yaml": raw, "base_overrides": base, "fixed": fixed, "sweep": sweep, "kind": kind,
         "grid": grid_spec,
         "smoke": bool(args.smoke), "tracking_uri": tracking_uri,
@@ -321,8 +324,10 @@ def _parse_grid(raw, source: str, base: dict, sets: dict | None = None):
     give way to the grid's axes; a --set of an axis is an error."""
     from . import ablation
 
-    axes = (raw or {}).get("grid") if isinstance(raw, dict) else None
-    axes = axes if isinstance(axes, dict) else {}
+    axes = {}
+    if isinstance(raw, dict):
+        axes = raw.get("grid") if isinstance(raw.get("grid"), dict) else \
+            {k: None for k in (raw.get("axes") or []) if isinstance(k, str)}
     sets = sets or {}
     base = {k: v for k, v in base.items() if k not in axes or k in sets}
     return ablation.parse_grid(raw, source, base_overrides=base)
@@ -341,12 +346,26 @@ def smoke_grid(raw: dict) -> dict:
 
 
 def grid_param_space(grid: dict) -> dict:
-    """Tune's param_space of a grid: every axis value x every seed, each run one trial."""
+    """Tune's param_space of a grid: every axis value (or listed cell, as `cell`) x every seed,
+    each run one trial."""
     from ray import tune
 
-    space = {axis: tune.grid_search(list(values)) for axis, values in grid["axes"].items()}
+    if grid.get("cells"):
+        space = {space_lib.CELL: tune.grid_search([dict(c) for c in grid["cells"]])}
+    else:
+        space = {axis: tune.grid_search(list(values)) for axis, values in grid["axes"].items()}
     space[SEED_FIELD] = tune.grid_search(list(grid["seeds"]))
     return space
+
+
+def storage_location(arg: str | None) -> str:
+    """--storage-path, else $LORA_DIFFUSION_STORAGE, else <repo>/runs/sweeps."""
+    return arg or os.environ.get("LORA_DIFFUSION_STORAGE") or str(repo_root() / "runs" / "sweeps")
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the sqlite store in <repo>/runs."""
+    return _default_uri(repo_root() / "runs")
 
 
 def _default_uri(run_dir: Path) -> str:
@@ -360,14 +379,10 @@ def run(args, default_space: str) -> int:
     from .tracking import prepare_uri
 
     prepare_uri(spec["tracking_uri"])
-    exp_dir = Path(spec["exp_dir"])
+    storage, exp_dir = SweepStorage(spec["storage"]), spec["exp_dir"]
     if not args.resume:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        if spec["smoke"] and spec["base_overrides"].get("backbone", "").endswith("smoke-backbone"):
-            from .backbone import build_tiny_backbone
-
-            build_tiny_backbone(Path(spec["base_overrides"]["backbone"]))
-        (exp_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        storage.check_writable()
+        storage.write_text(f"{spec['name']}/{SPEC_FILE}", json.dumps(spec, indent=2, default=str))
 
     import ray
     from ray import tune
@@ -387,7 +402,7 @@ def run(args, default_space: str) -> int:
     try:
         spec["resources"] = _resources(args, sweep)
         spec["workers"] = sweep["workers"]
-        spec["train_storage"] = str(exp_dir / "train")
+        spec["train_storage"] = storage.join(spec["name"], "train")
         spec["test_kill_worker"] = os.environ.get("LORA_DIFFUSION_TEST_KILL_WORKER")
         res = spec["resources"]
         print(f"sweep {spec['name']}: {sweep['num_samples']} trials x {sweep['workers']} worker(s), "
@@ -405,7 +420,7 @@ def run(args, default_space: str) -> int:
                                         {"CPU": res["trial_cpus"]})
 
         if args.resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
             # the run config (and its callbacks) comes back from tuner.pkl: use this session's
             # callbacks, which carry this invocation's tracking URI
@@ -417,8 +432,8 @@ def run(args, default_space: str) -> int:
                 trainable, param_space=grid_param_space(spec["grid"]),
                 tune_config=tune.TuneConfig(
                     metric=METRIC, mode=MODE, num_samples=1,
-                    search_alg=BasicVariantGenerator(max_concurrent=sweep["max_concurrent"]),
-                    max_concurrent_trials=sweep["max_concurrent"]),  # FIFO: every run to the end
+                    # FIFO (no scheduler): every run to the end; the generator limits concurrency
+                    search_alg=BasicVariantGenerator(max_concurrent=sweep["max_concurrent"])),
                 run_config=tune.RunConfig(name=spec["name"], storage_path=spec["storage"],
                                           callbacks=callbacks, verbose=args.verbose,
                                           failure_config=tune.FailureConfig(max_failures=0)),
@@ -506,8 +521,8 @@ def _summarise(results, spec, mlflow_cb, wall: float) -> int:
         print(f"best trial {best['trial_id']}: dev/accuracy {best['dev/accuracy']:.4f} at step {best['step']}")
         for k, v in best["params"].items():
             print(f"  {k} = {v}")
-    (Path(spec["exp_dir"]) / "best.json").write_text(json.dumps({**(best or {}), "wall_s": wall}, indent=2,
-                                                                default=str))
+    SweepStorage(spec["storage"]).write_text(f"{spec['name']}/best.json",
+                                             json.dumps({**(best or {}), "wall_s": wall}, indent=2, default=str))
     return 0 if not errors else 1
 
 

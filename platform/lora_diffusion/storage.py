@@ -1,0 +1,92 @@
+"""Where sweeps live: a local directory or an object-store URI, through `pyarrow.fs`.
+
+Ray Tune and Train take the same strings as `storage_path` (they use pyarrow.fs themselves), so
+a sweep on `s3://bucket/sweeps` keeps its Tune state, its trials' Train checkpoints and our own
+`sweep.json` / `best.json` in the bucket: a new head node resumes it with `--resume`.
+
+    storage = SweepStorage("s3://my-bucket/sweeps")          # or "runs/sweeps", "gs://...", "file:///..."
+    storage.join("my-sweep", "train")  -> "s3://my-bucket/sweeps/my-sweep/train"  (for Ray)
+    storage.write_text("my-sweep/sweep.json", text); storage.read_text(...); storage.exists(...)
+
+Credentials and endpoints come from the environment, as pyarrow reads them (AWS_PROFILE, an
+instance role, AWS_ENDPOINT_URL for S3-compatible stores such as MinIO); a URI may also carry
+pyarrow's query options, e.g. `s3://bucket/sweeps?endpoint_override=host:9000&scheme=http`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import UserError
+
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(location: str) -> bool:
+    return bool(_SCHEME.match(str(location)))
+
+
+class SweepStorage:
+    def __init__(self, location: str | os.PathLike):
+        import pyarrow.fs as pafs
+
+        location = str(location)
+        if is_uri(location) and not location.startswith("file://"):
+            base, _, self.query = location.partition("?")
+            self.uri = base.rstrip("/")
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(location)
+            except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+                raise UserError(f"--storage-path: cannot open {location!r}: {exc}".splitlines()[0]) from None
+            self.root = self.root.rstrip("/")
+            self.is_local = False
+        else:
+            path = Path(location[len("file://"):] if location.startswith("file://") else location)
+            self.uri = str(path.expanduser().resolve())
+            self.query, self.fs, self.root = "", pafs.LocalFileSystem(), self.uri
+            self.is_local = True
+
+    def __repr__(self) -> str:
+        return f"SweepStorage({self.join()!r})"
+
+    def join(self, *parts: str) -> str:
+        """The location of `parts` below the root, as Ray's storage_path takes it."""
+        base = "/".join([self.uri, *[p.strip("/") for p in parts if p]])
+        return f"{base}?{self.query}" if self.query else base
+
+    def _path(self, rel: str) -> str:
+        return "/".join([self.root, rel.strip("/")]) if rel else self.root
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound
+
+    def is_nonempty_dir(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        if not self.exists(rel):
+            return False
+        return bool(self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True)))
+
+    def read_text(self, rel: str) -> str:
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        path = self._path(rel)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(text.encode())
+
+    def check_writable(self) -> None:
+        """Fail now, with the location in the message, rather than after Ray has started."""
+        probe = ".lora-diffusion-write-test"
+        try:
+            self.write_text(probe, "ok")
+            self.fs.delete_file(self._path(probe))
+        except OSError as exc:
+            raise UserError(f"--storage-path: cannot write to {self.join()}: {exc}".splitlines()[0]) from None

@@ -1,0 +1,86 @@
+"""Sweep storage on a directory or an object store (S3 API on loopback: moto's server).
+
+The cluster keeps its sweeps in a bucket (cluster.yaml); these check what the sweep engine does
+with such a location before Ray starts: our own files go to and come back from the bucket, an
+existing sweep there is refused without --resume, a missing one with --resume names the URI, and
+an unwritable location fails before anything starts. (Ray itself writing there is exercised by
+tests/test_cluster_e2e.py, which runs a smoke sweep on the bucket.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_diffusion import cluster, sweep
+from lora_diffusion.errors import UserError
+from lora_diffusion.storage import SweepStorage, is_uri
+
+BUCKET = "storage-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = cluster.LoopbackS3(BUCKET, log=tmp_path_factory.mktemp("s3") / "s3.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    return s3
+
+
+def test_local_storage_join_read_write(tmp_path):
+    st = SweepStorage(tmp_path / "sweeps")
+    assert st.is_local and not is_uri(str(tmp_path))
+    assert st.join("a", "train") == str(tmp_path / "sweeps" / "a" / "train")
+    assert not st.exists("a/sweep.json") and not st.is_nonempty_dir("a")
+    st.write_text("a/sweep.json", '{"x": 1}')
+    assert st.read_text("a/sweep.json") == '{"x": 1}' and st.is_nonempty_dir("a")
+    assert SweepStorage(f"file://{tmp_path}/sweeps").join("a") == st.join("a")
+
+
+def test_s3_storage_roundtrip_and_uri_options(s3_env):
+    st = SweepStorage(f"s3://{BUCKET}/sweeps")
+    assert not st.is_local
+    assert st.join("exp", "train") == f"s3://{BUCKET}/sweeps/exp/train"
+    st.write_text("exp/sweep.json", "{}")
+    assert st.exists("exp/sweep.json") and st.is_nonempty_dir("exp") and not st.is_nonempty_dir("other")
+    key = s3_env.client().get_object(Bucket=BUCKET, Key="sweeps/exp/sweep.json")
+    assert key["Body"].read() == b"{}"
+    # pyarrow's query options stay on every location handed to Ray
+    with_opts = SweepStorage(f"s3://{BUCKET}/sweeps?endpoint_override=127.0.0.1:{s3_env.port}&scheme=http")
+    assert with_opts.join("exp") == f"s3://{BUCKET}/sweeps/exp?endpoint_override=127.0.0.1:{s3_env.port}&scheme=http"
+    assert with_opts.read_text("exp/sweep.json") == "{}"
+
+
+def test_unwritable_bucket_fails_before_ray_naming_it(s3_env):
+    st = SweepStorage("s3://no-such-bucket-here/sweeps")
+    with pytest.raises(UserError, match="no-such-bucket-here"):
+        st.check_writable()
+
+
+def _args(*argv):
+    return sweep.build_parser("rank_schedule").parse_args(list(argv))
+
+
+def test_existing_sweep_in_bucket_is_refused_and_missing_resume_names_uri(s3_env, tmp_path):
+    uri = f"s3://{BUCKET}/engine"
+    SweepStorage(uri).write_text("taken/sweep.json", json.dumps({}))
+    with pytest.raises(UserError, match=f"already exists in s3://{BUCKET}/engine/taken"):
+        sweep.prepare(_args("--smoke", "--name", "taken", "--storage-path", uri,
+                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
+    with pytest.raises(UserError, match=f"no sweep named 'absent' in s3://{BUCKET}/engine"):
+        sweep.prepare(_args("--smoke", "--name", "absent", "--resume", "--storage-path", uri), "rank_schedule")
+
+
+def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DIFFUSION_STORAGE", str(tmp_path / "from-env"))
+    spec = sweep.prepare(_args("--smoke", "--name", "s1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
+                         "rank_schedule")
+    assert spec["storage"] == str(tmp_path / "from-env") and spec["exp_dir"] == str(tmp_path / "from-env" / "s1")
+    assert spec["base_overrides"]["backbone"] == sweep.TINY_BACKBONE  # no path under the storage
