@@ -28,14 +28,14 @@ def trial_results(exp_dir: Path) -> dict[str, list[dict]]:
     """trial id -> its Tune results (result.json lines, across restarts)."""
     out = {}
     for f in glob.glob(str(exp_dir / "run_trial_*" / "result.json")):
-        tid = Path(f).parent.name.split("_")[2]
         rows = []
         for line in Path(f).read_text().splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 pass  # a line being written
-        out[tid] = rows
+        if rows:  # Optuna's trial ids are "86590df9", grid search's "3c563_00001": read, don't parse
+            out[rows[0]["trial_id"]] = rows
     return out
 
 

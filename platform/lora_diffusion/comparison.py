@@ -45,8 +45,8 @@ REFERENCE_METHOD = "trajectory"
 
 # Every run: what the default sweep measured to carry signal on 2 CPU cores (see rank_schedule.yaml)
 BASE_SETS = {"backbone": "minilm", "max_length": 48, "max_train_examples": 20000,
-             "train_accuracy_examples": 256, "train.batch_size": 32, "train.eval_every": 100,
-             "train.warmup_steps": 20, "diffusion.eval_t_points": 2}
+             "train_accuracy_examples": 256, "train.batch_size": 32, "train.warmup_steps": 20,
+             "diffusion.eval_t_points": 2}
 
 
 @dataclass
@@ -91,8 +91,10 @@ def lr_search_grid(spec: ComparisonSpec, cells: list[dict]) -> dict | None:
                 for lr in spec.lr_grids[c["method"]]]
     if not searched:
         return None
+    steps = spec.search_steps or max(1, spec.steps // 2)
+    # one evaluation, at the end: there is no early stopping in a grid to feed
     return {"description": "baseline comparison, stage 1: learning rate per task x method",
-            "fixed": {**spec.sets, "train.steps": spec.search_steps or max(1, spec.steps // 2),
+            "fixed": {**spec.sets, "train.steps": steps, "train.eval_every": steps,
                       "max_eval_examples": spec.search_dev_examples},
             "cells": searched, "axes": ["task", "method", "train.lr"], "seeds": spec.seeds[:1]}
 
@@ -121,7 +123,7 @@ def choose_lrs(spec: ComparisonSpec, cells: list[dict], trials) -> dict[tuple[st
 def final_grid(spec: ComparisonSpec, cells: list[dict], lrs: dict) -> dict:
     """Stage 2's grid file content: every cell at its chosen rate x every seed."""
     grid = {"description": "baseline comparison: methods at a matched budget, own learning rate",
-            "fixed": {**spec.sets, "train.steps": spec.steps},
+            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.steps},
             "cells": [{**c, "train.lr": lrs[(c["task"], c["method"])]} for c in cells],
             "axes": ["task", "method"], "seeds": list(spec.seeds)}
     if REFERENCE_METHOD in spec.methods:
