@@ -27,4 +27,4 @@ train: setup
 	$(BIN)/lora-diffusion train --output-dir runs/train --overwrite $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=8 $(ARGS)

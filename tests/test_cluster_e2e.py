@@ -41,8 +41,11 @@ def _skip_reason() -> str | None:
             return f"file_mounts source {src} is missing (the datasets belong in ../shared/data)"
     if not cluster.port_free(cluster.MLFLOW_PORT, _private_ip()):
         return f"port {cluster.MLFLOW_PORT} on {_private_ip()} is in use (the head's MLflow server needs it)"
-    if not cluster.port_free(6379, "0.0.0.0"):
-        return "port 6379 is in use (the head's Ray GCS needs it)"
+    # another Ray on this machine (a local sweep) holds Ray's fixed default ports: the head's
+    # raylet then times out at `ray up` (seen here), which says nothing about cluster.yaml
+    for port, what in ((6379, "Ray GCS"), (8265, "Ray dashboard"), (52365, "Ray dashboard agent")):
+        if not cluster.port_free(port, "0.0.0.0"):
+            return f"port {port} is in use (the head's {what} needs it): is another Ray running here?"
     return None
 
 
