@@ -114,6 +114,18 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path):
             assert len(children) == spec["sweep"]["num_samples"] == 4
             assert len({r.data.tags["trial_id"] for r in children}) == 4
             assert all(r.info.status == "FINISHED" and "dev/accuracy" in r.data.metrics for r in children)
+
+        # a new head finds the sweep in the bucket: down, up, resume; nothing rerun or duplicated
+        t0 = time.monotonic()
+        _run(["ray", "down", "-y", "-n", NAME, yaml_path], tmp_path / "down1.log", 120, env)
+        _run(["ray", "up", "-y", "-n", NAME, yaml_path], tmp_path / "up2.log", 300, env)
+        _run(["ray", "submit", "-n", NAME, yaml_path, REPO / "jobs" / "rank_schedule_sweep.py", "--",
+              "--smoke", "--resume"], tmp_path / "resume.log", 300, env)
+        times["down, up, resume"] = time.monotonic() - t0
+        assert "4 trials (0 failed)" in (tmp_path / "resume.log").read_text(errors="replace")
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("lora-diffusion-sweeps").experiment_id])
+        assert len([r for r in runs if r.data.tags.get("role") == "trial"]) == 4
     finally:
         try:
             if up:

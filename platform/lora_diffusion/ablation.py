@@ -559,7 +559,7 @@ def plot_pareto(table, axes: list[str], out_dir: Path) -> Path:
     ax.set_title("accuracy vs trainable parameters")
     fig.tight_layout()
     path = out_dir / "pareto.png"
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")  # point labels may run past the axes
     plt.close(fig)
     return path
 
