@@ -43,6 +43,7 @@ import yaml
 
 from . import config as config_lib
 from .errors import UserError
+from .search_space import check_sweep_options
 
 GRID_KEYS = ("description", "fixed", "grid", "cells", "axes", "seeds", "reference", "sweep")
 GRID_SWEEP_KEYS = ("max_concurrent", "workers")
@@ -138,14 +139,7 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
             err(f"reference.{key}", f"not an axis of the grid (axes: {', '.join(axes)})")
         if value not in axes[key]:
             err(f"reference.{key}", f"{value!r} is not one of the axis values {axes[key]}")
-    sweep = data.get("sweep") or {}
-    if not isinstance(sweep, dict):
-        err("sweep", "expected a mapping")
-    for key, value in sweep.items():
-        if key not in GRID_SWEEP_KEYS:
-            err(f"sweep.{key}", f"unknown option (valid: {', '.join(GRID_SWEEP_KEYS)})")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            err(f"sweep.{key}", f"must be a positive integer, got {value!r}")
+    sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
     # every key must be a config field and every cell a valid config
     for key, value in fixed.items():
         _check_config({key: value}, source, f"fixed.{key}")

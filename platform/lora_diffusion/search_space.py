@@ -183,14 +183,7 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
     raw_params = data.get("params")
     if not isinstance(raw_params, dict) or not raw_params:
         fail("params", "must be a non-empty mapping of config keys to parameter specs")
-    sweep = data.get("sweep") or {}
-    if not isinstance(sweep, dict):
-        fail("sweep", "must be a mapping")
-    for key, value in sweep.items():
-        if key not in SWEEP_KEYS:
-            fail(f"sweep.{key}", f"unknown option (valid: {', '.join(SWEEP_KEYS)})")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail(f"sweep.{key}", f"must be a positive integer, got {value!r}")
+    sweep = check_sweep_options(data.get("sweep"), SWEEP_KEYS, fail)
 
     _check_config(fixed, source, "fixed")  # the fixed part alone must be a valid config
     if base_overrides:
@@ -294,6 +287,19 @@ def flatten(params: dict) -> dict:
     if not isinstance(params.get(CELL), dict):
         return dict(params)
     return {**params[CELL], **{k: v for k, v in params.items() if k != CELL}}
+
+
+def check_sweep_options(sweep, valid, fail) -> dict:
+    """A file's `sweep:` section (options of the engine): a mapping of known keys to positive ints."""
+    sweep = sweep or {}
+    if not isinstance(sweep, dict):
+        fail("sweep", "must be a mapping")
+    for key, value in sweep.items():
+        if key not in valid:
+            fail(f"sweep.{key}", f"unknown option (valid: {', '.join(valid)})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"sweep.{key}", f"must be a positive integer, got {value!r}")
+    return sweep
 
 
 def overrides(params: dict) -> dict:
