@@ -84,3 +84,12 @@ def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path):
                          "rank_schedule")
     assert spec["storage"] == str(tmp_path / "from-env") and spec["exp_dir"] == str(tmp_path / "from-env" / "s1")
     assert spec["base_overrides"]["backbone"] == sweep.TINY_BACKBONE  # no path under the storage
+
+
+def test_unreachable_store_is_one_error_naming_it_before_anything_is_written(tmp_path):
+    """No S3 server on port 1: the existence check fails as a UserError with the location."""
+    uri = "s3://b/sweeps?endpoint_override=127.0.0.1:1&scheme=http"
+    with pytest.raises(UserError, match="cannot reach s3://b/sweeps/s2"):
+        sweep.prepare(_args("--smoke", "--name", "s2", "--storage-path", uri,
+                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
+    assert not (tmp_path / "m.db").exists()

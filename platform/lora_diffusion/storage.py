@@ -59,10 +59,17 @@ class SweepStorage:
     def _path(self, rel: str) -> str:
         return "/".join([self.root, rel.strip("/")]) if rel else self.root
 
+    def _info(self, rel: str):
+        """pyarrow's file info; an unreachable or forbidden store is one UserError naming it."""
+        try:
+            return self.fs.get_file_info(self._path(rel))
+        except OSError as exc:
+            raise UserError(f"--storage-path: cannot reach {self.join(rel)}: {exc}".splitlines()[0]) from None
+
     def exists(self, rel: str) -> bool:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound
+        return self._info(rel).type != pafs.FileType.NotFound
 
     def is_nonempty_dir(self, rel: str) -> bool:
         import pyarrow.fs as pafs
