@@ -37,6 +37,8 @@ def parse(argv=None):
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
     p.add_argument("--methods", nargs="+", default=comparison.ALL_METHODS, choices=comparison.ALL_METHODS)
     p.add_argument("--search-dev-examples", type=int, default=200)
+    p.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="replace a method's learning-rate grid (repeatable); one rate skips its search")
     p.add_argument("--workdir", default="runs/baseline_comparison",
                    help="where the generated grid files are written (default: %(default)s)")
     return p.parse_known_args(argv)
@@ -49,6 +51,11 @@ def main(argv=None) -> int:
                                      search_steps=args.search_steps,
                                      search_dev_examples=args.search_dev_examples)
     name = args.name
+    try:
+        spec.lr_grids.update(comparison.parse_lr_grids(args.lrs))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.smoke:
         # the engine's --smoke shrinks data and steps; here: two methods, one task, a small budget
         engine_args = ["--smoke", *engine_args]

@@ -106,3 +106,13 @@ def test_cells_grid_rejects_indistinguishable_cells():
                              "axes": ["method"]}, "g.yaml")
     with pytest.raises(UserError, match="either `grid`"):
         ablation.parse_grid({"cells": [{"method": "lora"}], "grid": {"method": ["lora"]}}, "g.yaml")
+
+
+def test_lr_grid_override_parses_and_names_the_bad_item():
+    from lora_diffusion import comparison
+
+    assert comparison.parse_lr_grids(["lora=3e-3,1e-3", "full=5e-5"]) == {"lora": [1e-3, 3e-3], "full": [5e-5]}
+    for bad, named in [("lorax=1e-3", "unknown method 'lorax'"), ("lora=fast", "expected METHOD=LR"),
+                       ("lora=", "expected METHOD=LR"), ("lora=0", "must be > 0")]:
+        with pytest.raises(UserError, match=named):
+            comparison.parse_lr_grids([bad])

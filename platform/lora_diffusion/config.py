@@ -63,7 +63,7 @@ class PrefixConfig:
     """Prefix tuning: learned key/value vectors prepended to every self-attention layer."""
 
     length: int = 16  # prefix vectors per layer (the size knob)
-    init: str = "tokens"  # tokens: key/value projections of random vocabulary embeddings | random
+    init: str = "tokens"  # tokens: keys/values of random words read by the backbone | random
     init_std: float = 0.02  # std of the "random" init
 
 
