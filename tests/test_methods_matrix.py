@@ -24,7 +24,7 @@ MATRIX = {
     "lora": (lambda n: ".lora_A." in n or ".lora_B." in n, True, False),
     # prefix tuning changes the output at init by construction: a prefix key always receives
     # softmax weight, and no zero-init removes it (see methods/prefix.py)
-    "prefix": (lambda n: n.startswith("prefixes."), False, False),
+    "prefix": (lambda n: n.startswith("prefix"), False, False),
     "adapter": (lambda n: n.startswith("adapters."), True, False),
     "bitfit": (lambda n: n.startswith("model.") and n.endswith(".bias"), True, False),
     "tlora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, True),
@@ -32,6 +32,7 @@ MATRIX = {
 }
 VARIANTS = {  # extra configurations that take the same checks
     "lora_mlp": ("lora", {"lora.targets": "attention_mlp"}),
+    "prefix_projection": ("prefix", {"prefix.projection": 8}),
     "adapter_houlsby": ("adapter", {"adapter.placement": "houlsby"}),
     "trajectory_adapter_shared": ("trajectory_adapter", {"trajectory.sharing": "shared",
                                                          "trajectory.rank_schedule": "linear"}),
@@ -196,6 +197,7 @@ def test_lora_injection_goes_through_backbone_logits(tiny_backbone_dir):
     ({"adapter.bottleneck": 0}, "adapter.bottleneck"),
     ({"adapter.placement": "middle"}, "adapter.placement"),
     ({"prefix.length": 0}, "prefix.length"),
+    ({"prefix.projection": -1}, "prefix.projection"),
     ({"tlora.rank": 2, "tlora.min_rank": 3}, "tlora.min_rank"),
     ({"tlora.targets": "mlp"}, "tlora.targets"),
 ])

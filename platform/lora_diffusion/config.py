@@ -65,6 +65,7 @@ class PrefixConfig:
     length: int = 16  # prefix vectors per layer (the size knob)
     init: str = "tokens"  # tokens: keys/values of random words read by the backbone | random
     init_std: float = 0.02  # std of the "random" init
+    projection: int = 0  # > 0: Li & Liang's reparameterisation MLP of this width (init ignored)
 
 
 @dataclass
@@ -334,6 +335,7 @@ def validate(config: Config) -> None:
     _check(pc.length >= 1, "prefix.length", f"must be >= 1, got {pc.length}")
     _one_of(pc.init, ("tokens", "random"), "prefix.init")
     _check(pc.init_std > 0, "prefix.init_std", "must be > 0")
+    _check(pc.projection >= 0, "prefix.projection", f"must be >= 0 (0 = no MLP), got {pc.projection}")
     _check(ac.bottleneck >= 1, "adapter.bottleneck", f"must be >= 1, got {ac.bottleneck}")
     _one_of(ac.placement, ("pfeiffer", "houlsby"), "adapter.placement")
     _one_of(ac.activation, ("relu", "gelu", "tanh"), "adapter.activation")

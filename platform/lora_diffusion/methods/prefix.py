@@ -9,8 +9,11 @@ cache: a forward pre-hook on each `BertSelfAttention` passes a one-layer "cache"
 returns [P_k; K] and [P_v; V], and extends the attention mask by n_prefix always-visible columns.
 Queries, positions and the output length are unchanged.
 
-Parameters per layer: P_k, P_v [n_prefix, all_head_size]. Li & Liang's reparameterisation MLP is
-a training aid that is dropped after training; it is not used, so what trains is what is saved.
+Parameters per layer: P_k, P_v [n_prefix, all_head_size]. With `prefix.projection: H > 0` they are
+instead Li & Liang's reparameterisation (PEFT's `prefix_projection`): every layer's P_k, P_v come
+from one MLP, seeds [n_prefix, hidden] -> Linear(hidden, H) -> tanh -> Linear(H, layers x 2 x
+all_head_size), recomputed before each forward. The seeds and the MLP are what trains, and they are
+what is saved and counted (not the prefix they compute): the file holds what trained.
 Init "tokens" (Li & Liang's advice to initialise from real words): P_k, P_v are the keys and
 values each layer computes while the backbone reads n_prefix seeded random words.
 
@@ -94,19 +97,19 @@ def _word_activations(backbone: Backbone, attns: list[nn.Module], n: int, gen: t
     return torch.stack(keys), torch.stack(values)  # [layers, n, all_head_size] each
 
 
+def _per_head(key: torch.Tensor, value: torch.Tensor, heads: int, batch: int):
+    """[P, all_head_size] x2 -> [batch, heads, P, head_dim] x2 (views, no copy)."""
+    P, D = key.shape
+    shape = (1, P, heads, D // heads)
+    return (key.reshape(shape).transpose(1, 2).expand(batch, -1, -1, -1),
+            value.reshape(shape).transpose(1, 2).expand(batch, -1, -1, -1))
+
+
 class PrefixLayer(nn.Module):
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, heads: int):
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
         super().__init__()
-        self.heads = heads
         self.key = nn.Parameter(key)  # [P, all_head_size]
         self.value = nn.Parameter(value)
-
-    def expanded(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        P, D = self.key.shape
-        shape = (1, P, self.heads, D // self.heads)
-        k = self.key.view(shape).transpose(1, 2).expand(batch, -1, -1, -1)
-        v = self.value.view(shape).transpose(1, 2).expand(batch, -1, -1, -1)
-        return k, v
 
 
 class PrefixMethod(Method):
@@ -127,16 +130,34 @@ class PrefixMethod(Method):
                 raise UserError("method: prefix tuning needs BERT-style self-attention "
                                 "(layer.attention.self with key/value projections)")
             attns.append(attn)
-        if pc.init == "tokens":
-            keys, values = _word_activations(backbone, attns, pc.length, gen)
+        self.heads, self.n_layers = attns[0].num_attention_heads, len(attns)
+        width = attns[0].key.out_features
+        if pc.projection:  # Li & Liang's reparameterisation: the MLP trains and is saved
+            with torch.random.fork_rng():
+                torch.manual_seed(config.train.seed)
+                self.prefix_seeds = nn.Parameter(torch.randn(pc.length, backbone.hidden_size))
+                self.prefix_mlp = nn.Sequential(
+                    nn.Linear(backbone.hidden_size, pc.projection), nn.Tanh(),
+                    nn.Linear(pc.projection, len(attns) * 2 * width))
+            self._table = None  # [layers, 2, P, width], recomputed before every forward
+            self._hooks = [backbone.encoder.register_forward_pre_hook(self._project)]
         else:
-            shape = (len(attns), pc.length, attns[0].key.out_features)
-            keys = torch.randn(shape, generator=gen) * pc.init_std
-            values = torch.randn(shape, generator=gen) * pc.init_std
-        self.prefixes = nn.ModuleList(PrefixLayer(k.clone(), v.clone(), attn.num_attention_heads)
-                                      for k, v, attn in zip(keys, values, attns))
-        self._hooks = [attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                       for i, attn in enumerate(attns)]
+            if pc.init == "tokens":
+                keys, values = _word_activations(backbone, attns, pc.length, gen)
+            else:
+                shape = (len(attns), pc.length, width)
+                keys = torch.randn(shape, generator=gen) * pc.init_std
+                values = torch.randn(shape, generator=gen) * pc.init_std
+            self.prefixes = nn.ModuleList(PrefixLayer(k.clone(), v.clone()) for k, v in zip(keys, values))
+            self._hooks = []
+        self._hooks += [attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, attn in enumerate(attns)]
+
+    def _project(self, _module, _args):
+        """Before every backbone forward: all layers' prefixes from the MLP, in one graph."""
+        P, layers = self.n_prefix, self.n_layers
+        out = self.prefix_mlp(self.prefix_seeds)  # [P, layers * 2 * width]
+        self._table = out.view(P, layers, 2, -1).permute(1, 2, 0, 3)  # [layers, 2, P, width]
 
     def _hook(self, i: int):
         def hook(_module, args, kwargs):
@@ -145,7 +166,11 @@ class PrefixMethod(Method):
             if kwargs.get("encoder_hidden_states") is not None:
                 return args, kwargs  # cross-attention: no prefix
             hidden = args[0] if args else kwargs["hidden_states"]
-            k, v = self.prefixes[i].expanded(hidden.shape[0])
+            if self.config.prefix.projection:
+                key, value = self._table[i]
+            else:
+                key, value = self.prefixes[i].key, self.prefixes[i].value
+            k, v = _per_head(key, value, self.heads, hidden.shape[0])
             kwargs = dict(kwargs)
             kwargs["cache"] = _PrefixCache(k, v)
             if len(args) > 1:  # attention_mask given positionally
