@@ -28,6 +28,26 @@ def test_batches_depend_only_on_seed_and_step(tiny_config):
     assert [e.id for e in a.train_batch(7)] != [e.id for e in c.train_batch(7)]
 
 
+def test_group_by_length_keeps_the_epoch_and_cuts_padding(tiny_config):
+    """Grouped batches: the same examples once per epoch, far less padding than random batches,
+    and still a function of (seed, step) only."""
+    sets = {"max_train_examples": 2000, "train.batch_size": 8}
+    plain, grouped = Recipe(tiny_config(**sets)), Recipe(tiny_config(**sets, **{"train.group_by_length": True}))
+    steps = len(plain.train_examples) // 8
+
+    def epoch(recipe):
+        batches = [recipe.train_batch(s) for s in range(steps)]
+        masks = [recipe.encode(b).attention_mask for b in batches]
+        fill = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        return sorted(e.id for b in batches for e in b), fill
+
+    (ids_plain, fill_plain), (ids_grouped, fill_grouped) = epoch(plain), epoch(grouped)
+    assert ids_grouped == ids_plain == sorted(e.id for e in plain.train_examples)
+    assert fill_grouped > 0.9 > fill_plain + 0.2
+    again = Recipe(tiny_config(**sets, **{"train.group_by_length": True}))
+    assert [e.id for e in again.train_batch(5)] == [e.id for e in grouped.train_batch(5)]
+
+
 def test_workers_split_the_global_batch(tiny_config):
     full = Recipe(tiny_config()).train_batch(3)
     w0 = Recipe(tiny_config(), rank=0, world_size=2).train_batch(3)

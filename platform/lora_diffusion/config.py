@@ -114,6 +114,7 @@ class TrainConfig:
     eval_every: int = 200
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    group_by_length: bool = False  # batches of similar length (less padding); see Recipe._grouped
 
 
 @dataclass

@@ -28,6 +28,8 @@ from .errors import UserError
 from .config import Config
 from .methods import Context, build_method
 
+LENGTH_GROUP = 50  # batches per length-sorted mega-batch (HF Trainer's group_by_length uses 50)
+
 Report = Callable[[dict, "Recipe"], None]
 
 
@@ -125,9 +127,31 @@ class Recipe:
     def _perm(self, epoch: int) -> torch.Tensor:
         cache = getattr(self, "_perm_cache", None)
         if cache is None or cache[0] != epoch:
-            perm = torch.randperm(len(self.train_examples), generator=seeded(self.config.train.seed, epoch))
+            gen = seeded(self.config.train.seed, epoch)
+            perm = torch.randperm(len(self.train_examples), generator=gen)
+            if self.config.train.group_by_length:
+                perm = self._grouped(perm, gen)
             self._perm_cache = (epoch, perm)
         return self._perm_cache[1]
+
+    def _grouped(self, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """HF's `group_by_length`: cut the shuffled epoch into mega-batches of LENGTH_GROUP
+        batches, sort each by prompt length, and shuffle the order of its batches. Batches are
+        padded to their longest row, so this removes most padding (SST-2: a random batch of 32
+        phrases is mostly padding) while every example is still seen once per epoch. Batches
+        start at multiples of batch_size from step 0; when the epoch length is not a multiple,
+        later epochs' batches straddle two sorted chunks (still correct, less uniform)."""
+        if not hasattr(self, "_lengths"):
+            prompts = [e.prompt for e in self.train_examples]
+            self._lengths = torch.tensor([len(ids) for ids in self.tokenizer(
+                prompts, add_special_tokens=False)["input_ids"]])
+        B = self.config.train.batch_size
+        out = []
+        for mega in perm.split(B * LENGTH_GROUP):
+            mega = mega[torch.argsort(self._lengths[mega], descending=True, stable=True)]
+            batches = list(mega.split(B))
+            out += [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return torch.cat(out)
 
     # ------------------------------------------------------------------------- model
     def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None):
