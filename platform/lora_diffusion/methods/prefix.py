@@ -80,7 +80,7 @@ def _word_activations(backbone: Backbone, attns: list[nn.Module], n: int, gen: t
     backbone reads n random words. At init the model then sees n extra words of context in every
     layer, a small change; projecting raw embeddings with deep layers' weights instead gives keys
     far outside those layers' distribution, and the prefix swamps the attention (measured: MLM loss
-    8.7 at init on SST-2 with MiniLM, and no learning in 300 steps)."""
+    8.7 over the first 50 steps on SST-2 with MiniLM, against 3.4 now)."""
     ids = _word_token_ids(backbone.tokenizer, n, gen)[None]
     keys, values, hooks = [], [], []
     for attn in attns:
@@ -98,7 +98,7 @@ def _word_activations(backbone: Backbone, attns: list[nn.Module], n: int, gen: t
 
 
 def _per_head(key: torch.Tensor, value: torch.Tensor, heads: int, batch: int):
-    """[P, all_head_size] x2 -> [batch, heads, P, head_dim] x2 (views, no copy)."""
+    """[P, all_head_size] x2 -> [batch, heads, P, head_dim] x2 (expanded, not copied, over batch)."""
     P, D = key.shape
     shape = (1, P, heads, D // heads)
     return (key.reshape(shape).transpose(1, 2).expand(batch, -1, -1, -1),
