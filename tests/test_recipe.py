@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from lora_diffusion import checkpoint
 from lora_diffusion.accounting import account
+from lora_diffusion.errors import UserError
 from lora_diffusion.train import Recipe
 
 
@@ -84,20 +86,35 @@ def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, real_data_
     assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
 
 
-def test_resume_from_state_continues_identically(tiny_config):
-    config = tiny_config(**{"train.steps": 6, "train.eval_every": 3})
+# prefix through its MLP saves the prefix, not the MLP: resume must carry the MLP itself
+@pytest.mark.parametrize("sets", [{}, {"method": "prefix", "prefix.projection": 8}], ids=["trajectory", "prefix_mlp"])
+def test_resume_from_state_continues_identically(tiny_config, tmp_path, sets):
+    from lora_diffusion.ray_worker import load_state, save_state
+
+    config = tiny_config(**{"train.steps": 6, "train.eval_every": 3, **sets})
     straight = Recipe(config)
     straight.run(log=None)
 
     first = Recipe(config)
     for _ in range(3):
         first.train_step()
-    state = first.state_dict()
+    save_state(tmp_path / "ckpt", first)  # through the files a Ray Train checkpoint holds
     resumed = Recipe(config)
-    resumed.load_state_dict(state)
+    load_state(tmp_path / "ckpt", resumed)
     resumed.run(log=None)
     for name, tensor in straight.method.state_to_save().items():
         assert torch.equal(tensor, resumed.method.state_to_save()[name]), name
+
+
+def test_saved_prefix_evaluates_but_does_not_train_without_its_mlp(tiny_config, tmp_path):
+    config = tiny_config(**{"method": "prefix", "prefix.projection": 8})
+    recipe = Recipe(config)
+    recipe.train_step()
+    checkpoint.save(tmp_path, recipe.method, config, recipe.fingerprint, recipe.backbone.source)
+    loaded = Recipe.from_checkpoint(tmp_path)
+    assert loaded.evaluate(loaded.dev_examples, "dev") == recipe.evaluate(recipe.dev_examples, "dev")
+    with pytest.raises(UserError, match="method_train.safetensors"):
+        loaded.train_step()
 
 
 def test_heldout_file_shares_no_row_or_sentence_with_training(real_data_dir, tmp_path):

@@ -66,6 +66,9 @@ class PrefixConfig:
     init: str = "tokens"  # tokens: keys/values of random words read by the backbone | random
     init_std: float = 0.02  # std of the "random" init
     projection: int = 0  # > 0: Li & Liang's reparameterisation MLP of this width (init ignored)
+    # With a projection, what is saved and counted: "prefix" = the key/values the MLP computes
+    # (Li & Liang drop the MLP after training; PEFT saves the prefix), "mlp" = the seeds and MLP
+    save: str = "prefix"
 
 
 @dataclass
@@ -337,6 +340,7 @@ def validate(config: Config) -> None:
     _one_of(pc.init, ("tokens", "random"), "prefix.init")
     _check(pc.init_std > 0, "prefix.init_std", "must be > 0")
     _check(pc.projection >= 0, "prefix.projection", f"must be >= 0 (0 = no MLP), got {pc.projection}")
+    _one_of(pc.save, ("prefix", "mlp"), "prefix.save")
     _check(ac.bottleneck >= 1, "adapter.bottleneck", f"must be >= 1, got {ac.bottleneck}")
     _one_of(ac.placement, ("pfeiffer", "houlsby"), "adapter.placement")
     _one_of(ac.activation, ("relu", "gelu", "tanh"), "adapter.activation")

@@ -10,6 +10,8 @@ A checkpoint directory holds only the method and its optimizer:
     method.safetensors, config.json, backbone.json   as `lora_diffusion.checkpoint.save` writes them
                                                      (so `lora-diffusion eval --checkpoint` reads it)
     optimizer.pt                                     AdamW state (torch.save; loaded weights_only)
+    method_train.safetensors                         trained tensors the saved method leaves out
+                                                     (`Method.training_state`; only if any)
     trainer_state.json                               step, train time, tokens seen
     metrics.json                                     the metrics reported with it (replayed on resume)
 
@@ -36,15 +38,21 @@ from pathlib import Path
 import torch
 
 TEST_KILL_ENV = "LORA_DIFFUSION_TEST_KILL_WORKER"
+TRAINING_STATE = "method_train.safetensors"
 
 
 def save_state(directory: Path, recipe) -> None:
+    from safetensors.torch import save_file
+
     from . import checkpoint
 
     directory = Path(directory)
     checkpoint.save(directory, recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
     state = recipe.state_dict()
     torch.save(state["optimizer"], directory / "optimizer.pt")
+    if state["method_train"]:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state["method_train"].items()},
+                  str(directory / TRAINING_STATE))
     meta = {k: state[k] for k in ("step", "train_time", "train_tokens")}
     (directory / "trainer_state.json").write_text(json.dumps(meta))
 
@@ -56,7 +64,9 @@ def load_state(directory: Path, recipe) -> None:
     tensors = load_file(str(directory / "method.safetensors"), device=str(recipe.device))
     optimizer = torch.load(directory / "optimizer.pt", map_location=recipe.device, weights_only=True)
     meta = json.loads((directory / "trainer_state.json").read_text())
-    recipe.load_state_dict({"method": tensors, "optimizer": optimizer, **meta})
+    train_path = directory / TRAINING_STATE
+    method_train = load_file(str(train_path), device=str(recipe.device)) if train_path.exists() else {}
+    recipe.load_state_dict({"method": tensors, "method_train": method_train, "optimizer": optimizer, **meta})
 
 
 def _maybe_die(hook: str | None, rank: int, step: int) -> None:

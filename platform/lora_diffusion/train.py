@@ -279,11 +279,13 @@ class Recipe:
 
     # ------------------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {"method": self.method.state_to_save(), "optimizer": self.optimizer.state_dict(),
+        return {"method": self.method.state_to_save(), "method_train": self.method.training_state(),
+                "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "train_time": self.train_time, "train_tokens": self.train_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_saved(state["method"])
+        self.method.load_training_state(state.get("method_train", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_time = state["step"], state["train_time"]
         self.train_tokens = state["train_tokens"]

@@ -12,8 +12,12 @@ Queries, positions and the output length are unchanged.
 Parameters per layer: P_k, P_v [n_prefix, all_head_size]. With `prefix.projection: H > 0` they are
 instead Li & Liang's reparameterisation (PEFT's `prefix_projection`): every layer's P_k, P_v come
 from one MLP, seeds [n_prefix, hidden] -> Linear(hidden, H) -> tanh -> Linear(H, layers x 2 x
-all_head_size), recomputed before each forward. The seeds and the MLP are what trains, and they are
-what is saved and counted (not the prefix they compute): the file holds what trained.
+all_head_size), recomputed before each forward. The seeds and the MLP are what trains. What is saved
+and counted is `prefix.save`: "prefix" (default) saves the P_k, P_v the MLP computes, in the same
+form as a direct prefix, and drops the MLP, as Li & Liang do and as PEFT saves a prefix adapter
+(`get_prompt_embedding_to_save`); the MLP then travels only in resume checkpoints
+(`training_state`). "mlp" saves and counts the seeds and the MLP instead, for a budget that holds
+every tensor that trained.
 Init "tokens" (Li & Liang's advice to initialise from real words): P_k, P_v are the keys and
 values each layer computes while the backbone reads n_prefix seeded random words.
 
@@ -140,6 +144,7 @@ class PrefixMethod(Method):
                     nn.Linear(backbone.hidden_size, pc.projection), nn.Tanh(),
                     nn.Linear(pc.projection, len(attns) * 2 * width))
             self._table = None  # [layers, 2, P, width], recomputed before every forward
+            self._loaded = None  # a saved prefix (load_saved): used instead of the MLP's output
             self._hooks = [backbone.encoder.register_forward_pre_hook(self._project)]
         else:
             if pc.init == "tokens":
@@ -155,9 +160,47 @@ class PrefixMethod(Method):
 
     def _project(self, _module, _args):
         """Before every backbone forward: all layers' prefixes from the MLP, in one graph."""
-        P, layers = self.n_prefix, self.n_layers
+        if self._loaded is not None and torch.is_grad_enabled():
+            raise UserError("method: this prefix was loaded from its saved form, without the MLP that "
+                            f"trains it (method_train.safetensors in a resume checkpoint): it can be "
+                            "evaluated, not trained further")
+        self._table = self._loaded if self._loaded is not None else self._computed_table()
+
+    def _computed_table(self) -> torch.Tensor:
         out = self.prefix_mlp(self.prefix_seeds)  # [P, layers * 2 * width]
-        self._table = out.view(P, layers, 2, -1).permute(1, 2, 0, 3)  # [layers, 2, P, width]
+        return out.view(self.n_prefix, self.n_layers, 2, -1).permute(1, 2, 0, 3)  # [layers, 2, P, width]
+
+    # --- with a projection and save: prefix, the file holds the computed prefix -------------
+    def _saves_prefix(self) -> bool:
+        return bool(self.config.prefix.projection) and self.config.prefix.save == "prefix"
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        if not self._saves_prefix():
+            return super().state_to_save()
+        with torch.no_grad():
+            table = self._loaded if self._loaded is not None else self._computed_table()
+        return {f"prefixes.{i}.{kind}": table[i, j].detach().contiguous()
+                for i in range(self.n_layers) for j, kind in enumerate(("key", "value"))}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A saved prefix replaces the MLP's output until `load_training_state` restores the MLP."""
+        if not self._saves_prefix():
+            return super().load_saved(tensors)
+        expected = set(self.state_to_save())
+        if set(tensors) != expected:
+            raise ValueError(f"checkpoint does not match the method: missing "
+                             f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
+        self._loaded = torch.stack([torch.stack([tensors[f"prefixes.{i}.key"], tensors[f"prefixes.{i}.value"]])
+                                    for i in range(self.n_layers)])
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return super().state_to_save() if self._saves_prefix() else {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not self._saves_prefix():
+            return super().load_training_state(tensors)
+        super().load_saved(tensors)  # the seeds and the MLP, which compute the prefix again
+        self._loaded = None
 
     def _hook(self, i: int):
         def hook(_module, args, kwargs):
