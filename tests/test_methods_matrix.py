@@ -134,6 +134,7 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
     acc = account(recipe.method)
     tensors = load_file(out / checkpoint.WEIGHTS)
     assert acc["trainable_params"] == sum(v.numel() for v in tensors.values())
+    assert acc["trained_params"] == sum(p.numel() for p in recipe.method.trainable().values())
     reparameterised = recipe.method.training_state()  # trains through tensors it does not save
     if reparameterised:
         assert set(reparameterised) == set(recipe.method.trainable())

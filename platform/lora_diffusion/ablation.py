@@ -247,7 +247,7 @@ def parse_param(value: str):
 def load_trials(tracking_uri: str, sweep: str):
     """One row per trial of the sweep, read from MLflow by tag: trial_id, status, seed, every
     param (config.flat() keys, sampled.*), every final/* and accounting/* metric, and the
-    convenience columns trainable_params / bytes_saved. A trial whose run exists twice (a
+    convenience columns trainable_params / bytes_saved / trained_params. A trial whose run exists twice (a
     resume outside the tracker) keeps its FINISHED run, else its newest (`n_runs` says)."""
     import pandas as pd
 
@@ -281,13 +281,14 @@ def load_trials(tracking_uri: str, sweep: str):
                                               parse_param(params.get("accounting.trainable_params", "")))
         row["bytes_saved"] = metrics.get("accounting/bytes_saved",
                                          parse_param(params.get("accounting.bytes_saved", "")))
+        row["trained_params"] = metrics.get("accounting/trained_params", math.nan)  # older runs: none
         for k in (DEV_METRIC, TEST_METRIC):
             row.setdefault(k, math.nan)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         df = pd.DataFrame(columns=["trial_id", "run_id", "status", "seed", DEV_METRIC, TEST_METRIC,
-                                   "trainable_params", "bytes_saved"])
+                                   "trainable_params", "bytes_saved", "trained_params"])
     df.attrs["parent_run_id"] = parent.info.run_id
     df.attrs["parent_tags"] = dict(parent.data.tags)
     df.attrs["sweep_id"] = sweep_id
@@ -328,8 +329,8 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = 
     Per (cell, seed) the FINISHED run with the metric counts (the newest, if a seed was run
     twice); a seed with no such run is `failed` (FAILED/KILLED) or `running`. Columns: the axes,
     n, mean, std (ddof=1), ci95_low/high (t distribution), dev/test accuracy mean and std side by
-    side, trainable_params and bytes_saved (the first; `accounting_consistent` False if a cell
-    disagrees), n_failed, n_running, seeds; with a reference, the paired (by seed) difference to
+    side, trainable_params, bytes_saved and trained_params (the first; `accounting_consistent`
+    False if a cell disagrees), n_failed, n_running, seeds; with a reference, the paired (by seed) difference to
     the reference cell: diff_mean, n_pairs, p_value (paired t test; NaN with < 2 pairs)."""
     import pandas as pd
     from scipy import stats
@@ -385,7 +386,7 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = 
             m, sd, _, _ = _ci(v)
             row[f"{label}_accuracy"], row[f"{label}_accuracy_std"], row[f"{label}_n"] = m, sd, len(v)
         consistent = True
-        for col in ("trainable_params", "bytes_saved"):
+        for col in ("trainable_params", "bytes_saved", "trained_params"):
             v = [r.get(col) for r in done.values() if not _isnan(r.get(col))]
             row[col] = v[0] if v else math.nan
             consistent &= len(set(v)) <= 1

@@ -11,7 +11,9 @@ def account(method) -> dict:
     """Trainable parameters, bytes as saved, percent of the backbone, per-module breakdown.
 
     Counts come from `state_to_save()`, the same tensors the checkpoint holds, and the byte
-    count is the length of the serialized file itself."""
+    count is the length of the serialized file itself. `trained_params` counts what the
+    optimiser updates: the same number, except for a method that trains through a
+    reparameterisation it does not save (prefix tuning's MLP, `prefix.save: prefix`)."""
     tensors = method.state_to_save()
     per_module: dict[str, int] = defaultdict(int)
     for name, tensor in tensors.items():
@@ -20,6 +22,7 @@ def account(method) -> dict:
     return {
         "trainable_params": params,
         "bytes_saved": len(serialize(method)),
+        "trained_params": sum(p.numel() for p in method.trainable().values()),
         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "percent_of_backbone": 100.0 * params / method.backbone_params,
         "backbone_params": method.backbone_params,

@@ -25,6 +25,9 @@ def _print_result(result: dict) -> None:
     if acc:
         print(f"  {'trainable_params':28s} {acc['trainable_params']} "
               f"({acc['percent_of_backbone']:.3f}% of backbone), {acc['bytes_saved']} bytes saved")
+        if acc.get("trained_params", acc["trainable_params"]) != acc["trainable_params"]:
+            print(f"  {'trained_params':28s} {acc['trained_params']} (through a reparameterisation "
+                  f"that is not saved)")
 
 
 def cmd_train(args) -> int:
