@@ -117,6 +117,15 @@ def test_saved_prefix_evaluates_but_does_not_train_without_its_mlp(tiny_config, 
         loaded.train_step()
 
 
+def test_checkpoint_of_the_mlp_form_names_the_option_that_loads_it(tiny_config, tmp_path):
+    config = tiny_config(**{"method": "prefix", "prefix.projection": 8, "prefix.save": "mlp"})
+    recipe = Recipe(config)
+    checkpoint.save(tmp_path, recipe.method, config, recipe.fingerprint, recipe.backbone.source)
+    assert Recipe.from_checkpoint(tmp_path).method.config.prefix.save == "mlp"
+    with pytest.raises(UserError, match=r"checkpoint .*prefix\.save=mlp"):
+        Recipe.from_checkpoint(tmp_path, {"prefix.save": "prefix"})
+
+
 def test_heldout_file_shares_no_row_or_sentence_with_training(real_data_dir, tmp_path):
     from lora_diffusion import tasks
     from lora_diffusion.heldout import _sentence, write_sst2_heldout

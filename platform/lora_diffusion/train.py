@@ -90,7 +90,10 @@ class Recipe:
         if recipe.fingerprint != meta["backbone_fingerprint"]:
             raise UserError(f"checkpoint: the backbone '{config.backbone}' differs from the one "
                             f"{directory} was trained on (fingerprint mismatch)")
-        recipe.method.load_saved({k: v.to(recipe.device) for k, v in tensors.items()})
+        try:
+            recipe.method.load_saved({k: v.to(recipe.device) for k, v in tensors.items()})
+        except ValueError as exc:  # tensors that do not fit the configured method
+            raise UserError(f"checkpoint {directory}: {exc}") from None
         return recipe
 
     # ------------------------------------------------------------------------- data

@@ -162,7 +162,7 @@ class PrefixMethod(Method):
         """Before every backbone forward: all layers' prefixes from the MLP, in one graph."""
         if self._loaded is not None and torch.is_grad_enabled():
             raise UserError("method: this prefix was loaded from its saved form, without the MLP that "
-                            f"trains it (method_train.safetensors in a resume checkpoint): it can be "
+                            "trains it (method_train.safetensors in a resume checkpoint): it can be "
                             "evaluated, not trained further")
         self._table = self._loaded if self._loaded is not None else self._computed_table()
 
@@ -188,8 +188,10 @@ class PrefixMethod(Method):
             return super().load_saved(tensors)
         expected = set(self.state_to_save())
         if set(tensors) != expected:
-            raise ValueError(f"checkpoint does not match the method: missing "
-                             f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
+            hint = (" (it holds the MLP: saved with prefix.save=mlp, or before that option existed; "
+                    "load it with --set prefix.save=mlp)" if any(k.startswith("prefix_") for k in tensors) else "")
+            raise ValueError(f"checkpoint does not match the method: missing {sorted(expected - set(tensors))[:3]}, "
+                             f"unexpected {sorted(set(tensors) - expected)[:3]}{hint}")
         self._loaded = torch.stack([torch.stack([tensors[f"prefixes.{i}.key"], tensors[f"prefixes.{i}.value"]])
                                     for i in range(self.n_layers)])
 
