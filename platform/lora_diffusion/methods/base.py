@@ -47,7 +47,15 @@ class Method(nn.Module):
         return {n: p.detach().contiguous() for n, p in self.trainable().items()}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
-        _copy_into(self.trainable(), tensors, "checkpoint")
+        params = self.trainable()
+        missing = sorted(set(params) - set(tensors))
+        extra = sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise ValueError(f"checkpoint does not match the method: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """Trained tensors the saved file leaves out, which only resuming needs: a method that
@@ -70,14 +78,3 @@ class Method(nn.Module):
     def phase_boundaries(self) -> list[float]:
         """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""
         return [0.0, 1.0]
-
-
-def _copy_into(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], what: str) -> None:
-    missing = sorted(set(params) - set(tensors))
-    extra = sorted(set(tensors) - set(params))
-    if missing or extra:
-        raise ValueError(f"{what} does not match the method: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])

@@ -174,26 +174,29 @@ class PrefixMethod(Method):
     def _saves_prefix(self) -> bool:
         return bool(self.config.prefix.projection) and self.config.prefix.save == "prefix"
 
+    def _saved_names(self) -> list[str]:  # the names of a direct prefix's parameters
+        return [f"prefixes.{i}.{kind}" for i in range(self.n_layers) for kind in ("key", "value")]
+
     def state_to_save(self) -> dict[str, torch.Tensor]:
         if not self._saves_prefix():
             return super().state_to_save()
         with torch.no_grad():
             table = self._loaded if self._loaded is not None else self._computed_table()
-        return {f"prefixes.{i}.{kind}": table[i, j].detach().contiguous()
-                for i in range(self.n_layers) for j, kind in enumerate(("key", "value"))}
+        flat = table.reshape(self.n_layers * 2, *table.shape[2:])  # layer-major: key, value, key, ...
+        return {name: t.detach().contiguous() for name, t in zip(self._saved_names(), flat)}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
         """A saved prefix replaces the MLP's output until `load_training_state` restores the MLP."""
         if not self._saves_prefix():
             return super().load_saved(tensors)
-        expected = set(self.state_to_save())
+        expected = set(self._saved_names())
         if set(tensors) != expected:
             hint = (" (it holds the MLP: saved with prefix.save=mlp, or before that option existed; "
                     "load it with --set prefix.save=mlp)" if any(k.startswith("prefix_") for k in tensors) else "")
             raise ValueError(f"checkpoint does not match the method: missing {sorted(expected - set(tensors))[:3]}, "
                              f"unexpected {sorted(set(tensors) - expected)[:3]}{hint}")
-        self._loaded = torch.stack([torch.stack([tensors[f"prefixes.{i}.key"], tensors[f"prefixes.{i}.value"]])
-                                    for i in range(self.n_layers)])
+        self._loaded = torch.stack([tensors[n] for n in self._saved_names()]).view(
+            self.n_layers, 2, self.n_prefix, -1)
 
     def training_state(self) -> dict[str, torch.Tensor]:
         return super().state_to_save() if self._saves_prefix() else {}
