@@ -78,8 +78,9 @@ def test_existing_sweep_in_bucket_is_refused_and_missing_resume_names_uri(s3_env
         sweep.prepare(_args("--smoke", "--name", "absent", "--resume", "--storage-path", uri), "rank_schedule")
 
 
-def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path):
+def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path, real_data_dir):
     monkeypatch.setenv("LORA_DIFFUSION_STORAGE", str(tmp_path / "from-env"))
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(real_data_dir))  # prepare checks the data
     spec = sweep.prepare(_args("--smoke", "--name", "s1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
                          "rank_schedule")
     assert spec["storage"] == str(tmp_path / "from-env") and spec["exp_dir"] == str(tmp_path / "from-env" / "s1")
@@ -93,3 +94,13 @@ def test_unreachable_store_is_one_error_naming_it_before_anything_is_written(tmp
         sweep.prepare(_args("--smoke", "--name", "s2", "--storage-path", uri,
                             "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
     assert not (tmp_path / "m.db").exists()
+
+
+def test_missing_data_is_one_error_naming_the_file_before_ray_starts(tmp_path, monkeypatch):
+    """A data_dir without the task's files fails in `prepare` (before Ray and MLflow), not as a
+    failure in every trial."""
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(tmp_path / "no-data"))
+    with pytest.raises(UserError, match=r"data_dir: missing file .*no-data/sst2/"):
+        sweep.prepare(_args("--smoke", "--name", "s3", "--storage-path", str(tmp_path / "sweeps"),
+                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "sweeps" / "s3").exists()

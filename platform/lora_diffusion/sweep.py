@@ -35,6 +35,7 @@ from pathlib import Path
 
 from . import config as config_lib
 from . import search_space as space_lib
+from . import tasks
 from .errors import UserError
 from .storage import SweepStorage
 
@@ -303,6 +304,9 @@ def prepare(args, default_space: str) -> dict:
         if getattr(args, key) is not None:
             sweep[key] = getattr(args, key)
     fixed_cfg = config_lib.from_dict({}, fixed)
+    cell_tasks = {c["task"] for c in (grid_spec or {}).get("cells") or [] if "task" in c}
+    for task in {fixed_cfg.task} | cell_tasks:  # before Ray: not one failure per trial
+        tasks.check_local_data(task, fixed_cfg.data_dir, fixed_cfg.allow_hub)
     steps, every = fixed_cfg.train.steps, fixed_cfg.train.eval_every
     if args.smoke:  # ASHA's first rung halfway, whatever --set made of the steps
         sweep["grace_period"] = max(every, steps // 2)

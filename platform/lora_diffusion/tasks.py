@@ -183,6 +183,20 @@ def _load_task(task: str, split: str, data_dir: str | None, allow_hub: bool) -> 
     return [ex for ex, _ in rows if (ex.id in dev) == (split == "dev")]
 
 
+def check_local_data(task: str, data_dir: str | None, allow_hub: bool) -> None:
+    """The UserError `load_split` would raise on a worker for missing local files, raised here:
+    the sweep calls it before Ray starts, so a wrong data_dir fails once, not in every trial."""
+    if allow_hub:
+        return
+    root = resolve_data_dir(data_dir)
+    paths = [root / _FOLDERS[task] / n for names in _LOCAL_FILES[task].values() for n in names] \
+        if root is not None else []
+    missing = [p for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise UserError(f"data_dir: {_where(task, missing)}; set {DATA_DIR_ENV} or data_dir "
+                        f"to the folder holding {_FOLDERS[task]}/, or allow_hub")
+
+
 def _where(task: str, missing: list[Path]) -> str:
     if missing:
         return f"missing file {missing[0]} for task {task!r}"
