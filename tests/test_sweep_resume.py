@@ -176,3 +176,51 @@ def _find_study(obj, depth=0):
         if found is not None:
             return found
     return None
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_last_trials_run_is_an_interrupt_not_a_finished_sweep(tiny_backbone_dir, real_data_dir,
+                                                                                 tmp_path):
+    """SIGINT to the driver once every trial has started and none has ended. Tune stops the running
+    trials and marks them TERMINATED: the sweep must still say it was interrupted, count only the
+    trials that ended, exit non-zero without writing the report, and finish on --resume."""
+    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
+    exp_dir = storage / "resume-test"
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(real_data_dir), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = sweep_cmd(storage, uri, tiny_backbone_dir) + ["--num-samples", "2"]  # both trials start at once
+    sessions = []
+    try:
+        with open(tmp_path / "first.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        sessions.append(proc.pid)
+        deadline, sent = time.time() + 240, False
+        while time.time() < deadline and proc.poll() is None:
+            results = trial_results(exp_dir)
+            if len(results) == 2 and not any("result_json" in r for rows in results.values() for r in rows):
+                os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver; Tune handles it
+                sent = True
+                break
+            time.sleep(0.3)
+        rc = proc.wait(timeout=120)
+        out = (tmp_path / "first.log").read_text()
+        assert sent, "never saw both trials running: " + out[-3000:]
+        ended = sum(any("result_json" in r for r in rows) for rows in trial_results(exp_dir).values())
+        assert rc == 1, out[-5000:]
+        assert f"interrupted ({ended} of 2 trials finished)" in out, out[-3000:]
+        assert "ablation report" not in out
+
+        with open(tmp_path / "resume.log", "w") as log:
+            proc2 = subprocess.Popen(cmd + ["--resume"], cwd=REPO, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        sessions.append(proc2.pid)
+        rc = proc2.wait(timeout=300)
+        assert rc == 0, (tmp_path / "resume.log").read_text()[-5000:]
+    finally:
+        for sid in sessions:
+            kill_session(sid)
+    status, results = trial_status(exp_dir), trial_results(exp_dir)
+    assert len(status) == 2 and set(status.values()) == {"TERMINATED"}, status
+    for tid, rows in results.items():
+        assert sum("result_json" in r for r in rows) <= 1, tid

@@ -495,10 +495,16 @@ def _report(spec: dict) -> None:
     print(files["summary"].read_text())
 
 
+def _finished(results) -> int:
+    """Trials that ran to their end or that ASHA stopped: Tune marks their last result `done`.
+    Status alone overcounts: on Ctrl-C Tune stops the running trials and marks them TERMINATED too,
+    so a sweep interrupted while its last trials ran would pass for a finished one."""
+    return sum(1 for r in results if not r.error and (r.metrics or {}).get("done"))
+
+
 def _interrupted(results, spec) -> bool:
     """Trials neither finished nor failed, or never started: the driver was interrupted (Ctrl-C)."""
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    return bool(unfinished) or len(results) < spec["sweep"]["num_samples"]
+    return _finished(results) + results.num_errors < spec["sweep"]["num_samples"]
 
 
 def _summarise(results, spec, mlflow_cb, wall: float) -> int:
@@ -508,7 +514,7 @@ def _summarise(results, spec, mlflow_cb, wall: float) -> int:
             rows.append(r)
     errors = [r for r in results if r.error]
     if _interrupted(results, spec):
-        print(f"\nsweep {spec['name']} interrupted ({results.num_terminated} of "
+        print(f"\nsweep {spec['name']} interrupted ({_finished(results)} of "
               f"{spec['sweep']['num_samples']} trials finished): rerun the same command with --resume "
               "to continue it")
         return 1
