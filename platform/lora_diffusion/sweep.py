@@ -419,7 +419,8 @@ def run(args, default_space: str) -> int:
         tracker = tracking.SweepTracker(spec["tracking_uri"], spec["name"], spec["experiment"],
                                         sweep_id=spec.get("sweep_id"), tags={"code_version": version, "space": Path(spec["space_path"]).stem})
         mlflow_cb = tracking.MlflowSweepCallback(tracker, TrialResolver(spec["fixed"], version))
-        callbacks = [mlflow_cb, progress_callback_class()()]
+        ends = trial_ends_class()()
+        callbacks = [mlflow_cb, progress_callback_class()(), ends]
         trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
                                         {"CPU": res["trial_cpus"]})
 
@@ -469,8 +470,8 @@ def run(args, default_space: str) -> int:
             tracker.client.set_tag(tracker.parent_run(), "ablation.reference",
                                    json.dumps(spec["grid"]["reference"]))
         results = tuner.fit()
-        rc = _summarise(results, spec, mlflow_cb, time.time() - t0)
-        if not _interrupted(results, spec):  # the report, failed cells included
+        rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
+        if not _interrupted(results, spec, ends):  # the report, failed cells included
             _report(spec)
         return rc
     finally:
@@ -495,26 +496,47 @@ def _report(spec: dict) -> None:
     print(files["summary"].read_text())
 
 
-def _finished(results) -> int:
-    """Trials that ran to their end or that ASHA stopped: Tune marks their last result `done`.
-    Status alone overcounts: on Ctrl-C Tune stops the running trials and marks them TERMINATED too,
-    so a sweep interrupted while its last trials ran would pass for a finished one."""
-    return sum(1 for r in results if not r.error and (r.metrics or {}).get("done"))
+def trial_ends_class():
+    from ray.tune import Callback
+
+    class TrialEnds(Callback):
+        """Counts the trials that ended: ran out or were stopped by the scheduler (ASHA), in this
+        driver or before a resume. On Ctrl-C Tune stops the running trials and marks them
+        TERMINATED too, but without `on_trial_complete`: status alone would let a sweep interrupted
+        while its last trials ran pass for a finished one."""
+
+        def __init__(self):
+            self.started, self.ended, self.trials = set(), set(), []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.add(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
+
+        def on_experiment_end(self, trials, **info):
+            self.trials = list(trials)
+
+        def finished(self) -> int:
+            return sum(1 for t in self.trials if t.status == "TERMINATED"
+                       and (t.trial_id in self.ended or t.trial_id not in self.started))
+
+    return TrialEnds
 
 
-def _interrupted(results, spec) -> bool:
+def _interrupted(results, spec, ends) -> bool:
     """Trials neither finished nor failed, or never started: the driver was interrupted (Ctrl-C)."""
-    return _finished(results) + results.num_errors < spec["sweep"]["num_samples"]
+    return ends.finished() + results.num_errors < spec["sweep"]["num_samples"]
 
 
-def _summarise(results, spec, mlflow_cb, wall: float) -> int:
+def _summarise(results, spec, mlflow_cb, ends, wall: float) -> int:
     rows = []
     for r in results:
         if r.metrics and METRIC in r.metrics:
             rows.append(r)
     errors = [r for r in results if r.error]
-    if _interrupted(results, spec):
-        print(f"\nsweep {spec['name']} interrupted ({_finished(results)} of "
+    if _interrupted(results, spec, ends):
+        print(f"\nsweep {spec['name']} interrupted ({ends.finished()} of "
               f"{spec['sweep']['num_samples']} trials finished): rerun the same command with --resume "
               "to continue it")
         return 1
