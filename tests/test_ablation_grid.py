@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from procs import kill_session
+from procs import kill_session, start_driver
 from test_sweep_resume import trial_results, trial_status
 
 from lora_diffusion import ablation
@@ -76,10 +75,7 @@ def test_grid_interrupted_and_resumed_gives_the_uninterrupted_table(tiny_backbon
     env.pop("RAY_ADDRESS", None)
     sessions = []
     try:
-        with open(tmp_path / "first.log", "w") as log:
-            proc = subprocess.Popen(_cmd(grid_path, storage, uri), cwd=REPO, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        sessions.append(proc.pid)
+        proc = start_driver(_cmd(grid_path, storage, uri), tmp_path / "first.log", env, sessions)
         deadline, killed = time.time() + 240, False
         while time.time() < deadline and proc.poll() is None:
             status, results = trial_status(exp_dir), trial_results(exp_dir)
@@ -95,10 +91,7 @@ def test_grid_interrupted_and_resumed_gives_the_uninterrupted_table(tiny_backbon
         kill_session(proc.pid)
         assert killed, "never saw a finished and a running trial: " + (tmp_path / "first.log").read_text()[-3000:]
 
-        with open(tmp_path / "resume.log", "w") as log:
-            proc2 = subprocess.Popen(_cmd(grid_path, storage, uri, "--resume"), cwd=REPO, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        sessions.append(proc2.pid)
+        proc2 = start_driver(_cmd(grid_path, storage, uri, "--resume"), tmp_path / "resume.log", env, sessions)
         rc = proc2.wait(timeout=300)
         assert rc == 0, (tmp_path / "resume.log").read_text()[-5000:]
     finally:

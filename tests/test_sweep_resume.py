@@ -12,13 +12,12 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from procs import kill_session
+from procs import kill_session, start_driver
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 60, 10
@@ -72,10 +71,7 @@ def test_kill_driver_then_resume(tiny_backbone_dir, real_data_dir, tmp_path):
     sessions = []
     t_start = time.time()
     try:
-        with open(tmp_path / "first.log", "w") as log:
-            proc = subprocess.Popen(sweep_cmd(storage, uri, tiny_backbone_dir), cwd=REPO, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        sessions.append(proc.pid)
+        proc = start_driver(sweep_cmd(storage, uri, tiny_backbone_dir), tmp_path / "first.log", env, sessions)
         deadline = time.time() + 240
         killed_midway = None
         while time.time() < deadline and proc.poll() is None:
@@ -97,10 +93,8 @@ def test_kill_driver_then_resume(tiny_backbone_dir, real_data_dir, tmp_path):
 
         # (that the same name without --resume refuses is tested in test_search_space.py)
         t_kill = time.time()
-        with open(tmp_path / "resume.log", "w") as log:
-            proc2 = subprocess.Popen(sweep_cmd(storage, uri, tiny_backbone_dir, "--resume"), cwd=REPO,
-                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        sessions.append(proc2.pid)
+        proc2 = start_driver(sweep_cmd(storage, uri, tiny_backbone_dir, "--resume"), tmp_path / "resume.log",
+                             env, sessions)
         rc = proc2.wait(timeout=300)
         print(f"first run until the kill: {t_kill - t_start:.0f} s, resume: {time.time() - t_kill:.0f} s")
         out = (tmp_path / "resume.log").read_text()
@@ -191,10 +185,7 @@ def test_ctrl_c_while_the_last_trials_run_is_an_interrupt_not_a_finished_sweep(t
     cmd = sweep_cmd(storage, uri, tiny_backbone_dir) + ["--num-samples", "2"]  # both trials start at once
     sessions = []
     try:
-        with open(tmp_path / "first.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        sessions.append(proc.pid)
+        proc = start_driver(cmd, tmp_path / "first.log", env, sessions)
         deadline, sent = time.time() + 240, False
         while time.time() < deadline and proc.poll() is None:
             results = trial_results(exp_dir)
@@ -211,10 +202,7 @@ def test_ctrl_c_while_the_last_trials_run_is_an_interrupt_not_a_finished_sweep(t
         assert f"interrupted ({ended} of 2 trials finished)" in out, out[-3000:]
         assert "ablation report" not in out
 
-        with open(tmp_path / "resume.log", "w") as log:
-            proc2 = subprocess.Popen(cmd + ["--resume"], cwd=REPO, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        sessions.append(proc2.pid)
+        proc2 = start_driver(cmd + ["--resume"], tmp_path / "resume.log", env, sessions)
         rc = proc2.wait(timeout=300)
         assert rc == 0, (tmp_path / "resume.log").read_text()[-5000:]
     finally:
