@@ -14,7 +14,7 @@ installed package, so `ray submit cluster.yaml jobs/ablation_grid.py -- --grid N
 
 import sys
 
-from lora_diffusion.sweep import main
+from lora_diffusion.cli import sweep_main as main
 
 if __name__ == "__main__":
     sys.exit(main(default_space="grid_rank_schedule"))

@@ -11,7 +11,7 @@ both are grid sweeps (Ray Tune trials, each a Ray Train run) logged to MLflow, a
 stage 2's ablation report on its parent run. Interrupted? Run the same command again: a finished
 stage is skipped and an unfinished one resumed. Arguments not listed here go to the sweep engine
 (--storage-path, --tracking-uri, --address, --max-concurrent, --workers, ...: see
-`lora-diffusion sweep --help`). The logic lives in lora_diffusion.comparison.
+`lora-diffusion sweep --help`). The logic lives in lora_diffusion.analysis.comparison.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_diffusion import comparison
-from lora_diffusion.errors import UserError
+from lora_diffusion.analysis import comparison
+from lora_diffusion.core.errors import UserError
 
 
 def parse(argv=None):

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from lora_diffusion.benchmark import compare_variants, markdown
-from lora_diffusion.config import parse_sets
+from lora_diffusion.analysis.benchmark import compare_variants, markdown
+from lora_diffusion.core.config import parse_sets
 
 VARIANTS = {
     "after layer 3 of 6": {"trajectory.injection_layers": [2]},

@@ -4,7 +4,7 @@
     python jobs/local_cluster.py --out runs/cluster.local.yaml --sshd     # plus an sshd of its own, until Ctrl-C
 
 The variant is cluster.yaml with only the provider (local, head 127.0.0.1, no workers), auth (a key
-for root on loopback) and node types replaced (lora_diffusion.cluster.local_variant). Then:
+for root on loopback) and node types replaced (lora_diffusion.engine.cluster.local_variant). Then:
 
     ray up -y runs/cluster.local.yaml
     ray submit runs/cluster.local.yaml jobs/rank_schedule_sweep.py -- --smoke
@@ -24,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lora_diffusion import cluster
+from lora_diffusion.engine import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 

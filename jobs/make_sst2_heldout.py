@@ -8,8 +8,8 @@ import argparse
 import json
 import sys
 
-from lora_diffusion.errors import UserError
-from lora_diffusion.heldout import write_sst2_heldout
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.heldout import write_sst2_heldout
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ Imports only the installed package, so `ray submit` can copy this file alone.
 
 import sys
 
-from lora_diffusion.sweep import main
+from lora_diffusion.cli import sweep_main as main
 
 if __name__ == "__main__":
     sys.exit(main(default_space="rank_schedule"))

@@ -26,7 +26,7 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BertForMaskedLM with the MiniLM (bert-base-uncased) tokenizer."""
-    from lora_diffusion.backbone import build_tiny_backbone
+    from lora_diffusion.core.backbone import build_tiny_backbone
 
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
@@ -34,7 +34,7 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tiny_backbone_dir, real_data_dir, tmp_path):
     """A config that trains in about a second on the tiny backbone and real SST-2 rows."""
-    from lora_diffusion import config as config_lib
+    from lora_diffusion.core import config as config_lib
 
     def make(**sets):
         base = {

@@ -8,9 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lora_diffusion import ablation, config as config_lib
-from lora_diffusion.errors import UserError
-from lora_diffusion.tracking import SweepTracker
+from lora_diffusion.analysis import ablation
+from lora_diffusion.engine import grid as grid_lib
+
+from lora_diffusion.core import config as config_lib
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.engine.tracking import SweepTracker
 
 REPO = Path(__file__).resolve().parents[1]
 AXES = ["trajectory.rank", "trajectory.rank_schedule"]
@@ -180,9 +183,9 @@ def test_grid_files_are_valid():
     files = sorted((REPO / "search_spaces").glob("grid_*.yaml"))
     assert len(files) >= 6
     for path in files:
-        grid = ablation.load_grid(path)
+        grid = grid_lib.load_grid(path)
         assert grid.cells() and len(grid.seeds) >= 2, path
-    rs = ablation.load_grid(REPO / "search_spaces" / "grid_rank_schedule.yaml")
+    rs = grid_lib.load_grid(REPO / "search_spaces" / "grid_rank_schedule.yaml")
     assert "reversed" in rs.axes["trajectory.rank_schedule"]
 
 
@@ -190,16 +193,16 @@ def test_grid_file_bad_key_names_file_and_key(tmp_path):
     bad = tmp_path / "grid_bad.yaml"
     bad.write_text("grid:\n  trajectory.rnak: [4, 8]\nseeds: [0, 1]\n")
     with pytest.raises(UserError, match=r"grid_bad\.yaml: grid\.trajectory\.rnak"):
-        ablation.load_grid(bad)
+        grid_lib.load_grid(bad)
     bad.write_text("grid:\n  trajectory.rank: [4, 0]\nseeds: [0, 1]\n")
     with pytest.raises(UserError, match=r"grid_bad\.yaml: grid\.trajectory\.rank.*must be >= 1"):
-        ablation.load_grid(bad)
+        grid_lib.load_grid(bad)
     bad.write_text("grid:\n  trajectory.rank: [4, 8]\nseeds: [0, 1]\nreference: {trajectory.rank: 16}\n")
     with pytest.raises(UserError, match=r"grid_bad\.yaml: reference\.trajectory\.rank"):
-        ablation.load_grid(bad)
+        grid_lib.load_grid(bad)
     bad.write_text("grids:\n  trajectory.rank: [4]\n")
     with pytest.raises(UserError, match=r"grid_bad\.yaml: grids: unknown key"):
-        ablation.load_grid(bad)
+        grid_lib.load_grid(bad)
 
 
 def test_aggregate_flags_accounting_mismatch_and_running_seeds():

@@ -23,7 +23,8 @@ import yaml
 from procs import kill_session, start_driver
 from test_sweep_resume import trial_results, trial_status
 
-from lora_diffusion import ablation
+from lora_diffusion.analysis import ablation
+from lora_diffusion.engine import grid as grid_lib
 
 REPO = Path(__file__).resolve().parents[1]
 AXES = {"trajectory.rank": [2, 4], "trajectory.rank_schedule": ["constant", "reversed"]}
@@ -54,11 +55,11 @@ def _direct_accuracies(grid_path) -> dict[tuple, float]:
     """(rank, schedule, seed) -> final dev accuracy of the same run, trained in this process."""
     import torch
 
-    from lora_diffusion import config as config_lib
-    from lora_diffusion.train import Recipe
+    from lora_diffusion.core import config as config_lib
+    from lora_diffusion.core.recipe import Recipe
 
     torch.set_num_threads(1)  # as the Train worker (one CPU per worker here)
-    grid = ablation.load_grid(grid_path)
+    grid = grid_lib.load_grid(grid_path)
     out = {}
     for run in grid.runs():
         result = Recipe(config_lib.from_dict({}, run)).run()

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from lora_diffusion import config as config_lib
-from lora_diffusion.backbone import load_backbone
-from lora_diffusion.budget import KNOBS, count_params, knob_of, match_budget
-from lora_diffusion.errors import UserError
+from lora_diffusion.core import config as config_lib
+from lora_diffusion.core.backbone import load_backbone
+from lora_diffusion.analysis.budget import KNOBS, count_params, knob_of, match_budget
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.engine import grid as grid_lib
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, real_data_di
     best rate per (task, method) (ties: the smaller), and a valid stage-2 grid file."""
     import pandas as pd
 
-    from lora_diffusion import ablation, comparison
+    from lora_diffusion.analysis import ablation, comparison
 
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
@@ -80,7 +81,7 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, real_data_di
     assert [(c["method"], c["train.lr"]) for c in search["cells"]] == [
         ("lora", 1e-3), ("lora", 3e-3), ("trajectory", 3e-3), ("trajectory", 6e-3)]  # bitfit: one rate
     assert search["seeds"] == [0] and search["fixed"]["train.steps"] == 2
-    grid = ablation.parse_grid(search, "lr_search.yaml")
+    grid = grid_lib.parse_grid(search, "lr_search.yaml")
     assert len(grid.runs()) == 4 and list(grid.axes) == ["task", "method", "train.lr"]
 
     trials = pd.DataFrame([
@@ -92,24 +93,23 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, real_data_di
     lrs = comparison.choose_lrs(spec, cells, trials)
     assert lrs == {("sst2", "lora"): 3e-3, ("sst2", "bitfit"): 1e-2, ("sst2", "trajectory"): 3e-3}
 
-    final = ablation.parse_grid(comparison.final_grid(spec, cells, lrs), "final.yaml")
+    final = grid_lib.parse_grid(comparison.final_grid(spec, cells, lrs), "final.yaml")
     assert list(final.axes) == ["task", "method"] and final.reference == {"method": "trajectory"}
     assert [r["train.lr"] for r in final.runs()] == [3e-3, 3e-3, 1e-2, 1e-2, 3e-3, 3e-3]
     assert final.runs()[0]["lora.rank"] == 5 and final.runs()[0]["train.seed"] == 0
 
 
 def test_cells_grid_rejects_indistinguishable_cells():
-    from lora_diffusion import ablation
 
     with pytest.raises(UserError, match="two cells share"):
-        ablation.parse_grid({"cells": [{"method": "lora", "train.lr": 1e-3}, {"method": "lora", "train.lr": 3e-3}],
+        grid_lib.parse_grid({"cells": [{"method": "lora", "train.lr": 1e-3}, {"method": "lora", "train.lr": 3e-3}],
                              "axes": ["method"]}, "g.yaml")
     with pytest.raises(UserError, match="either `grid`"):
-        ablation.parse_grid({"cells": [{"method": "lora"}], "grid": {"method": ["lora"]}}, "g.yaml")
+        grid_lib.parse_grid({"cells": [{"method": "lora"}], "grid": {"method": ["lora"]}}, "g.yaml")
 
 
 def test_lr_grid_override_parses_and_names_the_bad_item():
-    from lora_diffusion import comparison
+    from lora_diffusion.analysis import comparison
 
     assert comparison.parse_lr_grids(["lora=3e-3,1e-3", "full=5e-5"]) == {"lora": [1e-3, 3e-3], "full": [5e-5]}
     for bad, named in [("lorax=1e-3", "unknown method 'lorax'"), ("lora=fast", "expected METHOD=LR"),

@@ -1,7 +1,7 @@
 """End to end: `ray up` / `ray submit` / `ray down` on the one-machine variant of cluster.yaml.
 
 An sshd on 127.0.0.1 (port 22, else a free port) accepts a key made in tmp_path for root. It runs in
-its own PID and mount namespaces (lora_diffusion.cluster.LoopbackSshd): the cluster's `ray stop`
+its own PID and mount namespaces (lora_diffusion.engine.cluster.LoopbackSshd): the cluster's `ray stop`
 cannot touch other Ray instances on this machine, HOME is a tmp dir whose ~/lora-diffusion links to
 this checkout (so setup finds this .venv current and installs nothing). The object store is an S3
 server on loopback (moto) holding the bucket cluster.yaml names; the node's .bashrc points AWS_* at
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_diffusion import cluster
+from lora_diffusion.engine import cluster
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_diffusion import cluster
+from lora_diffusion.engine import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"

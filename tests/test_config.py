@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lora_diffusion import config as config_lib
-from lora_diffusion.errors import UserError
+from lora_diffusion.core import config as config_lib
+from lora_diffusion.core.errors import UserError
 
 
 def test_defaults_validate_and_flatten_to_dotted_keys():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lora_diffusion import diffusion
-from lora_diffusion.diffusion import Batch
+from lora_diffusion.core import diffusion
+from lora_diffusion.core.diffusion import Batch
 
 
 def _batch(B=3, S=10, resp=(6, 8)):

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion import checkpoint
-from lora_diffusion import config as config_lib
-from lora_diffusion.accounting import account
-from lora_diffusion.backbone import load_backbone
-from lora_diffusion.errors import UserError
-from lora_diffusion.methods import METHODS, Context, build_method
-from lora_diffusion.methods.tlora import tlora_rank
-from lora_diffusion.train import Recipe
+from lora_diffusion.core import checkpoint
+from lora_diffusion.core import config as config_lib
+from lora_diffusion.core.accounting import account
+from lora_diffusion.core.backbone import load_backbone
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.methods import METHODS, Context, build_method
+from lora_diffusion.core.methods.tlora import tlora_rank
+from lora_diffusion.core.recipe import Recipe
 
 # name -> (predicate on trainable names, identity at init, depends on t)
 MATRIX = {

@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from lora_diffusion.backbone import load_backbone
-from lora_diffusion.prepare import prepare_backbone
+from lora_diffusion.core.backbone import load_backbone
+from lora_diffusion.core.prepare import prepare_backbone
 
 
 def test_head_only_preparation_trains_only_the_head_and_saves_a_loadable_model(
@@ -28,7 +28,7 @@ def test_head_only_preparation_trains_only_the_head_and_saves_a_loadable_model(
 def test_preparation_refuses_to_overwrite(tiny_backbone_dir, real_data_dir, tmp_path):
     import pytest
 
-    from lora_diffusion.errors import UserError
+    from lora_diffusion.core.errors import UserError
 
     (tmp_path / "prep").mkdir()
     (tmp_path / "prep" / "x").write_text("keep me")
@@ -40,7 +40,7 @@ def test_preparation_refuses_to_overwrite(tiny_backbone_dir, real_data_dir, tmp_
 def test_long_texts_are_cut_to_fit(tiny_backbone_dir):
     from transformers import AutoTokenizer
 
-    from lora_diffusion.prepare import _encode_text
+    from lora_diffusion.core.prepare import _encode_text
 
     tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
     batch = _encode_text(tok, ["word " * 200, "short text"], max_length=64)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion import checkpoint
-from lora_diffusion.accounting import account
-from lora_diffusion.errors import UserError
-from lora_diffusion.train import Recipe
+from lora_diffusion.core import checkpoint
+from lora_diffusion.core.accounting import account
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.recipe import Recipe
 
 
 def test_training_never_sees_dev_rows(tiny_config):
@@ -89,7 +89,7 @@ def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, real_data_
 # prefix through its MLP saves the prefix, not the MLP: resume must carry the MLP itself
 @pytest.mark.parametrize("sets", [{}, {"method": "prefix", "prefix.projection": 8}], ids=["trajectory", "prefix_mlp"])
 def test_resume_from_state_continues_identically(tiny_config, tmp_path, sets):
-    from lora_diffusion.ray_worker import load_state, save_state
+    from lora_diffusion.core.checkpoint import load_state, save_state
 
     config = tiny_config(**{"train.steps": 6, "train.eval_every": 3, **sets})
     straight = Recipe(config)
@@ -127,8 +127,8 @@ def test_checkpoint_of_the_mlp_form_names_the_option_that_loads_it(tiny_config, 
 
 
 def test_heldout_file_shares_no_row_or_sentence_with_training(real_data_dir, tmp_path):
-    from lora_diffusion import tasks
-    from lora_diffusion.heldout import _sentence, write_sst2_heldout
+    from lora_diffusion.core import tasks
+    from lora_diffusion.core.heldout import _sentence, write_sst2_heldout
 
     info = write_sst2_heldout(str(tmp_path / "h.tsv"), 60000, seed=0, n=200, data_dir=str(real_data_dir))
     held = tasks.load_split("sst2", "test", data_file=info["path"])

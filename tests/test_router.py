@@ -2,8 +2,8 @@
 
 import torch
 
-from lora_diffusion import checkpoint
-from lora_diffusion.train import Recipe
+from lora_diffusion.core import checkpoint
+from lora_diffusion.core.recipe import Recipe
 
 
 def _expert(tiny_config, tmp_path, name, seed):

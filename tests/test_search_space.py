@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_diffusion import search_space as ss
-from lora_diffusion.errors import UserError
+from lora_diffusion.engine import search_space as ss
+from lora_diffusion.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["rank_schedule", "regularizers", "module_count", "baselines"]
@@ -90,7 +90,7 @@ def test_switch_and_labelled_keys():
 def test_sweep_rejects_bad_space_before_ray_starts(tmp_path, capsys, text, key):
     import ray
 
-    from lora_diffusion import sweep
+    from lora_diffusion.engine import sweep
 
     path = _write(tmp_path, text)
     code = sweep.main(["--space", str(path), "--storage-path", str(tmp_path / "sweeps"),
@@ -103,7 +103,7 @@ def test_sweep_rejects_bad_space_before_ray_starts(tmp_path, capsys, text, key):
 
 
 def test_bad_set_key_and_existing_sweep(tmp_path, capsys):
-    from lora_diffusion import sweep
+    from lora_diffusion.engine import sweep
 
     args = ["--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert sweep.main(args + ["--set", "train.nope=1"]) == 2

@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from lora_diffusion import cluster, sweep
-from lora_diffusion.errors import UserError
-from lora_diffusion.storage import SweepStorage, is_uri
+from lora_diffusion.engine import cluster, sweep
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.engine.storage import SweepStorage, is_uri
 
 BUCKET = "storage-test"
 

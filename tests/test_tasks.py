@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_diffusion.errors import UserError
-from lora_diffusion.tasks import (TASKS, Example, accuracy, clean_ag_news, get_task,
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.tasks import (TASKS, Example, accuracy, clean_ag_news, get_task,
                                   label_word_token_ids, load_split, resolve_data_dir, rouge_l,
                                   squad_f1_em)
 

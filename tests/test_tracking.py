@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lora_diffusion.tracking import MlflowSweepCallback, SweepTracker
+from lora_diffusion.engine.tracking import MlflowSweepCallback, SweepTracker
 
 
 @pytest.fixture(scope="module")

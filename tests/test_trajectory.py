@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lora_diffusion import config as config_lib
-from lora_diffusion.backbone import load_backbone
-from lora_diffusion.methods import Context, build_method
-from lora_diffusion.methods.trajectory import nuclear_norm_lowrank, orthogonality, rank_schedule
+from lora_diffusion.core import config as config_lib
+from lora_diffusion.core.backbone import load_backbone
+from lora_diffusion.core.methods import Context, build_method
+from lora_diffusion.core.methods.trajectory import nuclear_norm_lowrank, orthogonality, rank_schedule
 
 
 def _setup(tiny_backbone_dir, **sets):

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, config as config_lib
-from .errors import UserError
+from .core import checkpoint, config as config_lib
+from .core.errors import UserError
 
 
 def _print_result(result: dict) -> None:
@@ -31,7 +31,7 @@ def _print_result(result: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import Recipe
+    from .core.recipe import Recipe
 
     config = config_lib.load(args.config, args.set)
     out = Path(args.output_dir or config.output_dir)
@@ -47,8 +47,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import tasks
-    from .train import Recipe
+    from .core import tasks
+    from .core.recipe import Recipe
 
     overrides = config_lib.parse_sets(args.set or [])
     if args.task:
@@ -72,7 +72,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .prepare import prepare_backbone
+    from .core.prepare import prepare_backbone
 
     result = prepare_backbone(out_dir=args.out, mode=args.mode, steps=args.steps,
                               batch_size=args.batch_size,
@@ -84,13 +84,13 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from . import ablation
+    from .analysis import ablation
 
     if args.tracking_uri:
         uri = args.tracking_uri
     else:
-        from .sweep import repo_root
-        from .tracking import default_tracking_uri
+        from .engine.sweep import repo_root
+        from .engine.tracking import default_tracking_uri
 
         uri = default_tracking_uri(repo_root() / "runs")
     axes = [a.strip() for a in args.axes.split(",") if a.strip()] if args.axes else None
@@ -144,17 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: runs/reports/SWEEP)")
     r.set_defaults(func=cmd_report)
 
-    # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.sweep
+    # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.engine.sweep
     sub.add_parser("sweep", add_help=False,
                    help="Ray Tune + Optuna sweep over a search space (lora-diffusion sweep --help)")
     return p
 
 
+def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
+    """The sweep jobs' entry point: the engine runs the sweep, then the analysis layer writes
+    its ablation report on the parent run (the engine itself never imports analysis)."""
+    from .analysis.ablation import report_sweep
+    from .engine.sweep import main as engine_main
+
+    return engine_main(argv, default_space=default_space, report=report_sweep)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "sweep":
-        from .sweep import main as sweep_main
-
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

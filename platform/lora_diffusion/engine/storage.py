@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError
+from ..core.errors import UserError
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from . import config as config_lib
+from ..core import config as config_lib
 from .budget import knob_of, match_budget
-from .errors import UserError
+from ..core.errors import UserError
 
 # Learning-rate grids per method (MiniLM, AdamW, batch 32), each around the rate that trained best
 # in single-seed calibration runs on SST-2 dev: full fine-tuning needs ~100x smaller steps than
@@ -99,7 +99,7 @@ def sized_cells(spec: ComparisonSpec) -> list[dict]:
     they are). The backbone is loaded once, on this machine, to count parameters."""
     import torch
 
-    from .backbone import load_backbone
+    from ..core.backbone import load_backbone
 
     base = config_lib.from_dict({}, spec.sets)
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def final_grid(spec: ComparisonSpec, cells: list[dict], lrs: dict) -> dict:
 
 def write_grid(grid: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.comparison)\n"
+    path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.analysis.comparison)\n"
                     + yaml.safe_dump(grid, sort_keys=False))
     return path
 
@@ -174,8 +174,9 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
     """Both stages on the sweep engine. `engine_args` go to every `lora-diffusion sweep` call
     (--storage-path, --tracking-uri, --address, --max-concurrent, --smoke, ...). Run it again
     after an interruption: a finished stage is skipped, an interrupted one resumed."""
-    from . import ablation, sweep
-    from .storage import SweepStorage
+    from . import ablation
+    from ..engine import sweep
+    from ..engine.storage import SweepStorage
 
     opts = sweep.build_parser("").parse_known_args(engine_args)[0]
     storage = SweepStorage(sweep.storage_location(opts.storage_path))
@@ -187,7 +188,8 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
             return 0
         resume = ["--resume"] if storage.exists(f"{sweep_name}/{sweep.SPEC_FILE}") else []
         path = write_grid(grid, workdir / f"{sweep_name}.yaml")
-        return sweep.main(["--grid", str(path), "--name", sweep_name, *resume, *engine_args])
+        return sweep.main(["--grid", str(path), "--name", sweep_name, *resume, *engine_args],
+                          report=ablation.report_sweep)
 
     cells = sized_cells(spec)
     search = lr_search_grid(spec, cells)

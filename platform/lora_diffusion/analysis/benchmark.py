@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import time
 
-from . import config as config_lib
+from ..core import config as config_lib
 
 
 def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[dict]:
-    from .train import Recipe
+    from ..core.recipe import Recipe
 
     rows = []
     for name, sets in variants.items():

@@ -6,14 +6,9 @@ GPU). Resume comes from `ray.train.get_checkpoint()`: the Train run's latest che
 worker failure (FailureConfig) or when a Tune trial is restored. Only rank 0 writes checkpoints;
 every rank calls `ray.train.report` (it is collective in Train V2).
 
-A checkpoint directory holds only the method and its optimizer:
-    method.safetensors, config.json, backbone.json   as `lora_diffusion.checkpoint.save` writes them
-                                                     (so `lora-diffusion eval --checkpoint` reads it)
-    optimizer.pt                                     AdamW state (torch.save; loaded weights_only)
-    method_train.safetensors                         trained tensors the saved method leaves out
-                                                     (`Method.training_state`; only if any)
-    trainer_state.json                               step, train time, tokens seen
-    metrics.json                                     the metrics reported with it (replayed on resume)
+A checkpoint directory holds the resume checkpoint `core.checkpoint.save_state` writes (the
+method as `lora-diffusion eval --checkpoint` reads it, its optimizer and counters) plus
+metrics.json, the metrics reported with it (replayed on resume).
 
 Reported metrics: the recipe's metrics plus `step` (the recipe's own counter), `resumed_from_step`
 (where this Train run started: 0, or the checkpoint's step); the first report of a run also
@@ -38,35 +33,6 @@ from pathlib import Path
 import torch
 
 TEST_KILL_ENV = "LORA_DIFFUSION_TEST_KILL_WORKER"
-TRAINING_STATE = "method_train.safetensors"
-
-
-def save_state(directory: Path, recipe) -> None:
-    from safetensors.torch import save_file
-
-    from . import checkpoint
-
-    directory = Path(directory)
-    checkpoint.save(directory, recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
-    state = recipe.state_dict()
-    torch.save(state["optimizer"], directory / "optimizer.pt")
-    if state["method_train"]:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state["method_train"].items()},
-                  str(directory / TRAINING_STATE))
-    meta = {k: state[k] for k in ("step", "train_time", "train_tokens")}
-    (directory / "trainer_state.json").write_text(json.dumps(meta))
-
-
-def load_state(directory: Path, recipe) -> None:
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    tensors = load_file(str(directory / "method.safetensors"), device=str(recipe.device))
-    optimizer = torch.load(directory / "optimizer.pt", map_location=recipe.device, weights_only=True)
-    meta = json.loads((directory / "trainer_state.json").read_text())
-    train_path = directory / TRAINING_STATE
-    method_train = load_file(str(train_path), device=str(recipe.device)) if train_path.exists() else {}
-    recipe.load_state_dict({"method": tensors, "method_train": method_train, "optimizer": optimizer, **meta})
 
 
 def _maybe_die(hook: str | None, rank: int, step: int) -> None:
@@ -87,9 +53,9 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from . import config as config_lib
-    from .accounting import account
-    from .train import Recipe
+    from ..core import checkpoint, config as config_lib
+    from ..core.accounting import account
+    from ..core.recipe import Recipe
 
     t0 = time.perf_counter()
     ctx = ray.train.get_context()
@@ -102,7 +68,7 @@ def train_loop(loop_config: dict) -> None:
     replay = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            load_state(Path(d), recipe)
+            checkpoint.load_state(Path(d), recipe)
             if (Path(d) / "metrics.json").is_file():
                 replay = json.loads((Path(d) / "metrics.json").read_text())
     start = recipe.step
@@ -131,7 +97,7 @@ def train_loop(loop_config: dict) -> None:
             out["result_json"] = json.dumps(result, default=str)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                save_state(Path(tmp), rec)
+                checkpoint.save_state(Path(tmp), rec)
                 (Path(tmp) / "metrics.json").write_text(json.dumps(out))
                 ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
         else:

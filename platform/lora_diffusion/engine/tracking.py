@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..core.errors import UserError
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STEP_METRIC = "train/loss"  # logged with every report: its history tells the last logged step
@@ -54,7 +54,7 @@ def prepare_uri(uri: str) -> str:
 
 def code_version(repo: Path | None = None) -> str:
     """The git sha of the working tree (suffix -dirty with local changes), else the package version."""
-    from . import __version__
+    from .. import __version__
 
     cwd = str(repo) if repo else None
     try:

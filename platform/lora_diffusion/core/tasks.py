@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from lora_diffusion.errors import UserError
+from lora_diffusion.core.errors import UserError
 
 DATA_DIR_ENV = "LORA_DIFFUSION_DATA_DIR"
 SPLIT_SEED = 0  # fixed: the train/dev cuts below must not depend on the run seed

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 
-from . import config as config_lib
-from .accounting import account
-from .backbone import Backbone
-from .config import Config
-from .errors import UserError
+from ..core import config as config_lib
+from ..core.accounting import account
+from ..core.backbone import Backbone
+from ..core.config import Config
+from ..core.errors import UserError
 
 # method -> (size knob, fields clamped to stay <= the knob)
 KNOBS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -34,7 +34,7 @@ def knob_of(method: str) -> str | None:
 
 def count_params(config: Config, backbone: Backbone) -> int:
     """Trainable parameters of `config.method` on this backbone, as `account` reports them."""
-    from .methods import build_method
+    from ..core.methods import build_method
 
     clone = Backbone(model=copy.deepcopy(backbone.model), tokenizer=backbone.tokenizer,
                      source=backbone.source)  # methods hook into / inject into the model

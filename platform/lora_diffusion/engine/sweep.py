@@ -14,7 +14,7 @@ Shape (Ray 2.60, Train V2):
   ASHA stops weak trials on dev/accuracy at rungs of the recipe's step counter.
 - `tracking.MlflowSweepCallback` logs one parent run per sweep and one child run per trial,
   re-attaching to them on resume.
-- A grid file (search_spaces/grid_*.yaml, see ablation.py) instead of a search space runs every
+- A grid file (search_spaces/grid_*.yaml, see grid.py) instead of a search space runs every
   cell x seed once: Tune's grid search (BasicVariantGenerator), no early stopping; at the end
   the ablation report (table, parquet, heatmaps, Pareto plot) is written on the parent run.
 - Everything the user can get wrong (space file, --set keys, existing sweep) raises a
@@ -32,11 +32,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
-from . import config as config_lib
+from ..core import config as config_lib
 from . import search_space as space_lib
-from . import tasks
-from .errors import UserError
+from ..core import tasks
+from ..core.errors import UserError
 from .storage import SweepStorage
 
 METRIC, MODE = "dev/accuracy", "max"
@@ -57,7 +58,7 @@ DEFAULT_SWEEP = {"num_samples": 8, "max_concurrent": 2, "workers": 1, "seed": 0,
 
 def repo_root() -> Path:
     """The checkout the package is installed from (editable install), else the current directory."""
-    here = Path(__file__).resolve().parents[2]
+    here = Path(__file__).resolve().parents[3]
     if (here / "pyproject.toml").is_file() and (here / "platform" / "lora_diffusion").is_dir():
         return here
     return Path.cwd()
@@ -112,7 +113,7 @@ def run_trial(params: dict, spec: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .ray_worker import train_loop
+    from .worker import train_loop
 
     trial_id = tune.get_context().get_trial_id()
     config = config_lib.from_dict({}, {**spec["fixed"], **space_lib.overrides(params)})
@@ -326,7 +327,7 @@ def prepare(args, default_space: str) -> dict:
 def _parse_grid(raw, source: str, base: dict, sets: dict | None = None):
     """A grid file's content, validated with the sweep's overrides. --smoke's own overrides
     give way to the grid's axes; a --set of an axis is an error."""
-    from . import ablation
+    from .grid import parse_grid
 
     axes = {}
     if isinstance(raw, dict):
@@ -334,7 +335,7 @@ def _parse_grid(raw, source: str, base: dict, sets: dict | None = None):
             {k: None for k in (raw.get("axes") or []) if isinstance(k, str)}
     sets = sets or {}
     base = {k: v for k, v in base.items() if k not in axes or k in sets}
-    return ablation.parse_grid(raw, source, base_overrides=base)
+    return parse_grid(raw, source, base_overrides=base)
 
 
 def smoke_grid(raw: dict) -> dict:
@@ -378,7 +379,9 @@ def _default_uri(run_dir: Path) -> str:
     return default_tracking_uri(run_dir)
 
 
-def run(args, default_space: str) -> int:
+def run(args, default_space: str, report: Callable[[dict], None] | None = None) -> int:
+    """Run (or resume) the sweep; `report(spec)` is called when every trial has ended (the
+    analysis layer passes the ablation report: the engine does not import analysis)."""
     spec = prepare(args, default_space)  # every user error surfaces here, before ray.init
     from .tracking import prepare_uri
 
@@ -471,29 +474,11 @@ def run(args, default_space: str) -> int:
                                    json.dumps(spec["grid"]["reference"]))
         results = tuner.fit()
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
-        if not _interrupted(results, spec, ends):  # the report, failed cells included
-            _report(spec)
+        if report is not None and not _interrupted(results, spec, ends):  # failed cells included
+            report(spec)
         return rc
     finally:
         ray.shutdown()
-
-
-def _report(spec: dict) -> None:
-    """The ablation report on the parent run (grid: its axes and reference; Optuna: the sampled
-    params, plus Optuna's plots). A failure here does not undo the sweep: say how to redo it."""
-    from . import ablation
-
-    grid = spec.get("grid") or {}
-    out = repo_root() / "runs" / "reports" / spec["name"]
-    try:
-        files = ablation.write_report(spec["tracking_uri"], spec["name"], grid.get("axes") and list(grid["axes"]),
-                                      grid.get("reference") or None, out)
-    except Exception as exc:  # noqa: BLE001 - reporting must not turn a finished sweep into a failed one
-        print(f"warning: the ablation report failed ({type(exc).__name__}: {exc}); rebuild it with "
-              f"`lora-diffusion report --sweep {spec['name']}`", file=sys.stderr)
-        return
-    print(f"\nablation report ({len(files)} files in {out}, logged on the parent run under ablation/):\n")
-    print(files["summary"].read_text())
 
 
 def trial_ends_class():
@@ -558,10 +543,11 @@ def _summarise(results, spec, mlflow_cb, ends, wall: float) -> int:
     return 0 if not errors else 1
 
 
-def main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
+def main(argv: list[str] | None = None, *, default_space: str = "rank_schedule",
+         report: Callable[[dict], None] | None = None) -> int:
     args = build_parser(default_space).parse_args(argv)
     try:
-        return run(args, default_space)
+        return run(args, default_space, report)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from .backbone import Backbone
 from .errors import UserError
 
 WEIGHTS = "method.safetensors"
+TRAINING_STATE = "method_train.safetensors"  # resume checkpoints only
 
 
 def serialize(method) -> bytes:
@@ -67,3 +68,37 @@ def read(directory: str | Path, overrides: dict | None = None):
     config = config_lib.from_dict(json.loads((d / "config.json").read_text()), overrides)
     meta = json.loads((d / "backbone.json").read_text())
     return config, st_load((d / WEIGHTS).read_bytes()), meta
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def save_state(directory: Path, recipe) -> None:
+    """A resume checkpoint: the saved method (so `eval --checkpoint` reads it) plus what only
+    resuming needs: optimizer.pt (AdamW state, loaded weights_only), method_train.safetensors
+    (trained tensors the saved file leaves out, `Method.training_state`; only if any) and
+    trainer_state.json (step, train time, tokens seen)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    save(directory, recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
+    state = recipe.state_dict()
+    torch.save(state["optimizer"], directory / "optimizer.pt")
+    if state["method_train"]:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state["method_train"].items()},
+                  str(directory / TRAINING_STATE))
+    meta = {k: state[k] for k in ("step", "train_time", "train_tokens")}
+    (directory / "trainer_state.json").write_text(json.dumps(meta))
+
+
+def load_state(directory: Path, recipe) -> None:
+    """Restore a `Recipe` from `save_state`'s files: method, optimizer, counters."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    tensors = load_file(str(directory / "method.safetensors"), device=str(recipe.device))
+    optimizer = torch.load(directory / "optimizer.pt", map_location=recipe.device, weights_only=True)
+    meta = json.loads((directory / "trainer_state.json").read_text())
+    train_path = directory / TRAINING_STATE
+    method_train = load_file(str(train_path), device=str(recipe.device)) if train_path.exists() else {}
+    recipe.load_state_dict({"method": tensors, "method_train": method_train, "optimizer": optimizer, **meta})

@@ -6,7 +6,7 @@
   sources are made absolute so the file can be written anywhere).
 - `check_install(project_dir)`: is the venv running this already an install of that project with
   the pinned versions? The cluster's setup command runs pip only when it is not
-  (`python -m lora_diffusion.cluster check-install DIR`, exit 0 = nothing to do).
+  (`python -m lora_diffusion.engine.cluster check-install DIR`, exit 0 = nothing to do).
 - `LoopbackSshd`: an sshd on 127.0.0.1 accepting one key for root, for trying the cluster on one
   machine and for tests/test_cluster_e2e.py. With `isolate=True` it runs in its own PID and mount
   namespaces (Linux, root): processes started over SSH (Ray, MLflow) see only each other, so the
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"install needed: {p}", file=sys.stderr)
         return 1 if problems else 0
-    print("usage: python -m lora_diffusion.cluster check-install PROJECT_DIR", file=sys.stderr)
+    print("usage: python -m lora_diffusion.engine.cluster check-install PROJECT_DIR", file=sys.stderr)
     return 2
 
 

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from . import config as config_lib
-from .errors import UserError
+from ..core import config as config_lib
+from ..core.errors import UserError
 
 TYPES = ("categorical", "int", "float", "loguniform")
 TOP_KEYS = ("description", "fixed", "params", "sweep")
@@ -185,11 +185,12 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
         fail("params", "must be a non-empty mapping of config keys to parameter specs")
     sweep = check_sweep_options(data.get("sweep"), SWEEP_KEYS, fail)
 
-    _check_config(fixed, source, "fixed")  # the fixed part alone must be a valid config
+    # the fixed part alone must be a valid config
+    check_config(fixed, f"search space {source}: fixed: invalid config")
     if base_overrides:
         fixed = {**fixed, **base_overrides}
-        _check_config(fixed, source, "fixed with the command line's --set " +
-                      " ".join(f"{k}={v}" for k, v in base_overrides.items() if k not in ("data_dir", "backbone")))
+        shown = " ".join(f"{k}={v}" for k, v in base_overrides.items() if k not in ("data_dir", "backbone"))
+        check_config(fixed, f"search space {source}: fixed with the command line's --set {shown}: invalid config")
     valid_keys = set(config_lib.Config().flat())
 
     params: list[Param] = []
@@ -259,7 +260,7 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
         # every value alone (with the fixed part) must give a valid config
         if p.field is not None:
             for value in p.extremes():
-                _check_config({**fixed, p.field: value}, source, key)
+                check_config({**fixed, p.field: value}, f"search space {source}: {key}: invalid config")
         params.append(p)
 
     space = SearchSpace(name=Path(source).stem, path=source, description=str(data.get("description", "")),
@@ -274,7 +275,7 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
         if dup:
             fail(what, f"sets {', '.join(dup)} twice: make the 'when' conditions of its labelled "
                        "variants exclusive")
-        _check_config({**fixed, **overrides(values)}, source, what)
+        check_config({**fixed, **overrides(values)}, f"search space {source}: {what}: invalid config")
     return space
 
 
@@ -317,11 +318,12 @@ def resolve(space: SearchSpace, params: dict) -> config_lib.Config:
     return config_lib.from_dict({}, {**space.fixed, **overrides(params)})
 
 
-def _check_config(overrides: dict, source: str, key: str) -> None:
+def check_config(overrides: dict, where: str) -> None:
+    """Overrides must build a valid config; the error starts with `where` (file and key)."""
     try:
         config_lib.from_dict({}, overrides)
     except UserError as exc:
-        raise UserError(f"search space {source}: {key}: invalid config: {exc}") from None
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _suggest(key: str, valid: set[str]) -> str:

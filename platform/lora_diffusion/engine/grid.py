@@ -1,0 +1,172 @@
+"""Grid files: the ablation grid a sweep runs, validated before Ray starts.
+
+A grid file (search_spaces/grid_*.yaml) holds
+
+    description: one line
+    fixed:                      # config overrides applied to every cell (dotted Config keys)
+      method: trajectory
+    grid:                       # the axes: every combination of their values is one cell
+      trajectory.rank_schedule: [constant, linear, reversed]
+      trajectory.num_phases: [1, 2, 4]
+    seeds: [0, 1, 2]            # train.seed of the repeated runs of every cell
+    reference: {trajectory.rank_schedule: constant}   # the cell the others are compared to
+    sweep: {max_concurrent: 2}  # optional: options of the sweep engine (workers, max_concurrent)
+
+Instead of `grid`, `cells` lists the cells one by one (when they are not a product, e.g. each
+method with its own learning rate), and `axes` names the keys that identify a cell in the
+table (default: every key of the cells):
+
+    cells:
+      - {method: lora, train.lr: 3.0e-3, lora.rank: 4}
+      - {method: full, train.lr: 5.0e-5}
+    axes: [method]
+
+`load_grid` validates it (every cell x seed must give a valid config) and raises `UserError`
+naming the file and the key. The sweep engine runs one Tune trial per cell x seed (grid search,
+no early stopping); `analysis.ablation` turns the logged trials into the report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..core.errors import UserError
+from .search_space import check_config, check_sweep_options
+
+GRID_KEYS = ("description", "fixed", "grid", "cells", "axes", "seeds", "reference", "sweep")
+GRID_SWEEP_KEYS = ("max_concurrent", "workers")
+SEED_FIELD = "train.seed"
+
+
+@dataclass
+class Grid:
+    name: str
+    path: str
+    description: str = ""
+    fixed: dict = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)  # axis -> its values, in order
+    seeds: list[int] = field(default_factory=lambda: [0])
+    reference: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)
+    explicit_cells: list[dict] | None = None  # the `cells` form; None: the product of the axes
+
+    def cells(self) -> list[dict]:
+        """The listed cells, or every combination of the axes' values, in file order."""
+        if self.explicit_cells is not None:
+            return [dict(c) for c in self.explicit_cells]
+        keys = list(self.axes)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.axes[k] for k in keys))]
+
+    def runs(self) -> list[dict]:
+        """The overrides of every run: fixed + cell + train.seed, cell-major."""
+        return [{**self.fixed, **cell, SEED_FIELD: seed} for cell in self.cells() for seed in self.seeds]
+
+
+def load_grid(path: str | Path) -> Grid:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"grid file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    return parse_grid(data, str(path))
+
+
+def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
+    """Validate a grid file's content; `base_overrides` (the sweep's --set, --smoke) apply under
+    `fixed` and may not set an axis."""
+    def err(key: str, problem: str):
+        raise UserError(f"{source}: {key}: {problem}")
+
+    if not isinstance(data, dict):
+        err("(top level)", "expected a mapping")
+    for key in data:
+        if key not in GRID_KEYS:
+            err(key, f"unknown key (valid: {', '.join(GRID_KEYS)})")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        err("fixed", "expected a mapping of dotted config keys")
+    cells = data.get("cells")
+    if cells is not None:
+        if "grid" in data:
+            err("cells", "give either `grid` (a product of axes) or `cells` (a list), not both")
+        axes = _axes_of_cells(cells, data.get("axes"), err)
+    else:
+        if "axes" in data:
+            err("axes", "only with `cells` (the axes of `grid` are its keys)")
+        axes = data.get("grid")
+    if not isinstance(axes, dict) or not axes:
+        err("grid", "expected a non-empty mapping {config.key: [values]}")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            err(f"grid.{key}", "expected a non-empty list of values")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            err(f"grid.{key}", f"repeated value in {values}")
+        if key in fixed:
+            err(f"grid.{key}", "also set in fixed")
+        if key == SEED_FIELD:
+            err(f"grid.{key}", "seeds are given by the top-level `seeds` list")
+    seeds = data.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        err("seeds", f"expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        err("seeds", f"repeated seed in {seeds}")
+    reference = data.get("reference") or {}
+    if not isinstance(reference, dict):
+        err("reference", "expected a mapping {axis: value}")
+    for key, value in reference.items():
+        if key not in axes:
+            err(f"reference.{key}", f"not an axis of the grid (axes: {', '.join(axes)})")
+        if value not in axes[key]:
+            err(f"reference.{key}", f"{value!r} is not one of the axis values {axes[key]}")
+    sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
+    # every key must be a config field and every cell a valid config
+    for key, value in fixed.items():
+        check_config({key: value}, f"{source}: fixed.{key}")
+    for key, value in (base_overrides or {}).items():
+        if key in axes or key == SEED_FIELD:
+            err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
+    fixed = {**fixed, **(base_overrides or {})}
+    grid = Grid(name=Path(source).stem, path=source, description=str(data.get("description", "")),
+                fixed=dict(fixed), axes={k: list(v) for k, v in axes.items()}, seeds=list(seeds),
+                reference=dict(reference), sweep=dict(sweep),
+                explicit_cells=[dict(c) for c in cells] if cells is not None else None)
+    for key, values in ({} if cells is not None else grid.axes).items():
+        for v in values:
+            check_config({**grid.fixed, key: v}, f"{source}: grid.{key}")
+    for cell in grid.cells():
+        for seed in grid.seeds:
+            check_config({**grid.fixed, **cell, SEED_FIELD: seed},
+                         f"{source}: grid (" + ", ".join(f"{k}={v}" for k, v in cell.items()) + ")")
+    return grid
+
+
+def _axes_of_cells(cells, axes, err) -> dict[str, list]:
+    """The axes of a `cells` grid (the keys that name a cell) with their values, in order."""
+    if not isinstance(cells, list) or not cells or not all(isinstance(c, dict) and c for c in cells):
+        err("cells", "expected a non-empty list of non-empty mappings {config.key: value}")
+    keys = list(dict.fromkeys(k for c in cells for k in c))
+    if SEED_FIELD in keys:
+        err("cells", "seeds are given by the top-level `seeds` list")
+    if axes is None:
+        axes = keys
+    if not isinstance(axes, list) or not axes or not all(a in keys for a in axes):
+        err("axes", f"expected a non-empty list of keys of the cells ({', '.join(keys)})")
+    names = [json.dumps({a: c.get(a) for a in axes}, sort_keys=True, default=str) for c in cells]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        err("cells", f"two cells share the axes values {dup[0]}: the table could not tell them apart")
+    values: dict[str, list] = {}
+    for a in axes:
+        seen: dict[str, object] = {}
+        for c in cells:
+            seen.setdefault(json.dumps(c.get(a), sort_keys=True, default=str), c.get(a))
+        values[a] = list(seen.values())
+    return values
