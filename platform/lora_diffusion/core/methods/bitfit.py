@@ -35,4 +35,5 @@ class BitFit(Method):
             raise UserError(f"method: bitfit found no bias terms in {type(self.model).__name__}")
 
 
+# few, scale-sensitive parameters: larger rates than the low-rank modules
 SPEC = MethodSpec(name="bitfit", method=BitFit, order=5, lr_grid=(1e-2, 3e-2))
