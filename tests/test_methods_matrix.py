@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint
+from lora_diffusion.core import checkpoint, checkpoint_files
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.backbone import load_backbone
 from lora_diffusion.core.errors import UserError
-from lora_diffusion.core.methods import METHODS, Context, build_method
+from lora_diffusion.core.methods import Context, build_method, registry
 from lora_diffusion.core.methods.tlora import tlora_rank
 from lora_diffusion.core.recipe import Recipe
 
@@ -46,7 +46,7 @@ NOT_IN_MATRIX = {"router"}
 
 
 def test_matrix_covers_every_registered_method():
-    assert set(MATRIX) == set(METHODS) - NOT_IN_MATRIX
+    assert set(MATRIX) == set(registry.names()) - NOT_IN_MATRIX
 
 
 def _build(tiny_backbone_dir, method, **sets):
@@ -132,7 +132,7 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
     assert not torch.equal(untrained, logits)  # so loading restored what training changed
 
     acc = account(recipe.method)
-    tensors = load_file(out / checkpoint.WEIGHTS)
+    tensors = load_file(out / checkpoint_files.WEIGHTS)
     assert acc["trainable_params"] == sum(v.numel() for v in tensors.values())
     assert acc["trained_params"] == sum(p.numel() for p in recipe.method.trainable().values())
     reparameterised = recipe.method.training_state()  # trains through tensors it does not save
@@ -140,7 +140,7 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
         assert set(reparameterised) == set(recipe.method.trainable())
     else:
         assert acc["trainable_params"] == sum(p.numel() for p in recipe.method.trainable().values())
-    assert acc["bytes_saved"] == (out / checkpoint.WEIGHTS).stat().st_size
+    assert acc["bytes_saved"] == (out / checkpoint_files.WEIGHTS).stat().st_size
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

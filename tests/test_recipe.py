@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint
+from lora_diffusion.core import checkpoint, checkpoint_files
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.recipe import Recipe
@@ -62,10 +62,10 @@ def test_save_load_evaluate_reproduces_accuracy_and_counts_match_file(tiny_confi
     recipe = Recipe(config)
     result = recipe.run(log=None)
     out = checkpoint.save(tmp_path / "ckpt", recipe.method, config, recipe.fingerprint, recipe.backbone.source)
-    tensors = load_file(out / checkpoint.WEIGHTS)
+    tensors = load_file(out / checkpoint_files.WEIGHTS)
     acc = account(recipe.method)
     assert acc["trainable_params"] == sum(t.numel() for t in tensors.values())
-    assert acc["bytes_saved"] == (out / checkpoint.WEIGHTS).stat().st_size
+    assert acc["bytes_saved"] == (out / checkpoint_files.WEIGHTS).stat().st_size
     assert result["accounting"]["trainable_params"] == acc["trainable_params"]
 
     restored = Recipe.from_checkpoint(out)

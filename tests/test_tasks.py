@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from lora_diffusion.core.errors import UserError
-from lora_diffusion.core.tasks import (TASKS, Example, accuracy, clean_ag_news, get_task,
-                                  label_word_token_ids, load_split, resolve_data_dir, rouge_l,
-                                  squad_f1_em)
+from lora_diffusion.core.metrics import rouge_l, squad_f1_em
+from lora_diffusion.core.task_specs import TASKS, Example, clean_ag_news, get_task
+from lora_diffusion.core.tasks import accuracy, label_word_token_ids, load_split, resolve_data_dir
 
 
 def shared_data_dir() -> Path:

@@ -6,7 +6,8 @@ import torch
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.backbone import load_backbone
 from lora_diffusion.core.methods import Context, build_method
-from lora_diffusion.core.methods.trajectory import nuclear_norm_lowrank, orthogonality, rank_schedule
+from lora_diffusion.core.methods.trajectory import (TrajectoryConfig, nuclear_norm_lowrank, orthogonality,
+                                                    rank_schedule)
 
 
 def _setup(tiny_backbone_dir, **sets):
@@ -60,9 +61,9 @@ def test_phase_boundaries_are_half_open_on_the_left(tiny_backbone_dir):
 
 
 def test_rank_schedules_and_reversed_direction():
-    tc = config_lib.TrajectoryConfig(rank=8, min_rank=2)
+    tc = TrajectoryConfig(rank=8, min_rank=2)
     edges = [0, 0.25, 0.5, 0.75, 1.0]
-    get = lambda name: rank_schedule(config_lib.TrajectoryConfig(rank=8, min_rank=2, rank_schedule=name), edges)
+    get = lambda name: rank_schedule(TrajectoryConfig(rank=8, min_rank=2, rank_schedule=name), edges)
     assert get("constant") == [8, 8, 8, 8]
     assert get("linear") == [2, 4, 6, 8]  # paper: more rank at high noise (high t)
     assert get("reversed") == [8, 6, 4, 2]  # T-LoRA: less rank at high noise

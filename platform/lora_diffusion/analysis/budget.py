@@ -14,38 +14,29 @@ from ..core.accounting import account
 from ..core.backbone import Backbone
 from ..core.config import Config
 from ..core.errors import UserError
+from ..core.methods import build_method, registry
 
-# method -> (size knob, fields clamped to stay <= the knob)
-KNOBS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "lora": ("lora.rank", ()),
-    "prefix": ("prefix.length", ()),
-    "adapter": ("adapter.bottleneck", ()),
-    "tlora": ("tlora.rank", ("tlora.min_rank",)),
-    "trajectory": ("trajectory.rank", ("trajectory.min_rank",)),
-    "trajectory_adapter": ("trajectory.rank", ("trajectory.min_rank",)),
-}
 MAX_KNOB = 1 << 14
 
 
 def knob_of(method: str) -> str | None:
-    """The field that sets a method's size, or None for methods whose size is fixed."""
-    return KNOBS[method][0] if method in KNOBS else None
+    """The field that sets a method's size (its spec's `size_knob`), or None for methods whose
+    size is fixed."""
+    return registry.spec_of(method).size_knob
 
 
 def count_params(config: Config, backbone: Backbone) -> int:
     """Trainable parameters of `config.method` on this backbone, as `account` reports them."""
-    from ..core.methods import build_method
-
     clone = Backbone(model=copy.deepcopy(backbone.model), tokenizer=backbone.tokenizer,
                      source=backbone.source)  # methods hook into / inject into the model
     return account(build_method(config, clone))["trainable_params"]
 
 
 def with_knob(config: Config, value: int) -> Config:
-    knob, clamped = KNOBS[config.method]
+    spec = registry.spec_of(config.method)
     flat = config.flat()
-    sets = {knob: value}
-    for name in clamped:
+    sets = {spec.size_knob: value}
+    for name in spec.clamped_to_knob:
         sets[name] = min(flat[name], value)
     return config_lib.from_dict(config.to_dict(), sets)
 
@@ -60,8 +51,8 @@ def match_budget(config: Config, backbone: Backbone, target_params: int, *,
     A knob that cannot reach the target within the tolerance raises UserError."""
     if target_params < 1:
         raise UserError(f"budget: target must be >= 1 trainable parameter, got {target_params}")
-    method = config.method
-    if method not in KNOBS:
+    method, knob = config.method, knob_of(config.method)
+    if knob is None:
         if fixed_ok:
             return config
         size = count_params(config, backbone)
@@ -99,7 +90,6 @@ def match_budget(config: Config, backbone: Backbone, target_params: int, *,
     candidates = [k for k in {lo, hi} if count(k) is not None]
     best = min(candidates, key=lambda k: (abs(count(k) - target_params), k))
     got = count(best)
-    knob = KNOBS[method][0]
     if abs(got - target_params) > tolerance * target_params:
         raise UserError(
             f"budget: {method} cannot reach {target_params} trainable parameters within "

@@ -26,23 +26,23 @@ from pathlib import Path
 import yaml
 
 from ..core import config as config_lib
-from .budget import knob_of, match_budget
 from ..core.errors import UserError
+from ..core.methods import registry
+from .budget import knob_of, match_budget
 
-# Learning-rate grids per method (MiniLM, AdamW, batch 32), each around the rate that trained best
-# in single-seed calibration runs on SST-2 dev: full fine-tuning needs ~100x smaller steps than
-# the small modules; prefix and BitFit move few, scale-sensitive parameters.
-LR_GRIDS: dict[str, list[float]] = {
-    "trajectory": [5e-3, 1e-2],
-    "trajectory_adapter": [1e-3, 3e-3],
-    "lora": [1e-3, 3e-3],
-    "tlora": [1e-3, 3e-3],
-    "adapter": [1e-3, 3e-3],
-    "prefix": [3e-4, 5e-4],
-    "bitfit": [1e-2, 3e-2],
-    "full": [5e-5, 1e-4],
-}
-ALL_METHODS = list(LR_GRIDS)
+# The compared methods are those whose spec has a learning-rate grid (`MethodSpec.lr_grid`:
+# MiniLM, AdamW, batch 32, each around the rate that trained best in single-seed calibration runs
+# on SST-2 dev), listed in the tables in this order: the reference, its placement variant, the
+# weight-LoRA family, then the other baselines; a method not named here comes after them.
+TABLE_ORDER = ("trajectory", "trajectory_adapter", "lora", "tlora", "adapter", "prefix", "bitfit", "full")
+
+
+def _table_position(method: str) -> int:
+    return TABLE_ORDER.index(method) if method in TABLE_ORDER else len(TABLE_ORDER)
+
+
+ALL_METHODS = sorted((s.name for s in registry.specs() if s.lr_grid), key=_table_position)
+LR_GRIDS: dict[str, list[float]] = {m: list(registry.spec_of(m).lr_grid) for m in ALL_METHODS}
 REFERENCE_METHOD = "trajectory"
 
 # Every run: what the default sweep measured to carry signal on 2 CPU cores (see rank_schedule.yaml).
@@ -53,16 +53,10 @@ BASE_SETS = {"backbone": "minilm", "max_length": 48, "max_train_examples": 20000
              "train_accuracy_examples": 256, "train.batch_size": 32, "train.warmup_steps": 20,
              "diffusion.eval_t_points": 2, "trajectory.num_phases": 2, "train.group_by_length": True}
 
-# Per-method settings of the comparison, applied before the size is solved.
-# Prefix tuning trains through Li & Liang's reparameterisation MLP, of their width 512, and saves
-# and counts the prefix it computes (`prefix.save: prefix`), as Li & Liang and PEFT do. Single
-# seed, SST-2, 400 dev rows, 800 steps, 16 tokens: width 512 0.8275 at lr 3e-4; width 384 (PEFT's
-# default, the hidden size) 0.800 at 3e-4 and 0.805 at 5e-4 (3 seeds, whole dev split: 0.799 +-
-# 0.007 at 3e-4), 0.74 at 1e-4, chance at 1e-3 and 3e-3. Trained directly, the prefix stayed at chance
-# (0.51-0.52 through 300-400 steps at 1e-3, 3e-3, 1e-2). Counting the MLP instead
-# (`prefix.save: mlp`) leaves it width 12 x 24 tokens at this budget: 0.766 +- 0.012 over 3 seeds
-# on the whole dev split (lr 5e-3; width 8 x 76 tokens 0.745, width 4 x 128 0.56, one seed).
-METHOD_SETS: dict[str, dict[str, object]] = {"prefix": {"prefix.projection": 512}}
+# Per-method settings of the comparison (`MethodSpec.comparison_sets`, with the measurements
+# that chose them in the method's file), applied before the size is solved.
+METHOD_SETS: dict[str, dict[str, object]] = {
+    m: dict(registry.spec_of(m).comparison_sets) for m in ALL_METHODS if registry.spec_of(m).comparison_sets}
 
 
 @dataclass

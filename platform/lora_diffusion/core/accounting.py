@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .checkpoint import serialize
+from .checkpoint_files import serialize
 
 
 def account(method) -> dict:

@@ -1,34 +1,20 @@
 """Checkpoints: the method's trainable tensors in safetensors plus the resolved config as JSON.
 
-No pickle anywhere: a checkpoint directory holds
-    method.safetensors   exactly the tensors `Method.state_to_save()` returns
-    config.json          the resolved Config
-    backbone.json        where the backbone came from and a fingerprint of its frozen weights
-`serialize` is the single source of the saved bytes: accounting measures the same bytes.
+No pickle anywhere; the files and their bytes are checkpoint_files.py's. Here: saving a method
+with its Config, reading one back as a Config, and the resume format (save_state/load_state).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from . import config as config_lib
 from .backbone import Backbone
-from .errors import UserError
-
-WEIGHTS = "method.safetensors"
-TRAINING_STATE = "method_train.safetensors"  # resume checkpoints only
-
-
-def serialize(method) -> bytes:
-    tensors = {k: v.cpu() for k, v in method.state_to_save().items()}
-    return st_save(tensors, metadata={"method": method.name})
+from .checkpoint_files import BACKBONE, CONFIG, TRAINING_STATE, WEIGHTS, read_files, serialize, write_atomic
 
 
 def backbone_fingerprint(backbone: Backbone) -> str:
@@ -43,31 +29,20 @@ def backbone_fingerprint(backbone: Backbone) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save(directory: str | Path, method, config, fingerprint: str, source: str) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _write_atomic(d / WEIGHTS, serialize(method))
-    _write_atomic(d / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    write_atomic(d / WEIGHTS, serialize(method))
+    write_atomic(d / CONFIG, json.dumps(config.to_dict(), indent=2).encode())
     meta = {"backbone_source": source, "backbone_fingerprint": fingerprint, "method": method.name}
-    _write_atomic(d / "backbone.json", json.dumps(meta, indent=2).encode())
+    write_atomic(d / BACKBONE, json.dumps(meta, indent=2).encode())
     return d
 
 
 def read(directory: str | Path, overrides: dict | None = None):
     """(config, tensors, meta) from a checkpoint directory; `Recipe.from_checkpoint` builds on it."""
-    d = Path(directory)
-    for name in (WEIGHTS, "config.json", "backbone.json"):
-        if not (d / name).is_file():
-            raise UserError(f"checkpoint: {d / name} not found")
-    config = config_lib.from_dict(json.loads((d / "config.json").read_text()), overrides)
-    meta = json.loads((d / "backbone.json").read_text())
-    return config, st_load((d / WEIGHTS).read_bytes()), meta
+    data, tensors, meta = read_files(directory)
+    return config_lib.from_dict(data, overrides), tensors, meta
 
 
 # ----------------------------------------------------------------------------- resume
@@ -96,7 +71,7 @@ def load_state(directory: Path, recipe) -> None:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    tensors = load_file(str(directory / "method.safetensors"), device=str(recipe.device))
+    tensors = load_file(str(directory / WEIGHTS), device=str(recipe.device))
     optimizer = torch.load(directory / "optimizer.pt", map_location=recipe.device, weights_only=True)
     meta = json.loads((directory / "trainer_state.json").read_text())
     train_path = directory / TRAINING_STATE

@@ -8,3 +8,13 @@ exits with code 2, before anything is written.
 
 class UserError(ValueError):
     """Bad input the user can fix; the message names the field or file."""
+
+
+def check(ok: bool, name: str, problem: str) -> None:
+    """Raise `UserError("field NAME: PROBLEM")` unless ok: how every config check reports."""
+    if not ok:
+        raise UserError(f"field {name}: {problem}")
+
+
+def check_one_of(value: str, choices: tuple[str, ...], name: str) -> None:
+    check(value in choices, name, f"unknown value {value!r} (valid: {', '.join(choices)})")

@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 
 from . import tasks
+from .task_specs import get_task
 from .errors import UserError
 
 
@@ -38,6 +39,6 @@ def write_sst2_heldout(path: str, max_train_examples: int, seed: int = 0, n: int
 
 def _sentence(example) -> str:
     """The raw sentence back out of the filled template."""
-    template = tasks.get_task("sst2").template
+    template = get_task("sst2").template
     head, tail = template.split("{sentence}")
     return example.prompt[len(head): len(example.prompt) - len(tail)]

@@ -1,31 +1,23 @@
-"""Fine-tuning methods, one file each, behind the `Method` interface in base.py."""
+"""Fine-tuning methods, one file each, behind the `Method` interface in base.py.
 
+Every module here that defines `SPEC` (a `registry.MethodSpec`) is a method: importing this
+package imports them all and registers their specs. Adding a method is adding one file.
+"""
+
+import importlib
+import pkgutil
+
+from . import registry
 from .base import Context, Method
-from .adapter import AdapterMethod
-from .bitfit import BitFit
-from .full import FullFinetune
-from .lora import LoraMethod
-from .prefix import PrefixMethod
-from .router import TrajectoryRouter
-from .tlora import TLoraMethod
-from .trajectory import TrajectoryMethod
-from .trajectory_adapter import TrajectoryAdapterMethod
 
-METHODS: dict[str, type[Method]] = {
-    TrajectoryMethod.name: TrajectoryMethod,
-    FullFinetune.name: FullFinetune,
-    LoraMethod.name: LoraMethod,
-    PrefixMethod.name: PrefixMethod,
-    AdapterMethod.name: AdapterMethod,
-    BitFit.name: BitFit,
-    TLoraMethod.name: TLoraMethod,
-    TrajectoryAdapterMethod.name: TrajectoryAdapterMethod,
-    TrajectoryRouter.name: TrajectoryRouter,
-}
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    if hasattr(_module, "SPEC"):
+        registry.register(_module.SPEC)
 
 
 def build_method(config, backbone) -> Method:
-    return METHODS[config.method](config, backbone)
+    return registry.spec_of(config.method).method(config, backbone)
 
 
-__all__ = ["METHODS", "Context", "Method", "build_method"]
+__all__ = ["Context", "Method", "build_method", "registry"]

@@ -15,15 +15,36 @@ Adapters do not depend on t: they are active with or without a context.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, check, check_one_of
 from .base import Method
+from .registry import MethodSpec
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapters: h + up(act(down(h))) on a sublayer's output, up initialised to zero."""
+
+    bottleneck: int = 16  # width of the bottleneck (the size knob)
+    placement: str = "pfeiffer"  # pfeiffer: after the FFN | houlsby: after attention and FFN
+    activation: str = "relu"  # relu | gelu | tanh
+
+
+def validate(ac: AdapterConfig) -> None:
+    check(ac.bottleneck >= 1, "adapter.bottleneck", f"must be >= 1, got {ac.bottleneck}")
+    check_one_of(ac.placement, ("pfeiffer", "houlsby"), "adapter.placement")
+    check_one_of(ac.activation, tuple(ACTIVATIONS), "adapter.activation")
 
 
 class Bottleneck(nn.Module):
@@ -64,7 +85,6 @@ class AdapterMethod(Method):
         super().__init__(config, backbone)
         ac = config.adapter
         self.adapters = nn.ModuleDict()
-        self._hooks = []
         for i, layer in enumerate(backbone.layers):
             for site, module in _sublayer_outputs(layer, ac.placement).items():
                 key = f"layer{i}_{site}"
@@ -72,6 +92,6 @@ class AdapterMethod(Method):
                 self._hooks.append(module.register_forward_hook(
                     lambda _m, _i, output, key=key: self.adapters[key](output)))
 
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
+
+SPEC = MethodSpec(name="adapter", method=AdapterMethod, order=4, section=AdapterConfig,
+                  validate=validate, size_knob="adapter.bottleneck", lr_grid=(1e-3, 3e-3))

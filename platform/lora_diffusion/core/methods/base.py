@@ -9,12 +9,15 @@ they only ever talk to this interface.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..config import Config
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Method(nn.Module):
         self.model = backbone.model  # a submodule, so full fine-tuning and PEFT see its params
         self.backbone_params = backbone.parameter_count()  # counted before anything is attached
         self.context: Context | None = None
+        self._hooks: list = []  # handles of the hooks the method puts on the backbone
         for p in backbone.model.parameters():  # frozen unless the method says otherwise
             p.requires_grad_(False)
 
@@ -78,3 +82,9 @@ class Method(nn.Module):
     def phase_boundaries(self) -> list[float]:
         """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""
         return [0.0, 1.0]
+
+    def remove(self) -> None:
+        """Take the method's hooks off the backbone: the model runs as before it was attached."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

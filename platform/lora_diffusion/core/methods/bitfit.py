@@ -8,10 +8,17 @@ scoring, so its bias plays the role of the classifier bias BitFit trains. BitFit
 knob: its size is fixed by the backbone (57,018 on MiniLM-L6, 30,522 of them the vocabulary bias).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ..backbone import Backbone
-from ..config import Config
 from ..errors import UserError
 from .base import Method
+from .registry import MethodSpec
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
 
 
 class BitFit(Method):
@@ -26,3 +33,7 @@ class BitFit(Method):
                 found = True
         if not found:
             raise UserError(f"method: bitfit found no bias terms in {type(self.model).__name__}")
+
+
+# few, scale-sensitive parameters: larger rates than the low-rank modules
+SPEC = MethodSpec(name="bitfit", method=BitFit, order=5, lr_grid=(1e-2, 3e-2))

@@ -9,13 +9,18 @@ initialisation. DoRA and rsLoRA are PEFT flags.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..backbone import Backbone
-from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, check, check_one_of
 from .base import Method
+from .registry import MethodSpec
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
 
 # Full-name regexes (PEFT matches a string target_modules with re.fullmatch). "output.dense"
 # alone would also match attention.output.dense, so the MLP output is anchored on the block index.
@@ -25,6 +30,24 @@ TARGET_PATTERNS = {
     "attention": rf".*\.layer\.\d+\.({_ATTENTION})",
     "attention_mlp": rf".*\.layer\.\d+\.({_ATTENTION}|intermediate\.dense|output\.dense)",
 }
+
+
+@dataclass
+class LoraConfig:
+    """Weight LoRA through HF PEFT (also DoRA / rsLoRA flags)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attention"  # attention | attention_mlp
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+def validate(lc: LoraConfig) -> None:
+    check(lc.rank >= 1, "lora.rank", f"must be >= 1, got {lc.rank}")
+    check_one_of(lc.targets, tuple(TARGET_PATTERNS), "lora.targets")
+    check(0 <= lc.dropout < 1, "lora.dropout", "must lie in [0, 1)")
 
 
 def target_linears(model: nn.Module, targets: str, field_name: str) -> dict[str, nn.Linear]:
@@ -55,3 +78,7 @@ class LoraMethod(Method):
         # PEFT marks only the adapter tensors trainable; make sure nothing else is
         for n, p in self.model.named_parameters():
             p.requires_grad_("lora_" in n)
+
+
+SPEC = MethodSpec(name="lora", method=LoraMethod, order=2, section=LoraConfig, validate=validate,
+                  size_knob="lora.rank", lr_grid=(1e-3, 3e-3))

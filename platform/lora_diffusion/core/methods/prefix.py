@@ -28,13 +28,40 @@ It does not depend on t: the prefix is used with or without a context.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, check, check_one_of
 from .base import Method
+from .registry import MethodSpec
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix tuning: learned key/value vectors prepended to every self-attention layer."""
+
+    length: int = 16  # prefix vectors per layer (the size knob)
+    init: str = "tokens"  # tokens: keys/values of random words read by the backbone | random
+    init_std: float = 0.02  # std of the "random" init
+    projection: int = 0  # > 0: Li & Liang's reparameterisation MLP of this width (init ignored)
+    # With a projection, what is saved and counted: "prefix" = the key/values the MLP computes
+    # (Li & Liang drop the MLP after training; PEFT saves the prefix), "mlp" = the seeds and MLP
+    save: str = "prefix"
+
+
+def validate(pc: PrefixConfig) -> None:
+    check(pc.length >= 1, "prefix.length", f"must be >= 1, got {pc.length}")
+    check_one_of(pc.init, ("tokens", "random"), "prefix.init")
+    check(pc.init_std > 0, "prefix.init_std", "must be > 0")
+    check(pc.projection >= 0, "prefix.projection", f"must be >= 0 (0 = no MLP), got {pc.projection}")
+    check_one_of(pc.save, ("prefix", "mlp"), "prefix.save")
 
 
 class _PrefixCache:
@@ -228,6 +255,16 @@ class PrefixMethod(Method):
             return args, kwargs
         return hook
 
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
+
+# Baseline comparison: prefix tuning moves few, scale-sensitive parameters (small rates), and
+# trains through Li & Liang's reparameterisation MLP, of their width 512, saving and counting the
+# prefix it computes (`prefix.save: prefix`), as Li & Liang and PEFT do. Single seed, SST-2, 400
+# dev rows, 800 steps, 16 tokens: width 512 0.8275 at lr 3e-4; width 384 (PEFT's default, the
+# hidden size) 0.800 at 3e-4 and 0.805 at 5e-4 (3 seeds, whole dev split: 0.799 +- 0.007 at
+# 3e-4), 0.74 at 1e-4, chance at 1e-3 and 3e-3. Trained directly, the prefix stayed at chance
+# (0.51-0.52 through 300-400 steps at 1e-3, 3e-3, 1e-2). Counting the MLP instead
+# (`prefix.save: mlp`) leaves it width 12 x 24 tokens at this budget: 0.766 +- 0.012 over 3 seeds
+# on the whole dev split (lr 5e-3; width 8 x 76 tokens 0.745, width 4 x 128 0.56, one seed).
+SPEC = MethodSpec(name="prefix", method=PrefixMethod, order=3, section=PrefixConfig,
+                  validate=validate, size_knob="prefix.length", lr_grid=(3e-4, 5e-4),
+                  comparison_sets={"prefix.projection": 512})

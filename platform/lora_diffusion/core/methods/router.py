@@ -9,15 +9,46 @@ injection layer, so it can tell tasks apart without being told which task a samp
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..checkpoint import read as read_checkpoint
-from ..config import Config
+from ..checkpoint_files import read_files
 from ..errors import UserError
 from .base import Method
-from .trajectory import _replace_hidden, build_injection
+from .registry import MethodSpec
+from .trajectory import TrajectoryConfig, _replace_hidden, build_injection
+from .trajectory import validate as validate_trajectory
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
+
+
+@dataclass
+class RouterConfig:
+    """Router composition of trained trajectory checkpoints (method: router)."""
+
+    checkpoints: list[str] = field(default_factory=list)  # two or more trajectory checkpoint dirs
+
+
+def read_expert(path: str) -> tuple[TrajectoryConfig, int, dict[str, torch.Tensor]]:
+    """(trajectory settings, sampler steps, tensors) of a trained trajectory checkpoint. Its
+    config.json is a resolved, validated Config, read here section by section: the router sits
+    below config, which builds its sections from the methods."""
+    data, tensors, _ = read_files(path)
+    method = data.get("method")
+    if method != "trajectory":
+        raise UserError(f"field router.checkpoints: {path} holds method '{method}', not trajectory")
+    try:
+        tc = TrajectoryConfig(**data["trajectory"])
+        sampler_steps = int(data["diffusion"]["sampler_steps"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"field router.checkpoints: {path}/config.json is not a resolved config: {exc}") from None
+    validate_trajectory(tc)
+    return tc, sampler_steps, tensors
 
 
 class TrajectoryRouter(Method):
@@ -32,12 +63,8 @@ class TrajectoryRouter(Method):
         self.edges: list[torch.Tensor] = []
         layer_sets = set()
         for path in paths:
-            ck_config, tensors, _ = read_checkpoint(path)
-            if ck_config.method != "trajectory":
-                raise UserError(f"field router.checkpoints: {path} holds method '{ck_config.method}', "
-                                f"not trajectory")
-            layers, bounds, _, modules = build_injection(ck_config.trajectory,
-                                                         ck_config.diffusion.sampler_steps, backbone)
+            tc, sampler_steps, tensors = read_expert(path)
+            layers, bounds, _, modules = build_injection(tc, sampler_steps, backbone)
             prefix = "injection."
             modules.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
             modules.requires_grad_(False)  # experts stay frozen; only the router trains
@@ -77,3 +104,7 @@ class TrajectoryRouter(Method):
                 return h + delta
             return _replace_hidden(output, apply)
         return hook
+
+
+# Composes trained experts, so it is not in the baseline comparison (no learning-rate grid).
+SPEC = MethodSpec(name="router", method=TrajectoryRouter, order=8, section=RouterConfig)

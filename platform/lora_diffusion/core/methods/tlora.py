@@ -19,14 +19,37 @@ With no context (t unknown) the hooks add nothing: the method behaves as the bas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, check, check_one_of
 from .base import Method
-from .lora import target_linears
+from .lora import TARGET_PATTERNS, target_linears
+from .registry import MethodSpec
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
+
+
+@dataclass
+class TLoraConfig:
+    """T-LoRA: weight LoRA whose active rank is masked by t, r(t) = floor((r_max-r_min)(1-t)) + r_min."""
+
+    rank: int = 8  # r_max (the size knob)
+    min_rank: int = 1  # r_min, the rank at t = 1 (pure noise)
+    alpha: float = 16.0  # scale alpha / r_max, fixed for every t
+    targets: str = "attention"  # attention | attention_mlp
+
+
+def validate(tl: TLoraConfig) -> None:
+    check(tl.rank >= 1, "tlora.rank", f"must be >= 1, got {tl.rank}")
+    check(1 <= tl.min_rank <= tl.rank, "tlora.min_rank", "must lie in [1, rank]")
+    check(tl.alpha > 0, "tlora.alpha", "must be > 0")
+    check_one_of(tl.targets, tuple(TARGET_PATTERNS), "tlora.targets")
 
 
 def tlora_rank(t: torch.Tensor, r_max: int, r_min: int) -> torch.Tensor:
@@ -64,7 +87,6 @@ class TLoraMethod(Method):
                             f"target layer (A needs orthonormal rows)")
         gen = torch.Generator().manual_seed(config.train.seed)
         self.adapters = nn.ModuleDict()
-        self._hooks = []
         for name, lin in linears.items():
             key = name.replace(".", "_")
             self.adapters[key] = MaskedLoRA(lin.in_features, lin.out_features, tl.rank, gen)
@@ -82,6 +104,6 @@ class TLoraMethod(Method):
             return output + self.adapters[key].delta(inputs[0], keep, self.scale)
         return hook
 
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
+
+SPEC = MethodSpec(name="tlora", method=TLoraMethod, order=6, section=TLoraConfig, validate=validate,
+                  size_knob="tlora.rank", clamped_to_knob=("tlora.min_rank",), lr_grid=(1e-3, 3e-3))

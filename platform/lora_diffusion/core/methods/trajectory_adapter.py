@@ -14,13 +14,17 @@ is `TrajectoryMethod`'s own code.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..backbone import Backbone
-from ..config import Config
 from ..errors import UserError
+from .registry import MethodSpec
 from .trajectory import TrajectoryMethod
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
 
 
 class TrajectoryAdapterMethod(TrajectoryMethod):
@@ -31,10 +35,15 @@ class TrajectoryAdapterMethod(TrajectoryMethod):
         every = dataclasses.replace(config.trajectory, injection_layers=list(range(n_layers)))
         super().__init__(dataclasses.replace(config, trajectory=every), backbone)
         self.remove()  # drop the block-output hooks the parent registered ...
-        self._hooks = []
         for i, layer in enumerate(backbone.layers):  # ... and hook the FFN output projections
             target = getattr(getattr(layer, "output", None), "dense", None)
             if not isinstance(target, nn.Linear):
                 raise UserError("method: trajectory_adapter needs BERT-style blocks "
                                 "(layer.output.dense)")
             self._hooks.append(target.register_forward_hook(self._hook(f"layer{i}")))
+
+
+# Reads the `trajectory.*` section, so it has no section of its own.
+SPEC = MethodSpec(name="trajectory_adapter", method=TrajectoryAdapterMethod, order=7,
+                  size_knob="trajectory.rank", clamped_to_knob=("trajectory.min_rank",),
+                  lr_grid=(1e-3, 3e-3))

@@ -1,0 +1,57 @@
+"""The method registry: one `MethodSpec` per method, declared as `SPEC` in the method's own file.
+
+A leaf module: it imports nothing from the package, so config (which builds its method sections
+from here), the methods and the analysis layer can all read it without an import cycle. The
+methods package fills it when imported (`methods/__init__.py` registers every module's SPEC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the platform knows about a method outside its implementation."""
+
+    name: str  # the value of `method:` in a config
+    method: type  # the Method subclass, built as method(config, backbone)
+    # Position in listings (the `method` choices of a config error, the Config sections).
+    # Existing methods keep their order; a new method takes the next number.
+    order: int
+    # Its config section `<name>.*`: a dataclass with a default for every field, and the check
+    # of its values (raises UserError naming the field). None: the method reads no section of
+    # its own (it may read another method's, as trajectory_adapter reads `trajectory.*`).
+    section: type | None = None
+    validate: Callable[[object], None] | None = None
+    # Budget matching: the field that sets the method's size (None: the size is fixed by the
+    # backbone), and fields clamped to stay <= it when the knob changes.
+    size_knob: str | None = None
+    clamped_to_knob: tuple[str, ...] = ()
+    # Baseline comparison: learning rates to try (empty: not compared) and settings applied
+    # to every run of the method before its size is solved.
+    lr_grid: tuple[float, ...] = ()
+    comparison_sets: dict[str, object] = field(default_factory=dict)
+
+
+_SPECS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> None:
+    if spec.name in _SPECS and _SPECS[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _SPECS[spec.name] = spec
+
+
+def specs() -> list[MethodSpec]:
+    """Every registered method, in listing order."""
+    return sorted(_SPECS.values(), key=lambda s: s.order)
+
+
+def names() -> list[str]:
+    return [s.name for s in specs()]
+
+
+def spec_of(name: str) -> MethodSpec:
+    return _SPECS[name]

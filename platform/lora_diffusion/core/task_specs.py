@@ -1,0 +1,133 @@
+"""What each task is: its examples' form (Example), prompt template, label words and split
+note (TaskSpec, TASKS), and how one row of its data becomes an Example (one function per task,
+shared by the local files, data_file and the hub). Loading and splitting: tasks.py.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+
+from .errors import UserError
+
+# XSum documents average ~2,000 characters; 1,500 (~330 WordPieces) leaves room for the
+# ~30-token summary inside a 512-position BERT-style backbone. Cut at a word boundary.
+XSUM_MAX_DOC_CHARS = 1500
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str  # "<task>/<file or split>/<row>" or "<task>/<dataset id>"; unique across splits
+    prompt: str  # the filled template: the clean conditioning part
+    response: str  # label word (classification) or answer / summary (generation)
+    label: int | None  # class index for classification, None otherwise
+    references: tuple[str, ...] = ()  # gold answers for generation tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # "classification" or "generation"
+    template: str
+    label_words: tuple[str, ...]  # one per class index; single bert-base-uncased WordPieces
+    splits: tuple[str, ...]
+    split_note: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec(
+        name="sst2",
+        kind="classification",
+        template="Review: {sentence}\nSentiment:",
+        label_words=("terrible", "great"),  # 0 = negative, 1 = positive (LM-BFF's choice)
+        splits=("train", "dev"),
+        split_note="GLUE SST-2 train (67,349 phrases) and dev = GLUE validation (872 sentences); "
+        "no labelled test set locally: evaluate a test file with data_file",
+    ),
+    "ag_news": TaskSpec(
+        name="ag_news",
+        kind="classification",
+        template="Article: {text}\nTopic:",  # text = title + description
+        label_words=("world", "sports", "business", "science"),  # World, Sports, Business, Sci/Tech
+        splits=("train", "dev"),
+        split_note="train/dev cut (fixed seed 0, stratified: 475 dev rows per class) from the "
+        "AG News test.csv (7,600 rows): dev 1,900, train 5,700; not comparable to published "
+        "AG News test numbers",
+    ),
+    "xquad": TaskSpec(
+        name="xquad",
+        kind="generation",
+        template="Context: {context}\nQuestion: {question}\nAnswer:",
+        label_words=(),
+        splits=("train", "dev"),
+        split_note="train/dev cut (fixed seed 0) from XQuAD-en, itself a SQuAD v1.1 dev subset: "
+        "20% of the 48 articles go to dev, grouped by article title so no context is in both; "
+        "the hub copy has no titles and is grouped by context instead; not comparable to "
+        "published SQuAD/XQuAD numbers",
+    ),
+    "xsum": TaskSpec(
+        name="xsum",
+        kind="generation",
+        template="Document: {document}\nSummary:",  # document capped at XSUM_MAX_DOC_CHARS
+        label_words=(),
+        splits=("train", "dev"),
+        split_note="train/dev cut (fixed seed 0, 20% of unique ids to dev) from 1,910 unique "
+        "XSum test-split articles (two 1,000-row subsets deduplicated on id); documents cut to "
+        f"{XSUM_MAX_DOC_CHARS} characters; not comparable to published XSum test numbers",
+    ),
+}
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise UserError(f"task: unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def sst2_example(ex_id: str, sentence: str, label: int) -> Example:
+    spec = TASKS["sst2"]
+    return Example(ex_id, spec.template.format(sentence=sentence.strip()),
+                   spec.label_words[label], label)
+
+
+def ag_news_example(ex_id: str, text: str, label: int) -> Example:
+    spec = TASKS["ag_news"]
+    return Example(ex_id, spec.template.format(text=text), spec.label_words[label], label)
+
+
+def xquad_example(ex_id: str, context: str, question: str, answers: list[str]) -> Example:
+    prompt = TASKS["xquad"].template.format(context=context.strip(), question=question.strip())
+    return Example(ex_id, prompt, answers[0].strip(), None, tuple(a.strip() for a in answers))
+
+
+def xsum_example(ex_id: str, document: str, summary: str) -> Example:
+    doc = document.strip()
+    if len(doc) > XSUM_MAX_DOC_CHARS:
+        doc = doc[:XSUM_MAX_DOC_CHARS].rsplit(None, 1)[0]
+    summary = summary.strip()
+    return Example(ex_id, TASKS["xsum"].template.format(document=doc), summary, None, (summary,))
+
+
+# The original crawl turned "&" into a space: "doesn #39;t", "In  quot;helping", "J amp;J".
+_ENTITY_RESIDUE = re.compile(r"(^| )(#\d+|quot|amp|lt|gt|hellip);")
+# Real tags (<b>, <A HREF=...>, <br />) but not Reuters tickers such as <TXN.N>.
+_HTML_TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s[^<>]*)?/?>")
+
+
+def clean_ag_news(text: str) -> str:
+    """Undo AG News residue: entities lost their '&' ("doesn #39;t" -> "doesn't", " quot;" ->
+    '"', " #36;10" -> "$10"), escaped HTML tags ("&lt;b&gt;") are dropped, "\\$" is a dollar
+    sign and any other backslash marked a line break ("second\\team" -> "second team"; "\\n" is
+    no newline escape either: "social\\network")."""
+    text = _ENTITY_RESIDUE.sub(r"&\2;", text)
+    text = html.unescape(html.unescape(text))  # "&amp;lt;" needs two passes
+    text = _HTML_TAG.sub(" ", text)
+    text = text.replace("\\$", "$")
+    text = re.sub(r"\\+", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def ag_news_text(title: str, description: str) -> str:
+    title, description = clean_ag_news(title), clean_ag_news(description)
+    sep = " " if title[-1:] in ".?!" else ". "
+    return title + sep + description
