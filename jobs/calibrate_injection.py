@@ -7,11 +7,9 @@ comparison isolates depth (add --set trajectory.num_phases=4 to repeat it with p
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from lora_diffusion.analysis.benchmark import compare_variants, markdown
+from lora_diffusion.analysis.benchmark import compare_variants, markdown, write_markdown
 from lora_diffusion.core.config import parse_sets
 
 VARIANTS = {
@@ -31,11 +29,8 @@ def main() -> int:
     base = {"trajectory.num_phases": 1, "train.steps": args.steps, "train.eval_every": args.steps,
             "max_eval_examples": args.eval_examples, **parse_sets(args.set)}
     rows = compare_variants(base, VARIANTS)
-    table = markdown(rows)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"base: {json.dumps(base)}\n\n{table}\n")
+    print(markdown(rows))
+    write_markdown(args.out, base, rows)
     return 0
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lora_diffusion.analysis import ablation
-from lora_diffusion.engine import grid as grid_lib
-
+from lora_diffusion.analysis.report import write_report
+from lora_diffusion.analysis.statistics import aggregate
+from lora_diffusion.analysis.trials import load_trials
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.errors import UserError
+from lora_diffusion.engine import grid as grid_lib
 from lora_diffusion.engine.tracking import SweepTracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def _hand(values):
 
 
 def test_load_trials_reads_every_trial_including_the_failed_one(store):
-    df = ablation.load_trials(store, "whole")
+    df = load_trials(store, "whole")
     assert len(df) == 8 and df["trial_id"].is_unique
     assert sorted(df["status"].value_counts().items()) == [("FAILED", 1), ("FINISHED", 7)]
     row = df[df["trial_id"] == "t_4_reversed_1"].iloc[0]
@@ -93,9 +94,9 @@ def test_load_trials_reads_every_trial_including_the_failed_one(store):
 
 
 def test_aggregate_matches_hand_computation(store):
-    df = ablation.load_trials(store, "whole")
+    df = load_trials(store, "whole")
     ref = {"trajectory.rank": 4, "trajectory.rank_schedule": "constant"}
-    table = ablation.aggregate(df, AXES, ref)
+    table = aggregate(df, AXES, ref)
     assert len(table) == 4  # the failed cell is kept
     cells = {(int(r["trajectory.rank"]), r["trajectory.rank_schedule"]): r for _, r in table.iterrows()}
 
@@ -127,31 +128,31 @@ def test_aggregate_matches_hand_computation(store):
 
 
 def test_partial_reference_compares_within_each_slice(store):
-    df = ablation.load_trials(store, "whole")
-    table = ablation.aggregate(df, AXES, {"trajectory.rank_schedule": "constant"})
+    df = load_trials(store, "whole")
+    table = aggregate(df, AXES, {"trajectory.rank_schedule": "constant"})
     r8 = table[(table["trajectory.rank"] == 8) & (table["trajectory.rank_schedule"] == "reversed")].iloc[0]
     assert r8["diff_mean"] == pytest.approx(0.75 - 0.70)  # against (8, constant), seed 0
 
 
 def test_resumed_grid_gives_the_same_table(store):
     ref = {"trajectory.rank": 4, "trajectory.rank_schedule": "constant"}
-    resumed = ablation.load_trials(store, "resumed")
+    resumed = load_trials(store, "resumed")
     assert len(resumed) == 8 and (resumed["n_runs"] == 1).all()  # re-attached, not duplicated
-    a = ablation.aggregate(ablation.load_trials(store, "whole"), AXES, ref)
-    b = ablation.aggregate(resumed, AXES, ref)
+    a = aggregate(load_trials(store, "whole"), AXES, ref)
+    b = aggregate(resumed, AXES, ref)
     pd.testing.assert_frame_equal(a, b)
 
 
 def test_aggregate_rejects_unknown_axis_and_reference(store):
-    df = ablation.load_trials(store, "whole")
+    df = load_trials(store, "whole")
     with pytest.raises(UserError, match="trajectory.rnak"):
-        ablation.aggregate(df, ["trajectory.rnak"], None)
+        aggregate(df, ["trajectory.rnak"], None)
     with pytest.raises(UserError, match="reference"):
-        ablation.aggregate(df, AXES, {"trajectory.rank": 16})
+        aggregate(df, AXES, {"trajectory.rank": 16})
 
 
 def test_write_report_files_and_parent_artifacts(store, tmp_path):
-    files = ablation.write_report(store, "whole", AXES, {"trajectory.rank": 4, "trajectory.rank_schedule":
+    files = write_report(store, "whole", AXES, {"trajectory.rank": 4, "trajectory.rank_schedule":
                                                          "constant"}, tmp_path / "report")
     for key in ("trials", "grid", "pareto", "summary", f"heatmap_{AXES[0]}__{AXES[1]}"):
         assert files[key].is_file() and files[key].stat().st_size > 0, key
@@ -212,7 +213,7 @@ def test_aggregate_flags_accounting_mismatch_and_running_seeds():
                                                      ("RUNNING", 2, math.nan, math.nan),
                                                      ("FAILED", 3, math.nan, math.nan),
                                                      ("FAILED", 1, math.nan, math.nan)])]  # seed 1 retried ok
-    row = ablation.aggregate(pd.DataFrame(rows), ["a"]).iloc[0]
+    row = aggregate(pd.DataFrame(rows), ["a"]).iloc[0]
     assert (row["n"], row["n_running"], row["n_failed"]) == (2, 1, 1)
     assert row["trainable_params"] == 100 and not row["accounting_consistent"]
     assert row["mean"] == pytest.approx(0.6) and row["seeds"] == "0,1"

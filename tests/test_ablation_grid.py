@@ -23,7 +23,8 @@ import yaml
 from procs import kill_session, start_driver
 from test_sweep_resume import trial_results, trial_status
 
-from lora_diffusion.analysis import ablation
+from lora_diffusion.analysis.report import write_report
+from lora_diffusion.analysis.trials import load_trials
 from lora_diffusion.engine import grid as grid_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_grid_interrupted_and_resumed_gives_the_uninterrupted_table(tiny_backbon
             kill_session(sid)
 
     # every cell x seed exactly once in MLflow, finished; the report is on the parent run
-    df = ablation.load_trials(uri, "grid-resume")
+    df = load_trials(uri, "grid-resume")
     assert len(df) == 8 and set(df["status"]) == {"FINISHED"} and (df["n_runs"] == 1).all()
     from mlflow.tracking import MlflowClient
 
@@ -112,7 +113,7 @@ def test_grid_interrupted_and_resumed_gives_the_uninterrupted_table(tiny_backbon
     assert client.get_run(parent).data.tags["ablation.axes"] == "trajectory.rank,trajectory.rank_schedule"
 
     # the table, rebuilt from MLflow with the axes and reference the grid tagged its parent with
-    files = ablation.write_report(uri, "grid-resume", None, None, tmp_path / "report", log_to_mlflow=False)
+    files = write_report(uri, "grid-resume", None, None, tmp_path / "report", log_to_mlflow=False)
     import pandas as pd
 
     table = pd.read_parquet(files["grid"])

@@ -84,7 +84,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .analysis import ablation
+    from .analysis.report import parse_reference, write_report
 
     if args.tracking_uri:
         uri = args.tracking_uri
@@ -94,9 +94,9 @@ def cmd_report(args) -> int:
 
         uri = default_tracking_uri(repo_root() / "runs")
     axes = [a.strip() for a in args.axes.split(",") if a.strip()] if args.axes else None
-    reference = ablation.parse_reference(args.reference) or None
+    reference = parse_reference(args.reference) or None
     out = Path(args.out or Path("runs") / "reports" / args.sweep)
-    files = ablation.write_report(uri, args.sweep, axes, reference, out, metric=args.metric)
+    files = write_report(uri, args.sweep, axes, reference, out, metric=args.metric)
     print(files["summary"].read_text())
     print(f"{len(files)} files in {out}, logged on the parent run of sweep {args.sweep} under ablation/")
     return 0
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
     """The sweep jobs' entry point: the engine runs the sweep, then the analysis layer writes
     its ablation report on the parent run (the engine itself never imports analysis)."""
-    from .analysis.ablation import report_sweep
+    from .analysis.report import report_sweep
     from .engine.sweep import main as engine_main
 
     return engine_main(argv, default_space=default_space, report=report_sweep)

@@ -1,16 +1,20 @@
-"""Side-by-side measurements: several config variants trained in one process, one after another,
-with step time and peak memory reported as ratios to the first variant (these machines are
-noisy: only ratios taken in one run are comparable)."""
+"""Side-by-side measurements (calibration variants): several config variants trained in one
+process, one after another, with step time reported as a ratio to the first variant (these
+machines are noisy: only ratios taken in one run are comparable). Used by
+jobs/calibrate_injection.py."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from ..core import config as config_lib
 
 
 def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[dict]:
+    """Train `base` overridden by each variant's settings (name -> {key: value}), in order; one
+    row per variant: accuracies, trainable params, step time and its ratio to the first."""
     from ..core.recipe import Recipe
 
     rows = []
@@ -36,6 +40,7 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table, one line per variant."""
     lines = ["| variant | trainable params | dev acc (ELBO) | dev acc (sampler) | train acc | step time s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -43,3 +48,10 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['dev/accuracy_sampler']:.3f} | {r['train/accuracy']:.3f} | "
                      f"{r['step_time_s']:.3f} | {r['step_time_ratio']:.2f} |")
     return "\n".join(lines)
+
+
+def write_markdown(path: str | Path, base: dict, rows: list[dict]) -> None:
+    """The table under a line with the base settings, written to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"base: {json.dumps(base)}\n\n{markdown(rows)}\n")

@@ -1,7 +1,7 @@
 """Baseline comparison on the sweep engine: every method at a matched budget, with its own
 learning rate, x seeds x tasks.
 
-Two grid sweeps (sweep.py running ablation.py's `cells` form), each resumable and logged to
+Two grid sweeps (sweep.py running grid.py's `cells` form), each resumable and logged to
 MLflow like every sweep:
 
 1. `<name>-lr`: every (task, method) at each rate of its grid (`LR_GRIDS`), first seed only,
@@ -127,8 +127,8 @@ def lr_search_grid(spec: ComparisonSpec, cells: list[dict]) -> dict | None:
 
 def choose_lrs(spec: ComparisonSpec, cells: list[dict], trials) -> dict[tuple[str, str], float]:
     """(task, method) -> the rate whose search run scored best on the dev subset (ties: smaller).
-    `trials` is ablation.load_trials of stage 1; a method with one rate takes it."""
-    from .ablation import DEV_METRIC
+    `trials` is stage 1 read back by analysis.trials.load_trials; a method with one rate takes it."""
+    from .trials import DEV_METRIC
 
     chosen = {}
     for c in cells:
@@ -168,9 +168,10 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
     """Both stages on the sweep engine. `engine_args` go to every `lora-diffusion sweep` call
     (--storage-path, --tracking-uri, --address, --max-concurrent, --smoke, ...). Run it again
     after an interruption: a finished stage is skipped, an interrupted one resumed."""
-    from . import ablation
     from ..engine import sweep
     from ..engine.storage import SweepStorage
+    from .report import report_sweep
+    from .trials import load_trials
 
     opts = sweep.build_parser("").parse_known_args(engine_args)[0]
     storage = SweepStorage(sweep.storage_location(opts.storage_path))
@@ -183,7 +184,7 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
         resume = ["--resume"] if storage.exists(f"{sweep_name}/{sweep.SPEC_FILE}") else []
         path = write_grid(grid, workdir / f"{sweep_name}.yaml")
         return sweep.main(["--grid", str(path), "--name", sweep_name, *resume, *engine_args],
-                          report=ablation.report_sweep)
+                          report=report_sweep)
 
     cells = sized_cells(spec)
     search = lr_search_grid(spec, cells)
@@ -193,7 +194,7 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
         if rc != 0:
             log(f"stage 1 ({name}-lr) did not finish (exit {rc}): run the same command again to resume it")
             return rc
-        trials = ablation.load_trials(uri, f"{name}-lr")
+        trials = load_trials(uri, f"{name}-lr")
     lrs = choose_lrs(spec, cells, trials)
     for (task, method), lr in lrs.items():
         log(f"{task} {method}: lr {lr:g}")

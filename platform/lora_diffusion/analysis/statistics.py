@@ -1,0 +1,141 @@
+"""The grid table: the trials of a sweep (analysis/trials.py) aggregated per cell over seeds.
+
+A cell is one combination of the axes' values. Per (cell, seed) the FINISHED run with the metric
+counts; a seed without one is counted as failed or running, so failed cells stay in the table
+(`n_failed`), they are never dropped silently. Means come with the 95% t interval over seeds and,
+with a reference cell, the difference to it paired by seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..core.errors import UserError
+from .trials import (ACCOUNTING_COLUMNS, DEV_METRIC, STEP_TIME, TEST_METRIC, is_missing, sort_key,
+                     value_key)
+
+
+def t_interval(values) -> tuple[float, float, float, float]:
+    """mean, std (ddof=1), and the two ends of the 95% t interval of the mean."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return (math.nan,) * 4
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+def _check_axes(df, axes: list[str], reference: dict) -> None:
+    missing = [a for a in axes if a not in df.columns]
+    if missing:
+        params = sorted(c for c in df.columns if "." in c and "/" not in c)
+        raise UserError(f"axes: {', '.join(missing)} not a param of the sweep's trials "
+                        f"(params: {', '.join(params[:40])})")
+    if not axes:
+        raise UserError("axes: give at least one axis")
+    for k in reference:
+        if k not in axes:
+            raise UserError(f"reference: {k} is not one of the axes ({', '.join(axes)})")
+
+
+def _group_by_cell(df, axes: list[str]) -> dict[tuple, dict]:
+    """cell key (the axes' value texts) -> {"values": the axes' values, "seeds": seed -> rows}."""
+    cells: dict[tuple, dict] = {}
+    for _, row in df.iterrows():
+        key = tuple(value_key(row[a]) for a in axes)
+        cell = cells.setdefault(key, {"values": {a: row[a] for a in axes}, "seeds": {}})
+        cell["seeds"].setdefault(value_key(row.get("seed")), []).append(row)
+    return cells
+
+
+def _count_seeds(cell: dict, metric: str) -> dict:
+    """The row that counts per finished seed (the newest, if a seed was run twice), and how many
+    seeds have none: still RUNNING, or failed (FAILED/KILLED, or finished without the metric)."""
+    done, n_failed, n_running = {}, 0, 0
+    for seed, rows in cell["seeds"].items():
+        good = [r for r in rows if r["status"] == "FINISHED" and not is_missing(r.get(metric))]
+        if good:
+            done[seed] = good[-1]
+        elif any(r["status"] == "RUNNING" for r in rows):
+            n_running += 1
+        else:
+            n_failed += 1
+    return {"cell": cell, "done": done, "n_failed": n_failed, "n_running": n_running}
+
+
+def _cell_statistics(done: dict, metric: str, with_step_time: bool) -> dict:
+    """n, mean, std, the t interval; dev and test accuracy side by side; the accounting (the
+    first, `accounting_consistent` False if the seeds disagree); the mean step time."""
+    vals = [float(r[metric]) for r in done.values()]
+    mean, std, lo, hi = t_interval(vals)
+    row = {"n": len(vals), "mean": mean, "std": std, "ci95_low": lo, "ci95_high": hi}
+    for label, col in (("dev", DEV_METRIC), ("test", TEST_METRIC)):
+        v = [float(r[col]) for r in done.values() if not is_missing(r.get(col))]
+        m, sd, _, _ = t_interval(v)
+        row[f"{label}_accuracy"], row[f"{label}_accuracy_std"], row[f"{label}_n"] = m, sd, len(v)
+    consistent = True
+    for col in ACCOUNTING_COLUMNS:
+        v = [r.get(col) for r in done.values() if not is_missing(r.get(col))]
+        row[col] = v[0] if v else math.nan
+        consistent &= len(set(v)) <= 1
+    row["accounting_consistent"] = consistent
+    if with_step_time:  # the trials' own step time (seconds), mean over seeds
+        v = [float(r[STEP_TIME]) for r in done.values() if not is_missing(r.get(STEP_TIME))]
+        row["step_time_s"] = sum(v) / len(v) if v else math.nan
+    return row
+
+
+def _reference_key(key: tuple, axes: list[str], reference: dict) -> tuple:
+    """The reference cell of `key`: the reference's values on its axes, key's on the others."""
+    return tuple(value_key(reference[a]) if a in reference else key[i] for i, a in enumerate(axes))
+
+
+def _paired_difference(key: tuple, ref_key: tuple, summaries: dict, metric: str) -> dict:
+    """Against the reference cell, paired by seed: mean difference, pairs, paired t test p-value
+    (NaN with < 2 pairs, and for the reference cell itself)."""
+    from scipy import stats
+
+    done, ref = summaries[key]["done"], summaries.get(ref_key)
+    pairs = sorted(set(done) & set(ref["done"]), key=sort_key) if ref else []
+    a_vals = [float(done[p][metric]) for p in pairs]
+    b_vals = [float(ref["done"][p][metric]) for p in pairs]
+    diff_mean = (sum(a_vals) - sum(b_vals)) / len(pairs) if pairs else math.nan
+    p_value = float(stats.ttest_rel(a_vals, b_vals).pvalue) if len(pairs) >= 2 and key != ref_key \
+        else math.nan
+    return {"is_reference": key == ref_key, "n_pairs": len(pairs), "diff_mean": diff_mean, "p_value": p_value}
+
+
+def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = DEV_METRIC):
+    """One row per cell (combination of the axes' values, as found in the trials).
+
+    Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t distribution), dev/test accuracy
+    mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
+    `accounting_consistent` False if a cell disagrees), step_time_s (if logged), n_failed,
+    n_running, seeds; with a reference, the paired (by seed) difference to the reference cell:
+    is_reference, n_pairs, diff_mean, p_value (paired t test; NaN with < 2 pairs)."""
+    import pandas as pd
+
+    reference = dict(reference or {})
+    _check_axes(df, axes, reference)
+    cells = _group_by_cell(df, axes)
+    summaries = {key: _count_seeds(cell, metric) for key, cell in cells.items()}
+    if reference and not any(_reference_key(k, axes, reference) == k for k in cells):
+        raise UserError("reference: no cell with " + ", ".join(f"{k}={v}" for k, v in reference.items()))
+    out = []
+    for key in sorted(cells, key=lambda k: [sort_key(x) for x in k]):
+        s = summaries[key]
+        row = {a: s["cell"]["values"][a] for a in axes}
+        row.update(_cell_statistics(s["done"], metric, with_step_time=STEP_TIME in df.columns))
+        row["n_failed"], row["n_running"] = s["n_failed"], s["n_running"]
+        row["seeds"] = ",".join(sorted(s["done"], key=sort_key))
+        if reference:
+            row.update(_paired_difference(key, _reference_key(key, axes, reference), summaries, metric))
+        out.append(row)
+    table = pd.DataFrame(out)
+    table.attrs["metric"] = metric
+    return table
