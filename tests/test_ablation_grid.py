@@ -69,11 +69,11 @@ def _direct_accuracies(grid_path) -> dict[tuple, float]:
 
 
 @pytest.mark.slow
-def test_grid_interrupted_and_resumed_gives_the_uninterrupted_table(tiny_backbone_dir, real_data_dir, tmp_path):
-    grid_path = _grid_file(tmp_path, tiny_backbone_dir, real_data_dir)
+def test_grid_interrupted_and_resumed_gives_the_uninterrupted_table(tiny_backbone_dir, synthetic_data_dir, tmp_path):
+    grid_path = _grid_file(tmp_path, tiny_backbone_dir, synthetic_data_dir)
     storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
     exp_dir = storage / "grid-resume"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     sessions = []
     try:

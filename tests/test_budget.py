@@ -64,7 +64,7 @@ def test_matching_leaves_the_backbone_untouched(backbone):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, real_data_dir):
+def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_data_dir):
     """The baseline comparison's two grids: budget-matched cells, one search run per rate, the
     best rate per (task, method) (ties: the smaller), and a valid stage-2 grid file."""
     import pandas as pd
@@ -75,7 +75,7 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, real_data_di
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
         lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2], "trajectory": [3e-3, 6e-3]},
-        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(real_data_dir),
+        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(synthetic_data_dir),
               "trajectory.injection_layers": [0]})
     cells = comparison.sized_cells(spec)
     lora, bitfit, traj = cells

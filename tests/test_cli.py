@@ -9,10 +9,10 @@ from lora_diffusion.cli import main
 
 
 @pytest.fixture
-def run_cli(tiny_backbone_dir, real_data_dir, tmp_path, capsys):
+def run_cli(tiny_backbone_dir, synthetic_data_dir, tmp_path, capsys):
     def run(*sets):
         out = tmp_path / "out"
-        base = [f"backbone={tiny_backbone_dir}", f"data_dir={real_data_dir}", "trajectory.injection_layers=[0]",
+        base = [f"backbone={tiny_backbone_dir}", f"data_dir={synthetic_data_dir}", "trajectory.injection_layers=[0]",
                 "train.steps=1", "max_train_examples=16", "max_eval_examples=8"]
         args = ["train", "--output-dir", str(out)]
         for s in base + list(sets):

@@ -36,9 +36,6 @@ def _skip_reason() -> str | None:
     r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--mount", "true"], capture_output=True)
     if r.returncode != 0:
         return f"cannot make PID/mount namespaces here: {r.stderr.decode().strip()}"
-    for src in cluster.load(REPO / "cluster.yaml")["file_mounts"].values():
-        if not (REPO / src).exists():
-            return f"file_mounts source {src} is missing (the datasets belong in ../shared/data)"
     if not cluster.port_free(cluster.MLFLOW_PORT, _private_ip()):
         return f"port {cluster.MLFLOW_PORT} on {_private_ip()} is in use (the head's MLflow server needs it)"
     # another Ray on this machine (a local sweep) holds Ray's fixed default ports: the head's
@@ -65,7 +62,10 @@ def _run(cmd, log: Path, timeout: float, env) -> float:
     return took
 
 
-def test_ray_up_submit_smoke_sweep_down(tmp_path):
+def test_ray_up_submit_smoke_sweep_down(tmp_path, missing_real_data):
+    for src in cluster.load(REPO / "cluster.yaml")["file_mounts"].values():
+        if not (REPO / src).exists():
+            missing_real_data(f"file_mounts source {src} is missing (the datasets belong in ../shared/data)")
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)

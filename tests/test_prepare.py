@@ -9,10 +9,10 @@ from lora_diffusion.core.prepare import prepare_backbone
 
 
 def test_head_only_preparation_trains_only_the_head_and_saves_a_loadable_model(
-        tiny_backbone_dir, real_data_dir, tmp_path):
+        tiny_backbone_dir, synthetic_data_dir, tmp_path):
     before = load_backbone(str(tiny_backbone_dir)).model.state_dict()
     result = prepare_backbone(str(tmp_path / "prep"), mode="head", steps=3, batch_size=4,
-                              backbone_name=str(tiny_backbone_dir), data_dir=str(real_data_dir),
+                              backbone_name=str(tiny_backbone_dir), data_dir=str(synthetic_data_dir),
                               eval_texts=8, log=None, lr=1e-2)
     after = load_backbone(str(tmp_path / "prep")).model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -25,7 +25,7 @@ def test_head_only_preparation_trains_only_the_head_and_saves_a_loadable_model(
     assert result["mode"] == "head"
 
 
-def test_preparation_refuses_to_overwrite(tiny_backbone_dir, real_data_dir, tmp_path):
+def test_preparation_refuses_to_overwrite(tiny_backbone_dir, synthetic_data_dir, tmp_path):
     import pytest
 
     from lora_diffusion.core.errors import UserError
@@ -34,7 +34,7 @@ def test_preparation_refuses_to_overwrite(tiny_backbone_dir, real_data_dir, tmp_
     (tmp_path / "prep" / "x").write_text("keep me")
     with pytest.raises(UserError, match="out:"):
         prepare_backbone(str(tmp_path / "prep"), steps=1, backbone_name=str(tiny_backbone_dir),
-                         data_dir=str(real_data_dir), log=None)
+                         data_dir=str(synthetic_data_dir), log=None)
 
 
 def test_long_texts_are_cut_to_fit(tiny_backbone_dir):

@@ -75,8 +75,8 @@ def test_save_load_evaluate_reproduces_accuracy_and_counts_match_file(tiny_confi
     assert json.loads((out / "config.json").read_text())["trajectory"]["rank"] == config.trajectory.rank
 
 
-def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, real_data_dir):
-    rows = (Path(real_data_dir) / "sst2" / "dev.tsv").read_text().splitlines()[:9]
+def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, synthetic_data_dir):
+    rows = (Path(synthetic_data_dir) / "sst2" / "dev.tsv").read_text().splitlines()[:9]
     test_file = tmp_path / "external.tsv"
     test_file.write_text("\n".join(rows) + "\n")
     result = Recipe(tiny_config(test_file=str(test_file))).run(log=None)

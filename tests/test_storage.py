@@ -78,9 +78,9 @@ def test_existing_sweep_in_bucket_is_refused_and_missing_resume_names_uri(s3_env
         sweep.prepare(_args("--smoke", "--name", "absent", "--resume", "--storage-path", uri), "rank_schedule")
 
 
-def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path, real_data_dir):
+def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path, synthetic_data_dir):
     monkeypatch.setenv("LORA_DIFFUSION_STORAGE", str(tmp_path / "from-env"))
-    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(real_data_dir))  # prepare checks the data
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))  # prepare checks the data
     spec = sweep.prepare(_args("--smoke", "--name", "s1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
                          "rank_schedule")
     assert spec["storage"] == str(tmp_path / "from-env") and spec["exp_dir"] == str(tmp_path / "from-env" / "s1")

@@ -63,10 +63,10 @@ def sweep_cmd(storage, uri, backbone, *extra):
 
 
 @pytest.mark.slow
-def test_kill_driver_then_resume(tiny_backbone_dir, real_data_dir, tmp_path):
+def test_kill_driver_then_resume(tiny_backbone_dir, synthetic_data_dir, tmp_path):
     storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
     exp_dir = storage / "resume-test"
-    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(real_data_dir), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     sessions = []
     t_start = time.time()
@@ -173,14 +173,14 @@ def _find_study(obj, depth=0):
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_last_trials_run_is_an_interrupt_not_a_finished_sweep(tiny_backbone_dir, real_data_dir,
+def test_ctrl_c_while_the_last_trials_run_is_an_interrupt_not_a_finished_sweep(tiny_backbone_dir, synthetic_data_dir,
                                                                                  tmp_path):
     """SIGINT to the driver once every trial has started and none has ended. Tune stops the running
     trials and marks them TERMINATED: the sweep must still say it was interrupted, count only the
     trials that ended, exit non-zero without writing the report, and finish on --resume."""
     storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
     exp_dir = storage / "resume-test"
-    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(real_data_dir), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = sweep_cmd(storage, uri, tiny_backbone_dir) + ["--num-samples", "2"]  # both trials start at once
     sessions = []

@@ -20,8 +20,7 @@ def shared_data_dir() -> Path:
 
 
 DATA = shared_data_dir()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data at {DATA} "
-                                "(set LORA_DIFFUSION_DATA_DIR)")
+needs_data = pytest.mark.usefixtures("real_data_dir")  # real row counts: skips (fails in CI) without them
 
 
 def minilm_tokenizer():
@@ -85,10 +84,9 @@ def test_sst2_row_counts_labels_and_prompts():
     assert ex.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
 
 
-@needs_data
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_train_and_dev_ids_are_disjoint_and_unique(task):
-    train, dev = load_split(task, "train", str(DATA)), load_split(task, "dev", str(DATA))
+def test_train_and_dev_ids_are_disjoint_and_unique(task, task_data_dir):
+    train, dev = load_split(task, "train", str(task_data_dir)), load_split(task, "dev", str(task_data_dir))
     train_ids, dev_ids = {ex.id for ex in train}, {ex.id for ex in dev}
     assert len(train_ids) == len(train) and len(dev_ids) == len(dev)
     assert train and dev and not train_ids & dev_ids
@@ -106,15 +104,14 @@ def test_ag_news_split_is_stratified_and_never_moves():
     assert not any("#39;" in ex.prompt or "\\" in ex.prompt for ex in train + dev)
 
 
-@needs_data
-def test_max_examples_is_seeded_stable_and_stratified():
-    pick = lambda seed: load_split("ag_news", "train", str(DATA), max_examples=40, seed=seed)
+def test_max_examples_is_seeded_stable_and_stratified(task_data_dir):
+    pick = lambda seed: load_split("ag_news", "train", str(task_data_dir), max_examples=40, seed=seed)
     a, b, c = pick(1), pick(1), pick(2)
     assert [ex.id for ex in a] == [ex.id for ex in b]
     assert {ex.id for ex in a} != {ex.id for ex in c}
     assert Counter(ex.label for ex in a) == {cls: 10 for cls in range(4)}
-    dev = load_split("ag_news", "dev", str(DATA))
-    assert {ex.id for ex in a} <= {ex.id for ex in load_split("ag_news", "train", str(DATA))}
+    dev = load_split("ag_news", "dev", str(task_data_dir))
+    assert {ex.id for ex in a} <= {ex.id for ex in load_split("ag_news", "train", str(task_data_dir))}
     assert not {ex.id for ex in a} & {ex.id for ex in dev}
 
 

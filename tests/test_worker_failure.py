@@ -23,10 +23,10 @@ STEPS, EVERY, DIE_AT = 40, 10, 20
 
 
 @pytest.mark.slow
-def test_worker_death_resumes_from_checkpoint(tiny_backbone_dir, real_data_dir, tmp_path):
+def test_worker_death_resumes_from_checkpoint(tiny_backbone_dir, synthetic_data_dir, tmp_path):
     storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
     marker = tmp_path / "worker-died"
-    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(real_data_dir), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1",
            "LORA_DIFFUSION_TEST_KILL_WORKER": f"1:{DIE_AT}:{marker}"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "jobs/rank_schedule_sweep.py", "--smoke", "--name", "failure-test",
