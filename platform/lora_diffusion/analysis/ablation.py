@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import UserError
-from ..engine import sweep
+from ..engine.options import repo_root
 
 DEV_METRIC = "final/dev/accuracy"
 TEST_METRIC = "final/test/accuracy"
@@ -530,7 +530,7 @@ def report_sweep(spec: dict) -> None:
     """The ablation report on the parent run (grid: its axes and reference; Optuna: the sampled
     params, plus Optuna's plots). A failure here does not undo the sweep: say how to redo it."""
     grid = spec.get("grid") or {}
-    out = sweep.repo_root() / "runs" / "reports" / spec["name"]
+    out = repo_root() / "runs" / "reports" / spec["name"]
     try:
         files = write_report(spec["tracking_uri"], spec["name"], grid.get("axes") and list(grid["axes"]),
                              grid.get("reference") or None, out)
