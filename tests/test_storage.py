@@ -105,3 +105,20 @@ def test_missing_data_is_one_error_naming_the_file_before_ray_starts(tmp_path, m
         spec_lib.prepare(_args("--smoke", "--name", "s3", "--storage-path", str(tmp_path / "sweeps"),
                                "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "sweeps" / "s3").exists()
+
+
+@pytest.mark.parametrize("space", ["rank_schedule", "grid_rank_schedule"])
+def test_spec_reads_back_from_sweep_json(space, monkeypatch, tmp_path, real_data_dir):
+    """--resume reads the spec back from sweep.json (the keys it always had); a file that lacks
+    one is one error naming the file and the key."""
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(real_data_dir))
+    spec = spec_lib.prepare(_args("--smoke", "--space", space, "--storage-path", str(tmp_path / "sweeps"),
+                                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
+    saved = json.loads(spec.to_json())
+    assert list(saved) == ["name", "storage", "exp_dir", "space_path", "space_yaml", "base_overrides", "fixed",
+                           "sweep", "kind", "grid", "smoke", "tracking_uri", "experiment", "max_failures",
+                           "steps", "created", "sweep_id"]
+    assert spec_lib.SweepSpec.from_json(spec.to_json(), "sweep.json") == spec
+    del saved["sweep_id"]
+    with pytest.raises(UserError, match="x/sweep.json: missing sweep_id"):
+        spec_lib.SweepSpec.from_json(json.dumps(saved), "x/sweep.json")

@@ -3,8 +3,8 @@
 `prepare(args)` builds a new sweep's spec from the command line and its space or grid file, or
 reads a saved one back for --resume. Everything the user can get wrong (the file, --set keys,
 --name, an existing sweep, missing data) raises a `UserError` here, naming the YAML field or
-the command-line option. sweep.json keeps the keys (and layout) it always had, so a sweep
-directory written before the spec was typed still resumes.
+the command-line option. sweep.json keeps the keys and layout it had when the spec was an
+untyped dict.
 """
 
 from __future__ import annotations
