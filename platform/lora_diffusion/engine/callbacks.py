@@ -19,7 +19,8 @@ from ray.tune import Callback
 
 from ..core import config as config_lib
 from . import search_space as space_lib
-from .spec import METRIC, SEED_FIELD
+from .grid import SEED_FIELD
+from .spec import METRIC
 from .tracking import SweepTracker
 
 HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",

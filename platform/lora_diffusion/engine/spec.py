@@ -29,7 +29,6 @@ from .tracking import DEFAULT_EXPERIMENT
 
 METRIC, MODE = "dev/accuracy", "max"
 SPEC_FILE = "sweep.json"
-SEED_FIELD = "train.seed"  # a grid's seeds: one trial per cell x seed
 TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
 
 # --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial

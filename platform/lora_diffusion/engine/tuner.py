@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import search_space as space_lib
-from .spec import METRIC, MODE, SEED_FIELD, GridSpec, SweepSpec
+from .grid import SEED_FIELD
+from .spec import METRIC, MODE, GridSpec, SweepSpec
 
 TRIAL_CPUS = 0.01  # the trial's own actor only starts the TorchTrainer: its workers reserve the CPUs
 
