@@ -27,6 +27,10 @@ from pathlib import Path
 from lora_diffusion.engine import cluster
 
 REPO = Path(__file__).resolve().parents[1]
+# The loopback sshd and S3 server are test infrastructure (tests/support/loopback.py), not part
+# of the package: --sshd serves them from this checkout.
+sys.path.insert(0, str(REPO / "tests"))
+from support import loopback  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,13 +48,13 @@ def main(argv=None) -> int:
 
     sshd = s3 = None
     if args.sshd:
-        missing = cluster.missing_tools(isolate=True)
+        missing = loopback.missing_tools(isolate=True)
         if missing:
             print(f"error: not installed: {', '.join(missing)} (apt-get install openssh-server rsync)",
                   file=sys.stderr)
             return 2
-        s3 = cluster.LoopbackS3(cluster.bucket_of(args.cluster_yaml), log=Path(args.workdir) / "s3.log")
-        sshd = cluster.LoopbackSshd(args.workdir, port=args.port, user=args.user, isolate=True,
+        s3 = loopback.LoopbackS3(cluster.bucket_of(args.cluster_yaml), log=Path(args.workdir) / "s3.log")
+        sshd = loopback.LoopbackSshd(args.workdir, port=args.port, user=args.user, isolate=True,
                                     env=s3.env, project_link=("lora-diffusion", REPO))
         try:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import kill_session, start_driver
+from support.procs import kill_session, start_driver
 from test_sweep_resume import trial_results, trial_status
 
 from lora_diffusion.analysis.report import write_report

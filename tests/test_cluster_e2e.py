@@ -1,7 +1,7 @@
 """End to end: `ray up` / `ray submit` / `ray down` on the one-machine variant of cluster.yaml.
 
 An sshd on 127.0.0.1 (port 22, else a free port) accepts a key made in tmp_path for root. It runs in
-its own PID and mount namespaces (lora_diffusion.engine.cluster.LoopbackSshd): the cluster's `ray stop`
+its own PID and mount namespaces (tests/support/loopback.py): the cluster's `ray stop`
 cannot touch other Ray instances on this machine, HOME is a tmp dir whose ~/lora-diffusion links to
 this checkout (so setup finds this .venv current and installs nothing). The object store is an S3
 server on loopback (moto) holding the bucket cluster.yaml names; the node's .bashrc points AWS_* at
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from support import loopback
+
 from lora_diffusion.engine import cluster
 
 pytestmark = pytest.mark.slow
@@ -27,7 +29,7 @@ NAME = "lora-diffusion-e2e"  # --cluster-name: the launcher's local state never 
 
 
 def _skip_reason() -> str | None:
-    missing = cluster.missing_tools(isolate=True)
+    missing = loopback.missing_tools(isolate=True)
     if missing:
         return (f"not installed: {', '.join(missing)} "
                 "(apt-get install -y openssh-server rsync; .ci/run does this)")
@@ -36,12 +38,12 @@ def _skip_reason() -> str | None:
     r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--mount", "true"], capture_output=True)
     if r.returncode != 0:
         return f"cannot make PID/mount namespaces here: {r.stderr.decode().strip()}"
-    if not cluster.port_free(cluster.MLFLOW_PORT, _private_ip()):
+    if not loopback.port_free(cluster.MLFLOW_PORT, _private_ip()):
         return f"port {cluster.MLFLOW_PORT} on {_private_ip()} is in use (the head's MLflow server needs it)"
     # another Ray on this machine (a local sweep) holds Ray's fixed default ports: the head's
     # raylet then times out at `ray up` (seen here), which says nothing about cluster.yaml
     for port, what in ((6379, "Ray GCS"), (8265, "Ray dashboard"), (52365, "Ray dashboard agent")):
-        if not cluster.port_free(port, "0.0.0.0"):
+        if not loopback.port_free(port, "0.0.0.0"):
             return f"port {port} is in use (the head's {what} needs it): is another Ray running here?"
     return None
 
@@ -72,8 +74,8 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path, missing_real_data):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     bucket = cluster.bucket_of(REPO / "cluster.yaml")
-    s3 = cluster.LoopbackS3(bucket, log=tmp_path / "s3.log")
-    sshd = cluster.LoopbackSshd(tmp_path / "sshd", isolate=True, env=s3.env,
+    s3 = loopback.LoopbackS3(bucket, log=tmp_path / "s3.log")
+    sshd = loopback.LoopbackSshd(tmp_path / "sshd", isolate=True, env=s3.env,
                                 project_link=("lora-diffusion", REPO))
     times = {}
     up = False

@@ -12,8 +12,10 @@ import json
 
 import pytest
 
-from lora_diffusion.engine import cluster, sweep
+from support.loopback import LoopbackS3
+
 from lora_diffusion.core.errors import UserError
+from lora_diffusion.engine import options, spec as spec_lib
 from lora_diffusion.engine.storage import SweepStorage, is_uri
 
 BUCKET = "storage-test"
@@ -21,7 +23,7 @@ BUCKET = "storage-test"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = cluster.LoopbackS3(BUCKET, log=tmp_path_factory.mktemp("s3") / "s3.log")
+    server = LoopbackS3(BUCKET, log=tmp_path_factory.mktemp("s3") / "s3.log")
     server.start()
     yield server
     server.stop()
@@ -65,34 +67,33 @@ def test_unwritable_bucket_fails_before_ray_naming_it(s3_env):
 
 
 def _args(*argv):
-    return sweep.build_parser("rank_schedule").parse_args(list(argv))
+    return options.build_parser("rank_schedule").parse_args(list(argv))
 
 
 def test_existing_sweep_in_bucket_is_refused_and_missing_resume_names_uri(s3_env, tmp_path):
     uri = f"s3://{BUCKET}/engine"
     SweepStorage(uri).write_text("taken/sweep.json", json.dumps({}))
     with pytest.raises(UserError, match=f"already exists in s3://{BUCKET}/engine/taken"):
-        sweep.prepare(_args("--smoke", "--name", "taken", "--storage-path", uri,
-                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
+        spec_lib.prepare(_args("--smoke", "--name", "taken", "--storage-path", uri,
+                               "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
     with pytest.raises(UserError, match=f"no sweep named 'absent' in s3://{BUCKET}/engine"):
-        sweep.prepare(_args("--smoke", "--name", "absent", "--resume", "--storage-path", uri), "rank_schedule")
+        spec_lib.prepare(_args("--smoke", "--name", "absent", "--resume", "--storage-path", uri))
 
 
 def test_storage_defaults_to_env_then_repo(monkeypatch, tmp_path, synthetic_data_dir):
     monkeypatch.setenv("LORA_DIFFUSION_STORAGE", str(tmp_path / "from-env"))
     monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))  # prepare checks the data
-    spec = sweep.prepare(_args("--smoke", "--name", "s1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"),
-                         "rank_schedule")
-    assert spec["storage"] == str(tmp_path / "from-env") and spec["exp_dir"] == str(tmp_path / "from-env" / "s1")
-    assert spec["base_overrides"]["backbone"] == sweep.TINY_BACKBONE  # no path under the storage
+    spec = spec_lib.prepare(_args("--smoke", "--name", "s1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
+    assert spec.storage == str(tmp_path / "from-env") and spec.exp_dir == str(tmp_path / "from-env" / "s1")
+    assert spec.base_overrides["backbone"] == spec_lib.TINY_BACKBONE  # no path under the storage
 
 
 def test_unreachable_store_is_one_error_naming_it_before_anything_is_written(tmp_path):
     """No S3 server on port 1: the existence check fails as a UserError with the location."""
     uri = "s3://b/sweeps?endpoint_override=127.0.0.1:1&scheme=http"
     with pytest.raises(UserError, match="cannot reach s3://b/sweeps/s2"):
-        sweep.prepare(_args("--smoke", "--name", "s2", "--storage-path", uri,
-                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
+        spec_lib.prepare(_args("--smoke", "--name", "s2", "--storage-path", uri,
+                               "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
     assert not (tmp_path / "m.db").exists()
 
 
@@ -101,6 +102,23 @@ def test_missing_data_is_one_error_naming_the_file_before_ray_starts(tmp_path, m
     failure in every trial."""
     monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(tmp_path / "no-data"))
     with pytest.raises(UserError, match=r"data_dir: missing file .*no-data/sst2/"):
-        sweep.prepare(_args("--smoke", "--name", "s3", "--storage-path", str(tmp_path / "sweeps"),
-                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"), "rank_schedule")
+        spec_lib.prepare(_args("--smoke", "--name", "s3", "--storage-path", str(tmp_path / "sweeps"),
+                               "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "sweeps" / "s3").exists()
+
+
+@pytest.mark.parametrize("space", ["rank_schedule", "grid_rank_schedule"])
+def test_spec_reads_back_from_sweep_json(space, monkeypatch, tmp_path, real_data_dir):
+    """--resume reads the spec back from sweep.json (the keys it always had); a file that lacks
+    one is one error naming the file and the key."""
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(real_data_dir))
+    spec = spec_lib.prepare(_args("--smoke", "--space", space, "--storage-path", str(tmp_path / "sweeps"),
+                                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))
+    saved = json.loads(spec.to_json())
+    assert list(saved) == ["name", "storage", "exp_dir", "space_path", "space_yaml", "base_overrides", "fixed",
+                           "sweep", "kind", "grid", "smoke", "tracking_uri", "experiment", "max_failures",
+                           "steps", "created", "sweep_id"]
+    assert spec_lib.SweepSpec.from_json(spec.to_json(), "sweep.json") == spec
+    del saved["sweep_id"]
+    with pytest.raises(UserError, match="x/sweep.json: missing sweep_id"):
+        spec_lib.SweepSpec.from_json(json.dumps(saved), "x/sweep.json")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import kill_session, start_driver
+from support.procs import kill_session, start_driver
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 60, 10

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lora_diffusion.engine.tracking import MlflowSweepCallback, SweepTracker
+from lora_diffusion.engine.callbacks import MlflowSweepCallback
+from lora_diffusion.engine.tracking import SweepTracker
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +148,29 @@ def test_callback_resume_cycle(uri):
     assert parent[0].data.metrics["best/dev_accuracy"] == 0.6
 
 
-def test_callback_pickles_without_client(uri):
+def test_run_config_callbacks_pickle_to_the_sweep_id(uri):
+    """Tune pickles the run config's callbacks into tuner.pkl: they hold only the sweep's id (no
+    MLflow client, no URI) and, unpickled by a resumed driver, drive that driver's callbacks."""
     import pickle
 
+    from lora_diffusion.engine import callbacks
+
     cb = MlflowSweepCallback(SweepTracker(uri, "sw"), _resolve)
-    cb.tracker.parent_run()
-    clone = pickle.loads(pickle.dumps(cb))
-    assert clone.tracker._client is None and clone.tracker.parent_run() == cb.tracker.parent_run()
+    [saved] = callbacks.for_this_driver("sw-1", [cb])
+    blob = pickle.dumps(saved)
+    assert uri.encode() not in blob and b"SweepTracker" not in blob
+    callbacks.release("sw-1")
+    cb2 = MlflowSweepCallback(SweepTracker(uri, "sw"), _resolve)  # the resumed driver's
+    restored = pickle.loads(blob)
+    callbacks.for_this_driver("sw-1", [cb2])
+    try:
+        restored.setup()
+        restored.on_trial_start(iteration=0, trials=[], trial=_trial("t1"))
+        assert cb2.tracker.trial_runs() and cb2.parent_id == cb2.tracker.parent_run()
+    finally:
+        callbacks.release("sw-1")
+    with pytest.raises(RuntimeError, match="no callbacks registered for sweep sw-1"):
+        restored.on_trial_start(iteration=0, trials=[], trial=_trial("t2"))
 
 
 def test_new_sweep_with_a_reused_name_gets_new_runs(uri):

@@ -1,8 +1,9 @@
 """A Train worker dies mid-trial: the worker group restarts from the last checkpoint and the trial
 finishes once (FailureConfig(max_failures >= 1)).
 
-The death is the test hook LORA_DIFFUSION_TEST_KILL_WORKER=RANK:STEP:MARKER (ray_worker.py):
-rank 1 calls os._exit(1) when it reaches evaluation step 20, once (the marker file says it did).
+The death is injected from outside the package: tests/support/faults/sitecustomize.py on the
+driver's PYTHONPATH (Ray's workers inherit it) with LORA_DIFFUSION_TEST_KILL_WORKER=RANK:STEP:MARKER
+makes rank 1 call os._exit(1) when it reports evaluation step 20, once (the marker file says it did).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import kill_session
+from support.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTS = REPO / "tests" / "support" / "faults"
 STEPS, EVERY, DIE_AT = 40, 10, 20
 
 
@@ -27,7 +29,8 @@ def test_worker_death_resumes_from_checkpoint(tiny_backbone_dir, synthetic_data_
     storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
     marker = tmp_path / "worker-died"
     env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1",
-           "LORA_DIFFUSION_TEST_KILL_WORKER": f"1:{DIE_AT}:{marker}"}
+           "LORA_DIFFUSION_TEST_KILL_WORKER": f"1:{DIE_AT}:{marker}",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "jobs/rank_schedule_sweep.py", "--smoke", "--name", "failure-test",
            "--num-samples", "1", "--workers", "2", "--max-concurrent", "1", "--max-failures", "2",

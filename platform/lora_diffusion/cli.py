@@ -89,7 +89,7 @@ def cmd_report(args) -> int:
     if args.tracking_uri:
         uri = args.tracking_uri
     else:
-        from .engine.sweep import repo_root
+        from .engine.options import repo_root
         from .engine.tracking import default_tracking_uri
 
         uri = default_tracking_uri(repo_root() / "runs")

@@ -168,20 +168,21 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
     """Both stages on the sweep engine. `engine_args` go to every `lora-diffusion sweep` call
     (--storage-path, --tracking-uri, --address, --max-concurrent, --smoke, ...). Run it again
     after an interruption: a finished stage is skipped, an interrupted one resumed."""
-    from ..engine import sweep
+    from ..engine import options, sweep
+    from ..engine.spec import SPEC_FILE
     from ..engine.storage import SweepStorage
     from .report import report_sweep
     from .trials import load_trials
 
-    opts = sweep.build_parser("").parse_known_args(engine_args)[0]
-    storage = SweepStorage(sweep.storage_location(opts.storage_path))
-    uri = opts.tracking_uri or sweep.default_tracking_uri()
+    opts = options.build_parser("").parse_known_args(engine_args)[0]
+    storage = SweepStorage(options.storage_location(opts.storage_path))
+    uri = opts.tracking_uri or options.default_tracking_uri()
 
     def stage(grid: dict, sweep_name: str) -> int:
         if storage.exists(f"{sweep_name}/best.json"):
             log(f"{sweep_name}: finished earlier, skipped")
             return 0
-        resume = ["--resume"] if storage.exists(f"{sweep_name}/{sweep.SPEC_FILE}") else []
+        resume = ["--resume"] if storage.exists(f"{sweep_name}/{SPEC_FILE}") else []
         path = write_grid(grid, workdir / f"{sweep_name}.yaml")
         return sweep.main(["--grid", str(path), "--name", sweep_name, *resume, *engine_args],
                           report=report_sweep)

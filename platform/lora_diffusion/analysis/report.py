@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import UserError
-from ..engine.sweep import repo_root
+from ..engine.options import repo_root
 from .plots import plot_heatmaps, plot_optuna, plot_pareto, study_from_trials
 from .statistics import aggregate
 from .trials import DEV_METRIC, infer_axes, load_trials, mlflow_client

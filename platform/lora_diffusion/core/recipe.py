@@ -82,6 +82,7 @@ class Recipe:
         self.train_time = 0.0
         self.train_tokens = 0
         self.last_loss = float("nan")
+        self._final: tuple[int, dict] | None = None  # (step, result) of `final_result`
 
     @classmethod
     def from_checkpoint(cls, directory, overrides: dict | None = None) -> "Recipe":
@@ -311,7 +312,14 @@ class Recipe:
                         f"dev/accuracy {metrics.get('dev/accuracy', float('nan')):.4f}")
                 if report:
                     report(metrics, self)
-        return self.result(time.perf_counter() - wall0)
+        return self.final_result(time.perf_counter() - wall0)
+
+    def final_result(self, wall_time: float) -> dict:
+        """`result` at the current step, computed once: a `report` callback that needs it at the
+        last step (the sweep's Train worker) and `run`'s return share one evaluation."""
+        if self._final is None or self._final[0] != self.step:
+            self._final = (self.step, self.result(wall_time))
+        return self._final[1]
 
     def result(self, wall_time: float) -> dict:
         c = self.config

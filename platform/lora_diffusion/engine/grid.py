@@ -93,6 +93,28 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
     if not isinstance(fixed, dict):
         err("fixed", "expected a mapping of dotted config keys")
     cells = data.get("cells")
+    axes = _axes(data, fixed, err)
+    seeds = _seeds(data.get("seeds", [0]), err)
+    reference = _reference(data.get("reference") or {}, axes, err)
+    sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
+    # every key must be a config field and every cell a valid config
+    for key, value in fixed.items():
+        check_config({key: value}, f"{source}: fixed.{key}")
+    for key, value in (base_overrides or {}).items():
+        if key in axes or key == SEED_FIELD:
+            err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
+    fixed = {**fixed, **(base_overrides or {})}
+    grid = Grid(name=Path(source).stem, path=source, description=str(data.get("description", "")),
+                fixed=dict(fixed), axes={k: list(v) for k, v in axes.items()}, seeds=list(seeds),
+                reference=dict(reference), sweep=dict(sweep),
+                explicit_cells=[dict(c) for c in cells] if cells is not None else None)
+    _check_cells(grid, source)
+    return grid
+
+
+def _axes(data: dict, fixed: dict, err) -> dict[str, list]:
+    """The axes and their values: `grid`'s, or those of the listed `cells`."""
+    cells = data.get("cells")
     if cells is not None:
         if "grid" in data:
             err("cells", "give either `grid` (a product of axes) or `cells` (a list), not both")
@@ -112,13 +134,19 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
             err(f"grid.{key}", "also set in fixed")
         if key == SEED_FIELD:
             err(f"grid.{key}", "seeds are given by the top-level `seeds` list")
-    seeds = data.get("seeds", [0])
+    return axes
+
+
+def _seeds(seeds, err) -> list[int]:
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         err("seeds", f"expected a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         err("seeds", f"repeated seed in {seeds}")
-    reference = data.get("reference") or {}
+    return seeds
+
+
+def _reference(reference, axes: dict, err) -> dict:
     if not isinstance(reference, dict):
         err("reference", "expected a mapping {axis: value}")
     for key, value in reference.items():
@@ -126,26 +154,18 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
             err(f"reference.{key}", f"not an axis of the grid (axes: {', '.join(axes)})")
         if value not in axes[key]:
             err(f"reference.{key}", f"{value!r} is not one of the axis values {axes[key]}")
-    sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
-    # every key must be a config field and every cell a valid config
-    for key, value in fixed.items():
-        check_config({key: value}, f"{source}: fixed.{key}")
-    for key, value in (base_overrides or {}).items():
-        if key in axes or key == SEED_FIELD:
-            err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
-    fixed = {**fixed, **(base_overrides or {})}
-    grid = Grid(name=Path(source).stem, path=source, description=str(data.get("description", "")),
-                fixed=dict(fixed), axes={k: list(v) for k, v in axes.items()}, seeds=list(seeds),
-                reference=dict(reference), sweep=dict(sweep),
-                explicit_cells=[dict(c) for c in cells] if cells is not None else None)
-    for key, values in ({} if cells is not None else grid.axes).items():
+    return reference
+
+
+def _check_cells(grid: Grid, source: str) -> None:
+    """Every axis value, then every cell x seed, must give a valid config."""
+    for key, values in ({} if grid.explicit_cells is not None else grid.axes).items():
         for v in values:
             check_config({**grid.fixed, key: v}, f"{source}: grid.{key}")
     for cell in grid.cells():
         for seed in grid.seeds:
             check_config({**grid.fixed, **cell, SEED_FIELD: seed},
                          f"{source}: grid (" + ", ".join(f"{k}={v}" for k, v in cell.items()) + ")")
-    return grid
 
 
 def _axes_of_cells(cells, axes, err) -> dict[str, list]:

@@ -118,12 +118,6 @@ class SearchSpace:
                 values[p.key] = p.sample(rng)
         return values
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "path": self.path, "description": self.description,
-                "fixed": self.fixed, "sweep": self.sweep,
-                "params": {p.key: {k: v for k, v in p.__dict__.items() if k != "key" and v not in (None, {})}
-                           for p in self.params}}
-
 
 class DefineByRun:
     """The define-by-run function OptunaSearch calls per trial: conditional parameters are only
@@ -172,6 +166,31 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
     def fail(key: str, problem: str):
         raise UserError(f"search space {source}: {key}: {problem}")
 
+    fixed, raw_params, sweep = _sections(data, fail)
+    # the fixed part alone must be a valid config
+    check_config(fixed, f"search space {source}: fixed: invalid config")
+    if base_overrides:
+        fixed = {**fixed, **base_overrides}
+        shown = " ".join(f"{k}={v}" for k, v in base_overrides.items() if k not in ("data_dir", "backbone"))
+        check_config(fixed, f"search space {source}: fixed with the command line's --set {shown}: invalid config")
+    valid_keys = set(config_lib.Config().flat())
+    params: list[Param] = []
+    for key, spec in raw_params.items():
+        p = _param(key, spec, valid_keys, fail)
+        p.when = _when(key, spec.get("when") or {}, {q.key: q for q in params}, fail)
+        # every value alone (with the fixed part) must give a valid config
+        if p.field is not None:
+            for value in p.extremes():
+                check_config({**fixed, p.field: value}, f"search space {source}: {key}: invalid config")
+        params.append(p)
+    space = SearchSpace(name=Path(source).stem, path=source, description=str(data.get("description", "")),
+                        fixed=fixed, params=params, sweep=dict(sweep))
+    _check_combinations(space, fail)
+    return space
+
+
+def _sections(data, fail) -> tuple[dict, dict, dict]:
+    """(fixed, params, sweep) of a space file, each of the right shape."""
     if not isinstance(data, dict):
         fail("(top level)", "must be a mapping with 'params' (and optionally 'fixed', 'sweep')")
     for key in data:
@@ -183,100 +202,102 @@ def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:
     raw_params = data.get("params")
     if not isinstance(raw_params, dict) or not raw_params:
         fail("params", "must be a non-empty mapping of config keys to parameter specs")
-    sweep = check_sweep_options(data.get("sweep"), SWEEP_KEYS, fail)
+    return fixed, raw_params, check_sweep_options(data.get("sweep"), SWEEP_KEYS, fail)
 
-    # the fixed part alone must be a valid config
-    check_config(fixed, f"search space {source}: fixed: invalid config")
-    if base_overrides:
-        fixed = {**fixed, **base_overrides}
-        shown = " ".join(f"{k}={v}" for k, v in base_overrides.items() if k not in ("data_dir", "backbone"))
-        check_config(fixed, f"search space {source}: fixed with the command line's --set {shown}: invalid config")
-    valid_keys = set(config_lib.Config().flat())
 
-    params: list[Param] = []
-    for key, spec in raw_params.items():
-        if not isinstance(key, str):
-            fail(str(key), "parameter names must be strings")
-        field_name = key.split("@", 1)[0]
-        if key.startswith(SWITCH):
-            if not key[len(SWITCH):] or not isinstance(spec, dict) or spec.get("type") != "categorical":
-                fail(key, "a switch must be a categorical with a name, e.g. switch.regularizer")
-        elif field_name not in valid_keys:
-            fail(key, "unknown config field" + _suggest(field_name, valid_keys))
-        if not isinstance(spec, dict):
-            fail(key, "must be a mapping with 'type' and its bounds or choices")
-        extra = set(spec) - PARAM_KEYS
-        if extra:
-            fail(key, f"unknown option(s) {', '.join(sorted(extra))} (valid: {', '.join(sorted(PARAM_KEYS))})")
-        ptype = spec.get("type")
-        if ptype not in TYPES:
-            fail(key, f"bad type {ptype!r} (valid: {', '.join(TYPES)})")
-        p = Param(key=key, type=ptype)
-        if ptype == "categorical":
-            choices = spec.get("choices")
-            if not isinstance(choices, list) or not choices:
-                fail(key, "categorical needs a non-empty list 'choices'")
-            for c in choices:
-                if not (c is None or isinstance(c, (bool, int, float, str))):
-                    fail(key, f"choice {c!r} is not a scalar (Optuna stores None, bool, int, float, str)")
-            if any(k in spec for k in ("low", "high", "step")):
-                fail(key, "categorical takes 'choices', not low/high/step")
-            p.choices = choices
-        else:
-            if "choices" in spec:
-                fail(key, f"{ptype} takes low/high, not 'choices'")
-            for bound in ("low", "high"):
-                v = spec.get(bound)
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    fail(key, f"{ptype} needs a number '{bound}', got {v!r}")
-                if ptype == "int" and not float(v).is_integer():
-                    fail(key, f"int needs an integer '{bound}', got {v!r}")
-            p.low, p.high = spec["low"], spec["high"]
-            if p.low > p.high:
-                fail(key, f"low ({p.low}) > high ({p.high})")
-            if ptype == "loguniform" and p.low <= 0:
-                fail(key, f"loguniform needs low > 0, got {p.low}")
-            step = spec.get("step")
-            if step is not None:
-                if ptype == "loguniform":
-                    fail(key, "loguniform takes no 'step'")
-                if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-                    fail(key, f"step must be a positive number, got {step!r}")
-                p.step = step
-        when = spec.get("when") or {}
-        if not isinstance(when, dict):
-            fail(key, "'when' must map earlier parameters to a value or a list of values")
-        earlier = {q.key: q for q in params}
-        for other, allowed in when.items():
-            if other not in earlier:
-                fail(key, f"'when' refers to {other!r}, which is not a parameter listed before it")
-            allowed = allowed if isinstance(allowed, list) else [allowed]
-            q = earlier[other]
-            if q.type == "categorical":
-                bad = [a for a in allowed if a not in q.choices]
-                if bad:
-                    fail(key, f"'when' value(s) {bad} are not choices of {other}")
-            p.when[other] = allowed
-        # every value alone (with the fixed part) must give a valid config
-        if p.field is not None:
-            for value in p.extremes():
-                check_config({**fixed, p.field: value}, f"search space {source}: {key}: invalid config")
-        params.append(p)
+def _param(key, spec, valid_keys: set[str], fail) -> Param:
+    """One parameter's name, type and range (its `when` comes from `_when`)."""
+    if not isinstance(key, str):
+        fail(str(key), "parameter names must be strings")
+    field_name = key.split("@", 1)[0]
+    if key.startswith(SWITCH):
+        if not key[len(SWITCH):] or not isinstance(spec, dict) or spec.get("type") != "categorical":
+            fail(key, "a switch must be a categorical with a name, e.g. switch.regularizer")
+    elif field_name not in valid_keys:
+        fail(key, "unknown config field" + _suggest(field_name, valid_keys))
+    if not isinstance(spec, dict):
+        fail(key, "must be a mapping with 'type' and its bounds or choices")
+    extra = set(spec) - PARAM_KEYS
+    if extra:
+        fail(key, f"unknown option(s) {', '.join(sorted(extra))} (valid: {', '.join(sorted(PARAM_KEYS))})")
+    ptype = spec.get("type")
+    if ptype not in TYPES:
+        fail(key, f"bad type {ptype!r} (valid: {', '.join(TYPES)})")
+    p = Param(key=key, type=ptype)
+    if ptype == "categorical":
+        p.choices = _choices(key, spec, fail)
+    else:
+        p.low, p.high, p.step = _range(key, ptype, spec, fail)
+    return p
 
-    space = SearchSpace(name=Path(source).stem, path=source, description=str(data.get("description", "")),
-                        fixed=fixed, params=params, sweep=dict(sweep))
-    # and a seeded set of combinations, so that cross-field constraints (min_rank <= rank) surface now
+
+def _choices(key: str, spec: dict, fail) -> list:
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices:
+        fail(key, "categorical needs a non-empty list 'choices'")
+    for c in choices:
+        if not (c is None or isinstance(c, (bool, int, float, str))):
+            fail(key, f"choice {c!r} is not a scalar (Optuna stores None, bool, int, float, str)")
+    if any(k in spec for k in ("low", "high", "step")):
+        fail(key, "categorical takes 'choices', not low/high/step")
+    return choices
+
+
+def _range(key: str, ptype: str, spec: dict, fail) -> tuple:
+    """(low, high, step) of a numeric parameter."""
+    if "choices" in spec:
+        fail(key, f"{ptype} takes low/high, not 'choices'")
+    for bound in ("low", "high"):
+        v = spec.get(bound)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail(key, f"{ptype} needs a number '{bound}', got {v!r}")
+        if ptype == "int" and not float(v).is_integer():
+            fail(key, f"int needs an integer '{bound}', got {v!r}")
+    low, high = spec["low"], spec["high"]
+    if low > high:
+        fail(key, f"low ({low}) > high ({high})")
+    if ptype == "loguniform" and low <= 0:
+        fail(key, f"loguniform needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        if ptype == "loguniform":
+            fail(key, "loguniform takes no 'step'")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            fail(key, f"step must be a positive number, got {step!r}")
+    return low, high, step
+
+
+def _when(key: str, when, earlier: dict[str, Param], fail) -> dict[str, list]:
+    """A parameter's condition: earlier parameters -> the values (of their choices) it needs."""
+    if not isinstance(when, dict):
+        fail(key, "'when' must map earlier parameters to a value or a list of values")
+    out = {}
+    for other, allowed in when.items():
+        if other not in earlier:
+            fail(key, f"'when' refers to {other!r}, which is not a parameter listed before it")
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        q = earlier[other]
+        if q.type == "categorical":
+            bad = [a for a in allowed if a not in q.choices]
+            if bad:
+                fail(key, f"'when' value(s) {bad} are not choices of {other}")
+        out[other] = allowed
+    return out
+
+
+def _check_combinations(space: SearchSpace, fail) -> None:
+    """A seeded set of sampled combinations, so that cross-field constraints (min_rank <= rank)
+    and labelled variants that are not exclusive surface now."""
     rng = random.Random(0)
     for _ in range(32):
         values = space.sample(rng)
         what = "combination " + ", ".join(f"{k}={v!r}" for k, v in values.items())
-        fields = [p.field for p in params if p.key in values and p.field is not None]
+        fields = [p.field for p in space.params if p.key in values and p.field is not None]
         dup = sorted({f for f in fields if fields.count(f) > 1})
         if dup:
             fail(what, f"sets {', '.join(dup)} twice: make the 'when' conditions of its labelled "
                        "variants exclusive")
-        check_config({**fixed, **overrides(values)}, f"search space {source}: {what}: invalid config")
-    return space
+        check_config({**space.fixed, **overrides(values)}, f"search space {space.path}: {what}: invalid config")
 
 
 CELL = "cell"  # a grid trial's listed cell (sweep.grid_param_space): a mapping of config keys

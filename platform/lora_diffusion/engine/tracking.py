@@ -12,8 +12,8 @@ re-attaches to the runs it already has:
 - a run is ended FINISHED / FAILED once: ending an already-ended run with the same status is a
   no-op.
 
-`SweepTracker` is plain MLflow (unit-tested against a sqlite store); `MlflowSweepCallback` is the
-Tune callback that drives it from the sweep's driver process.
+`SweepTracker` is plain MLflow, no Ray (unit-tested against a sqlite store);
+`callbacks.MlflowSweepCallback` is the Tune callback that drives it from the sweep's driver.
 """
 
 from __future__ import annotations
@@ -88,12 +88,6 @@ class SweepTracker:
         self._client = None
         self._experiment_id: str | None = None
         self._last_step: dict[str, int] = {}  # run_id -> last step logged
-
-    # pickled with Tune's run config: the client is rebuilt on first use
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_client"] = None
-        return state
 
     @property
     def client(self):
@@ -214,9 +208,6 @@ class SweepTracker:
         self.client.set_terminated(run_id, status)
         return True
 
-    def reopen(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
-
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
@@ -224,89 +215,3 @@ class SweepTracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
-
-
-# ----------------------------------------------------------------------------- Tune callback
-
-
-from ray.tune import Callback  # noqa: E402  (the tracker above needs no Ray)
-
-
-class MlflowSweepCallback(Callback):
-    """Drives a `SweepTracker` from Tune events on the driver.
-
-    `resolve(trial_config) -> (flat params, tags)` turns a trial's sampled parameters into the
-    resolved config (its MLflow params) and tags (method, seed). Workers report their recipe's
-    own step as `step`; the first report of every (re)started Train run carries the accounting
-    (`accounting_json`), the report of the last step the final result (`result_json`)."""
-
-    def __init__(self, tracker: SweepTracker, resolve):
-        self.tracker = tracker
-        self.resolve = resolve
-        self._runs: dict[str, str] = {}
-        self._accounting: dict[str, dict] = {}
-        self._final_logged: set[str] = set()
-        self._last_result: dict[str, dict] = {}
-
-    def setup(self, **info):
-        self.parent_id = self.tracker.parent_run()
-
-    def _run_for(self, trial) -> str:
-        tid = trial.trial_id
-        if tid not in self._runs:
-            params, tags = self.resolve(trial.config)
-            self._runs[tid] = self.tracker.trial_run(tid, params=params, tags=tags,
-                                                     run_name=f"{self.tracker.sweep}/{tid}")
-            if "result.json" in {f.path for f in self.tracker.client.list_artifacts(self._runs[tid])}:
-                self._final_logged.add(tid)  # finished before the driver was interrupted
-        return self._runs[tid]
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
-        tid = trial.trial_id
-        if result.get("accounting_json"):
-            self._accounting[tid] = json.loads(result["accounting_json"])
-        step = int(result.get("step", 0))
-        self._last_result[tid] = dict(result)
-        metrics = {k: v for k, v in result.items() if "/" in k or k == "resumed_from_step"}
-        self.tracker.log_step(run_id, metrics, step)
-        if result.get("result_json") and tid not in self._final_logged:
-            self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
-            self._final_logged.add(tid)
-
-    def _end(self, trial, status: str):
-        run_id = self._run_for(trial)
-        tid = trial.trial_id
-        if status == "FINISHED" and tid not in self._final_logged:
-            # stopped early by the scheduler: no final evaluation ran; keep what is known
-            last = self._last_result.get(tid) or trial.last_result or {}
-            result = {k: v for k, v in last.items() if "/" in k or k == "step"}
-            result["stopped_early_at_step"] = last.get("step")
-            if tid in self._accounting:
-                result["accounting"] = self._accounting[tid]
-            self.tracker.client.set_tag(run_id, "stopped_early", "true")
-            self.tracker.log_final(run_id, result, int(last.get("step", 0) or 0))
-            self._final_logged.add(tid)
-        self.tracker.end_run(run_id, status)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "FAILED")
-
-    def finish(self, best: dict | None, status: str = "FINISHED") -> None:
-        """End the parent run, with the best trial's configuration and score."""
-        parent = self.tracker.parent_run()
-        if best:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.tracker.client.log_batch(parent, metrics=[
-                Metric("best/dev_accuracy", float(best["dev/accuracy"]), now, 0)])
-            self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
-            self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
-        self.tracker.end_run(parent, status)

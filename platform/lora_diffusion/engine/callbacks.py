@@ -1,0 +1,220 @@
+"""The sweep driver's Tune callbacks: MLflow tracking, progress lines, and the count of trials
+that ended (which tells a finished sweep from an interrupted one).
+
+Tune pickles the run config, callbacks included, into the sweep's tuner.pkl, and
+`Tuner.restore` gives that pickled run config back: there is no public way to hand a restored
+tuner this invocation's callbacks (ray-project/ray#41364 asks for access to the restored
+run_config; `Tuner.restore` takes none). So the run config holds only a `DriverCallbacks` that
+names the sweep, and every driver, new or resumed, registers its own callbacks for it
+(`for_this_driver`): a resumed sweep logs to this invocation's tracking URI, and the driver
+reads the counts of the callbacks it made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ray.tune import Callback
+
+from ..core import config as config_lib
+from . import search_space as space_lib
+from .grid import SEED_FIELD
+from .spec import METRIC
+from .tracking import SweepTracker
+
+HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",
+         "on_trial_result", "on_trial_complete", "on_trial_recover", "on_trial_error", "on_checkpoint",
+         "on_experiment_end")
+_LIVE: dict[str, list[Callback]] = {}  # sweep id -> this driver's callbacks
+
+
+class DriverCallbacks(Callback):
+    """What tuner.pkl keeps of the callbacks: the sweep's id. Every Tune event goes to the
+    callbacks this driver registered for that sweep."""
+
+    def __init__(self, sweep_id: str):
+        self.sweep_id = sweep_id
+
+    def live(self) -> list[Callback]:
+        if self.sweep_id not in _LIVE:
+            raise RuntimeError(f"no callbacks registered for sweep {self.sweep_id} in this driver")
+        return _LIVE[self.sweep_id]
+
+
+def _forward(hook: str):
+    def forward(self, **info):  # Tune calls every hook with keyword arguments
+        for callback in self.live():
+            getattr(callback, hook)(**info)
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in HOOKS:
+    setattr(DriverCallbacks, _hook, _forward(_hook))
+
+
+def for_this_driver(sweep_id: str, callbacks: list[Callback]) -> list[Callback]:
+    """The run config's callbacks: a `DriverCallbacks` for `callbacks`, registered until `release`."""
+    _LIVE[sweep_id] = list(callbacks)
+    return [DriverCallbacks(sweep_id)]
+
+
+def release(sweep_id: str) -> None:
+    _LIVE.pop(sweep_id, None)
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class TrialResolver:
+    """trial config (sampled params) -> (flat resolved config for MLflow params, tags)."""
+
+    def __init__(self, fixed: dict, code_version: str):
+        self.fixed, self.code_version = fixed, code_version
+
+    def __call__(self, params: dict):
+        params = space_lib.flatten(params)
+        config = config_lib.from_dict({}, {**self.fixed, **space_lib.overrides(params)})
+        flat = config.flat()
+        flat.update({f"sampled.{k}": v for k, v in params.items() if k != SEED_FIELD})
+        tags = {"method": config.method, "seed": config.train.seed, "code_version": self.code_version,
+                "task": config.task}
+        return flat, tags
+
+
+def _short(params: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return " ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in space_lib.flatten(params).items())
+
+
+class ProgressLines(Callback):
+    """One readable line per trial report, and one when a trial ends."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._step_line(trial, result)
+        if result.get("result_json"):
+            r = json.loads(result["result_json"])
+            acc = r.get("accounting", {})
+            print(f"[trial {trial.trial_id}] final  step {r.get('steps')}  "
+                  f"dev/accuracy {r.get('dev/accuracy', float('nan')):.4f}  "
+                  f"dev/accuracy_sampler {r.get('dev/accuracy_sampler', float('nan')):.4f}  "
+                  f"train/accuracy {r.get('train/accuracy', float('nan')):.4f}  "
+                  f"params {acc.get('trainable_params')}", flush=True)
+
+    def _step_line(self, trial, result):
+        print(f"[trial {trial.trial_id}] step {int(result.get('step', 0)):5d}  "
+              f"loss {result.get('train/loss', float('nan')):.4f}  "
+              f"dev/accuracy {result.get(METRIC, float('nan')):.4f}"
+              + (f"  (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else "")
+              + f"  | {_short(trial.config)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        print(f"[trial {trial.trial_id}] done at step {trial.last_result.get('step')}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[trial {trial.trial_id}] FAILED (see {trial.local_path})", flush=True)
+
+
+class TrialEnds(Callback):
+    """Counts the trials that ended: ran out or were stopped by the scheduler (ASHA), in this
+    driver or before a resume. On Ctrl-C Tune stops the running trials and marks them
+    TERMINATED too, but without `on_trial_complete`: status alone would let a sweep interrupted
+    while its last trials ran pass for a finished one."""
+
+    def __init__(self):
+        self.started, self.ended, self.trials = set(), set(), []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info):
+        self.trials = list(trials)
+
+    def finished(self) -> int:
+        return sum(1 for t in self.trials if t.status == "TERMINATED"
+                   and (t.trial_id in self.ended or t.trial_id not in self.started))
+
+
+class MlflowSweepCallback(Callback):
+    """Drives a `SweepTracker` from Tune events on the driver.
+
+    `resolve(trial_config) -> (flat params, tags)` turns a trial's sampled parameters into the
+    resolved config (its MLflow params) and tags (method, seed). Workers report their recipe's
+    own step as `step`; the first report of every (re)started Train run carries the accounting
+    (`accounting_json`), the report of the last step the final result (`result_json`)."""
+
+    def __init__(self, tracker: SweepTracker, resolve):
+        self.tracker = tracker
+        self.resolve = resolve
+        self._runs: dict[str, str] = {}
+        self._accounting: dict[str, dict] = {}
+        self._final_logged: set[str] = set()
+        self._last_result: dict[str, dict] = {}
+
+    def setup(self, **info):
+        self.parent_id = self.tracker.parent_run()
+
+    def _run_for(self, trial) -> str:
+        tid = trial.trial_id
+        if tid not in self._runs:
+            params, tags = self.resolve(trial.config)
+            self._runs[tid] = self.tracker.trial_run(tid, params=params, tags=tags,
+                                                     run_name=f"{self.tracker.sweep}/{tid}")
+            if "result.json" in {f.path for f in self.tracker.client.list_artifacts(self._runs[tid])}:
+                self._final_logged.add(tid)  # finished before the driver was interrupted
+        return self._runs[tid]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        tid = trial.trial_id
+        if result.get("accounting_json"):
+            self._accounting[tid] = json.loads(result["accounting_json"])
+        step = int(result.get("step", 0))
+        self._last_result[tid] = dict(result)
+        metrics = {k: v for k, v in result.items() if "/" in k or k == "resumed_from_step"}
+        self.tracker.log_step(run_id, metrics, step)
+        if result.get("result_json") and tid not in self._final_logged:
+            self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
+            self._final_logged.add(tid)
+
+    def _end(self, trial, status: str):
+        run_id = self._run_for(trial)
+        tid = trial.trial_id
+        if status == "FINISHED" and tid not in self._final_logged:
+            # stopped early by the scheduler: no final evaluation ran; keep what is known
+            last = self._last_result.get(tid) or trial.last_result or {}
+            result = {k: v for k, v in last.items() if "/" in k or k == "step"}
+            result["stopped_early_at_step"] = last.get("step")
+            if tid in self._accounting:
+                result["accounting"] = self._accounting[tid]
+            self.tracker.client.set_tag(run_id, "stopped_early", "true")
+            self.tracker.log_final(run_id, result, int(last.get("step", 0) or 0))
+            self._final_logged.add(tid)
+        self.tracker.end_run(run_id, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
+
+    def finish(self, best: dict | None, status: str = "FINISHED") -> None:
+        """End the parent run, with the best trial's configuration and score."""
+        parent = self.tracker.parent_run()
+        if best:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.tracker.client.log_batch(parent, metrics=[
+                Metric("best/dev_accuracy", float(best["dev/accuracy"]), now, 0)])
+            self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
+            self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
+        self.tracker.end_run(parent, status)

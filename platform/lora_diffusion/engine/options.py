@@ -1,0 +1,58 @@
+"""The sweep's command line (`lora-diffusion sweep`, jobs/*_sweep.py) and the defaults of its
+locations: the repository, the sweeps' storage, the MLflow store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from . import tracking
+
+
+def repo_root() -> Path:
+    """The checkout the package is installed from (editable install), else the current directory."""
+    here = Path(__file__).resolve().parents[3]
+    if (here / "pyproject.toml").is_file() and (here / "platform" / "lora_diffusion").is_dir():
+        return here
+    return Path.cwd()
+
+
+def storage_location(arg: str | None) -> str:
+    """--storage-path, else $LORA_DIFFUSION_STORAGE, else <repo>/runs/sweeps."""
+    return arg or os.environ.get("LORA_DIFFUSION_STORAGE") or str(repo_root() / "runs" / "sweeps")
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the sqlite store in <repo>/runs."""
+    return tracking.default_tracking_uri(repo_root() / "runs")
+
+
+def build_parser(default_space: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"Ray Tune + Optuna + ASHA sweep (default space: {default_space})")
+    p.add_argument("--space", "--grid", dest="space", default=default_space,
+                   help="search space or ablation grid: a YAML file or a name in search_spaces/ "
+                        "(default: %(default)s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random backbone built on the fly and a few steps per trial (about a minute)")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's sweep.num_samples)")
+    p.add_argument("--storage-path", help="where sweeps live: a directory or an object-store URI such as "
+                   "s3://bucket/sweeps (default: $LORA_DIFFUSION_STORAGE, else <repo>/runs/sweeps)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: lora-diffusion-sweeps)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep of this name where it stopped")
+    p.add_argument("--name", help="sweep name (default: the space's name, plus -smoke with --smoke)")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--seed", type=int, help="Optuna sampler seed (trials' train.seed comes from --set)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="base config override for every trial, e.g. train.steps=300")
+    p.add_argument("--address", help="Ray address: 'auto' joins the running cluster, 'local' starts a "
+                   "private one (default: $RAY_ADDRESS, else auto on a `ray up` head node, else local)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each Train worker reserves "
+                   "(default: the cluster's CPUs shared among workers x concurrent trials, at most 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves (default: 1 if the "
+                   "cluster has GPUs, else 0)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial (default 2)")
+    p.add_argument("--verbose", type=int, default=1, help="Tune's verbosity (0 quiet, 1 status tables)")
+    return p

@@ -1,0 +1,244 @@
+"""The sweep spec: everything a sweep is, settled before Ray starts and saved as sweep.json.
+
+`prepare(args)` builds a new sweep's spec from the command line and its space or grid file, or
+reads a saved one back for --resume. Everything the user can get wrong (the file, --set keys,
+--name, an existing sweep, missing data) raises a `UserError` here, naming the YAML field or
+the command-line option. sweep.json keeps the keys and layout it had when the spec was an
+untyped dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..core import config as config_lib
+from ..core import tasks
+from ..core.errors import UserError
+from . import search_space as space_lib
+from .grid import parse_grid
+from .options import default_tracking_uri, repo_root, storage_location
+from .storage import SweepStorage
+from .tracking import DEFAULT_EXPERIMENT
+
+METRIC, MODE = "dev/accuracy", "max"
+SPEC_FILE = "sweep.json"
+TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
+
+# --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial
+SMOKE_OVERRIDES = {
+    "max_length": 32, "max_train_examples": 64, "max_eval_examples": 16, "train_accuracy_examples": 16,
+    "train.steps": 6, "train.batch_size": 8, "train.eval_every": 2, "train.warmup_steps": 1,
+    "trajectory.injection_layers": [0], "diffusion.eval_t_points": 2, "diffusion.sampler_steps": 2,
+}
+SMOKE_SWEEP = {"num_samples": 4, "max_concurrent": 2, "workers": 1, "grace_period": 2, "reduction_factor": 2}
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+@dataclass
+class SweepOptions:
+    """The engine's options: defaults < the file's `sweep:` section < --smoke < the command line."""
+    num_samples: int = 8
+    max_concurrent: int = 2
+    workers: int = 1
+    seed: int = 0  # Optuna's sampler
+    grace_period: int = 50  # ASHA's first rung (steps)
+    reduction_factor: int = 3
+
+
+@dataclass
+class GridSpec:
+    axes: dict  # axis -> its values
+    seeds: list
+    reference: dict
+    cells: list | None  # the listed cells of a `cells` grid; None: the product of the axes
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    storage: str  # where sweeps live (Ray's storage_path)
+    exp_dir: str  # this sweep's directory in it
+    space_path: str
+    space_yaml: object  # the file's content, validated again on resume
+    base_overrides: dict  # --smoke, $LORA_DIFFUSION_DATA_DIR and --set, under the file's `fixed`
+    fixed: dict  # every trial's config overrides
+    sweep: SweepOptions
+    kind: str  # "optuna" (a search space) or "grid"
+    grid: GridSpec | None
+    smoke: bool
+    tracking_uri: str
+    experiment: str
+    max_failures: int  # worker-group restarts per trial
+    steps: int
+    created: str
+    sweep_id: str  # MLflow runs are found by this, not the name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "SweepSpec":
+        data = json.loads(text)
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise UserError(f"{where}: missing {', '.join(missing)} (not a sweep.json of this engine)")
+        spec = cls(**{n: data[n] for n in names})
+        spec.sweep = SweepOptions(**spec.sweep)
+        spec.grid = GridSpec(**spec.grid) if spec.grid else None
+        return spec
+
+    def parse_space(self):
+        """The space (or grid) file's content, validated with the sweep's overrides."""
+        if self.kind == "grid":
+            return _parse_grid(self.space_yaml, self.space_path, self.base_overrides)
+        return space_lib.parse(self.space_yaml, self.space_path, self.base_overrides)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(args) -> SweepSpec:
+    """Everything checked before Ray starts: the spec of a new sweep, or the saved one to resume."""
+    storage = SweepStorage(storage_location(args.storage_path))
+    for name in ("num_samples", "workers", "max_concurrent"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    return _resume(args, storage) if args.resume else _new(args, storage)
+
+
+def _resume(args, storage: SweepStorage) -> SweepSpec:
+    name = args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem
+                         + ("-smoke" if args.smoke else ""))
+    if not storage.exists(f"{name}/{SPEC_FILE}") or not storage.exists(f"{name}/tuner.pkl"):
+        raise UserError(f"--resume: no sweep named {name!r} in {storage.join()} (expected "
+                        f"{storage.join(name, SPEC_FILE)} and {storage.join(name, 'tuner.pkl')}); "
+                        "start it without --resume")
+    spec = SweepSpec.from_json(storage.read_text(f"{name}/{SPEC_FILE}"), storage.join(name, SPEC_FILE))
+    spec.parse_space()  # validated again: the code may have changed since
+    if args.set or args.num_samples or args.workers:
+        print("note: --resume continues the saved sweep; --set, --num-samples and --workers are ignored",
+              file=sys.stderr)
+    spec.tracking_uri = args.tracking_uri or spec.tracking_uri
+    return spec
+
+
+def _new(args, storage: SweepStorage) -> SweepSpec:
+    import yaml
+
+    path = space_lib.resolve_path(args.space, repo_root())
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    base = _base_overrides(args)
+    name = _sweep_name(args, path)
+    if storage.is_nonempty_dir(name):
+        raise UserError(f"sweep {name!r} already exists in {storage.join(name)}: pass --resume to "
+                        f"continue it, --name to start another, or delete it")
+    if isinstance(raw, dict) and ("grid" in raw or "cells" in raw):
+        kind, (fixed, base, options, grid) = "grid", _grid_part(args, raw, path, base)
+    else:
+        space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
+        kind, fixed, options, grid = "optuna", space.fixed, _options(args, space.sweep), None
+    fixed_cfg = config_lib.from_dict({}, fixed)
+    _check_data(fixed_cfg, grid)
+    _fit_grace_period(options, fixed_cfg, args.smoke)
+    return SweepSpec(
+        name=name, storage=storage.join(), exp_dir=storage.join(name), space_path=str(path),
+        space_yaml=raw, base_overrides=base, fixed=fixed, sweep=options, kind=kind, grid=grid,
+        smoke=bool(args.smoke), tracking_uri=args.tracking_uri or default_tracking_uri(),
+        experiment=args.experiment or DEFAULT_EXPERIMENT, max_failures=args.max_failures,
+        steps=fixed_cfg.train.steps, created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        sweep_id=f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+def _sweep_name(args, path: Path) -> str:
+    name = args.name or path.stem + ("-smoke" if args.smoke else "")
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise UserError(f"--name: {name!r} must be letters, digits, '_', '.', '-' (it names a directory "
+                        "and an MLflow tag)")
+    return name
+
+
+def _base_overrides(args) -> dict:
+    """--smoke's overrides, the data directory of $LORA_DIFFUSION_DATA_DIR, then --set."""
+    base = dict(SMOKE_OVERRIDES) if args.smoke else {}
+    data_env = os.environ.get("LORA_DIFFUSION_DATA_DIR")
+    if data_env:
+        base["data_dir"] = str(Path(data_env).resolve())
+    sets = config_lib.parse_sets(args.set)
+    base.update(sets)
+    if args.smoke and "backbone" not in sets:
+        base["backbone"] = TINY_BACKBONE  # built on each node on first use: no shared path needed
+    return base
+
+
+def _options(args, from_file: dict) -> SweepOptions:
+    options = {**asdict(SweepOptions()), **from_file, **(SMOKE_SWEEP if args.smoke else {})}
+    for key in ("num_samples", "workers", "max_concurrent", "seed"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return SweepOptions(**options)
+
+
+def _grid_part(args, raw, path: Path, base: dict):
+    """(fixed, base overrides, options, GridSpec) of a grid file; every cell x seed validated."""
+    if args.smoke:
+        raw = smoke_grid(raw)
+    # validates file, keys, every cell x seed; UserError names file and key
+    grid = _parse_grid(raw, str(path), base, sets=config_lib.parse_sets(args.set))
+    if args.num_samples is not None:
+        raise UserError("--num-samples: a grid runs every cell x seed once; edit the grid file's "
+                        "axes or seeds instead")
+    base = {k: v for k, v in base.items() if k not in grid.axes}
+    options = _options(args, grid.sweep)
+    options.num_samples = len(grid.runs())
+    spec = GridSpec(axes=grid.axes, seeds=grid.seeds, reference=grid.reference, cells=grid.explicit_cells)
+    return grid.fixed, base, options, spec
+
+
+def _check_data(fixed_cfg, grid: GridSpec | None) -> None:
+    """Every task's data files, before Ray: not one failure per trial."""
+    cell_tasks = {c["task"] for c in (grid.cells if grid else None) or [] if "task" in c}
+    for task in {fixed_cfg.task} | cell_tasks:
+        tasks.check_local_data(task, fixed_cfg.data_dir, fixed_cfg.allow_hub)
+
+
+def _fit_grace_period(options: SweepOptions, fixed_cfg, smoke: bool) -> None:
+    steps, every = fixed_cfg.train.steps, fixed_cfg.train.eval_every
+    if smoke:  # ASHA's first rung halfway, whatever --set made of the steps
+        options.grace_period = max(every, steps // 2)
+    options.grace_period = min(options.grace_period, steps)
+
+
+def _parse_grid(raw, source: str, base: dict, sets: dict | None = None):
+    """A grid file's content, validated with the sweep's overrides. --smoke's own overrides
+    give way to the grid's axes; a --set of an axis is an error."""
+    axes = {}
+    if isinstance(raw, dict):
+        axes = raw.get("grid") if isinstance(raw.get("grid"), dict) else \
+            {k: None for k in (raw.get("axes") or []) if isinstance(k, str)}
+    sets = sets or {}
+    base = {k: v for k, v in base.items() if k not in axes or k in sets}
+    return parse_grid(raw, source, base_overrides=base)
+
+
+def smoke_grid(raw: dict) -> dict:
+    """--smoke on a grid: two values per axis (the reference value first) and two seeds."""
+    raw = dict(raw)
+    axes, ref = raw.get("grid"), raw.get("reference") or {}
+    if isinstance(axes, dict) and isinstance(ref, dict):
+        raw["grid"] = {k: ([ref[k]] + [v for v in vals if v != ref[k]] if k in ref else list(vals))[:2]
+                       if isinstance(vals, list) else vals for k, vals in axes.items()}
+    if isinstance(raw.get("seeds"), list):
+        raw["seeds"] = raw["seeds"][:2]
+    return raw

@@ -1,0 +1,148 @@
+"""A sweep trial: a Tune function trainable that fits a Ray Train `TorchTrainer`, whose workers
+each run one `Recipe` and report once per evaluation.
+
+Every worker builds the recipe with its world rank and size (the recipe shards the data and
+all-reduces gradients when torch.distributed is up, which TorchTrainer does: gloo on CPU, NCCL on
+GPU). Resume comes from `ray.train.get_checkpoint()`: the Train run's latest checkpoint after a
+worker failure (FailureConfig) or when a Tune trial is restored. Only rank 0 writes checkpoints;
+every rank calls `ray.train.report` (it is collective in Train V2).
+
+A checkpoint directory holds the resume checkpoint `core.checkpoint.save_state` writes (the
+method as `lora-diffusion eval --checkpoint` reads it, its optimizer and counters) plus
+metrics.json, the metrics reported with it (replayed on resume).
+
+Reported metrics: the recipe's metrics plus `step` (the recipe's own counter), `resumed_from_step`
+(where this Train run started: 0, or the checkpoint's step); the first report of a run also
+carries `accounting_json`, and the report of the last step carries `result_json` (the final
+result with split-labelled accuracies and accounting; `wall_time_s` in it counts from the start
+of the Train run that finished). A run resumed from a checkpoint first re-reports that
+checkpoint's metrics (they may never have reached Tune).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core import checkpoint
+from ..core import config as config_lib
+from . import search_space as space_lib
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a sweep shares (passed to the trainable with `tune.with_parameters`)."""
+    fixed: dict  # config overrides under the trial's sampled params
+    workers: int  # Ray Train workers per trial
+    cpus_per_worker: float
+    gpus_per_worker: float
+    train_storage: str  # where the trials' Train runs (and their checkpoints) live
+    max_failures: int  # worker-group restarts per trial
+
+
+def run_trial(params: dict, plan: TrialPlan) -> None:
+    """Tune function trainable: resolve the trial's config and fit a TorchTrainer on it."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    config = config_lib.from_dict({}, {**plan.fixed, **space_lib.overrides(params)})
+    per_worker = {"CPU": plan.cpus_per_worker}
+    if plan.gpus_per_worker:
+        per_worker["GPU"] = plan.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "threads": max(1, int(plan.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if plan.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=bool(plan.gpus_per_worker),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=trial_id,  # deterministic: a restored trial finds its own Train run and checkpoint
+            storage_path=plan.train_storage,
+            failure_config=FailureConfig(max_failures=plan.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# ----------------------------------------------------------------------------- the Train worker
+
+
+def train_loop(loop_config: dict) -> None:
+    """`train_loop_per_worker` of the trial's TorchTrainer."""
+    import ray.train
+
+    from ..core.recipe import Recipe
+
+    t0 = time.perf_counter()
+    ctx = ray.train.get_context()
+    config = config_lib.from_dict(loop_config["config"])
+    if config.train.threads is None and loop_config.get("threads"):
+        torch.set_num_threads(int(loop_config["threads"]))  # the CPUs this worker reserved
+    recipe = Recipe(config, rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+    reporter = Reporter(recipe, t0)
+    reporter.resume()
+    recipe.run(report=reporter, log=None)
+
+
+class Reporter:
+    """The recipe's `report` callback on a Train worker: metrics to Tune, checkpoints from rank 0."""
+
+    def __init__(self, recipe, t0: float):
+        self.recipe, self.t0 = recipe, t0
+        self.start = 0  # the step this Train run started from
+        self.first: dict = {}  # what the first report of this Train run carries
+
+    def resume(self) -> None:
+        """Load the Train run's latest checkpoint, if any, and report its metrics again: they may
+        never have reached Tune (the driver died while they sat in the report queue); the tracker
+        skips steps it already logged."""
+        import ray.train
+
+        from ..core.accounting import account
+
+        ckpt = ray.train.get_checkpoint()
+        replay = None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                checkpoint.load_state(Path(d), self.recipe)
+                if (Path(d) / "metrics.json").is_file():
+                    replay = json.loads((Path(d) / "metrics.json").read_text())
+        self.start = self.recipe.step
+        self.first = {"accounting_json": json.dumps(account(self.recipe.method))}
+        if replay is not None:
+            replay.update(self.first, resumed_from_step=self.start)
+            self.first.clear()
+            ray.train.report(replay, checkpoint=None)
+
+    def __call__(self, metrics: dict, rec) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        out["step"] = rec.step
+        out["resumed_from_step"] = self.start
+        out.update(self.first)
+        self.first.clear()
+        if rec.step >= rec.config.train.steps:
+            # The final result rides on the last evaluation's report: a scheduler that stops the
+            # trial at its last rung (ASHA stops at max_t) cannot cut it off. `run` returns the
+            # same result (computed once).
+            result = {**rec.final_result(time.perf_counter() - self.t0), "resumed_from_step": self.start}
+            out["result_json"] = json.dumps(result, default=str)
+        if rec.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.save_state(Path(tmp), rec)
+                (Path(tmp) / "metrics.json").write_text(json.dumps(out))
+                ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(out, checkpoint=None)

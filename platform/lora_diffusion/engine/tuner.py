@@ -1,0 +1,128 @@
+"""Ray and the Tune tuner of a sweep: the cluster to join, the resources a trial's workers reserve,
+and the tuner: Tune's grid search for a grid file (BasicVariantGenerator, every trial to the end),
+seeded Optuna TPE with ASHA for a search space, or the saved tuner of a sweep to resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import search_space as space_lib
+from .grid import SEED_FIELD
+from .spec import METRIC, MODE, GridSpec, SweepSpec
+
+TRIAL_CPUS = 0.01  # the trial's own actor only starts the TorchTrainer: its workers reserve the CPUs
+
+
+def ray_address(arg: str | None) -> str:
+    if arg:
+        return arg
+    if os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    if (Path.home() / "ray_bootstrap_config.yaml").is_file():  # head node of a `ray up` cluster
+        return "auto"
+    return "local"
+
+
+def init_ray(address: str, log_to_driver: bool = True) -> None:
+    import ray
+
+    if address == "local":
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs to
+        # free a worker group's placement group when Tune stops a trial (ASHA) by killing it:
+        # without it the resources leak and later trials wait forever for their workers.
+        ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
+                 configure_logging=True, logging_level="WARNING")
+    else:
+        ray.init(address=address, log_to_driver=log_to_driver)
+
+
+@dataclass
+class Resources:
+    cpus_per_worker: float
+    gpus_per_worker: float
+    cluster_cpus: float
+    cluster_gpus: float
+
+
+def resources(args, workers: int, max_concurrent: int) -> Resources:
+    """--cpus/gpus-per-worker, else the cluster's share per worker slot (workers x concurrent trials)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
+    slots = workers * max_concurrent
+    cpw = args.cpus_per_worker
+    if cpw is None:
+        cpw = max(0.01, min(1.0, math.floor(100 * (cpus - 0.1) / slots) / 100))
+    gpw = args.gpus_per_worker
+    if gpw is None:
+        gpw = 1.0 if gpus >= slots else (math.floor(100 * gpus / slots) / 100 if gpus else 0.0)
+    return Resources(cpus_per_worker=cpw, gpus_per_worker=gpw, cluster_cpus=cpus, cluster_gpus=gpus)
+
+
+def grid_param_space(grid: GridSpec) -> dict:
+    """Tune's param_space of a grid: every axis value (or listed cell, as `cell`) x every seed,
+    each run one trial."""
+    from ray import tune
+
+    if grid.cells:
+        space = {space_lib.CELL: tune.grid_search([dict(c) for c in grid.cells])}
+    else:
+        space = {axis: tune.grid_search(list(values)) for axis, values in grid.axes.items()}
+    space[SEED_FIELD] = tune.grid_search(list(grid.seeds))
+    return space
+
+
+def make_tuner(spec: SweepSpec, trainable, callbacks: list, *, resume: bool, verbose: int):
+    """The sweep's tuner: restored from its directory, or a new grid or Optuna tuner."""
+    from ray import tune
+
+    if resume:
+        # the run config comes back from tuner.pkl; its callbacks are `DriverCallbacks` that
+        # forward to the ones this driver registered (callbacks.py says why)
+        return tune.Tuner.restore(spec.exp_dir, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    run_config = tune.RunConfig(name=spec.name, storage_path=spec.storage, callbacks=callbacks,
+                                verbose=verbose, failure_config=tune.FailureConfig(max_failures=0))
+    if spec.kind == "grid":
+        return _grid_tuner(spec, trainable, run_config)
+    return _optuna_tuner(spec, trainable, run_config)
+
+
+def _grid_tuner(spec: SweepSpec, trainable, run_config):
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    return tune.Tuner(
+        trainable, param_space=grid_param_space(spec.grid),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, num_samples=1,
+            # FIFO (no scheduler): every run to the end; the generator limits concurrency
+            search_alg=BasicVariantGenerator(max_concurrent=spec.sweep.max_concurrent)),
+        run_config=run_config)
+
+
+def _optuna_tuner(spec: SweepSpec, trainable, run_config):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    options = spec.sweep
+    space = spec.parse_space()
+    searcher = OptunaSearch(space=space.define_by_run(), metric=METRIC, mode=MODE,
+                            sampler=optuna.samplers.TPESampler(seed=options.seed))
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)
+    scheduler = ASHAScheduler(time_attr="step", max_t=spec.steps + 1, grace_period=options.grace_period,
+                              reduction_factor=options.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=options.num_samples,
+                                    max_concurrent_trials=options.max_concurrent),
+        run_config=run_config)

@@ -1,0 +1,1 @@
+"""Test infrastructure: process sessions, loopback servers, fault injection."""
