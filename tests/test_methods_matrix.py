@@ -110,7 +110,7 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
     method, sets = CASES[case]
     config = tiny_config(method=method, **{"train.lr": 1e-2, **sets})
     recipe = Recipe(config)
-    batch = recipe.encode(recipe.dev_examples[:4])
+    batch = recipe.encode(recipe.validation_examples[:4])
     t = torch.tensor([0.1, 0.4, 0.6, 0.95])
 
     def logits_of(r):
@@ -121,13 +121,13 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
     untrained = logits_of(recipe)
     for _ in range(2):
         recipe.train_step()
-    dev = recipe.evaluate(recipe.dev_examples, "dev")
+    validation = recipe.evaluate(recipe.validation_examples, "validation")
     logits = logits_of(recipe)
     out = tmp_path / "ckpt"
     checkpoint.save(out, recipe.method, config, recipe.fingerprint, recipe.backbone.source)
 
     loaded = Recipe.from_checkpoint(out)
-    assert loaded.evaluate(loaded.dev_examples, "dev") == dev
+    assert loaded.evaluate(loaded.validation_examples, "validation") == validation
     assert torch.equal(logits_of(loaded), logits)
     assert not torch.equal(untrained, logits)  # so loading restored what training changed
 

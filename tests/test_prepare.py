@@ -19,7 +19,7 @@ def test_head_only_preparation_trains_only_the_head_and_saves_a_loadable_model(
     assert changed and all(k.startswith("cls.") for k in changed)
     assert "bert.encoder.layer.0.attention.self.query.weight" not in changed
     saved = json.loads((tmp_path / "prep" / "prepare_result.json").read_text())
-    assert saved["heldout_note"].startswith("dev splits")
+    assert saved["heldout_note"].startswith("validation splits")
     for key in ("0.15", "0.5"):
         assert 0 <= saved["heldout_masked_token_accuracy_after"][key] <= 1
     assert result["mode"] == "head"

@@ -13,13 +13,13 @@ from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.recipe import Recipe
 
 
-def test_training_never_sees_dev_rows(tiny_config):
+def test_training_never_sees_validation_or_test_rows(tiny_config):
     recipe = Recipe(tiny_config(**{"train.steps": 20}))
     seen = {e.id for step in range(20) for e in recipe.train_batch(step)}
-    dev = {e.id for e in recipe.dev_examples}
-    assert seen and dev
+    held_out = {e.id for e in recipe.validation_examples + recipe.test_examples}
+    assert seen and recipe.validation_examples and recipe.test_examples
     assert seen <= {e.id for e in recipe.train_examples}
-    assert not seen & dev
+    assert not seen & held_out
     assert all(i.startswith("sst2/train/") for i in seen)
 
 
@@ -69,19 +69,24 @@ def test_save_load_evaluate_reproduces_accuracy_and_counts_match_file(tiny_confi
     assert result["accounting"]["trainable_params"] == acc["trainable_params"]
 
     restored = Recipe.from_checkpoint(out)
-    again = restored.evaluate(restored.dev_examples, "dev")
-    assert again["dev/accuracy"] == result["dev/accuracy"]
-    assert again["dev/accuracy_sampler"] == result["dev/accuracy_sampler"]
+    again = restored.evaluate(restored.test_examples, "test")
+    assert again["test/accuracy"] == result["test/accuracy"]
+    assert again["test/accuracy_sampler"] == result["test/accuracy_sampler"]
     assert json.loads((out / "config.json").read_text())["trajectory"]["rank"] == config.trajectory.rank
 
 
 def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, synthetic_data_dir):
+    """Selection sees validation, reports see test; each evaluation set's overlap with the run's
+    training rows beside its metric; test is the task's test split or test_file."""
     rows = (Path(synthetic_data_dir) / "sst2" / "dev.tsv").read_text().splitlines()[:9]
     test_file = tmp_path / "external.tsv"
     test_file.write_text("\n".join(rows) + "\n")
     result = Recipe(tiny_config(test_file=str(test_file))).run(log=None)
-    for key in ("train/accuracy", "dev/accuracy", "dev/accuracy_sampler", "test/accuracy"):
-        assert 0.0 <= result[key] <= 1.0
+    for key in ("train/accuracy", "validation/accuracy", "validation/accuracy_sampler",
+                "test/accuracy", "test/accuracy_sampler"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["validation/overlap"] == 0.0 and result["test/overlap"] == 0.0
+    assert not any(k.startswith("dev/") for k in result)
     assert result["test/examples"] == 8 and result["test/source"] == str(test_file)
     assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
 
@@ -112,7 +117,7 @@ def test_saved_prefix_evaluates_but_does_not_train_without_its_mlp(tiny_config, 
     recipe.train_step()
     checkpoint.save(tmp_path, recipe.method, config, recipe.fingerprint, recipe.backbone.source)
     loaded = Recipe.from_checkpoint(tmp_path)
-    assert loaded.evaluate(loaded.dev_examples, "dev") == recipe.evaluate(recipe.dev_examples, "dev")
+    assert loaded.evaluate(loaded.test_examples, "test") == recipe.evaluate(recipe.test_examples, "test")
     with pytest.raises(UserError, match="method_train.safetensors"):
         loaded.train_step()
 
@@ -124,15 +129,3 @@ def test_checkpoint_of_the_mlp_form_names_the_option_that_loads_it(tiny_config, 
     assert Recipe.from_checkpoint(tmp_path).method.config.prefix.save == "mlp"
     with pytest.raises(UserError, match=r"checkpoint .*prefix\.save=mlp"):
         Recipe.from_checkpoint(tmp_path, {"prefix.save": "prefix"})
-
-
-def test_heldout_file_shares_no_row_or_sentence_with_training(real_data_dir, tmp_path):
-    from lora_diffusion.core import tasks
-    from lora_diffusion.core.heldout import _sentence, write_sst2_heldout
-
-    info = write_sst2_heldout(str(tmp_path / "h.tsv"), 60000, seed=0, n=200, data_dir=str(real_data_dir))
-    held = tasks.load_split("sst2", "test", data_file=info["path"])
-    used = tasks.load_split("sst2", "train", str(real_data_dir), max_examples=60000, seed=0)
-    assert len(held) == 200
-    assert not {_sentence(e) for e in held} & {_sentence(e) for e in used}
-    assert {e.label for e in held} == {0, 1}

@@ -61,13 +61,13 @@ def test_no_data_dir_configured_says_how_to_set_it(monkeypatch):
 
 
 def test_unknown_split_names_field(tmp_path):
-    with pytest.raises(UserError, match=r"split.*'test'.*data_file"):
-        load_split("sst2", "test", str(tmp_path))
+    with pytest.raises(UserError, match=r"split.*train, validation, test.*'dev'.*data_file"):
+        load_split("sst2", "dev", str(tmp_path))
 
 
 def test_bad_max_examples_names_field():
     with pytest.raises(UserError, match="max_examples"):
-        load_split("sst2", "dev", str(DATA), max_examples=0)
+        load_split("sst2", "validation", str(DATA), max_examples=0)
 
 
 # --- real data ----------------------------------------------------------------------------------
@@ -75,33 +75,46 @@ def test_bad_max_examples_names_field():
 
 @needs_data
 def test_sst2_row_counts_labels_and_prompts():
-    train, dev = load_split("sst2", "train", str(DATA)), load_split("sst2", "dev", str(DATA))
-    assert (len(train), len(dev)) == (67_349, 872)  # quoting off: no row swallowed by a '"'
-    assert Counter(ex.label for ex in train) == {0: 29_780, 1: 37_569}
-    assert Counter(ex.label for ex in dev) == {0: 428, 1: 444}
-    ex = dev[0]
+    train, validation, test = (load_split("sst2", s, str(DATA)) for s in ("train", "validation", "test"))
+    assert (len(train), len(validation), len(test)) == (57_626, 861, 872)  # quoting off: no row lost
+    assert Counter(ex.label for ex in test) == {0: 428, 1: 444}  # test is GLUE dev
+    ex = test[0]
     assert ex.id == "sst2/dev/0" and ex.response == "great" and ex.label == 1
     assert ex.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert all(ex.id.startswith("sst2/train/") for ex in train + validation)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_train_and_dev_ids_are_disjoint_and_unique(task, task_data_dir):
-    train, dev = load_split(task, "train", str(task_data_dir)), load_split(task, "dev", str(task_data_dir))
-    train_ids, dev_ids = {ex.id for ex in train}, {ex.id for ex in dev}
-    assert len(train_ids) == len(train) and len(dev_ids) == len(dev)
-    assert train and dev and not train_ids & dev_ids
-    assert all(ex.id.startswith(task + "/") for ex in train + dev)
+def test_the_three_splits_are_disjoint_unique_and_never_move(task, task_data_dir):
+    splits = {s: load_split(task, s, str(task_data_dir)) for s in ("train", "validation", "test")}
+    ids = {s: [ex.id for ex in v] for s, v in splits.items()}
+    assert all(ids.values()) and all(len(set(v)) == len(v) for v in ids.values())
+    assert not set(ids["train"]) & set(ids["validation"])
+    assert not (set(ids["train"]) | set(ids["validation"])) & set(ids["test"])
+    assert all(i.startswith(task + "/") for v in ids.values() for i in v)
+    # the run seed only picks subsets, never the splits themselves
+    assert [ex.id for ex in load_split(task, "validation", str(task_data_dir), seed=7)] == ids["validation"]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_no_source_text_is_in_two_splits(task, task_data_dir):
+    """XQuAD contexts, XSum documents, AG News articles, SST-2 sentences: never in two splits."""
+    text = {s: {ex.text for ex in load_split(task, s, str(task_data_dir))}
+            for s in ("train", "validation", "test")}
+    assert not text["train"] & text["validation"] and not text["validation"] & text["test"]
+    assert not text["train"] & text["test"]
 
 
 @needs_data
-def test_ag_news_split_is_stratified_and_never_moves():
-    train, dev = load_split("ag_news", "train", str(DATA)), load_split("ag_news", "dev", str(DATA))
-    assert Counter(ex.label for ex in dev) == {c: 475 for c in range(4)}
-    assert Counter(ex.label for ex in train) == {c: 1425 for c in range(4)}
-    # the run seed only picks subsets, never the split itself
-    assert [ex.id for ex in load_split("ag_news", "dev", str(DATA), seed=7)] == [ex.id for ex in dev]
-    assert all(ex.response == TASKS["ag_news"].label_words[ex.label] for ex in dev)
-    assert not any("#39;" in ex.prompt or "\\" in ex.prompt for ex in train + dev)
+def test_ag_news_splits_are_stratified_cuts_labelled_as_cuts():
+    sizes = {s: Counter(ex.label for ex in load_split("ag_news", s, str(DATA)))
+             for s in ("train", "validation", "test")}
+    assert sizes == {"train": {c: 1187 for c in range(4)}, "validation": {c: 238 for c in range(4)},
+                     "test": {c: 475 for c in range(4)}}
+    assert "cuts" in TASKS["ag_news"].split_note and "not the official" in TASKS["ag_news"].split_note
+    examples = [ex for s in sizes for ex in load_split("ag_news", s, str(DATA))]
+    assert all(ex.response == TASKS["ag_news"].label_words[ex.label] for ex in examples)
+    assert not any("#39;" in ex.prompt or "\\" in ex.prompt for ex in examples)
 
 
 def test_max_examples_is_seeded_stable_and_stratified(task_data_dir):
@@ -110,82 +123,26 @@ def test_max_examples_is_seeded_stable_and_stratified(task_data_dir):
     assert [ex.id for ex in a] == [ex.id for ex in b]
     assert {ex.id for ex in a} != {ex.id for ex in c}
     assert Counter(ex.label for ex in a) == {cls: 10 for cls in range(4)}
-    dev = load_split("ag_news", "dev", str(task_data_dir))
+    validation = load_split("ag_news", "validation", str(task_data_dir))
     assert {ex.id for ex in a} <= {ex.id for ex in load_split("ag_news", "train", str(task_data_dir))}
-    assert not {ex.id for ex in a} & {ex.id for ex in dev}
+    assert not {ex.id for ex in a} & {ex.id for ex in validation}
 
 
 @needs_data
-def test_xquad_split_keeps_contexts_apart_and_keeps_references():
-    train, dev = load_split("xquad", "train", str(DATA)), load_split("xquad", "dev", str(DATA))
-    assert len(train) + len(dev) == 1190
-    context = lambda ex: ex.prompt.split("\nQuestion:")[0]
-    assert not {context(ex) for ex in train} & {context(ex) for ex in dev}
-    assert all(ex.label is None and ex.references[0] == ex.response for ex in dev)
-    assert all(ex.response in ex.prompt for ex in dev)  # extractive: the answer is in the context
+def test_xquad_split_keeps_articles_apart_and_keeps_references():
+    splits = [load_split("xquad", s, str(DATA)) for s in ("train", "validation", "test")]
+    assert [len(v) for v in splits] == [839, 114, 237]
+    for ex in splits[2]:
+        assert ex.label is None and ex.references[0] == ex.response
+        assert ex.response in ex.text and ex.prompt.startswith("Context: " + ex.text)  # extractive
 
 
 @needs_data
 def test_xsum_deduplicates_ids_across_files_and_caps_documents():
-    train, dev = load_split("xsum", "train", str(DATA)), load_split("xsum", "dev", str(DATA))
-    assert len(train) + len(dev) == 1910  # 2,000 rows, 90 ids in both files
-    assert all(ex.references == (ex.response,) for ex in dev)
-    assert max(len(ex.prompt) for ex in train) <= 1500 + len("Document: \nSummary:")
-
-
-# --- data_file ----------------------------------------------------------------------------------
-
-
-def test_sst2_data_file_reads_any_labelled_tsv(tmp_path):
-    f = tmp_path / "my_test.tsv"
-    # a leading '"' (CSV quoting would swallow rows or fail) and "NaN" (pandas would read null)
-    f.write_text('sentence\tlabel\n"great , he said \t1\nNaN\t0\nawful .\t0\n', encoding="utf-8")
-    examples = load_split("sst2", "test", data_file=str(f))
-    assert [ex.id for ex in examples] == ["sst2/my_test.tsv/0", "sst2/my_test.tsv/1",
-                                          "sst2/my_test.tsv/2"]
-    assert examples[0].prompt == 'Review: "great , he said\nSentiment:'
-    assert examples[1].prompt == "Review: NaN\nSentiment:"
-    assert [ex.label for ex in examples] == [1, 0, 0]
-    assert [ex.response for ex in examples] == ["great", "terrible", "terrible"]
-
-
-def test_data_file_missing_label_column_names_column_and_file(tmp_path):
-    f = tmp_path / "unlabelled.tsv"
-    f.write_text("sentence\tscore\ngood .\t1\n", encoding="utf-8")
-    with pytest.raises(UserError, match="'label'") as err:
-        load_split("sst2", "test", data_file=str(f))
-    assert str(f) in str(err.value)
-
-
-def test_data_file_missing_file_names_path(tmp_path):
-    with pytest.raises(UserError, match="data_file.*absent.tsv"):
-        load_split("sst2", "test", data_file=str(tmp_path / "absent.tsv"))
-
-
-def test_ag_news_data_file_maps_classes_and_cleans_text(tmp_path):
-    f = tmp_path / "news.csv"
-    f.write_text('"2","Ronaldo scores","He doesn #39;t stop:\\he won  #36;5 bonus"\n'
-                 '"4","New chip","Intel  amp; AMD ship"\n', encoding="utf-8")
-    a, b = load_split("ag_news", "test", data_file=str(f))
-    assert (a.id, a.label, a.response) == ("ag_news/news.csv/0", 1, "sports")
-    assert a.prompt == "Article: Ronaldo scores. He doesn't stop: he won $5 bonus\nTopic:"
-    assert (b.label, b.response) == (3, "science") and "Intel & AMD ship" in b.prompt
-
-
-def test_clean_ag_news_residue():
-    assert clean_ag_news('In  quot;helping quot; &lt;b&gt;now&lt;/b&gt;') == 'In "helping" now'
-    assert clean_ag_news("Texas Instruments &lt;TXN.N&gt;") == "Texas Instruments <TXN.N>"
-    assert clean_ag_news("up \\$1 billion\\and more") == "up $1 billion and more"
-
-
-# --- label words and metrics --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("task", ["sst2", "ag_news"])
-def test_label_words_are_single_minilm_tokens(task):
-    ids = label_word_token_ids(TASKS[task], minilm_tokenizer())
-    assert [len(i) for i in ids] == [1] * len(TASKS[task].label_words)
-    assert len({i[0] for i in ids}) == len(ids)  # distinct classes, distinct tokens
+    splits = [load_split("xsum", s, str(DATA)) for s in ("train", "validation", "test")]
+    assert [len(v) for v in splits] == [1337, 191, 382]  # 2,000 rows, 90 ids in both files
+    assert all(ex.references == (ex.response,) for ex in splits[2])
+    assert max(len(ex.prompt) for ex in splits[0]) <= 1500 + len("Document: \nSummary:")
 
 
 def test_multi_token_label_words_come_back_whole():

@@ -33,7 +33,8 @@ def _print_result(result: dict) -> None:
 def cmd_train(args) -> int:
     from .core.recipe import Recipe
 
-    config = config_lib.load(args.config, args.set)
+    sets = (args.set or []) + (["allow_overlap=true"] if args.allow_overlap else [])
+    config = config_lib.load(args.config, sets)
     out = Path(args.output_dir or config.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"output_dir: {out} is not empty (pass --overwrite to replace it)")
@@ -57,14 +58,14 @@ def cmd_eval(args) -> int:
         if not Path(args.data_file).is_file():
             raise UserError(f"data-file: {args.data_file} not found")
         overrides["test_file"] = args.data_file
-    recipe = Recipe.from_checkpoint(args.checkpoint, overrides)
+    if args.allow_overlap:
+        overrides["allow_overlap"] = True
+    recipe = Recipe.from_checkpoint(args.checkpoint, overrides)  # refuses overlapping files
     config = recipe.config
     t0 = time.perf_counter()
-    if recipe.test_examples is not None:
-        result = recipe.evaluate(recipe.test_examples, "test")
-        result["test/source"] = args.data_file
-    else:
-        result = recipe.evaluate(recipe.dev_examples, "dev")
+    result = {} if args.data_file else recipe.evaluate(recipe.validation_examples, "validation")
+    result.update(recipe.evaluate(recipe.test_examples, "test"))
+    result["test/source"] = args.data_file or f"{config.task} test split"
     result["eval_time_s"] = time.perf_counter() - t0
     result["split_note"] = tasks.get_task(config.task).split_note
     print(json.dumps(result, indent=2))
@@ -102,6 +103,11 @@ def cmd_report(args) -> int:
     return 0
 
 
+ALLOW_OVERLAP_HELP = ("evaluate even if more than 1%% of an evaluation set's rows overlap the "
+                      "training rows (exact or containment); the fraction is reported as "
+                      "<split>/overlap (config: allow_overlap)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. trajectory.rank=8")
     t.add_argument("--output-dir", help="checkpoint directory (default: config output_dir)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    t.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--task", help="task whose format --data-file is in (default: the checkpoint's)")
-    e.add_argument("--data-file", help="labelled file in the task's format, reported as split 'test'")
+    e.add_argument("--data-file", help="labelled file in the task's format, reported as split 'test' "
+                                       "(default: the task's validation and test splits)")
+    e.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
     e.set_defaults(func=cmd_eval)
 
@@ -140,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--axes", help="comma-separated params, e.g. trajectory.rank,trajectory.rank_schedule "
                                   "(default: the sweep's varying sampled params)")
     r.add_argument("--reference", help="reference cell, key=value,... (paired differences by seed)")
-    r.add_argument("--metric", default="final/dev/accuracy")
+    r.add_argument("--metric", default="final/validation/accuracy")
     r.add_argument("--out", help="output directory (default: runs/reports/SWEEP)")
     r.set_defaults(func=cmd_report)
 

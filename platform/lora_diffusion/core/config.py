@@ -57,9 +57,11 @@ class RunSettings:
     allow_hub: bool = False  # fall back to hub datasets / models (needs internet)
     max_length: int = 64  # tokens per example, prompt + response
     max_train_examples: int | None = None
-    max_eval_examples: int | None = None  # seeded subset of dev/test; None = all
+    max_eval_examples: int | None = None  # seeded subset of validation/test; None = all
     train_accuracy_examples: int = 512  # seeded train subset on which train accuracy is measured
     test_file: str | None = None  # labelled file in the task's format, reported as "test"
+    # evaluate validation/test sets of which more than 1% overlaps the training rows (core/overlap.py)
+    allow_overlap: bool = False
 
     backbone: str = "minilm"  # "minilm" (packaged), a local HF directory, or a hub id
     trust_remote_code: bool = False

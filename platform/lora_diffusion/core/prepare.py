@@ -5,7 +5,7 @@ held clean), masked with probability t, and the model learns to denoise it with 
 ELBO, on the unlabelled text of the task corpora (train splits only). `head` trains the MLM head
 only (transform + output bias; the decoder is tied to the frozen input embeddings); `full`
 trains everything. The result is a normal Hugging Face directory that `backbone:` accepts.
-Masked-token accuracy is reported on held-out text (the dev splits), at fixed t values.
+Masked-token accuracy is reported on held-out text (the validation splits), at fixed t values.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def prepare_backbone(out_dir: str, mode: str = "full", steps: int = 1500, batch_
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"out: {out} is not empty (pass --overwrite to replace it)")
     train_texts = _texts("train", data_dir, None, seed)
-    heldout = _texts("dev", data_dir, eval_texts // len(CORPORA), seed)
+    heldout = _texts("validation", data_dir, eval_texts // len(CORPORA), seed)
     torch.manual_seed(seed)
     backbone = load_backbone(backbone_name)
     model = backbone.model
@@ -101,7 +101,7 @@ def prepare_backbone(out_dir: str, mode: str = "full", steps: int = 1500, batch_
     result = {
         "out": str(out), "mode": mode, "steps": steps, "batch_size": batch_size, "lr": lr,
         "train_texts": len(train_texts), "heldout_texts": len(heldout),
-        "heldout_note": "dev splits of " + ", ".join(CORPORA) + " (never trained on)",
+        "heldout_note": "validation splits of " + ", ".join(CORPORA) + " (never trained on)",
         "heldout_masked_token_accuracy_before": {str(k): v for k, v in before.items()},
         "heldout_masked_token_accuracy_after": {str(k): v for k, v in after.items()},
         "train_time_s": train_time, "step_time_s": train_time / steps,

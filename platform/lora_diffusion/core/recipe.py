@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import diffusion, tasks
+from . import diffusion, overlap, tasks
 from .accounting import account
 from .backbone import load_backbone
 from .checkpoint import backbone_fingerprint
@@ -63,10 +63,12 @@ class Recipe:
         # data first: a bad data path fails before any model is loaded
         self.spec = tasks.get_task(config.task)
         self.train_examples = self._load("train", max_examples=config.max_train_examples)
-        self.dev_examples = self._load("dev", max_examples=config.max_eval_examples)
-        self.test_examples = (self._load("test", data_file=config.test_file,
-                                         max_examples=config.max_eval_examples)
-                              if config.test_file else None)
+        # validation: every choice (rates, sizes, the best trial); test: the task's test split,
+        # or test_file, reported
+        self.validation_examples = self._load("validation", max_examples=config.max_eval_examples)
+        self.test_examples = self._load("test", data_file=config.test_file,
+                                        max_examples=config.max_eval_examples)
+        self.overlap = self._check_overlap()
         torch.manual_seed(config.backbone_seed)  # a head-less encoder gets a seeded MLM head
         self.backbone = backbone or load_backbone(config.backbone, trust_remote_code=config.trust_remote_code,
                                                   allow_hub=config.allow_hub)
@@ -102,6 +104,17 @@ class Recipe:
         c = self.config
         return tasks.load_split(c.task, split, c.data_dir, data_file=data_file,
                                 max_examples=max_examples, seed=c.train.seed, allow_hub=c.allow_hub)
+
+    def _check_overlap(self) -> dict[str, float]:
+        """Each evaluation set's fraction of rows overlapping this run's training rows; above 1%
+        a UserError naming the set, unless allow_overlap."""
+        c = self.config
+        training = overlap.TrainingText(e.text for e in self.train_examples)
+        return {split: overlap.check_overlap(name, examples, training, c.allow_overlap)
+                for split, name, examples in (
+                    ("validation", f"{c.task} validation split", self.validation_examples),
+                    ("test", f"test_file {c.test_file}" if c.test_file else f"{c.task} test split",
+                     self.test_examples))}
 
     def response_ids(self, example) -> list[int]:
         if self.label_ids is not None:
@@ -246,6 +259,8 @@ class Recipe:
                 tokens += int(batch.response_mask.sum())
             out[f"{split}/elbo_nats_per_token"] = -total / max(tokens, 1)
         out[f"{split}/examples"] = len(examples)
+        if split in self.overlap:
+            out[f"{split}/overlap"] = self.overlap[split]
         return out
 
     def _classify_elbo(self, chunk, times) -> list[int]:
@@ -296,7 +311,8 @@ class Recipe:
 
     # ------------------------------------------------------------------------- run
     def run(self, report: Report | None = None, log: Callable[[str], None] | None = print) -> dict:
-        """Train to `train.steps`, evaluating on dev every `eval_every` steps; returns the result."""
+        """Train to `train.steps`, evaluating on validation every `eval_every` steps; returns the
+        result."""
         tr = self.config.train
         wall0 = time.perf_counter()
         while self.step < tr.steps:
@@ -305,11 +321,11 @@ class Recipe:
                 log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
                     f"{self.train_time / self.step:.3f} s/step")
             if self.step % tr.eval_every == 0 or self.step == tr.steps:
-                metrics.update(self.evaluate(self.dev_examples, "dev", sampler=False))
+                metrics.update(self.evaluate(self.validation_examples, "validation", sampler=False))
                 metrics["step"] = self.step
                 if log:
-                    log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
-                        f"dev/accuracy {metrics.get('dev/accuracy', float('nan')):.4f}")
+                    log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  validation/accuracy "
+                        f"{metrics.get('validation/accuracy', float('nan')):.4f}")
                 if report:
                     report(metrics, self)
         return self.final_result(time.perf_counter() - wall0)
@@ -330,10 +346,9 @@ class Recipe:
         train_subset = [self.train_examples[i] for i in torch.randperm(len(self.train_examples),
                                                                          generator=rng)[:n].tolist()]
         res.update(self.evaluate(train_subset, "train", sampler=False))
-        res.update(self.evaluate(self.dev_examples, "dev"))
-        if self.test_examples is not None:
-            res.update(self.evaluate(self.test_examples, "test"))
-            res["test/source"] = c.test_file
+        res.update(self.evaluate(self.validation_examples, "validation"))
+        res.update(self.evaluate(self.test_examples, "test"))
+        res["test/source"] = c.test_file or f"{c.task} test split"
         res["accounting"] = account(self.method)
         res["wall_time_s"] = wall_time
         res["train_time_s"] = self.train_time

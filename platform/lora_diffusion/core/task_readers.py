@@ -16,12 +16,13 @@ from .task_specs import (Example, ag_news_example, ag_news_text, sst2_example, x
 # Where each task's files live under the data directory, and its hub copy (id, config).
 FOLDERS = {"sst2": "sst2", "ag_news": "ag_news", "xquad": "xquad_en", "xsum": "xsum"}
 LOCAL_FILES = {
-    "sst2": {"train": ["train.tsv"], "dev": ["dev.tsv"]},
-    "ag_news": {"*": ["test.csv"]},
-    "xquad": {"*": ["xquad.en.json"]},
-    "xsum": {"*": ["lookback-lens/xsum-1000.jsonl", "llm_decoding/test.jsonl"]},
+    "sst2": ["train.tsv", "dev.tsv"],
+    "ag_news": ["test.csv"],
+    "xquad": ["xquad.en.json"],
+    "xsum": ["lookback-lens/xsum-1000.jsonl", "llm_decoding/test.jsonl"],
 }
-# A task's rows with the key its train/dev cut groups by (class, article title, id; None for SST-2).
+# A task's rows with the key its split cut groups by: the file for SST-2 ("train": train.tsv,
+# "dev": the GLUE dev file), the class for AG News, the article title for XQuAD, the id for XSum.
 Rows = tuple[tuple[Example, object], ...]
 
 HUB = {
@@ -33,9 +34,10 @@ HUB = {
 
 
 @lru_cache(maxsize=16)  # parsing SST-2 train takes ~1 s; callers load the same split often
-def read_local(task: str, split: str, paths: tuple[str, ...]) -> Rows:
+def read_local(task: str, paths: tuple[str, ...]) -> Rows:
+    """All of a task's local rows (every split), each with its group (see Rows)."""
     if task == "sst2":
-        return tuple((ex, None) for ex in _read_sst2(Path(paths[0]), f"sst2/{split}"))
+        return tuple((ex, Path(p).stem) for p in paths for ex in _read_sst2(Path(p), f"sst2/{Path(p).stem}"))
     if task == "ag_news":
         return tuple((ex, ex.label) for ex in _read_ag_news(Path(paths[0]), "ag_news/test.csv"))
     if task == "xquad":
@@ -150,16 +152,16 @@ def _check_label(value, n_classes: int, path: Path, column: str, offset: int = 0
 
 
 @lru_cache(maxsize=8)
-def read_hub(task: str, split: str) -> Rows:
-    """The hub copy of the same data, mapped to the same ids where the rows are the same rows
-    (GLUE SST-2 and HF ag_news test keep the original file order)."""
+def read_hub(task: str) -> Rows:
+    """The hub copy of the same data, mapped to the same ids and groups where the rows are the
+    same rows (GLUE SST-2 and HF ag_news test keep the original file order)."""
     import datasets
 
     hub_id, config = HUB[task]
     if task == "sst2":
-        ds = datasets.load_dataset(hub_id, config, split={"train": "train", "dev": "validation"}[split])
-        return tuple((sst2_example(f"sst2/{split}/{i}", r["sentence"], r["label"]), None)
-                     for i, r in enumerate(ds))
+        return tuple((sst2_example(f"sst2/{name}/{i}", r["sentence"], r["label"]), name)
+                     for name, hub_split in (("train", "train"), ("dev", "validation"))
+                     for i, r in enumerate(datasets.load_dataset(hub_id, config, split=hub_split)))
     if task == "ag_news":  # hub text is "title description" already joined
         ds = datasets.load_dataset(hub_id, split="test")
         return tuple((ag_news_example(f"ag_news/test.csv/{i}", clean_ag_news(r["text"]),

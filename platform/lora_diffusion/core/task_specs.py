@@ -23,6 +23,9 @@ class Example:
     response: str  # label word (classification) or answer / summary (generation)
     label: int | None  # class index for classification, None otherwise
     references: tuple[str, ...] = ()  # gold answers for generation tasks
+    # the source text overlap with training is checked on (core/overlap.py): SST-2 sentence,
+    # AG News title + description, XQuAD context, XSum document (before the length cap)
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,39 +44,42 @@ TASKS: dict[str, TaskSpec] = {
         kind="classification",
         template="Review: {sentence}\nSentiment:",
         label_words=("terrible", "great"),  # 0 = negative, 1 = positive (LM-BFF's choice)
-        splits=("train", "dev"),
-        split_note="GLUE SST-2 train (67,349 phrases) and dev = GLUE validation (872 sentences); "
-        "no labelled test set locally: evaluate a test file with data_file",
+        splits=("train", "validation", "test"),
+        split_note="train: GLUE SST-2 train phrases (67,349) less validation's; validation: 861 "
+        "whole training sentences (fixed seed 0), every training phrase contained in one of them "
+        "dropped from train (57,626 phrases left), so no validation sentence shares text with "
+        "train; test: GLUE dev (= GLUE validation, 872 sentences)",
     ),
     "ag_news": TaskSpec(
         name="ag_news",
         kind="classification",
         template="Article: {text}\nTopic:",  # text = title + description
         label_words=("world", "sports", "business", "science"),  # World, Sports, Business, Sci/Tech
-        splits=("train", "dev"),
-        split_note="train/dev cut (fixed seed 0, stratified: 475 dev rows per class) from the "
-        "AG News test.csv (7,600 rows): dev 1,900, train 5,700; not comparable to published "
-        "AG News test numbers",
+        splits=("train", "validation", "test"),
+        split_note="train/validation/test are cuts (fixed seed 0, stratified by class) of the "
+        "AG News test.csv (7,600 rows): test 1,900, validation 952, train 4,748; the test cut is "
+        "not the official AG News test set: not comparable to published AG News numbers",
     ),
     "xquad": TaskSpec(
         name="xquad",
         kind="generation",
         template="Context: {context}\nQuestion: {question}\nAnswer:",
         label_words=(),
-        splits=("train", "dev"),
-        split_note="train/dev cut (fixed seed 0) from XQuAD-en, itself a SQuAD v1.1 dev subset: "
-        "20% of the 48 articles go to dev, grouped by article title so no context is in both; "
-        "the hub copy has no titles and is grouped by context instead; not comparable to "
-        "published SQuAD/XQuAD numbers",
+        splits=("train", "validation", "test"),
+        split_note="train/validation/test cuts (fixed seed 0) of XQuAD-en, itself a SQuAD v1.1 "
+        "dev subset, by article title so no context is in two splits: 20% of the 48 articles to "
+        "test, 10% to validation; the hub copy has no titles and is cut by context instead; not "
+        "comparable to published SQuAD/XQuAD numbers",
     ),
     "xsum": TaskSpec(
         name="xsum",
         kind="generation",
         template="Document: {document}\nSummary:",  # document capped at XSUM_MAX_DOC_CHARS
         label_words=(),
-        splits=("train", "dev"),
-        split_note="train/dev cut (fixed seed 0, 20% of unique ids to dev) from 1,910 unique "
-        "XSum test-split articles (two 1,000-row subsets deduplicated on id); documents cut to "
+        splits=("train", "validation", "test"),
+        split_note="train/validation/test cuts (fixed seed 0, 20% of unique ids to test, 10% to "
+        "validation) of 1,910 unique XSum test-split articles (two 1,000-row subsets "
+        "deduplicated on id); documents cut to "
         f"{XSUM_MAX_DOC_CHARS} characters; not comparable to published XSum test numbers",
     ),
 }
@@ -86,26 +92,29 @@ def get_task(name: str) -> TaskSpec:
 
 def sst2_example(ex_id: str, sentence: str, label: int) -> Example:
     spec = TASKS["sst2"]
-    return Example(ex_id, spec.template.format(sentence=sentence.strip()),
-                   spec.label_words[label], label)
+    sentence = sentence.strip()
+    return Example(ex_id, spec.template.format(sentence=sentence), spec.label_words[label], label,
+                   text=sentence)
 
 
 def ag_news_example(ex_id: str, text: str, label: int) -> Example:
     spec = TASKS["ag_news"]
-    return Example(ex_id, spec.template.format(text=text), spec.label_words[label], label)
+    return Example(ex_id, spec.template.format(text=text), spec.label_words[label], label, text=text)
 
 
 def xquad_example(ex_id: str, context: str, question: str, answers: list[str]) -> Example:
     prompt = TASKS["xquad"].template.format(context=context.strip(), question=question.strip())
-    return Example(ex_id, prompt, answers[0].strip(), None, tuple(a.strip() for a in answers))
+    return Example(ex_id, prompt, answers[0].strip(), None, tuple(a.strip() for a in answers),
+                   text=context.strip())
 
 
 def xsum_example(ex_id: str, document: str, summary: str) -> Example:
-    doc = document.strip()
+    doc = full = document.strip()
     if len(doc) > XSUM_MAX_DOC_CHARS:
         doc = doc[:XSUM_MAX_DOC_CHARS].rsplit(None, 1)[0]
     summary = summary.strip()
-    return Example(ex_id, TASKS["xsum"].template.format(document=doc), summary, None, (summary,))
+    return Example(ex_id, TASKS["xsum"].template.format(document=doc), summary, None, (summary,),
+                   text=full)
 
 
 # The original crawl turned "&" into a space: "doesn #39;t", "In  quot;helping", "J amp;J".

@@ -1,36 +1,36 @@
-"""Task data: loading, fixed train/dev splits, seeded subsets, label words and accuracy.
+"""Task data: loading, the fixed train/validation/test splits, seeded subsets, label words and
+accuracy.
 
 Four tasks, each read from local copies under a data directory (see /work/shared/data/README.md)
 or, only when asked, from the Hugging Face hub:
 
-    sst2     classification  GLUE SST-2 train.tsv / dev.tsv
-    ag_news  classification  AG News test.csv, cut into train/dev here (no local train.csv)
-    xquad    generation      XQuAD-en (a SQuAD v1.1 dev subset), cut into train/dev by article
-    xsum     generation      two 1,000-row XSum test subsets, deduplicated, cut into train/dev by id
+    sst2     classification  GLUE SST-2 train.tsv (train, validation by sentence) / dev.tsv (test)
+    ag_news  classification  AG News test.csv, cut into train/validation/test here (no train.csv)
+    xquad    generation      XQuAD-en (a SQuAD v1.1 dev subset), cut by article
+    xsum     generation      two 1,000-row XSum test subsets, deduplicated, cut by id
 
-Every split is a pure function of the data: it uses a fixed seed (SPLIT_SEED), never the run seed,
-so train/dev never move between runs and train accuracy can't leak into dev numbers. Example ids
+Every split is a pure function of the data (splits.py: a fixed SPLIT_SEED, never the run seed),
+so the splits never move between runs: selection sees validation, reports see test. Example ids
 are "<task>/..." strings, unique across a task's splits, so leakage is checkable by set
-intersection. What each task is (templates, label words, row -> Example): task_specs.py; the file
-formats and the hub: task_readers.py; generation metrics: metrics.py.
+intersection; text overlap with training is checked by overlap.py. What each task is (templates,
+label words, row -> Example): task_specs.py; the file formats and the hub: task_readers.py;
+generation metrics: metrics.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
+from . import splits
 from .errors import UserError
-from .task_readers import FOLDERS, HUB, LOCAL_FILES, Rows, read_data_file, read_hub, read_local
+from .splits import stable_rank as _stable_rank
+from .task_readers import FOLDERS, HUB, LOCAL_FILES, read_data_file, read_hub, read_local
 from .task_specs import Example, TaskSpec, get_task
 
 DATA_DIR_ENV = "LORA_DIFFUSION_DATA_DIR"
-SPLIT_SEED = 0  # fixed: the train/dev cuts below must not depend on the run seed
-AG_NEWS_DEV_PER_CLASS = 475  # 4 x 475 = 1,900 dev rows, the rest train
-XQUAD_DEV_FRACTION = 0.2  # of articles (titles), so contexts never leak between splits
-XSUM_DEV_FRACTION = 0.2  # of unique ids
 
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:
@@ -69,24 +69,26 @@ def load_split(task: str, split: str, data_dir: str | None = None, *, data_file:
 def _load_task(task: str, split: str, data_dir: str | None, allow_hub: bool) -> list[Example]:
     """One split: read the task's local files (else, if allowed, its hub copy) and cut it."""
     root = resolve_data_dir(data_dir)
-    names = LOCAL_FILES[task].get(split, LOCAL_FILES[task].get("*"))
-    paths = [root / FOLDERS[task] / n for n in names] if root is not None else []
+    paths = [root / FOLDERS[task] / n for n in LOCAL_FILES[task]] if root is not None else []
     missing = [p for p in paths if not p.is_file()]
     if paths and not missing:
-        rows = read_local(task, split, tuple(str(p) for p in paths))
-    elif not allow_hub:
+        return list(_cut(task, tuple(str(p) for p in paths))[split])
+    if not allow_hub:
         raise UserError(f"data_dir: {_where(task, missing)}; set {DATA_DIR_ENV} or data_dir "
                         f"to the folder holding {FOLDERS[task]}/, or allow_hub")
-    else:
-        try:
-            rows = read_hub(task, split)
-        except Exception as e:  # no network, no hub cache, renamed dataset: all user-fixable
-            raise UserError(f"data_dir: {_where(task, missing)}, and the hub dataset "
-                            f"{HUB[task][0]} could not be loaded ({type(e).__name__}: {e})") from e
-    if task == "sst2":  # ships one file per split: nothing to cut
-        return [ex for ex, _ in rows]
-    dev = _dev_ids(task, rows)
-    return [ex for ex, _ in rows if (ex.id in dev) == (split == "dev")]
+    try:
+        return list(_cut(task, None)[split])
+    except UserError:
+        raise
+    except Exception as e:  # no network, no hub cache, renamed dataset: all user-fixable
+        raise UserError(f"data_dir: {_where(task, missing)}, and the hub dataset "
+                        f"{HUB[task][0]} could not be loaded ({type(e).__name__}: {e})") from e
+
+
+@lru_cache(maxsize=8)  # the SST-2 cut takes about a second; a run loads three splits
+def _cut(task: str, paths: tuple[str, ...] | None) -> dict[str, tuple[Example, ...]]:
+    """All splits of a task, from its local files (or the hub copy when paths is None)."""
+    return splits.cut(task, read_local(task, paths) if paths else read_hub(task))
 
 
 def check_local_data(task: str, data_dir: str | None, allow_hub: bool) -> None:
@@ -95,8 +97,7 @@ def check_local_data(task: str, data_dir: str | None, allow_hub: bool) -> None:
     if allow_hub:
         return
     root = resolve_data_dir(data_dir)
-    paths = [root / FOLDERS[task] / n for names in LOCAL_FILES[task].values() for n in names] \
-        if root is not None else []
+    paths = [root / FOLDERS[task] / n for n in LOCAL_FILES[task]] if root is not None else []
     missing = [p for p in paths if not p.is_file()]
     if missing or not paths:
         raise UserError(f"data_dir: {_where(task, missing)}; set {DATA_DIR_ENV} or data_dir "
@@ -107,29 +108,6 @@ def _where(task: str, missing: list[Path]) -> str:
     if missing:
         return f"missing file {missing[0]} for task {task!r}"
     return f"no data directory configured for task {task!r} (data_dir and ${DATA_DIR_ENV} unset)"
-
-
-# ----------------------------------------------------------------------------------------------
-# Fixed train/dev cuts (SPLIT_SEED, independent of the run seed and of the order of the rows)
-
-
-def _stable_rank(key: str, seed: int) -> str:
-    """A seeded, order-independent sort key (Python's hash() is salted per process)."""
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
-
-def _dev_ids(task: str, rows: Rows) -> set[str]:
-    """ag_news: 475 ids per class (group = label). xquad (group = article) and xsum
-    (group = id): every id of the first 20% of groups, ranked by a SPLIT_SEED hash."""
-    by_group = defaultdict(list)
-    for ex, group in rows:
-        by_group[group].append(ex.id)
-    if task == "ag_news":
-        return {i for ids in by_group.values()
-                for i in sorted(ids, key=lambda i: _stable_rank(i, SPLIT_SEED))[:AG_NEWS_DEV_PER_CLASS]}
-    groups = sorted(by_group, key=lambda g: _stable_rank(str(g), SPLIT_SEED))
-    frac = XQUAD_DEV_FRACTION if task == "xquad" else XSUM_DEV_FRACTION
-    return {i for g in groups[:round(frac * len(groups))] for i in by_group[g]}
 
 
 # ----------------------------------------------------------------------------------------------
