@@ -36,7 +36,7 @@ def parse(argv=None):
                    help="target trainable parameters, 0 = each method's default size (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
     p.add_argument("--methods", nargs="+", default=comparison.ALL_METHODS, choices=comparison.ALL_METHODS)
-    p.add_argument("--search-dev-examples", type=int, default=200)
+    p.add_argument("--search-validation-examples", type=int, default=200)
     p.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="replace a method's learning-rate grid (repeatable); one rate skips its search")
     p.add_argument("--workdir", default="runs/baseline_comparison",
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     spec = comparison.ComparisonSpec(methods=args.methods, tasks=args.tasks, seeds=args.seeds,
                                      steps=args.steps, budget=args.budget or None,
                                      search_steps=args.search_steps,
-                                     search_dev_examples=args.search_dev_examples)
+                                     search_validation_examples=args.search_validation_examples)
     name = args.name
     try:
         spec.lr_grids.update(comparison.parse_lr_grids(args.lrs))
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         spec.sets = {"backbone": "tiny-random"}
         spec.methods = [m for m in args.methods if m in ("lora", "bitfit")] or args.methods[:2]
         spec.tasks, spec.seeds, spec.budget = args.tasks[:1], args.seeds[:2], 3000
-        spec.steps, spec.search_steps, spec.search_dev_examples = 4, 2, 16
+        spec.steps, spec.search_steps, spec.search_validation_examples = 4, 2, 16
         name = args.name + "-smoke" if args.name == "baselines" else args.name
     try:
         return comparison.run(spec, name, engine_args, Path(args.workdir) / name)

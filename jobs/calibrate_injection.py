@@ -22,7 +22,7 @@ VARIANTS = {
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--eval-examples", type=int, default=None, help="dev subset (default: all 872)")
+    p.add_argument("--eval-examples", type=int, default=None, help="validation subset (default: all 861)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="runs/calibrate_injection.md")
     args = p.parse_args()

@@ -19,7 +19,7 @@ from lora_diffusion.engine.tracking import SweepTracker
 REPO = Path(__file__).resolve().parents[1]
 AXES = ["trajectory.rank", "trajectory.rank_schedule"]
 RANKS, SCHEDULES, SEEDS = [4, 8], ["constant", "reversed"], [0, 1]
-# final dev / test accuracy per (rank, schedule, seed); (8, reversed, seed 1) fails
+# final validation / test accuracy per (rank, schedule, seed); (8, reversed, seed 1) fails
 DEV = {(4, "constant", 0): 0.61, (4, "constant", 1): 0.65, (4, "reversed", 0): 0.64, (4, "reversed", 1): 0.71,
        (8, "constant", 0): 0.70, (8, "constant", 1): 0.69, (8, "reversed", 0): 0.75}
 TEST = {k: v - 0.02 for k, v in DEV.items()}
@@ -38,14 +38,14 @@ def _log_trial(tracker: SweepTracker, cell, finish: bool = True) -> None:
     flat.update({f"sampled.{k}": v for k, v in sampled.items()})
     tid = f"t_{rank}_{sched}_{seed}"
     run = tracker.trial_run(tid, params=flat, tags={"method": "trajectory", "seed": seed, "task": "sst2"})
-    tracker.log_step(run, {"train/loss": 1.0, "dev/accuracy": 0.5}, 10)
+    tracker.log_step(run, {"train/loss": 1.0, "validation/accuracy": 0.5}, 10)
     if not finish:
         return
     if cell == FAILED:
         tracker.end_run(run, "FAILED")
         return
     params = rank * 100 + (1 if sched == "reversed" else 0)
-    tracker.log_final(run, {"dev/accuracy": DEV[cell], "test/accuracy": TEST[cell], "train/loss": 0.9,
+    tracker.log_final(run, {"validation/accuracy": DEV[cell], "test/accuracy": TEST[cell], "train/loss": 0.9,
                             "accounting": {"trainable_params": params, "bytes_saved": params * 4 + 64}}, 20)
     tracker.end_run(run, "FINISHED")
 
@@ -86,11 +86,11 @@ def test_load_trials_reads_every_trial_including_the_failed_one(store):
     assert sorted(df["status"].value_counts().items()) == [("FAILED", 1), ("FINISHED", 7)]
     row = df[df["trial_id"] == "t_4_reversed_1"].iloc[0]
     assert row["seed"] == 1 and row["trajectory.rank"] == 4 and row["trajectory.rank_schedule"] == "reversed"
-    assert row["final/dev/accuracy"] == pytest.approx(0.71)
+    assert row["final/validation/accuracy"] == pytest.approx(0.71)
     assert row["final/test/accuracy"] == pytest.approx(0.69)
     assert row["trainable_params"] == 401 and row["bytes_saved"] == 401 * 4 + 64
     assert row["train.lr"] == pytest.approx(3e-3)  # every resolved config param is a column
-    assert math.isnan(df[df["status"] == "FAILED"].iloc[0]["final/dev/accuracy"])
+    assert math.isnan(df[df["status"] == "FAILED"].iloc[0]["final/validation/accuracy"])
 
 
 def test_aggregate_matches_hand_computation(store):
@@ -107,7 +107,7 @@ def test_aggregate_matches_hand_computation(store):
     assert c["mean"] == pytest.approx(mean) and c["std"] == pytest.approx(std)
     assert c["ci95_low"] == pytest.approx(lo) and c["ci95_high"] == pytest.approx(hi)
     assert c["test_accuracy"] == pytest.approx(mean - 0.02)
-    assert c["dev_accuracy"] == pytest.approx(mean)
+    assert c["validation_accuracy"] == pytest.approx(mean)
     assert c["trainable_params"] == 401 and c["accounting_consistent"]
     # paired by seed against (4, constant): d_s = x_s - ref_s; t = mean(d) / (sd(d) / sqrt 2);
     # with 1 degree of freedom (Cauchy) the two-sided p = 1 - 2 atan(|t|) / pi
@@ -207,7 +207,7 @@ def test_grid_file_bad_key_names_file_and_key(tmp_path):
 
 
 def test_aggregate_flags_accounting_mismatch_and_running_seeds():
-    rows = [{"trial_id": f"t{i}", "status": st, "seed": seed, "a": "x", "final/dev/accuracy": acc,
+    rows = [{"trial_id": f"t{i}", "status": st, "seed": seed, "a": "x", "final/validation/accuracy": acc,
              "final/test/accuracy": acc, "trainable_params": tp, "bytes_saved": 10}
             for i, (st, seed, acc, tp) in enumerate([("FINISHED", 0, 0.5, 100), ("FINISHED", 1, 0.7, 101),
                                                      ("RUNNING", 2, math.nan, math.nan),

@@ -53,7 +53,7 @@ def _cmd(grid, storage, uri, *extra):
 
 
 def _direct_accuracies(grid_path) -> dict[tuple, float]:
-    """(rank, schedule, seed) -> final dev accuracy of the same run, trained in this process."""
+    """(rank, schedule, seed) -> final validation accuracy of the same run, trained in this process."""
     import torch
 
     from lora_diffusion.core import config as config_lib
@@ -64,7 +64,7 @@ def _direct_accuracies(grid_path) -> dict[tuple, float]:
     out = {}
     for run in grid.runs():
         result = Recipe(config_lib.from_dict({}, run)).run()
-        out[(run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])] = result["dev/accuracy"]
+        out[(run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])] = result["validation/accuracy"]
     return out
 
 

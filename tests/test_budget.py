@@ -70,7 +70,7 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_da
     import pandas as pd
 
     from lora_diffusion.analysis import comparison
-    from lora_diffusion.analysis.trials import DEV_METRIC
+    from lora_diffusion.analysis.trials import VALIDATION_METRIC
 
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
@@ -90,11 +90,11 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_da
     assert len(grid.runs()) == 4 and list(grid.axes) == ["task", "method", "train.lr"]
 
     trials = pd.DataFrame([
-        {"task": "sst2", "method": "lora", "train.lr": 1e-3, "status": "FINISHED", DEV_METRIC: 0.70},
-        {"task": "sst2", "method": "lora", "train.lr": 3e-3, "status": "FINISHED", DEV_METRIC: 0.75},
-        {"task": "sst2", "method": "trajectory", "train.lr": 3e-3, "status": "FINISHED", DEV_METRIC: 0.80},
-        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FINISHED", DEV_METRIC: 0.80},
-        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FAILED", DEV_METRIC: 0.99}])
+        {"task": "sst2", "method": "lora", "train.lr": 1e-3, "status": "FINISHED", VALIDATION_METRIC: 0.70},
+        {"task": "sst2", "method": "lora", "train.lr": 3e-3, "status": "FINISHED", VALIDATION_METRIC: 0.75},
+        {"task": "sst2", "method": "trajectory", "train.lr": 3e-3, "status": "FINISHED", VALIDATION_METRIC: 0.80},
+        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FINISHED", VALIDATION_METRIC: 0.80},
+        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FAILED", VALIDATION_METRIC: 0.99}])
     lrs = comparison.choose_lrs(spec, cells, trials)
     assert lrs == {("sst2", "lora"): 3e-3, ("sst2", "bitfit"): 1e-2, ("sst2", "trajectory"): 3e-3}
 

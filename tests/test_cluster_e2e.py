@@ -115,7 +115,7 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path, missing_real_data):
             children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
             assert len(children) == spec["sweep"]["num_samples"] == 4
             assert len({r.data.tags["trial_id"] for r in children}) == 4
-            assert all(r.info.status == "FINISHED" and "dev/accuracy" in r.data.metrics for r in children)
+            assert all(r.info.status == "FINISHED" and "validation/accuracy" in r.data.metrics for r in children)
 
         # a new head finds the sweep in the bucket: down, up, resume; nothing rerun or duplicated
         t0 = time.monotonic()

@@ -136,7 +136,7 @@ def test_kill_driver_then_resume(tiny_backbone_dir, synthetic_data_dir, tmp_path
     for r in children:
         assert r.info.status == "FINISHED", (r.data.tags["trial_id"], r.info.status)
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        for key in ("train/loss", "dev/accuracy"):
+        for key in ("train/loss", "validation/accuracy"):
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
             assert steps == list(range(EVERY, EVERY * len(steps) + 1, EVERY)), (key, steps)
         assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["result.json"]

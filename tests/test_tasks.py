@@ -145,6 +145,61 @@ def test_xsum_deduplicates_ids_across_files_and_caps_documents():
     assert max(len(ex.prompt) for ex in splits[0]) <= 1500 + len("Document: \nSummary:")
 
 
+# --- data_file ----------------------------------------------------------------------------------
+
+
+def test_sst2_data_file_reads_any_labelled_tsv(tmp_path):
+    f = tmp_path / "my_test.tsv"
+    # a leading '"' (CSV quoting would swallow rows or fail) and "NaN" (pandas would read null)
+    f.write_text('sentence\tlabel\n"great , he said \t1\nNaN\t0\nawful .\t0\n', encoding="utf-8")
+    examples = load_split("sst2", "test", data_file=str(f))
+    assert [ex.id for ex in examples] == ["sst2/my_test.tsv/0", "sst2/my_test.tsv/1",
+                                          "sst2/my_test.tsv/2"]
+    assert examples[0].prompt == 'Review: "great , he said\nSentiment:'
+    assert examples[1].prompt == "Review: NaN\nSentiment:"
+    assert [ex.label for ex in examples] == [1, 0, 0]
+    assert [ex.response for ex in examples] == ["great", "terrible", "terrible"]
+
+
+def test_data_file_missing_label_column_names_column_and_file(tmp_path):
+    f = tmp_path / "unlabelled.tsv"
+    f.write_text("sentence\tscore\ngood .\t1\n", encoding="utf-8")
+    with pytest.raises(UserError, match="'label'") as err:
+        load_split("sst2", "test", data_file=str(f))
+    assert str(f) in str(err.value)
+
+
+def test_data_file_missing_file_names_path(tmp_path):
+    with pytest.raises(UserError, match="data_file.*absent.tsv"):
+        load_split("sst2", "test", data_file=str(tmp_path / "absent.tsv"))
+
+
+def test_ag_news_data_file_maps_classes_and_cleans_text(tmp_path):
+    f = tmp_path / "news.csv"
+    f.write_text('"2","Ronaldo scores","He doesn #39;t stop:\\he won  #36;5 bonus"\n'
+                 '"4","New chip","Intel  amp; AMD ship"\n', encoding="utf-8")
+    a, b = load_split("ag_news", "test", data_file=str(f))
+    assert (a.id, a.label, a.response) == ("ag_news/news.csv/0", 1, "sports")
+    assert a.prompt == "Article: Ronaldo scores. He doesn't stop: he won $5 bonus\nTopic:"
+    assert (b.label, b.response) == (3, "science") and "Intel & AMD ship" in b.prompt
+
+
+def test_clean_ag_news_residue():
+    assert clean_ag_news('In  quot;helping quot; &lt;b&gt;now&lt;/b&gt;') == 'In "helping" now'
+    assert clean_ag_news("Texas Instruments &lt;TXN.N&gt;") == "Texas Instruments <TXN.N>"
+    assert clean_ag_news("up \\$1 billion\\and more") == "up $1 billion and more"
+
+
+# --- label words and metrics --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["sst2", "ag_news"])
+def test_label_words_are_single_minilm_tokens(task):
+    ids = label_word_token_ids(TASKS[task], minilm_tokenizer())
+    assert [len(i) for i in ids] == [1] * len(TASKS[task].label_words)
+    assert len({i[0] for i in ids}) == len(ids)  # distinct classes, distinct tokens
+
+
 def test_multi_token_label_words_come_back_whole():
     spec = dataclasses.replace(TASKS["sst2"], label_words=("terrible", "supercalifragilistic"))
     ids = label_word_token_ids(spec, minilm_tokenizer())

@@ -54,7 +54,7 @@ def test_trial_run_reattached_and_steps_continue(uri):
     a = SweepTracker(uri, "s1", tags={"code_version": "abc"})
     rid = a.trial_run("t1", params={"train.lr": 0.01, "method": "trajectory"}, tags={"method": "trajectory"})
     for step in (10, 20, 30):
-        assert a.log_step(rid, {"train/loss": 1.0 / step, "dev/accuracy": 0.5, "note": "x"}, step)
+        assert a.log_step(rid, {"train/loss": 1.0 / step, "validation/accuracy": 0.5, "note": "x"}, step)
     # driver killed here: the run stays RUNNING; the resumed Train run restarts from step 20
     b = SweepTracker(uri, "s1")
     assert b.trial_run("t1", params={"train.lr": 0.01}) == rid
@@ -93,11 +93,11 @@ def test_same_trial_id_in_two_sweeps(uri):
 def test_final_result_logged(uri):
     t = SweepTracker(uri, "s1")
     rid = t.trial_run("t1")
-    result = {"dev/accuracy": 0.7, "train/accuracy": 0.9, "task": "sst2",
+    result = {"validation/accuracy": 0.7, "train/accuracy": 0.9, "task": "sst2",
               "accounting": {"trainable_params": 1234, "bytes_saved": 5000, "per_module": {"a": 1}}}
     t.log_final(rid, result, 100)
     run = t.client.get_run(rid)
-    assert run.data.metrics["final/dev/accuracy"] == 0.7
+    assert run.data.metrics["final/validation/accuracy"] == 0.7
     assert run.data.metrics["accounting/trainable_params"] == 1234
     assert run.data.params["accounting.bytes_saved"] == "5000"
     assert [a.path for a in t.client.list_artifacts(rid)] == ["result.json"]
@@ -119,20 +119,20 @@ def test_callback_resume_cycle(uri):
     t1, t2 = _trial("t1", **{"train.lr": 0.01}), _trial("t2", **{"train.lr": 0.02})
     for t in (t1, t2):
         cb.on_trial_start(0, [], t)
-    cb.on_trial_result(0, [], t1, {"step": 2, "train/loss": 3.0, "dev/accuracy": 0.5,
+    cb.on_trial_result(0, [], t1, {"step": 2, "train/loss": 3.0, "validation/accuracy": 0.5,
                                    "accounting_json": json.dumps({"trainable_params": 10})})
-    cb.on_trial_result(0, [], t1, {"step": 4, "train/loss": 2.0, "dev/accuracy": 0.6})
-    cb.on_trial_result(0, [], t1, {"step": 4, "result_json": json.dumps({"dev/accuracy": 0.6, "steps": 4})})
+    cb.on_trial_result(0, [], t1, {"step": 4, "train/loss": 2.0, "validation/accuracy": 0.6})
+    cb.on_trial_result(0, [], t1, {"step": 4, "result_json": json.dumps({"validation/accuracy": 0.6, "steps": 4})})
     cb.on_trial_complete(0, [], t1)
-    cb.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "dev/accuracy": 0.5})
+    cb.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "validation/accuracy": 0.5})
     # -- the driver dies; a new driver restores the sweep (the callback is rebuilt) --
     cb2 = MlflowSweepCallback(SweepTracker(uri, "sw"), _resolve)
     cb2.setup()
     cb2.on_trial_start(0, [], t2)
-    cb2.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "dev/accuracy": 0.5, "resumed_from_step": 2})
-    cb2.on_trial_result(0, [], t2, {"step": 4, "train/loss": 2.5, "dev/accuracy": 0.55, "resumed_from_step": 2})
+    cb2.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "validation/accuracy": 0.5, "resumed_from_step": 2})
+    cb2.on_trial_result(0, [], t2, {"step": 4, "train/loss": 2.5, "validation/accuracy": 0.55, "resumed_from_step": 2})
     cb2.on_trial_complete(0, [], t2)  # stopped by the scheduler: no result_json
-    cb2.finish({"trial_id": "t1", "dev/accuracy": 0.6})
+    cb2.finish({"trial_id": "t1", "validation/accuracy": 0.6})
     tr = cb2.tracker
     runs = tr.trial_runs()
     assert sorted(r.data.tags["trial_id"] for r in runs) == ["t1", "t2"]
@@ -142,10 +142,10 @@ def test_callback_resume_cycle(uri):
     t2run = tr.client.get_run(by["t2"])
     assert t2run.data.tags.get("stopped_early") == "true"
     assert t2run.data.metrics["resumed_from_step"] == 2
-    assert tr.client.get_run(by["t1"]).data.metrics["final/dev/accuracy"] == 0.6
+    assert tr.client.get_run(by["t1"]).data.metrics["final/validation/accuracy"] == 0.6
     parent = tr.find_runs(role="sweep")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    assert parent[0].data.metrics["best/dev_accuracy"] == 0.6
+    assert parent[0].data.metrics["best/validation_accuracy"] == 0.6
 
 
 def test_run_config_callbacks_pickle_to_the_sweep_id(uri):

@@ -25,8 +25,8 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
         result = recipe.run(log=log)
         rows.append({
             "variant": name, "sets": sets,
-            "dev/accuracy": result["dev/accuracy"], "dev/accuracy_sampler": result["dev/accuracy_sampler"],
-            "dev/examples": result["dev/examples"], "train/accuracy": result["train/accuracy"],
+            "validation/accuracy": result["validation/accuracy"], "validation/accuracy_sampler": result["validation/accuracy_sampler"],
+            "validation/examples": result["validation/examples"], "train/accuracy": result["train/accuracy"],
             "trainable_params": result["accounting"]["trainable_params"],
             "step_time_s": result["step_time_s"], "tokens_per_s": result["tokens_per_s"],
             "wall_time_s": time.perf_counter() - t0,
@@ -41,11 +41,11 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table, one line per variant."""
-    lines = ["| variant | trainable params | dev acc (ELBO) | dev acc (sampler) | train acc | step time s | ratio |",
+    lines = ["| variant | trainable params | validation acc (ELBO) | validation acc (sampler) | train acc | step time s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['dev/accuracy']:.3f} | "
-                     f"{r['dev/accuracy_sampler']:.3f} | {r['train/accuracy']:.3f} | "
+        lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['validation/accuracy']:.3f} | "
+                     f"{r['validation/accuracy_sampler']:.3f} | {r['train/accuracy']:.3f} | "
                      f"{r['step_time_s']:.3f} | {r['step_time_ratio']:.2f} |")
     return "\n".join(lines)
 

@@ -5,16 +5,18 @@ Two grid sweeps (sweep.py running grid.py's `cells` form), each resumable and lo
 MLflow like every sweep:
 
 1. `<name>-lr`: every (task, method) at each rate of its grid (`LR_GRIDS`), first seed only,
-   `search_steps` steps, scored on a seeded `search_dev_examples`-row subset of dev. Skipped for
-   a method whose grid has one rate.
+   `search_steps` steps, scored on a seeded `search_validation_examples`-row subset of
+   validation. Skipped for a method whose grid has one rate.
 2. `<name>`: every (task, method) with the rate that scored best (ties: the smaller rate) x every
-   seed, `steps` steps, scored on the whole dev split (and test where the task has one). Its
-   ablation report (axes task x method, paired differences to `trajectory` by seed) is the table.
+   seed, `steps` steps, scored on the whole validation split and on the test split (reported;
+   nothing is chosen on it). Its ablation report (axes task x method, paired differences to
+   `trajectory` by seed) is the table.
 
 Sizes: `budget.match_budget` solves each method's size knob to the target; full fine-tuning and
 BitFit have no knob and keep their size (the table shows both, from the same accounting).
-The rate is picked on part of dev (200 rows by default, 23% of SST-2 dev) among two values per
-method: a small, stated selection effect; AG News also reports its held-out test split.
+The rate is picked on part of validation (200 rows by default, 23% of SST-2's 861) among
+two values per method; test is never used for a choice. AG News' validation and test are cuts of
+its test.csv (tasks' split_note).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .budget import knob_of, match_budget
 
 # The compared methods are those whose spec has a learning-rate grid (`MethodSpec.lr_grid`:
 # MiniLM, AdamW, batch 32, each around the rate that trained best in single-seed calibration runs
-# on SST-2 dev), listed in the tables in this order: the reference, its placement variant, the
+# on SST-2 dev, the old protocol), listed in the tables in this order: the reference, its placement variant, the
 # weight-LoRA family, then the other baselines; a method not named here comes after them.
 TABLE_ORDER = ("trajectory", "trajectory_adapter", "lora", "tlora", "adapter", "prefix", "bitfit", "full")
 
@@ -67,7 +69,7 @@ class ComparisonSpec:
     steps: int = 300
     budget: int | None = 73728  # trainable parameters (LoRA rank 4 on Q/K/V/O of MiniLM, exactly)
     search_steps: int | None = None  # steps of each lr-search run (default: steps // 2)
-    search_dev_examples: int = 200
+    search_validation_examples: int = 200
     lr_grids: dict[str, list[float]] = field(default_factory=lambda: dict(LR_GRIDS))
     sets: dict[str, object] = field(default_factory=lambda: dict(BASE_SETS))  # every run
 
@@ -121,14 +123,14 @@ def lr_search_grid(spec: ComparisonSpec, cells: list[dict]) -> dict | None:
     # one evaluation, at the end: there is no early stopping in a grid to feed
     return {"description": "baseline comparison, stage 1: learning rate per task x method",
             "fixed": {**spec.sets, "train.steps": steps, "train.eval_every": steps,
-                      "max_eval_examples": spec.search_dev_examples},
+                      "max_eval_examples": spec.search_validation_examples},
             "cells": searched, "axes": ["task", "method", "train.lr"], "seeds": spec.seeds[:1]}
 
 
 def choose_lrs(spec: ComparisonSpec, cells: list[dict], trials) -> dict[tuple[str, str], float]:
-    """(task, method) -> the rate whose search run scored best on the dev subset (ties: smaller).
+    """(task, method) -> the rate whose search run scored best on the validation subset (ties: smaller).
     `trials` is stage 1 read back by analysis.trials.load_trials; a method with one rate takes it."""
-    from .trials import DEV_METRIC
+    from .trials import VALIDATION_METRIC
 
     chosen = {}
     for c in cells:
@@ -138,8 +140,8 @@ def choose_lrs(spec: ComparisonSpec, cells: list[dict], trials) -> dict[tuple[st
             continue
         rows = trials[(trials["task"] == c["task"]) & (trials["method"] == c["method"])
                       & (trials["status"] == "FINISHED")] if len(trials) else []
-        scored = [(float(r[DEV_METRIC]), -float(r["train.lr"])) for _, r in
-                  (rows.iterrows() if len(rows) else []) if not math.isnan(float(r[DEV_METRIC]))]
+        scored = [(float(r[VALIDATION_METRIC]), -float(r["train.lr"])) for _, r in
+                  (rows.iterrows() if len(rows) else []) if not math.isnan(float(r[VALIDATION_METRIC]))]
         if not scored:
             raise RuntimeError(f"lr search: no finished run of {key[1]} on {key[0]}; see stage 1's sweep")
         chosen[key] = -max(scored)[1]

@@ -8,7 +8,7 @@ import itertools
 import math
 from pathlib import Path
 
-from .trials import DEV_METRIC, is_missing, sort_key, value_key
+from .trials import VALIDATION_METRIC, is_missing, sort_key, value_key
 
 
 def _pyplot():
@@ -85,7 +85,7 @@ def _pareto_front(t) -> list[tuple[float, float]]:
 def plot_pareto(table, axes: list[str], out_dir: Path) -> Path:
     """Trainable params (log x) vs the metric's mean with its 95% CI; the Pareto front joined."""
     plt = _pyplot()
-    metric = table.attrs.get("metric", DEV_METRIC)
+    metric = table.attrs.get("metric", VALIDATION_METRIC)
     t = table[table["n"] > 0].dropna(subset=["trainable_params", "mean"])
     fig, ax = plt.subplots(figsize=(7, 5))
     if not t.empty:

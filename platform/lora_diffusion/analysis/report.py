@@ -18,7 +18,7 @@ from ..core.errors import UserError
 from ..engine.options import repo_root
 from .plots import plot_heatmaps, plot_optuna, plot_pareto, study_from_trials
 from .statistics import aggregate
-from .trials import DEV_METRIC, infer_axes, load_trials, mlflow_client
+from .trials import VALIDATION_METRIC, infer_axes, load_trials, mlflow_client
 
 
 def _arrow_safe(df):
@@ -110,7 +110,7 @@ def _log_on_parent(tracking_uri: str, parent_id: str, files: dict[str, Path], ta
 
 
 def write_report(tracking_uri: str, sweep: str, axes: list[str] | None, reference: dict | None,
-                 out_dir: str | Path, metric: str = DEV_METRIC, optuna_study=None,
+                 out_dir: str | Path, metric: str = VALIDATION_METRIC, optuna_study=None,
                  log_to_mlflow: bool = True) -> dict[str, Path]:
     """Aggregate the sweep's trials from MLflow and write, under out_dir: trials.parquet (raw
     rows), grid.parquet (the table), heatmap_A__B.png per pair of axes, pareto.png, summary.md,

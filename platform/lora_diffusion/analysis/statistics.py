@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..core.errors import UserError
-from .trials import (ACCOUNTING_COLUMNS, DEV_METRIC, STEP_TIME, TEST_METRIC, is_missing, sort_key,
+from .trials import (ACCOUNTING_COLUMNS, VALIDATION_METRIC, STEP_TIME, TEST_METRIC, is_missing, sort_key,
                      value_key)
 
 
@@ -69,12 +69,12 @@ def _count_seeds(cell: dict, metric: str) -> dict:
 
 
 def _cell_statistics(done: dict, metric: str, with_step_time: bool) -> dict:
-    """n, mean, std, the t interval; dev and test accuracy side by side; the accounting (the
+    """n, mean, std, the t interval; validation and test accuracy side by side; the accounting (the
     first, `accounting_consistent` False if the seeds disagree); the mean step time."""
     vals = [float(r[metric]) for r in done.values()]
     mean, std, lo, hi = t_interval(vals)
     row = {"n": len(vals), "mean": mean, "std": std, "ci95_low": lo, "ci95_high": hi}
-    for label, col in (("dev", DEV_METRIC), ("test", TEST_METRIC)):
+    for label, col in (("validation", VALIDATION_METRIC), ("test", TEST_METRIC)):
         v = [float(r[col]) for r in done.values() if not is_missing(r.get(col))]
         m, sd, _, _ = t_interval(v)
         row[f"{label}_accuracy"], row[f"{label}_accuracy_std"], row[f"{label}_n"] = m, sd, len(v)
@@ -110,10 +110,10 @@ def _paired_difference(key: tuple, ref_key: tuple, summaries: dict, metric: str)
     return {"is_reference": key == ref_key, "n_pairs": len(pairs), "diff_mean": diff_mean, "p_value": p_value}
 
 
-def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = DEV_METRIC):
+def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = VALIDATION_METRIC):
     """One row per cell (combination of the axes' values, as found in the trials).
 
-    Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t distribution), dev/test accuracy
+    Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t distribution), validation/test accuracy
     mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
     `accounting_consistent` False if a cell disagrees), step_time_s (if logged), n_failed,
     n_running, seeds; with a reference, the paired (by seed) difference to the reference cell:

@@ -12,7 +12,7 @@ import math
 
 from ..core.errors import UserError
 
-DEV_METRIC = "final/dev/accuracy"
+VALIDATION_METRIC = "final/validation/accuracy"
 TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
 STEP_TIME = "final/step_time_s"
@@ -127,7 +127,7 @@ def _trial_row(trial_id: str, group: list) -> dict:
     for col in ("trainable_params", "bytes_saved"):
         row[col] = metrics.get(f"accounting/{col}", parse_param(params.get(f"accounting.{col}", "")))
     row["trained_params"] = metrics.get("accounting/trained_params", math.nan)  # older runs: none
-    for k in (DEV_METRIC, TEST_METRIC):
+    for k in (VALIDATION_METRIC, TEST_METRIC):
         row.setdefault(k, math.nan)
     return row
 
@@ -145,7 +145,7 @@ def load_trials(tracking_uri: str, sweep: str):
                        f"tags.sweep_id = '{sweep_id}' and tags.role = 'trial'")
     df = pd.DataFrame([_trial_row(tid, group) for tid, group in _runs_by_trial(runs).items()])
     if df.empty:
-        df = pd.DataFrame(columns=["trial_id", "run_id", "status", "seed", DEV_METRIC, TEST_METRIC,
+        df = pd.DataFrame(columns=["trial_id", "run_id", "status", "seed", VALIDATION_METRIC, TEST_METRIC,
                                    *ACCOUNTING_COLUMNS])
     df.attrs["parent_run_id"] = parent.info.run_id
     df.attrs["parent_tags"] = dict(parent.data.tags)

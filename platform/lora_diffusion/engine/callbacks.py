@@ -98,15 +98,15 @@ class ProgressLines(Callback):
             r = json.loads(result["result_json"])
             acc = r.get("accounting", {})
             print(f"[trial {trial.trial_id}] final  step {r.get('steps')}  "
-                  f"dev/accuracy {r.get('dev/accuracy', float('nan')):.4f}  "
-                  f"dev/accuracy_sampler {r.get('dev/accuracy_sampler', float('nan')):.4f}  "
+                  f"validation/accuracy {r.get('validation/accuracy', float('nan')):.4f}  "
+                  f"validation/accuracy_sampler {r.get('validation/accuracy_sampler', float('nan')):.4f}  "
                   f"train/accuracy {r.get('train/accuracy', float('nan')):.4f}  "
                   f"params {acc.get('trainable_params')}", flush=True)
 
     def _step_line(self, trial, result):
         print(f"[trial {trial.trial_id}] step {int(result.get('step', 0)):5d}  "
               f"loss {result.get('train/loss', float('nan')):.4f}  "
-              f"dev/accuracy {result.get(METRIC, float('nan')):.4f}"
+              f"validation/accuracy {result.get(METRIC, float('nan')):.4f}"
               + (f"  (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else "")
               + f"  | {_short(trial.config)}", flush=True)
 
@@ -214,7 +214,7 @@ class MlflowSweepCallback(Callback):
 
             now = int(time.time() * 1000)
             self.tracker.client.log_batch(parent, metrics=[
-                Metric("best/dev_accuracy", float(best["dev/accuracy"]), now, 0)])
+                Metric("best/validation_accuracy", float(best["validation/accuracy"]), now, 0)])
             self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
             self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
         self.tracker.end_run(parent, status)

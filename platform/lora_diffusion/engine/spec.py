@@ -27,7 +27,7 @@ from .options import default_tracking_uri, repo_root, storage_location
 from .storage import SweepStorage
 from .tracking import DEFAULT_EXPERIMENT
 
-METRIC, MODE = "dev/accuracy", "max"
+METRIC, MODE = "validation/accuracy", "max"
 SPEC_FILE = "sweep.json"
 TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
 

@@ -13,7 +13,7 @@ Shape (Ray 2.60, Train V2):
   by the trial id under `<sweep>/train/`, so a restored trial's Train run finds its own latest
   checkpoint; `FailureConfig` restarts failed workers from it;
 - tuner.py: OptunaSearch (seeded TPE) samples the search space define-by-run (conditional
-  parameters) and ASHA stops weak trials on dev/accuracy at rungs of the recipe's step counter;
+  parameters) and ASHA stops weak trials on validation/accuracy at rungs of the recipe's step counter;
   a grid file (search_spaces/grid_*.yaml, see grid.py) runs every cell x seed once instead
   (Tune's grid search, no early stopping);
 - callbacks.py: one MLflow parent run per sweep and one child run per trial (tracking.py),
@@ -142,13 +142,14 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
     best = None
     if rows:
         b = max(rows, key=lambda r: r.metrics[METRIC])
-        best = {"trial_id": b.metrics.get("trial_id"), "dev/accuracy": b.metrics[METRIC],
+        best = {"trial_id": b.metrics.get("trial_id"), "validation/accuracy": b.metrics[METRIC],
                 "step": b.metrics.get("step"), "params": b.config,
                 "config": TrialResolver(spec.fixed, "")(b.config)[0]}
     mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED")
     print(f"\nsweep {spec.name}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
     if best:
-        print(f"best trial {best['trial_id']}: dev/accuracy {best['dev/accuracy']:.4f} at step {best['step']}")
+        print(f"best trial {best['trial_id']}: validation/accuracy {best['validation/accuracy']:.4f} "
+              f"at step {best['step']}")
         for k, v in best["params"].items():
             print(f"  {k} = {v}")
     SweepStorage(spec.storage).write_text(f"{spec.name}/best.json",
