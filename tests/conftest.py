@@ -104,10 +104,10 @@ def tiny_config(tiny_backbone_dir, synthetic_data_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic rows. Sizes: SST-2 train is long enough for 50 batches of 8 with phrase lengths as
-# skewed as the real ones (group_by_length's padding test); AG News has 500 rows per class
-# because its dev cut takes a fixed 475 per class; XQuAD and XSum have enough articles / ids
-# for their 20% dev cuts to be non-empty.
+# Synthetic rows. Sizes: SST-2 train (293 rows once validation's sentences and every phrase inside
+# them leave it) holds 32 batches of 8 with phrase lengths as skewed as the real ones
+# (group_by_length's padding test); AG News, XQuAD and XSum have enough rows, articles and ids
+# for each of their three cuts (splits.py) to be non-empty.
 
 WORDS = ("the film story actors plot scene music director camera ending script characters "
          "moments pace dialogue cast minutes audience screen drama").split()

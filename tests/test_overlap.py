@@ -110,3 +110,11 @@ def test_glue_dev_overlap_with_train_is_measured_and_under_the_limit(real_data_d
     test = tasks.load_split("sst2", "test", str(real_data_dir))
     fraction = overlap.overlap_fraction(test, overlap.TrainingText(e.text for e in train))
     assert fraction == pytest.approx(3 / 872) and fraction < overlap.MAX_OVERLAP
+
+
+def test_ag_news_own_test_csv_is_mostly_training_rows(real_data_dir):
+    """The train split is a cut of test.csv: 4,748 of its 7,600 rows are training rows."""
+    train = tasks.load_split("ag_news", "train", str(real_data_dir))
+    own = tasks.load_split("ag_news", "test", data_file=str(real_data_dir / "ag_news" / "test.csv"))
+    fraction = overlap.overlap_fraction(own, overlap.TrainingText(e.text for e in train))
+    assert fraction == pytest.approx(4748 / 7600)
