@@ -15,8 +15,8 @@ language, not leakage; a training phrase that is most of the row is. What each t
 
 Speed: the training side is indexed once (a set of rows, their concatenation for substring
 search, and rows keyed by their first words); each evaluation text then costs one substring
-search and a few dict look-ups per word. SST-2's 872 test sentences against 66k training
-phrases take about 2 s on one core.
+search and a few dict look-ups per word. SST-2 (measured, CPU time): index of the 57,626
+training phrases 0.16 s, 872 test sentences 0.8 s, 861 validation sentences 0.8 s.
 """
 
 from __future__ import annotations
