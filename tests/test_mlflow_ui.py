@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.loopback import free_port
+from support.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "runs" / "ui-screenshots"
@@ -93,21 +93,23 @@ def _run_grid(tmp_path, backbone, data_dir, uri) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
 
 
-def _serve(uri: str, log: Path):
+def _start_server(uri: str, log: Path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/"
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def _wait_for(proc, base: str, log: Path) -> None:
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             urllib.request.urlopen(base + "health", timeout=2)
-            return proc, base
+            return
         except OSError:
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
-    proc.kill()
     raise AssertionError("mlflow server did not answer in 90 s: " + log.read_text()[-3000:])
 
 
@@ -133,15 +135,17 @@ def _page(driver, url: str, shot: str, *expected: str, timeout: float = 60) -> s
 def test_compare_trials_in_the_mlflow_ui(browser, tiny_backbone_dir, synthetic_data_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _run_grid(tmp_path, tiny_backbone_dir, synthetic_data_dir, uri)
+    uri, log = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "mlflow-server.log"
     client = MlflowClient(uri)
-    [parent] = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  f"tags.sweep = '{SWEEP}' and tags.role = 'sweep'")
-    eid, pid = parent.info.experiment_id, parent.info.run_id
-    trials = client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{pid}'")
-    server, base = _serve(uri, tmp_path / "mlflow-server.log")
+    client.search_experiments()  # creates the store: the server starts while the grid runs
+    server, base = _start_server(uri, log)
     try:
+        _run_grid(tmp_path, tiny_backbone_dir, synthetic_data_dir, uri)
+        [parent] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      f"tags.sweep = '{SWEEP}' and tags.role = 'sweep'")
+        eid, pid = parent.info.experiment_id, parent.info.run_id
+        trials = client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{pid}'")
+        _wait_for(server, base, log)
         # what a user opens: the sweep's link (without one, the experiment's page)
         link = parent.data.tags.get("ui.runs_view", f"#/experiments/{eid}")
         _page(browser, base + link, "runs.png", SWEEP, *NAMES, "trajectory.rank")
@@ -159,9 +163,8 @@ def test_compare_trials_in_the_mlflow_ui(browser, tiny_backbone_dir, synthetic_d
         browser.find_element("xpath", "//*[normalize-space(text())='ablation']").click()
         _page_text_after_click(browser, "artifacts.png", "summary.md", "pareto.png")
     finally:
-        server.terminate()
+        kill_session(server.pid)  # the server and its workers (a session of their own)
         server.wait(timeout=30)
-        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
 
 
 def _page_text_after_click(driver, shot: str, *expected: str, timeout: float = 30) -> None:

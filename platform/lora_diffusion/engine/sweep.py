@@ -137,9 +137,13 @@ def _knobs(spec: SweepSpec) -> list[str]:
 
 
 def _resume_command(spec: SweepSpec) -> str:
+    """This job's command line for --resume (the job file, or `lora-diffusion sweep`)."""
     job = Path(sys.argv[0])
-    job = os.path.relpath(job, repo_root()) if job.is_absolute() else str(job)
-    return f"python {job} --name {spec.name} --storage-path {spec.storage} --resume"
+    if job.name == "lora-diffusion":
+        command = "lora-diffusion sweep"
+    else:
+        command = "python " + (os.path.relpath(job, repo_root()) if job.is_absolute() else str(job))
+    return f"{command} --name {spec.name} --storage-path {spec.storage} --resume"
 
 
 def _interrupted(results, spec: SweepSpec, ends) -> bool:
