@@ -99,7 +99,8 @@ def test_final_result_logged(uri):
     run = t.client.get_run(rid)
     assert run.data.metrics["final/validation/accuracy"] == 0.7
     assert run.data.metrics["accounting/trainable_params"] == 1234
-    assert run.data.params["accounting.bytes_saved"] == "5000"
+    assert run.data.metrics["accounting/bytes_saved"] == 5000
+    assert not run.data.params  # results are metrics: params are the configuration only
     assert [a.path for a in t.client.list_artifacts(rid)] == ["result.json"]
 
 
@@ -132,6 +133,7 @@ def test_callback_resume_cycle(uri):
     cb2.on_trial_result(0, [], t2, {"step": 2, "train/loss": 3.0, "validation/accuracy": 0.5, "resumed_from_step": 2})
     cb2.on_trial_result(0, [], t2, {"step": 4, "train/loss": 2.5, "validation/accuracy": 0.55, "resumed_from_step": 2})
     cb2.on_trial_complete(0, [], t2)  # stopped by the scheduler: no result_json
+    cb2.describe_parent(["train.lr"], "python jobs/x.py --name sw --resume")
     cb2.finish({"trial_id": "t1", "validation/accuracy": 0.6})
     tr = cb2.tracker
     runs = tr.trial_runs()
@@ -146,6 +148,16 @@ def test_callback_resume_cycle(uri):
     parent = tr.find_runs(role="sweep")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert parent[0].data.metrics["best/validation_accuracy"] == 0.6
+    # the trials are named by what they tried; the parent lists the knobs and sums the sweep up
+    assert {r.info.run_name for r in runs} == {"lr0.01", "lr0.02"}
+    assert tr.client.get_run(by["t1"]).data.tags["best_trial"] == "true"
+    assert "best_trial" not in tr.client.get_run(by["t2"]).data.tags
+    tags = parent[0].data.tags
+    assert tags["sweep.knobs"] == "train.lr"
+    note = tags["mlflow.note.content"]
+    assert "2 trials, 1 finished, 1 stopped early, 0 failed" in note
+    assert "**lr0.01** (trial `t1`" in note and "validation (validation/accuracy) 0.6000" in note
+    assert "`python jobs/x.py --name sw --resume`" in note
 
 
 def test_run_config_callbacks_pickle_to_the_sweep_id(uri):
@@ -178,3 +190,35 @@ def test_new_sweep_with_a_reused_name_gets_new_runs(uri):
     old_parent, old_trial = old.parent_run(), old.trial_run("t1")
     new = SweepTracker(uri, "same-name", sweep_id="same-name-bbbb")
     assert new.parent_run() != old_parent and new.trial_run("t1") != old_trial
+
+
+def test_experiment_is_a_model_training_experiment_with_a_view_of_each_sweep(uri):
+    import json
+
+    t = SweepTracker(uri, "s1", experiment="ui-kind")
+    pid = t.parent_run()
+    exp = t.client.get_experiment(t.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = t.save_runs_view(pid, ["trajectory.rank", "train.seed"], ["final/validation/accuracy"])
+    assert link == (f"#/experiments/{t.experiment_id}/runs?workflowType=machine_learning"
+                    f"&viewStateShareKey={t.sweep_id}")
+    assert t.client.get_run(pid).data.tags["ui.runs_view"] == link
+    saved = json.loads(t.client.get_experiment(t.experiment_id).tags[f"mlflow.sharedViewState.{t.sweep_id}"])
+    state = json.loads(saved["state"])
+    assert state["selectedColumns"][:2] == ["params.`trajectory.rank`", "params.`train.seed`"]
+    assert state["orderByKey"] == "metrics.`final/validation/accuracy`" and saved["name"] == f"sweep {t.sweep}"
+
+
+def test_trial_names_say_what_was_tried_and_are_unique_in_the_sweep(uri):
+    from lora_diffusion.engine.callbacks import trial_name
+
+    assert trial_name({"trajectory.rank_schedule": "linear", "trajectory.rank": 16,
+                       "trajectory.num_phases": 2, "train.lr": 0.0034}) == "linear r16 K2 lr3.4e-3"
+    assert trial_name({"train.seed": 1, "method": "lora"}) == "lora seed1"
+    assert trial_name({"cell": {"method": "lora"}, "train.seed": 0}) == "lora seed0"
+    t = SweepTracker(uri, "s1")
+    a, b = t.trial_run("t1", run_name="lora seed1"), t.trial_run("t2", run_name="lora seed1")
+    assert t.client.get_run(a).info.run_name == "lora seed1"
+    assert t.client.get_run(b).info.run_name == "lora seed1 (2)"
+    assert t.client.get_run(b).data.tags["trial_id"] == "t2"
+    assert SweepTracker(uri, "s1").trial_run("t2", run_name="other") == b  # re-attached, name kept

@@ -83,6 +83,33 @@ class TrialResolver:
         return flat, tags
 
 
+# short labels of the knobs in trial names ("linear r16 K2 lr3.4e-3"); others print as key=value
+LABELS = {"rank": "r", "num_phases": "K", "lr": "lr", "seed": "seed", "min_rank": "rmin",
+          "step_threshold": "thr"}
+
+
+def _label_value(key: str, value) -> str:
+    label = LABELS.get(key.split("@")[0].split(".")[-1])
+    if isinstance(value, str):
+        return value  # a choice names itself: "linear", "lora", "per_phase"
+    if isinstance(value, bool):
+        return f"{key.split('.')[-1]}={'on' if value else 'off'}"
+    if isinstance(value, float):
+        text = f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e") \
+            if value and not 0.01 <= abs(value) < 1e4 else f"{value:.3g}"
+    else:
+        text = str(value)
+    return f"{label}{text}" if label else f"{key.split('.')[-1]}={text}"
+
+
+def trial_name(params: dict) -> str:
+    """A trial's run name: the values it tried, in the order they were drawn (seed last)."""
+    flat = space_lib.flatten(params)
+    keys = [k for k in flat if k != SEED_FIELD] + ([SEED_FIELD] if SEED_FIELD in flat else [])
+    values = [_label_value(k, flat[k]) for k in keys if not isinstance(flat[k], (dict, list))]
+    return " ".join(values) or "trial"
+
+
 def _short(params: dict) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -164,7 +191,7 @@ class MlflowSweepCallback(Callback):
         if tid not in self._runs:
             params, tags = self.resolve(trial.config)
             self._runs[tid] = self.tracker.trial_run(tid, params=params, tags=tags,
-                                                     run_name=f"{self.tracker.sweep}/{tid}")
+                                                     run_name=trial_name(trial.config))
             if "result.json" in {f.path for f in self.tracker.client.list_artifacts(self._runs[tid])}:
                 self._final_logged.add(tid)  # finished before the driver was interrupted
         return self._runs[tid]
@@ -180,6 +207,8 @@ class MlflowSweepCallback(Callback):
         step = int(result.get("step", 0))
         self._last_result[tid] = dict(result)
         metrics = {k: v for k, v in result.items() if "/" in k or k == "resumed_from_step"}
+        if METRIC in metrics:  # the UI offers a run's metrics in the order they were first logged
+            metrics = {METRIC: metrics.pop(METRIC), **metrics}
         self.tracker.log_step(run_id, metrics, step)
         if result.get("result_json") and tid not in self._final_logged:
             self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
@@ -206,8 +235,19 @@ class MlflowSweepCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")
 
+    def describe_parent(self, knobs: list[str], resume: str) -> str:
+        """The parent run lists the swept knobs (tag `sweep.knobs`), holds the sweep's view of
+        the runs table, and describes the sweep (updated when it ends). Returns the UI link."""
+        parent = self.tracker.parent_run()
+        self.knobs, self.resume = list(knobs), resume
+        self.tracker.client.set_tag(parent, "sweep.knobs", ",".join(self.knobs))
+        link = self.tracker.save_runs_view(parent, self.knobs, VIEW_METRICS)
+        self.tracker.describe(parent, sweep_summary(self.tracker, self.knobs, resume, None, ended=False))
+        return link
+
     def finish(self, best: dict | None, status: str = "FINISHED") -> None:
-        """End the parent run, with the best trial's configuration and score."""
+        """End the parent run, with the best trial's configuration and score, the best trial
+        tagged `best_trial`, and the sweep's summary as the parent's description."""
         parent = self.tracker.parent_run()
         if best:
             from mlflow.entities import Metric
@@ -217,4 +257,53 @@ class MlflowSweepCallback(Callback):
                 Metric("best/validation_accuracy", float(best["validation/accuracy"]), now, 0)])
             self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
             self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
+            for run in self.tracker.trial_runs():
+                if run.data.tags.get("trial_id") == best["trial_id"]:
+                    self.tracker.client.set_tag(run.info.run_id, BEST_TAG, "true")
+                elif BEST_TAG in run.data.tags:
+                    self.tracker.client.delete_tag(run.info.run_id, BEST_TAG)
+        self.tracker.describe(parent, sweep_summary(self.tracker, getattr(self, "knobs", []),
+                                                    getattr(self, "resume", ""), best, ended=True))
         self.tracker.end_run(parent, status)
+
+
+BEST_TAG = "best_trial"
+# the view's columns after the knobs; the first sorts it (stopped trials have final/* too)
+VIEW_METRICS = [f"final/{METRIC}", "final/test/accuracy", "accounting/trainable_params",
+                "final/step_time_s"]
+
+
+def _counts(runs) -> dict[str, int]:
+    counts = {"finished": 0, "stopped early": 0, "failed": 0, "running or interrupted": 0}
+    for run in runs:
+        status = run.info.status
+        key = ("stopped early" if run.data.tags.get("stopped_early") == "true" else "finished") \
+            if status == "FINISHED" else "failed" if status == "FAILED" else "running or interrupted"
+        counts[key] += 1
+    return counts
+
+
+def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: dict | None,
+                  ended: bool) -> str:
+    """The parent run's description (markdown): what ran, the best trial on validation with its
+    test figure where there is one, and the command that resumes the sweep."""
+    runs = tracker.trial_runs()
+    counts = _counts(runs)
+    lines = [f"**Sweep `{tracker.sweep}`**: {len(runs)} trials, "
+             + ", ".join(f"{n} {what}" for what, n in counts.items() if n or what != "running or interrupted")
+             + ".", ""]
+    if knobs:
+        lines += ["Swept: " + ", ".join(f"`{k}`" for k in knobs) + " (params of every trial).", ""]
+    run = next((r for r in runs if best and r.data.tags.get("trial_id") == best["trial_id"]), None)
+    if run is not None:
+        m = run.data.metrics
+        figures = [f"validation ({METRIC}) {m.get(f'final/{METRIC}', best[METRIC]):.4f}"]
+        if "final/test/accuracy" in m:
+            figures.append(f"test {m['final/test/accuracy']:.4f}")
+        lines += [f"Best trial on validation: **{run.info.run_name}** (trial `{best['trial_id']}`, "
+                  f"tagged `{BEST_TAG}`): " + ", ".join(figures) + ".", ""]
+    else:
+        lines += [f"Best trial: none ({'no trial reported ' + METRIC if ended else 'the sweep is running, or was interrupted'}).", ""]
+    if resume:
+        lines += [f"Resume it after an interruption: `{resume}`"]
+    return "\n".join(lines).strip() + "\n"

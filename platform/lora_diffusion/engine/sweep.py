@@ -33,6 +33,7 @@ from typing import Callable
 
 from ..core.errors import UserError
 from . import tracking
+from .grid import SEED_FIELD
 from .options import build_parser, repo_root
 from .spec import METRIC, SPEC_FILE, SweepSpec, prepare
 from .storage import SweepStorage
@@ -80,9 +81,11 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(), ends])
         tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=args.resume,
                                      verbose=args.verbose)
-        _log_parent(tracker, spec)
+        link = _log_parent(mlflow_cb, spec)
         results = tuner.fit()
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
+        print(f"compare its trials: mlflow ui --backend-store-uri {spec.tracking_uri}, then open "
+              f"http://127.0.0.1:5000/{link}")
         if report is not None and not _interrupted(results, spec, ends):  # failed cells included
             report(spec.to_dict())
         return rc
@@ -113,15 +116,34 @@ def _banner(spec: SweepSpec, address: str, res) -> None:
           f"storage {spec.exp_dir}; mlflow {spec.tracking_uri}", flush=True)
 
 
-def _log_parent(tracker, spec: SweepSpec) -> None:
+def _log_parent(mlflow_cb, spec: SweepSpec) -> str:
     """The sweep's parent run, with its params (and a grid's axes, so that `lora-diffusion report
-    --sweep NAME` rebuilds the same table)."""
+    --sweep NAME` rebuilds the same table), its knobs and description. Returns the UI link."""
+    tracker = mlflow_cb.tracker
     parent = tracker.parent_run(params={"space": Path(spec.space_path).stem, "smoke": spec.smoke,
                                         **{f"sweep.{k}": v for k, v in spec.to_dict()["sweep"].items()},
                                         **{f"fixed.{k}": v for k, v in spec.fixed.items()}})
     if spec.kind == "grid":
         tracker.client.set_tag(parent, "ablation.axes", ",".join(spec.grid.axes))
         tracker.client.set_tag(parent, "ablation.reference", json.dumps(spec.grid.reference))
+    return mlflow_cb.describe_parent(_knobs(spec), _resume_command(spec))
+
+
+def _knobs(spec: SweepSpec) -> list[str]:
+    """The config keys a sweep varies: a grid's axes and seed, a search space's params."""
+    if spec.kind == "grid":
+        return [*spec.grid.axes, SEED_FIELD]
+    return list(dict.fromkeys(p.field for p in spec.parse_space().params if p.field))  # no switches
+
+
+def _resume_command(spec: SweepSpec) -> str:
+    """This job's command line for --resume (the job file, or `lora-diffusion sweep`)."""
+    job = Path(sys.argv[0])
+    if job.name == "lora-diffusion":
+        command = "lora-diffusion sweep"
+    else:
+        command = "python " + (os.path.relpath(job, repo_root()) if job.is_absolute() else str(job))
+    return f"{command} --name {spec.name} --storage-path {spec.storage} --resume"
 
 
 def _interrupted(results, spec: SweepSpec, ends) -> bool:

@@ -12,6 +12,15 @@ re-attaches to the runs it already has:
 - a run is ended FINISHED / FAILED once: ending an already-ended run with the same status is a
   no-op.
 
+What the MLflow UI shows (MLflow 3.17): the experiment is tagged a model-training experiment
+(`mlflow.experimentKind`); trials are named by the values they tried (unique within the sweep,
+the Tune trial id stays a tag); params are the configuration, results are metrics; the parent
+run's description (`mlflow.note.content`) is the sweep's summary. MLflow 3.17 opens an
+experiment on its GenAI pages unless the URL or the browser's stored choice says "Model
+training", whatever the experiment's tag: `save_runs_view` stores a view of the sweep (its
+runs, best first, its knobs and accuracies as columns) on the experiment, and the link that
+opens it on the parent run (`RUNS_VIEW_TAG`).
+
 `SweepTracker` is plain MLflow, no Ray (unit-tested against a sqlite store);
 `callbacks.MlflowSweepCallback` is the Tune callback that drives it from the sweep's driver.
 """
@@ -30,6 +39,10 @@ from ..core.errors import UserError
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 STEP_METRIC = "train/loss"  # logged with every report: its history tells the last logged step
 DEFAULT_EXPERIMENT = "lora-diffusion-sweeps"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Machine learning"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's saved views of an experiment's runs table
+RUNS_VIEW_TAG = "ui.runs_view"  # on the parent run: the UI link (after the server's address)
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -112,6 +125,8 @@ class SweepTracker:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
                 self._experiment_id = exp.experiment_id
+            if exp is None or EXPERIMENT_KIND[0] not in exp.tags:  # a kind the user set is kept
+                self.client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
         return self._experiment_id
 
     # ------------------------------------------------------------------------- lookup
@@ -157,15 +172,25 @@ class SweepTracker:
                 self._last_step[run_id] = max((m.step for m in history), default=-1)
             return run_id
         parent = self.parent_run()
+        run_name = self._unique_name(run_name or trial_id)
         all_tags = {**self.tags, **(tags or {}), "sweep": self.sweep, "sweep_id": self.sweep_id, "role": "trial",
                     "trial_id": trial_id, "mlflow.parentRunId": parent}
-        run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id,
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={k: str(v) for k, v in all_tags.items()})
         run_id = run.info.run_id
         self._last_step[run_id] = -1
         if params:
             self._log_params(run_id, params)
         return run_id
+
+    def _unique_name(self, name: str) -> str:
+        """`name`, or `name (2)`, `name (3)`...: run names are unique within the sweep."""
+        taken = {r.info.run_name for r in self.trial_runs()}
+        n, unique = 1, name
+        while unique in taken:
+            n += 1
+            unique = f"{name} ({n})"
+        return unique
 
     def last_step(self, run_id: str) -> int:
         if run_id not in self._last_step:
@@ -188,8 +213,9 @@ class SweepTracker:
         return True
 
     def log_final(self, run_id: str, result: dict, step: int) -> None:
-        """The final result of a trial: split-labelled metrics as `final/<key>`, accounting as
-        params and metrics, and the whole result as `result.json`."""
+        """The final result of a trial: split-labelled metrics as `final/<key>`, the accounting as
+        `accounting/<key>` metrics (results, not configuration: never params), and the whole
+        result as `result.json`."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -197,8 +223,6 @@ class SweepTracker:
         acc = result.get("accounting") or {}
         metrics += [Metric(f"accounting/{k}", float(v), now, int(step)) for k, v in acc.items() if _is_number(v)]
         self.client.log_batch(run_id, metrics=metrics)
-        params = {f"accounting.{k}": v for k, v in acc.items() if _is_number(v)}
-        self._log_params(run_id, params)
         self.client.log_text(run_id, json.dumps(result, indent=2, default=str), "result.json")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> bool:
@@ -207,6 +231,28 @@ class SweepTracker:
             return False
         self.client.set_terminated(run_id, status)
         return True
+
+    # ------------------------------------------------------------------------- the UI
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description, as the UI shows it above the run's params and metrics."""
+        self.client.set_tag(run_id, DESCRIPTION_TAG, markdown)
+
+    def save_runs_view(self, parent_id: str, knobs: list[str], metrics: list[str]) -> str:
+        """Store a view of the sweep's runs table on the experiment (the UI's saved views): this
+        sweep's runs only, sorted by `metrics[0]` (best first), with the knobs and `metrics` as
+        columns. Returns the link that opens it (after `http://HOST:PORT/`), also kept on the
+        parent run as `RUNS_VIEW_TAG`."""
+        state = {"searchFilter": f"tags.sweep_id = '{self.sweep_id}'",
+                 "orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": False,
+                 "selectedColumns": [f"params.`{k}`" for k in knobs] + [f"metrics.`{m}`" for m in metrics]}
+        now = int(time.time() * 1000)
+        envelope = {"name": f"sweep {self.sweep}", "createdAt": now, "updatedAt": now,
+                    "state": json.dumps(state)}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + self.sweep_id, json.dumps(envelope))
+        link = (f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+                f"&viewStateShareKey={self.sweep_id}")
+        self.client.set_tag(parent_id, RUNS_VIEW_TAG, link)
+        return link
 
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
