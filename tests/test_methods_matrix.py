@@ -163,7 +163,11 @@ def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, case):
 
 
 def test_tlora_rank_mask_follows_the_schedule(tiny_backbone_dir):
-    assert tlora_rank(torch.tensor([1.0, 0.999, 0.5, 0.01]), 8, 1).tolist() == [1, 1, 4, 7]
+    t = torch.tensor([1.0, 0.999, 0.5, 0.01, 1e-3])
+    assert tlora_rank(t, 8, 1).tolist() == [1, 1, 4, 7, 8]  # T-LoRA: the cleanest step gets r_max
+    assert tlora_rank(t, 8, 1, power=2.0).tolist() == [1, 1, 2, 7, 8]  # fewer components sooner
+    mid = 1e-3 + (1 - 1e-3) * torch.tensor([0.125, 0.375, 0.625, 0.875, 1.0])  # T = 4 steps: k = 0..4
+    assert tlora_rank(mid, 5, 1, timesteps=4).tolist() == [5, 4, 3, 2, 1]
     config, backbone = _build(tiny_backbone_dir, "tlora", **{"tlora.rank": 4, "tlora.min_rank": 2})
     m = build_method(config, backbone)
     mod = next(iter(m.adapters.values()))
@@ -207,7 +211,45 @@ def test_lora_injection_goes_through_backbone_logits(tiny_backbone_dir):
     ({"prefix.save": "seeds"}, "prefix.save"),
     ({"tlora.rank": 2, "tlora.min_rank": 3}, "tlora.min_rank"),
     ({"tlora.targets": "mlp"}, "tlora.targets"),
+    ({"tlora.rank_power": 0}, "tlora.rank_power"),
+    ({"tlora.timesteps": 0}, "tlora.timesteps"),
 ])
 def test_config_errors_name_the_field(sets, field):
     with pytest.raises(UserError, match=f"field {field}:"):
         config_lib.from_dict({}, sets)
+
+
+# Gradient coverage. Rule: every element of every tensor counted as trainable gets a non-zero
+# gradient in at least one of COVERAGE_STEPS optimiser steps whose batches spread t evenly over
+# [t_min, 1], both ends included. Several steps, not one: B = 0 at init makes A's gradient zero
+# at the first step, and only an optimiser step on B lets A's gradient through. Exempt: rows of
+# embedding tables (full fine-tuning), which only get gradient for the ids and positions a batch
+# looks up: there, every table must get some gradient.
+# A ReLU unit that no token activates gets no gradient by design of ReLU, so the bottleneck
+# adapters run this check with GELU: it is about what a method masks or routes, not dead units.
+COVERAGE_STEPS = 3
+COVERAGE_SETS = {"adapter": {"adapter.activation": "gelu"}}
+
+
+def _embedding_tables(model) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_counted_parameter_gets_gradient_across_the_t_range(tiny_config, monkeypatch, case):
+    from lora_diffusion.core import diffusion
+
+    method, sets = CASES[case]
+    recipe = Recipe(tiny_config(method=method, **sets, **COVERAGE_SETS.get(method, {})))
+    monkeypatch.setattr(diffusion, "sample_times", lambda B, t_min, gen: torch.linspace(t_min, 1.0, B))
+    params = recipe.method.trainable()
+    touched = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+    for _ in range(COVERAGE_STEPS):
+        recipe.train_step()
+        for n, p in params.items():
+            if p.grad is not None:
+                touched[n] |= p.grad != 0
+    tables = _embedding_tables(recipe.backbone.model)
+    never = {n: f"{int((~hit).sum())} of {hit.numel()}" for n, hit in touched.items()
+             if not (hit.any() if id(params[n]) in tables else hit.all())}
+    assert not never, f"never got gradient: {dict(list(never.items())[:5])}"
