@@ -30,6 +30,15 @@ def test_batches_depend_only_on_seed_and_step(tiny_config):
     assert [e.id for e in a.train_batch(7)] != [e.id for e in c.train_batch(7)]
 
 
+def test_evaluation_subsets_are_the_same_rows_for_every_seed(tiny_config, synthetic_data_dir):
+    """max_eval_examples picks its rows with the fixed split seed: seeds differ in the model only."""
+    sets = {"max_eval_examples": 12, "test_file": str(synthetic_data_dir / "sst2" / "dev.tsv")}
+    a, b = Recipe(tiny_config(**sets)), Recipe(tiny_config(**sets, **{"train.seed": 1}))
+    assert len(a.dev_examples) == 12 and len(a.test_examples) == 12
+    assert [e.id for e in a.dev_examples] == [e.id for e in b.dev_examples]
+    assert [e.id for e in a.test_examples] == [e.id for e in b.test_examples]
+
+
 def test_group_by_length_keeps_the_epoch_and_cuts_padding(tiny_config):
     """Grouped batches: the same examples once per epoch, far less padding than random batches,
     and still a function of (seed, step) only."""

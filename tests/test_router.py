@@ -1,8 +1,12 @@
 """Router composition: frozen trained experts, only the router trains, weights from the prompt."""
 
+import json
+
+import pytest
 import torch
 
 from lora_diffusion.core import checkpoint
+from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.recipe import Recipe
 
 
@@ -43,3 +47,14 @@ def test_router_rejects_a_single_checkpoint(tiny_config, tmp_path, capsys):
                  "--set", f"router.checkpoints=[{path}]", "--set", f"backbone={tiny_config().backbone}",
                  "--set", f"data_dir={tiny_config().data_dir}", "--set", "max_train_examples=16"])
     assert code == 2 and "router.checkpoints" in capsys.readouterr().err
+
+
+def test_router_refuses_an_expert_trained_on_another_backbone(tiny_config, tmp_path):
+    paths = [_expert(tiny_config, tmp_path, f"e{i}", seed=i) for i in range(2)]
+    meta_file = paths[1] / "backbone.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "backbone_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(UserError, match=f"field router.checkpoints: {paths[1]} was trained on "
+                                        "another backbone") as err:
+        Recipe(tiny_config(method="router", **{"router.checkpoints": [str(p) for p in paths]}))
+    assert "\n" not in str(err.value)

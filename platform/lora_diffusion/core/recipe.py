@@ -21,8 +21,7 @@ import torch.distributed as dist
 
 from . import diffusion, tasks
 from .accounting import account
-from .backbone import load_backbone
-from .checkpoint import backbone_fingerprint
+from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
 from .errors import UserError
 from .config import Config
@@ -100,8 +99,11 @@ class Recipe:
     # ------------------------------------------------------------------------- data
     def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None):
         c = self.config
+        # evaluation subsets are drawn with the fixed split seed: every seed and trial is scored
+        # on the same rows, so seed variance is the model's, not the data's
+        seed = c.train.seed if split == "train" else tasks.SPLIT_SEED
         return tasks.load_split(c.task, split, c.data_dir, data_file=data_file,
-                                max_examples=max_examples, seed=c.train.seed, allow_hub=c.allow_hub)
+                                max_examples=max_examples, seed=seed, allow_hub=c.allow_hub)
 
     def response_ids(self, example) -> list[int]:
         if self.label_ids is not None:

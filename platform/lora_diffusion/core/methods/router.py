@@ -3,7 +3,8 @@
     h' = h + sum_m w_m(c) * Delta_m(h, t),   w(c) = softmax(W pool(h_prompt) + b)
 
 Each expert is the trajectory modules of one trained checkpoint (`router.checkpoints`), loaded
-and frozen; only the router (W, b) trains. The router reads the prompt, mean-pooled at the first
+and frozen; only the router (W, b) trains. An expert applies only to the backbone it was trained
+on: its backbone.json fingerprint must be this backbone's. The router reads the prompt, mean-pooled at the first
 injection layer, so it can tell tasks apart without being told which task a sample is.
 """
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbone import Backbone, backbone_fingerprint
 from ..checkpoint_files import read_files
 from ..errors import UserError
 from .base import Method
@@ -34,14 +35,18 @@ class RouterConfig:
     checkpoints: list[str] = field(default_factory=list)  # two or more trajectory checkpoint dirs
 
 
-def read_expert(path: str) -> tuple[TrajectoryConfig, int, dict[str, torch.Tensor]]:
-    """(trajectory settings, sampler steps, tensors) of a trained trajectory checkpoint. Its
-    config.json is a resolved, validated Config, read here section by section: the router sits
-    below config, which builds its sections from the methods."""
-    data, tensors, _ = read_files(path)
+def read_expert(path: str, fingerprint: str) -> tuple[TrajectoryConfig, int, dict[str, torch.Tensor]]:
+    """(trajectory settings, sampler steps, tensors) of a trained trajectory checkpoint made on
+    the backbone with this `fingerprint`. Its config.json is a resolved, validated Config, read
+    here section by section: the router sits below config, which builds its sections from the
+    methods."""
+    data, tensors, meta = read_files(path)
     method = data.get("method")
     if method != "trajectory":
         raise UserError(f"field router.checkpoints: {path} holds method '{method}', not trajectory")
+    if meta.get("backbone_fingerprint") != fingerprint:
+        raise UserError(f"field router.checkpoints: {path} was trained on another backbone "
+                        f"(fingerprint {meta.get('backbone_fingerprint')}, this backbone {fingerprint})")
     try:
         tc = TrajectoryConfig(**data["trajectory"])
         sampler_steps = int(data["diffusion"]["sampler_steps"])
@@ -61,9 +66,9 @@ class TrajectoryRouter(Method):
             raise UserError("field router.checkpoints: needs at least two trained trajectory checkpoints")
         self.experts = nn.ModuleList()
         self.edges: list[torch.Tensor] = []
-        layer_sets = set()
+        layer_sets, fingerprint = set(), backbone_fingerprint(backbone)
         for path in paths:
-            tc, sampler_steps, tensors = read_expert(path)
+            tc, sampler_steps, tensors = read_expert(path, fingerprint)
             layers, bounds, _, modules = build_injection(tc, sampler_steps, backbone)
             prefix = "injection."
             modules.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
