@@ -7,11 +7,12 @@ import torch
 
 from lora_diffusion.core import checkpoint
 from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.methods.trajectory import LowRank
 from lora_diffusion.core.recipe import Recipe
 
 
-def _expert(tiny_config, tmp_path, name, seed):
-    config = tiny_config(**{"train.seed": seed, "train.steps": 2, "train.lr": 0.05})
+def _expert(tiny_config, tmp_path, name, seed, **sets):
+    config = tiny_config(**{"train.seed": seed, "train.steps": 2, "train.lr": 0.05, **sets})
     recipe = Recipe(config)
     for _ in range(2):
         recipe.train_step()
@@ -58,3 +59,17 @@ def test_router_refuses_an_expert_trained_on_another_backbone(tiny_config, tmp_p
                                         "another backbone") as err:
         Recipe(tiny_config(method="router", **{"router.checkpoints": [str(p) for p in paths]}))
     assert "\n" not in str(err.value)
+
+
+def test_router_runs_each_conditioned_expert_with_its_own_task_id(tiny_config, tmp_path, monkeypatch):
+    paths = [str(_expert(tiny_config, tmp_path, f"e{c}", seed=c, **{"trajectory.num_tasks": 2,
+                                                                      "trajectory.task_id": c}))
+             for c in range(2)]
+    recipe = Recipe(tiny_config(method="router", **{"router.checkpoints": paths}))
+    seen = []
+    down = LowRank.down
+    monkeypatch.setattr(LowRank, "down", lambda self, h, ids: (seen.append(ids), down(self, h, ids))[1])
+    batch = recipe.encode(recipe.train_batch(0))
+    t = torch.full((batch.input_ids.shape[0],), 0.5)
+    recipe.denoiser(batch)(batch.input_ids, batch.attention_mask, batch.response_mask, t)
+    assert len(seen) == 2 and [ids.unique().tolist() for ids in seen] == [[0], [1]]

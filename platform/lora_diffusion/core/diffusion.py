@@ -61,6 +61,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, S] long
     response_mask: torch.Tensor  # [B, S] bool, the positions diffusion acts on
     prompt_mask: torch.Tensor  # [B, S] bool, prompt tokens (for routers that pool the prompt)
+    task_ids: torch.Tensor | None = None  # [B] long, each row's task id (task-conditioned modules)
 
 
 def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length: int) -> Batch:

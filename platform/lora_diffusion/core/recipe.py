@@ -115,8 +115,10 @@ class Recipe:
         responses = responses or [self.response_ids(e) for e in examples]
         b = diffusion.encode(self.tokenizer, [e.prompt for e in examples], responses,
                              self.config.max_length)
+        # every row is this run's task: trajectory.task_id, the id conditioned modules read
+        task_ids = torch.full((len(examples),), self.config.trajectory.task_id, dtype=torch.long)
         return diffusion.Batch(*(x.to(self.device) for x in
-                                 (b.input_ids, b.attention_mask, b.response_mask, b.prompt_mask)))
+                                 (b.input_ids, b.attention_mask, b.response_mask, b.prompt_mask, task_ids)))
 
     def train_batch(self, step: int):
         """The examples of global step `step` for this worker: a seeded permutation per epoch,
@@ -160,16 +162,17 @@ class Recipe:
         return torch.cat(out)
 
     # ------------------------------------------------------------------------- model
-    def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None):
-        self.method.set_context(Context(t=t.to(self.device), prompt_mask=prompt_mask))
+    def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None, task_ids=None):
+        self.method.set_context(Context(t=t.to(self.device), prompt_mask=prompt_mask, task_ids=task_ids))
         try:
             return self.backbone.logits(input_ids, attention_mask, select)
         finally:
             self.method.set_context(None)
 
     def denoiser(self, batch: diffusion.Batch):
-        """`denoise` bound to a batch's prompt positions (routers pool the prompt)."""
-        return lambda ids, attn, select, t: self.denoise(ids, attn, select, t, batch.prompt_mask)
+        """`denoise` bound to a batch's prompt positions (routers pool the prompt) and task ids."""
+        return lambda ids, attn, select, t: self.denoise(ids, attn, select, t, batch.prompt_mask,
+                                                         batch.task_ids)
 
     def lr_at(self, step: int) -> float:
         tr = self.config.train
