@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint, checkpoint_files
+from lora_diffusion.core import checkpoint, checkpoint_files, diffusion
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.recipe import Recipe
@@ -145,3 +145,29 @@ def test_heldout_file_shares_no_row_or_sentence_with_training(real_data_dir, tmp
     assert len(held) == 200
     assert not {_sentence(e) for e in held} & {_sentence(e) for e in used}
     assert {e.label for e in held} == {0, 1}
+
+
+def test_multi_token_label_words_are_compared_per_token(tiny_config):
+    """A two-token label word whose tokens are each likelier than a one-token word's token wins:
+    summed ELBOs would favour the shorter word (about 2 x -0.7 < -1.0)."""
+    recipe = Recipe(tiny_config())
+    short, long = 2000, 2001
+    recipe.label_ids = [[short], [long, long]]
+    V = len(recipe.tokenizer)
+    logp = torch.full((V,), float(torch.log(1 - torch.exp(torch.tensor(-1.0)) - torch.exp(torch.tensor(-0.7))))
+                      - torch.log(torch.tensor(V - 2.0)))
+    logp[short], logp[long] = -1.0, -0.7
+
+    def denoise(ids, attn, select, t, prompt_mask=None, task_ids=None):
+        return logp.expand(int(select.sum()), V)
+
+    recipe.denoise = denoise
+    times = diffusion.stratified_times([0.0, 1.0], 64, recipe.config.diffusion.t_min)
+    assert recipe._classify_elbo(recipe.dev_examples[:8], times) == [1] * 8
+
+
+def test_sampler_accuracy_says_which_times_it_exercises(tiny_config):
+    recipe = Recipe(tiny_config(**{"diffusion.sampler_steps": 4}))
+    out = recipe.evaluate(recipe.dev_examples[:4], "dev", sampler=True)
+    note = out["dev/accuracy_sampler_note"]
+    assert "1-token answer slot at t = 1 (linear schedule, 4 steps)" in note and "only" in note
