@@ -37,6 +37,7 @@ VARIANTS = {  # extra configurations that take the same checks
     "adapter_houlsby": ("adapter", {"adapter.placement": "houlsby"}),
     "trajectory_adapter_shared": ("trajectory_adapter", {"trajectory.sharing": "shared",
                                                          "trajectory.rank_schedule": "linear"}),
+    "trajectory_conditioned": ("trajectory", {"trajectory.num_tasks": 1}),  # A(c), task id 0
 }
 CASES = {**{m: (m, {}) for m in MATRIX}, **VARIANTS}
 
@@ -76,7 +77,7 @@ def test_output_at_initialisation(tiny_backbone_dir, case):
     ids, attn, select = _inputs(backbone)
     base = backbone.logits(ids, attn, select)
     m = build_method(config, backbone).eval()
-    m.set_context(Context(t=torch.tensor([0.1, 0.4, 0.6, 0.95])))
+    m.set_context(Context(t=torch.tensor([0.1, 0.4, 0.6, 0.95]), task_ids=torch.zeros(4, dtype=torch.long)))
     out = backbone.logits(ids, attn, select)
     if MATRIX[method][1]:
         assert torch.equal(base, out)
@@ -116,7 +117,7 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
     def logits_of(r):
         r.method.eval()
         with torch.no_grad():
-            return r.denoise(batch.input_ids, batch.attention_mask, batch.response_mask, t)
+            return r.denoiser(batch)(batch.input_ids, batch.attention_mask, batch.response_mask, t)
 
     untrained = logits_of(recipe)
     for _ in range(2):
@@ -154,7 +155,7 @@ def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, case):
             p.add_(0.5 * torch.randn(p.shape, generator=g))
     ids, attn, select = _inputs(backbone, B=1)
     ids, attn, select = ids.repeat(2, 1), attn.repeat(2, 1), select.repeat(2, 1)
-    m.set_context(Context(t=torch.tensor([0.1, 0.9])))
+    m.set_context(Context(t=torch.tensor([0.1, 0.9]), task_ids=torch.zeros(2, dtype=torch.long)))
     out = backbone.logits(ids, attn, select).view(2, -1)
     if MATRIX[method][2]:
         assert not torch.allclose(out[0], out[1])

@@ -73,3 +73,15 @@ def test_router_runs_each_conditioned_expert_with_its_own_task_id(tiny_config, t
     t = torch.full((batch.input_ids.shape[0],), 0.5)
     recipe.denoiser(batch)(batch.input_ids, batch.attention_mask, batch.response_mask, t)
     assert len(seen) == 2 and [ids.unique().tolist() for ids in seen] == [[0], [1]]
+
+
+def test_router_parameters_all_get_gradient(tiny_config, tmp_path):
+    """The router's row of the registry-wide gradient coverage (test_methods_matrix.py)."""
+    paths = [str(_expert(tiny_config, tmp_path, f"e{i}", seed=i)) for i in range(2)]
+    recipe = Recipe(tiny_config(method="router", **{"router.checkpoints": paths}))
+    touched = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in recipe.method.trainable().items()}
+    for _ in range(3):
+        recipe.train_step()
+        for n, p in recipe.method.trainable().items():
+            touched[n] |= p.grad != 0
+    assert all(hit.all() for hit in touched.values()), {n: int((~h).sum()) for n, h in touched.items()}
