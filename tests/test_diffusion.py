@@ -104,10 +104,32 @@ def test_sampler_fills_every_masked_position_and_keeps_the_prompt(remasking):
         return torch.randn(int(select.sum()), V, generator=torch.Generator().manual_seed(1)) + 5
 
     out = diffusion.sample(denoise, batch, mask_id=0, steps=3, remasking=remasking,
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0), schedule="linear")
     assert not (out[batch.response_mask] == 0).any()
     assert torch.equal(out[~batch.response_mask], batch.input_ids[~batch.response_mask])
-    assert diffusion.transfer_counts(5, 3) == [2, 2, 1]
+    assert diffusion.transfer_counts(5, 3, "linear") == [2, 2, 1]  # LLaDA: even, remainder first
+    assert diffusion.transfer_counts(1, 4, "linear") == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "loglinear", "cosine"])
+def test_sampler_steps_follow_the_noise_schedule(schedule):
+    """The state the sampler tells t has about L p(t) / p(1) tokens still masked: each step's
+    time and the tokens left masked at it agree under every schedule."""
+    L, steps = 40, 8
+    batch = _batch(B=1, S=4 + L + 2, resp=(4, 4 + L))
+    told = []
+
+    def denoise(ids, attn, select, t):
+        told.append((float(t[0]), int(select.sum())))
+        return torch.randn(int(select.sum()), 30, generator=torch.Generator().manual_seed(1)) + 5
+
+    diffusion.sample(denoise, batch, mask_id=0, steps=steps, remasking="low_confidence",
+                     generator=torch.Generator().manual_seed(0), schedule=schedule)
+    assert [t for t, _ in told] == pytest.approx(diffusion.step_times(steps)[:steps])
+    for t, masked in told:
+        p = diffusion.mask_prob(torch.tensor([t, 1.0], dtype=torch.float64), schedule)
+        assert abs(masked - L * float(p[0] / p[1])) <= 1, (t, masked)
+    assert sum(diffusion.transfer_counts(L, steps, schedule)) == L
 
 
 def test_encode_keeps_the_response_and_the_end_of_the_prompt(tiny_backbone_dir):

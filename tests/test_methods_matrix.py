@@ -37,6 +37,7 @@ VARIANTS = {  # extra configurations that take the same checks
     "adapter_houlsby": ("adapter", {"adapter.placement": "houlsby"}),
     "trajectory_adapter_shared": ("trajectory_adapter", {"trajectory.sharing": "shared",
                                                          "trajectory.rank_schedule": "linear"}),
+    "trajectory_conditioned": ("trajectory", {"trajectory.num_tasks": 1}),  # A(c), task id 0
 }
 CASES = {**{m: (m, {}) for m in MATRIX}, **VARIANTS}
 
@@ -76,7 +77,7 @@ def test_output_at_initialisation(tiny_backbone_dir, case):
     ids, attn, select = _inputs(backbone)
     base = backbone.logits(ids, attn, select)
     m = build_method(config, backbone).eval()
-    m.set_context(Context(t=torch.tensor([0.1, 0.4, 0.6, 0.95])))
+    m.set_context(Context(t=torch.tensor([0.1, 0.4, 0.6, 0.95]), task_ids=torch.zeros(4, dtype=torch.long)))
     out = backbone.logits(ids, attn, select)
     if MATRIX[method][1]:
         assert torch.equal(base, out)
@@ -116,7 +117,7 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
     def logits_of(r):
         r.method.eval()
         with torch.no_grad():
-            return r.denoise(batch.input_ids, batch.attention_mask, batch.response_mask, t)
+            return r.denoiser(batch)(batch.input_ids, batch.attention_mask, batch.response_mask, t)
 
     untrained = logits_of(recipe)
     for _ in range(2):
@@ -154,7 +155,7 @@ def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, case):
             p.add_(0.5 * torch.randn(p.shape, generator=g))
     ids, attn, select = _inputs(backbone, B=1)
     ids, attn, select = ids.repeat(2, 1), attn.repeat(2, 1), select.repeat(2, 1)
-    m.set_context(Context(t=torch.tensor([0.1, 0.9])))
+    m.set_context(Context(t=torch.tensor([0.1, 0.9]), task_ids=torch.zeros(2, dtype=torch.long)))
     out = backbone.logits(ids, attn, select).view(2, -1)
     if MATRIX[method][2]:
         assert not torch.allclose(out[0], out[1])
@@ -163,7 +164,11 @@ def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, case):
 
 
 def test_tlora_rank_mask_follows_the_schedule(tiny_backbone_dir):
-    assert tlora_rank(torch.tensor([1.0, 0.999, 0.5, 0.01]), 8, 1).tolist() == [1, 1, 4, 7]
+    t = torch.tensor([1.0, 0.999, 0.5, 0.01, 1e-3])
+    assert tlora_rank(t, 8, 1).tolist() == [1, 1, 4, 7, 8]  # T-LoRA: the cleanest step gets r_max
+    assert tlora_rank(t, 8, 1, power=2.0).tolist() == [1, 1, 2, 7, 8]  # fewer components sooner
+    mid = 1e-3 + (1 - 1e-3) * torch.tensor([0.125, 0.375, 0.625, 0.875, 1.0])  # T = 4 steps: k = 0..4
+    assert tlora_rank(mid, 5, 1, timesteps=4).tolist() == [5, 4, 3, 2, 1]
     config, backbone = _build(tiny_backbone_dir, "tlora", **{"tlora.rank": 4, "tlora.min_rank": 2})
     m = build_method(config, backbone)
     mod = next(iter(m.adapters.values()))
@@ -207,7 +212,45 @@ def test_lora_injection_goes_through_backbone_logits(tiny_backbone_dir):
     ({"prefix.save": "seeds"}, "prefix.save"),
     ({"tlora.rank": 2, "tlora.min_rank": 3}, "tlora.min_rank"),
     ({"tlora.targets": "mlp"}, "tlora.targets"),
+    ({"tlora.rank_power": 0}, "tlora.rank_power"),
+    ({"tlora.timesteps": 0}, "tlora.timesteps"),
 ])
 def test_config_errors_name_the_field(sets, field):
     with pytest.raises(UserError, match=f"field {field}:"):
         config_lib.from_dict({}, sets)
+
+
+# Gradient coverage. Rule: every element of every tensor counted as trainable gets a non-zero
+# gradient in at least one of COVERAGE_STEPS optimiser steps whose batches spread t evenly over
+# [t_min, 1], both ends included. Several steps, not one: B = 0 at init makes A's gradient zero
+# at the first step, and only an optimiser step on B lets A's gradient through. Exempt: rows of
+# embedding tables (full fine-tuning), which only get gradient for the ids and positions a batch
+# looks up: there, every table must get some gradient.
+# A ReLU unit that no token activates gets no gradient by design of ReLU, so the bottleneck
+# adapters run this check with GELU: it is about what a method masks or routes, not dead units.
+COVERAGE_STEPS = 3
+COVERAGE_SETS = {"adapter": {"adapter.activation": "gelu"}}
+
+
+def _embedding_tables(model) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_counted_parameter_gets_gradient_across_the_t_range(tiny_config, monkeypatch, case):
+    from lora_diffusion.core import diffusion
+
+    method, sets = CASES[case]
+    recipe = Recipe(tiny_config(method=method, **sets, **COVERAGE_SETS.get(method, {})))
+    monkeypatch.setattr(diffusion, "sample_times", lambda B, t_min, gen: torch.linspace(t_min, 1.0, B))
+    params = recipe.method.trainable()
+    touched = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+    for _ in range(COVERAGE_STEPS):
+        recipe.train_step()
+        for n, p in params.items():
+            if p.grad is not None:
+                touched[n] |= p.grad != 0
+    tables = _embedding_tables(recipe.backbone.model)
+    never = {n: f"{int((~hit).sum())} of {hit.numel()}" for n, hit in touched.items()
+             if not (hit.any() if id(params[n]) in tables else hit.all())}
+    assert not never, f"never got gradient: {dict(list(never.items())[:5])}"

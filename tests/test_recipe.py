@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint, checkpoint_files
+from lora_diffusion.core import checkpoint, checkpoint_files, diffusion
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.recipe import Recipe
@@ -28,6 +28,15 @@ def test_batches_depend_only_on_seed_and_step(tiny_config):
     assert [e.id for e in a.train_batch(7)] == [e.id for e in b.train_batch(7)]
     c = Recipe(tiny_config(**{"train.seed": 1}))
     assert [e.id for e in a.train_batch(7)] != [e.id for e in c.train_batch(7)]
+
+
+def test_evaluation_subsets_are_the_same_rows_for_every_seed(tiny_config, synthetic_data_dir):
+    """max_eval_examples picks its rows with the fixed split seed: seeds differ in the model only."""
+    sets = {"max_eval_examples": 12, "test_file": str(synthetic_data_dir / "sst2" / "dev.tsv")}
+    a, b = Recipe(tiny_config(**sets)), Recipe(tiny_config(**sets, **{"train.seed": 1}))
+    assert len(a.validation_examples) == 12 and len(a.test_examples) == 12
+    assert [e.id for e in a.validation_examples] == [e.id for e in b.validation_examples]
+    assert [e.id for e in a.test_examples] == [e.id for e in b.test_examples]
 
 
 def test_group_by_length_keeps_the_epoch_and_cuts_padding(tiny_config):
@@ -129,3 +138,29 @@ def test_checkpoint_of_the_mlp_form_names_the_option_that_loads_it(tiny_config, 
     assert Recipe.from_checkpoint(tmp_path).method.config.prefix.save == "mlp"
     with pytest.raises(UserError, match=r"checkpoint .*prefix\.save=mlp"):
         Recipe.from_checkpoint(tmp_path, {"prefix.save": "prefix"})
+
+
+def test_multi_token_label_words_are_compared_per_token(tiny_config):
+    """A two-token label word whose tokens are each likelier than a one-token word's token wins:
+    summed ELBOs would favour the shorter word (about 2 x -0.7 < -1.0)."""
+    recipe = Recipe(tiny_config())
+    short, long = 2000, 2001
+    recipe.label_ids = [[short], [long, long]]
+    V = len(recipe.tokenizer)
+    logp = torch.full((V,), float(torch.log(1 - torch.exp(torch.tensor(-1.0)) - torch.exp(torch.tensor(-0.7))))
+                      - torch.log(torch.tensor(V - 2.0)))
+    logp[short], logp[long] = -1.0, -0.7
+
+    def denoise(ids, attn, select, t, prompt_mask=None, task_ids=None):
+        return logp.expand(int(select.sum()), V)
+
+    recipe.denoise = denoise
+    times = diffusion.stratified_times([0.0, 1.0], 64, recipe.config.diffusion.t_min)
+    assert recipe._classify_elbo(recipe.validation_examples[:8], times) == [1] * 8
+
+
+def test_sampler_accuracy_says_which_times_it_exercises(tiny_config):
+    recipe = Recipe(tiny_config(**{"diffusion.sampler_steps": 4}))
+    out = recipe.evaluate(recipe.validation_examples[:4], "validation", sampler=True)
+    note = out["validation/accuracy_sampler_note"]
+    assert "1-token answer slot at t = 1 (linear schedule, 4 steps)" in note and "only" in note

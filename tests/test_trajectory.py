@@ -5,6 +5,8 @@ import torch
 
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.backbone import load_backbone
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.recipe import Recipe
 from lora_diffusion.core.methods import Context, build_method
 from lora_diffusion.core.methods.trajectory import (TrajectoryConfig, nuclear_norm_lowrank, orthogonality,
                                                     rank_schedule)
@@ -36,7 +38,7 @@ def test_untrained_module_leaves_logits_bit_identical(tiny_backbone_dir, sharing
                                                             "trajectory.num_tasks": 2})
     ids, attn, select = _inputs(backbone)
     base = backbone.logits(ids, attn, select)  # no context: hooks are pass-through
-    method.set_context(Context(t=torch.tensor([0.1, 0.4, 0.6, 0.95])))
+    method.set_context(Context(t=torch.tensor([0.1, 0.4, 0.6, 0.95]), task_ids=torch.tensor([0, 1, 0, 1])))
     with_module = backbone.logits(ids, attn, select)
     assert torch.equal(base, with_module)
 
@@ -144,3 +146,43 @@ def test_trainable_parameters_are_only_the_modules(tiny_backbone_dir):
     names = list(method.trainable())
     assert names and all(n.startswith("injection.") for n in names)
     assert not any(p.requires_grad for p in backbone.model.parameters())
+
+
+@pytest.mark.parametrize("sharing", ["per_phase", "shared"])
+def test_task_conditioning_gives_each_task_id_its_own_output(tiny_backbone_dir, sharing):
+    _, backbone, method = _setup(tiny_backbone_dir, **{"trajectory.num_tasks": 2,
+                                                       "trajectory.sharing": sharing})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stands in for training: non-zero B, task gains apart
+        for name, p in method.trainable().items():
+            p.add_(torch.randn(p.shape, generator=g))
+    ids, attn, select = _inputs(backbone, B=1)
+    ids, attn, select = ids.repeat(2, 1), attn.repeat(2, 1), select.repeat(2, 1)
+    method.set_context(Context(t=torch.tensor([0.5, 0.5]), task_ids=torch.tensor([0, 1])))
+    out = backbone.logits(ids, attn, select).view(2, -1)
+    assert not torch.allclose(out[0], out[1])
+    method.set_context(Context(t=torch.tensor([0.5, 0.5])))  # no ids: refused, not guessed
+    with pytest.raises(ValueError, match="task_ids"):
+        backbone.logits(ids, attn, select)
+
+
+@pytest.mark.parametrize("sets", [{"trajectory.task_id": 2, "trajectory.num_tasks": 2},
+                                  {"trajectory.task_id": -1}])
+def test_task_id_outside_the_conditioned_tasks_names_the_field(sets):
+    with pytest.raises(UserError, match="field trajectory.task_id:"):
+        config_lib.from_dict({}, sets)
+
+
+def test_recipe_passes_the_runs_task_id_in_training_evaluation_and_sampling(tiny_config):
+    recipe = Recipe(tiny_config(**{"trajectory.num_tasks": 2, "trajectory.task_id": 1, "train.lr": 0.05}))
+    seen = []
+    set_context = recipe.method.set_context
+    recipe.method.set_context = lambda c: (seen.append(c) if c is not None else None, set_context(c))
+    gains = {n: p.detach().clone() for n, p in recipe.method.trainable().items() if "task_gain" in n}
+    for _ in range(2):  # B = 0 at the first step: the gains get gradient from the second
+        recipe.train_step()
+    recipe.evaluate(recipe.validation_examples[:4], "validation", sampler=True)
+    assert seen and all(c.task_ids is not None and c.task_ids.eq(1).all() for c in seen)
+    after = {n: p.detach() for n, p in recipe.method.trainable().items() if "task_gain" in n}
+    assert all(torch.equal(after[n][0], gains[n][0]) for n in gains)  # task 0 never trained
+    assert any(not torch.equal(after[n][1], gains[n][1]) for n in gains)

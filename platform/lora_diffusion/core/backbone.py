@@ -6,6 +6,7 @@ Methods attach to `Backbone.layers` (forward hooks on the encoder blocks) or to 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -165,3 +166,15 @@ def build_tiny_backbone(out: str | Path) -> Path:
         if not (out / "config.json").is_file():  # not another process winning the race
             raise
     return out
+
+
+def backbone_fingerprint(backbone: Backbone) -> str:
+    """sha256 over the backbone's tensors: a checkpoint only applies to the weights it was
+    trained on (an encoder without an MLM head gets a seeded random head)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(backbone.model.state_dict().items()):
+        t = tensor.detach().cpu()
+        t = t.float() if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

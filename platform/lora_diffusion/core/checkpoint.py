@@ -6,27 +6,13 @@ with its Config, reading one back as a Config, and the resume format (save_state
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from . import config as config_lib
-from .backbone import Backbone
 from .checkpoint_files import BACKBONE, CONFIG, TRAINING_STATE, WEIGHTS, read_files, serialize, write_atomic
-
-
-def backbone_fingerprint(backbone: Backbone) -> str:
-    """sha256 over the backbone's tensors: a checkpoint only applies to the weights it was
-    trained on (an encoder without an MLM head gets a seeded random head)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(backbone.model.state_dict().items()):
-        t = tensor.detach().cpu()
-        t = t.float() if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16
-        h.update(name.encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def save(directory: str | Path, method, config, fingerprint: str, source: str) -> Path:

@@ -61,6 +61,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, S] long
     response_mask: torch.Tensor  # [B, S] bool, the positions diffusion acts on
     prompt_mask: torch.Tensor  # [B, S] bool, prompt tokens (for routers that pool the prompt)
+    task_ids: torch.Tensor | None = None  # [B] long, each row's task id (task-conditioned modules)
 
 
 def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length: int) -> Batch:
@@ -206,28 +207,46 @@ def score_label_words(denoise: Denoise, batch: Batch, label_ids: list[int], sche
 # ----------------------------------------------------------------------------- sampler
 
 
-def transfer_counts(length: int, steps: int) -> list[int]:
-    """How many tokens each reverse step unmasks (LLaDA): L split evenly, remainder first."""
-    base, extra = divmod(length, steps)
-    return [base + (1 if s < extra else 0) for s in range(steps)]
+def step_times(steps: int) -> list[float]:
+    """t at each reverse step, 1 down to 1/steps (then 0, the clean end): uniform in t as MDLM
+    and LLaDA sample, for every schedule; the schedule enters through `transfer_counts`."""
+    return [1.0 - s / steps for s in range(steps + 1)]
+
+
+def transfer_counts(length: int, steps: int, schedule: str) -> list[int]:
+    """How many tokens each reverse step unmasks. Step s (t_s to t_s+1) takes the share
+    (p(t_s) - p(t_s+1)) / p(t_0) of the L tokens, what the forward process masks between those
+    times, so the state told t_s+1 has about L p(t_s+1) / p(1) tokens masked, whatever the
+    schedule. Shares are rounded by largest remainder, ties to the earlier step: for the linear
+    schedule that is LLaDA's split (L split evenly, remainder first)."""
+    p = mask_prob(torch.tensor(step_times(steps), dtype=torch.float64), schedule)
+    share = (p[:-1] - p[1:]) / (p[0] - p[-1]) * length
+    counts = torch.floor(share + 1e-9).long()
+    frac = torch.round((share - counts) * 1e9)  # equal shares tie exactly despite rounding error
+    order = sorted(range(steps), key=lambda s: (-float(frac[s]), s))
+    for s in order[:length - int(counts.sum())]:
+        counts[s] += 1
+    return counts.tolist()
 
 
 @torch.no_grad()
 def sample(denoise: Denoise, batch: Batch, mask_id: int, steps: int, remasking: str,
-           generator: torch.Generator) -> torch.Tensor:
-    """Reverse process from an all-masked response: T steps from t=1 down, each unmasking its
-    share of tokens, chosen by confidence (low_confidence) or at random. Returns the ids [B, S]
-    with the response filled in; rows may have different response lengths."""
+           generator: torch.Generator, schedule: str) -> torch.Tensor:
+    """Reverse process from an all-masked response: T steps at `step_times`, each unmasking its
+    `transfer_counts` share of tokens under `schedule`, chosen by confidence (low_confidence) or
+    at random. Returns the ids [B, S] with the response filled in; rows may have different
+    response lengths."""
     ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
     B = ids.shape[0]
     lengths = batch.response_mask.sum(1).tolist()
-    plans = [transfer_counts(int(n), steps) for n in lengths]
+    plans = [transfer_counts(int(n), steps, schedule) for n in lengths]
+    times = step_times(steps)
     for s in range(steps):
         still = ids == mask_id
         still &= batch.response_mask
         if not still.any():
             break
-        t = torch.full((B,), 1.0 - s / steps)
+        t = torch.full((B,), times[s])
         logits = denoise(ids, batch.attention_mask, still, t).float()
         logits[:, mask_id] = float("-inf")  # the reverse process never emits [MASK] itself
         probs = logits.softmax(-1)

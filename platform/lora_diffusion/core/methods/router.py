@@ -3,7 +3,10 @@
     h' = h + sum_m w_m(c) * Delta_m(h, t),   w(c) = softmax(W pool(h_prompt) + b)
 
 Each expert is the trajectory modules of one trained checkpoint (`router.checkpoints`), loaded
-and frozen; only the router (W, b) trains. The router reads the prompt, mean-pooled at the first
+and frozen; only the router (W, b) trains. A task-conditioned expert is run with the task id it
+was trained with (its `trajectory.task_id`): the router is there because a sample's task is not
+given, and each expert's gains are its own task's. An expert applies only to the backbone it was trained
+on: its backbone.json fingerprint must be this backbone's. The router reads the prompt, mean-pooled at the first
 injection layer, so it can tell tasks apart without being told which task a sample is.
 """
 
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbone import Backbone, backbone_fingerprint
 from ..checkpoint_files import read_files
 from ..errors import UserError
 from .base import Method
@@ -34,14 +37,18 @@ class RouterConfig:
     checkpoints: list[str] = field(default_factory=list)  # two or more trajectory checkpoint dirs
 
 
-def read_expert(path: str) -> tuple[TrajectoryConfig, int, dict[str, torch.Tensor]]:
-    """(trajectory settings, sampler steps, tensors) of a trained trajectory checkpoint. Its
-    config.json is a resolved, validated Config, read here section by section: the router sits
-    below config, which builds its sections from the methods."""
-    data, tensors, _ = read_files(path)
+def read_expert(path: str, fingerprint: str) -> tuple[TrajectoryConfig, int, dict[str, torch.Tensor]]:
+    """(trajectory settings, sampler steps, tensors) of a trained trajectory checkpoint made on
+    the backbone with this `fingerprint`. Its config.json is a resolved, validated Config, read
+    here section by section: the router sits below config, which builds its sections from the
+    methods."""
+    data, tensors, meta = read_files(path)
     method = data.get("method")
     if method != "trajectory":
         raise UserError(f"field router.checkpoints: {path} holds method '{method}', not trajectory")
+    if meta.get("backbone_fingerprint") != fingerprint:
+        raise UserError(f"field router.checkpoints: {path} was trained on another backbone "
+                        f"(fingerprint {meta.get('backbone_fingerprint')}, this backbone {fingerprint})")
     try:
         tc = TrajectoryConfig(**data["trajectory"])
         sampler_steps = int(data["diffusion"]["sampler_steps"])
@@ -61,15 +68,17 @@ class TrajectoryRouter(Method):
             raise UserError("field router.checkpoints: needs at least two trained trajectory checkpoints")
         self.experts = nn.ModuleList()
         self.edges: list[torch.Tensor] = []
-        layer_sets = set()
+        self.task_ids: list[int | None] = []  # each expert's own task id (None: not conditioned)
+        layer_sets, fingerprint = set(), backbone_fingerprint(backbone)
         for path in paths:
-            tc, sampler_steps, tensors = read_expert(path)
+            tc, sampler_steps, tensors = read_expert(path, fingerprint)
             layers, bounds, _, modules = build_injection(tc, sampler_steps, backbone)
             prefix = "injection."
             modules.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()})
             modules.requires_grad_(False)  # experts stay frozen; only the router trains
             self.experts.append(modules)
             self.edges.append(torch.tensor(bounds[1:-1]))
+            self.task_ids.append(tc.task_id if tc.num_tasks else None)
             layer_sets.add(tuple(layers))
         if len(layer_sets) != 1:
             raise UserError("field router.checkpoints: the experts inject at different layers")
@@ -98,9 +107,10 @@ class TrajectoryRouter(Method):
                 if index == self.layers[0]:  # weights come from the first injection layer
                     self._weights = self.mixture(h)
                 delta = torch.zeros_like(h)
-                for m, (expert, edges) in enumerate(zip(self.experts, self.edges)):
+                for m, (expert, edges, c) in enumerate(zip(self.experts, self.edges, self.task_ids)):
                     phase = torch.bucketize(self.context.t, edges.to(h.device), right=False)
-                    delta = delta + self._weights[:, m, None, None] * expert[key].delta(h, phase, None)
+                    ids = None if c is None else torch.full_like(phase, c)
+                    delta = delta + self._weights[:, m, None, None] * expert[key].delta(h, phase, ids)
                 return h + delta
             return _replace_hidden(output, apply)
         return hook

@@ -1,10 +1,16 @@
 """T-LoRA (arXiv 2507.05964): weight LoRA whose active rank is masked by the diffusion time.
 
     y = W x + (alpha / r_max) * B (m(t) * (A x)),   m(t)_j = 1 if j < r(t) else 0
-    r(t) = floor((r_max - r_min) * (1 - t)) + r_min
+    r(t) = floor(((T - k) / T)^rank_power * (r_max - r_min)) + r_min
 
-so high noise (t near 1) uses only the first r_min rank components and t near 0 all r_max
-(T-LoRA's "less rank at high noise"). The scale alpha / r_max is the same for every t, as in
+T-LoRA's rule (`get_mask_by_timestep` in its code) on its discrete grid of T timesteps, k the
+step of t: the cleanest step k = 0 gets all r_max components, pure noise the first r_min (T-LoRA's
+"less rank at high noise"). Our t is continuous in [t_min, 1], so the T steps split that training
+range evenly, k = floor((t - t_min) / (1 - t_min) * T): t ~ U[t_min, 1] draws every step with
+probability 1/T, as T-LoRA draws its timesteps, and t = 1 is k = T, rank r_min. (A plain
+floor((r_max - r_min)(1 - t)) + r_min never reaches r_max since t >= t_min > 0: the top component
+would be counted but never trained.) The top component is active only at k = 0, so it trains on
+about 1/T of the samples, as in T-LoRA. The scale alpha / r_max is the same for every t, as in
 T-LoRA, where masking switches components off without renormalising.
 
 Initialisation ("simplest faithful option" of Ortho-LoRA): the rows of A are orthonormal (QR of
@@ -37,11 +43,13 @@ if TYPE_CHECKING:  # config builds its sections from the method specs: no runtim
 
 @dataclass
 class TLoraConfig:
-    """T-LoRA: weight LoRA whose active rank is masked by t, r(t) = floor((r_max-r_min)(1-t)) + r_min."""
+    """T-LoRA: weight LoRA whose active rank is masked by t, r = floor(((T-k)/T)^p (r_max-r_min)) + r_min."""
 
-    rank: int = 8  # r_max (the size knob)
+    rank: int = 8  # r_max (the size knob), the rank at the cleanest step
     min_rank: int = 1  # r_min, the rank at t = 1 (pure noise)
     alpha: float = 16.0  # scale alpha / r_max, fixed for every t
+    rank_power: float = 1.0  # p, T-LoRA's alpha_rank_scale: > 1 drops rank faster as noise grows
+    timesteps: int = 1000  # T, the discrete steps t in [t_min, 1] is cut into (T-LoRA: 1000)
     targets: str = "attention"  # attention | attention_mlp
 
 
@@ -49,13 +57,19 @@ def validate(tl: TLoraConfig) -> None:
     check(tl.rank >= 1, "tlora.rank", f"must be >= 1, got {tl.rank}")
     check(1 <= tl.min_rank <= tl.rank, "tlora.min_rank", "must lie in [1, rank]")
     check(tl.alpha > 0, "tlora.alpha", "must be > 0")
+    check(tl.rank_power > 0, "tlora.rank_power", f"must be > 0, got {tl.rank_power}")
+    check(tl.timesteps >= 1, "tlora.timesteps", f"must be >= 1, got {tl.timesteps}")
     check_one_of(tl.targets, tuple(TARGET_PATTERNS), "tlora.targets")
 
 
-def tlora_rank(t: torch.Tensor, r_max: int, r_min: int) -> torch.Tensor:
-    """Active rank per sample, r(t) = floor((r_max - r_min)(1 - t)) + r_min, in [r_min, r_max]."""
-    r = torch.floor((r_max - r_min) * (1.0 - t.float())).long() + r_min
-    return r.clamp(r_min, r_max)
+def tlora_rank(t: torch.Tensor, r_max: int, r_min: int, timesteps: int = 1000, power: float = 1.0,
+               t_min: float = 1e-3) -> torch.Tensor:
+    """Active rank per sample: k = floor((t - t_min) / (1 - t_min) * T) in [0, T], then
+    r = floor(((T - k) / T)^power (r_max - r_min)) + r_min; r_max at k = 0, r_min at t = 1."""
+    u = ((t.double() - t_min) / (1 - t_min)).clamp(0, 1)
+    k = torch.floor(u * timesteps)
+    share = ((timesteps - k) / timesteps) ** power
+    return torch.floor(share * (r_max - r_min)).long() + r_min
 
 
 class MaskedLoRA(nn.Module):
@@ -80,6 +94,7 @@ class TLoraMethod(Method):
         super().__init__(config, backbone)
         tl = config.tlora
         self.r_max, self.r_min, self.scale = tl.rank, tl.min_rank, tl.alpha / tl.rank
+        self.timesteps, self.power, self.t_min = tl.timesteps, tl.rank_power, config.diffusion.t_min
         linears = target_linears(self.model, tl.targets, "tlora.targets")
         smallest = min(lin.in_features for lin in linears.values())
         if tl.rank > smallest:
@@ -93,7 +108,7 @@ class TLoraMethod(Method):
             self._hooks.append(lin.register_forward_hook(self._hook(key)))
 
     def active_rank(self, t: torch.Tensor) -> torch.Tensor:
-        return tlora_rank(t, self.r_max, self.r_min)
+        return tlora_rank(t, self.r_max, self.r_min, self.timesteps, self.power, self.t_min)
 
     def _hook(self, key: str):
         def hook(_module, inputs, output):

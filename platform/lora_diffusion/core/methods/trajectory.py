@@ -7,7 +7,9 @@ at each injection layer (a forward hook on that transformer block). Sharing mode
   shared     one (A, B) of rank r_max whose active rank is masked to r_k = schedule(phase(t))
   per_step   one module per sampler step (per_phase with one uniform phase per step)
 Optional task conditioning A(c) = diag(g_c) A with a learned gain per task (init 1), and a
-router that mixes several trained task modules (`TrajectoryRouter`).
+router that mixes several trained task modules (`TrajectoryRouter`). A run's examples carry its
+`trajectory.task_id` (the recipe puts it in every batch and hence every Context); conditioned
+modules refuse a forward without task ids rather than guess one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class TrajectoryConfig:
     # residual after the middle layer, is chosen by measurement: see README "Default injection".
     injection_layers: list[int] = field(default_factory=lambda: [2])
     num_tasks: int = 0  # > 0 enables task conditioning A(c) with that many task ids
+    # This run's task id c (< num_tasks). A field, not derived from the task name: it is saved
+    # in config.json, so a router gives each expert the id it was trained with, and ids stay put
+    # when tasks are added to the code.
+    task_id: int = 0
     nuclear_weight: float = 0.0  # weight of sum_k ||B_k A_k||_*
     orth_weight: float = 0.0  # weight of sum_k ||A_k A_k^T - I||_F^2
     init_std: float | None = None  # std of A's init; default 1/sqrt(hidden)
@@ -61,6 +67,8 @@ def validate(tc: TrajectoryConfig) -> None:
     check(tc.alpha > 0, "trajectory.alpha", "must be > 0")
     check(0 < tc.step_threshold < 1, "trajectory.step_threshold", "must lie in (0, 1)")
     check(tc.num_tasks >= 0, "trajectory.num_tasks", "must be >= 0")
+    check(tc.task_id >= 0 and (tc.num_tasks == 0 or tc.task_id < tc.num_tasks), "trajectory.task_id",
+          f"must lie in [0, trajectory.num_tasks) = [0, {tc.num_tasks}), got {tc.task_id}")
     check(tc.nuclear_weight >= 0, "trajectory.nuclear_weight", "must be >= 0")
     check(tc.orth_weight >= 0, "trajectory.orth_weight", "must be >= 0")
     check(len(tc.injection_layers) >= 1, "trajectory.injection_layers", "needs at least one layer")
@@ -137,8 +145,9 @@ class LowRank(nn.Module):
     def down(self, h: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         z = h @ self.A.T  # [n, S, r]
         if self.task_gain is not None:
-            ids = task_ids if task_ids is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
-            z = z * self.task_gain[ids][:, None, :]
+            if task_ids is None:  # a silent default id would make conditioning a no-op
+                raise ValueError("a task-conditioned trajectory module needs Context.task_ids")
+            z = z * self.task_gain[task_ids][:, None, :]
         return z
 
 
