@@ -19,6 +19,8 @@ Choices the paper leaves open, made here:
   block adapted, also where the dimension falls), scaled to mean `gelora.rank`, the size knob:
   r_l = max(1, round(gelora.rank * w_l / mean(w))). Every target of block l gets r_l.
 - Everything else is `lora.*` (alpha, targets, dropout): PEFT LoRA with scale alpha / r_l.
+The ranks are not stored: building the method (also to load a checkpoint) re-estimates them from
+the same seeded sample, so it needs the training split where the checkpoint is read.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 PEFT's `inject_adapter_in_model` replaces the target nn.Linear modules *in place* inside the
 masked LM (no PeftModel wrapper), so `Backbone.logits`, which calls `model.base_model` and
 `model.cls` directly, runs through the LoRA layers. B starts at zero: the output is unchanged at
-initialisation. DoRA and rsLoRA are PEFT flags.
+initialisation. DoRA and rsLoRA are PEFT flags. `PeftMethod` is the base of every method that is
+a PEFT tuner (lora, dora, adalora, vera, gelora); `hook_linears` the forward-hook wiring of the
+hand-written weight methods (foura, selora).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class LoraMethod(PeftMethod):
         return PeftLoraConfig(
             r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
             target_modules=TARGET_PATTERNS[lc.targets], use_dora=lc.use_dora or self.use_dora,
-            use_rslora=lc.use_rslora, init_lora_weights=True, **self.peft_extra(config, backbone))  # A kaiming-uniform, B zero
+            use_rslora=lc.use_rslora, init_lora_weights=True,  # A kaiming-uniform, B zero
+            **self.peft_extra(config, backbone))
 
     def peft_extra(self, config: Config, backbone: Backbone) -> dict:
         """More PEFT LoraConfig fields (GeLoRA's `rank_pattern`); none for plain LoRA."""
