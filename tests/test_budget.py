@@ -23,12 +23,16 @@ def _config(backbone, method, **sets):
 
 
 SIZED = sorted(s.name for s in registry.specs() if s.size_knob)  # methods with a size knob
+# FouRA's r x r gate puts 2,500 between its rank 4 (2,240) and 5 (2,840) on the tiny model: the
+# knob's granularity there, not the matcher (MiniLM's 73,728: rank 4, 74,304)
+OTHER_TARGETS = {"foura": 2300}
 
 
 @pytest.mark.parametrize("method", SIZED)
 @pytest.mark.parametrize("target", [2500, 6000])
-def test_match_lands_within_ten_percent(backbone, method, target):
-    config = match_budget(_config(backbone, method), backbone, target)
+def test_match_lands_within_ten_percent(backbone, synthetic_data_dir, method, target):
+    target = OTHER_TARGETS.get(method, target) if target == 2500 else target
+    config = match_budget(_config(backbone, method, data_dir=str(synthetic_data_dir)), backbone, target)
     got = count_params(config, backbone)
     assert abs(got - target) <= 0.10 * target, (method, got)
     assert config.method == method and config.flat()[knob_of(method)] >= 1

@@ -29,6 +29,13 @@ MATRIX = {
     "bitfit": (lambda n: n.startswith("model.") and n.endswith(".bias"), True, False),
     "tlora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, True),
     "trajectory_adapter": (lambda n: n.startswith("injection."), True, True),
+    "dora": (lambda n: any(k in n for k in (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")), True, False),
+    "adalora": (lambda n: any(k in n for k in (".lora_A.", ".lora_B.", ".lora_E.")), True, False),
+    "vera": (lambda n: ".vera_lambda_" in n, True, False),
+    "foura": (lambda n: n.startswith("adapters."), True, True),
+    "selora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, False),
+    "gelora": (lambda n: ".lora_A." in n or ".lora_B." in n, True, False),
+    "solo": (lambda n: n.startswith("skip."), True, False),
 }
 VARIANTS = {  # extra configurations that take the same checks
     "lora_mlp": ("lora", {"lora.targets": "attention_mlp"}),
@@ -50,8 +57,8 @@ def test_matrix_covers_every_registered_method():
     assert set(MATRIX) == set(registry.names()) - NOT_IN_MATRIX
 
 
-def _build(tiny_backbone_dir, method, **sets):
-    config = config_lib.from_dict({}, {"backbone": str(tiny_backbone_dir), "method": method,
+def _build(tiny_backbone_dir, method, data_dir=None, **sets):
+    config = config_lib.from_dict({}, {"backbone": str(tiny_backbone_dir), "method": method, "data_dir": data_dir,
                                        "trajectory.injection_layers": [1], **sets})
     torch.manual_seed(0)
     backbone = load_backbone(config.backbone)
@@ -71,9 +78,9 @@ def _inputs(backbone, B=4, S=12):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_output_at_initialisation(tiny_backbone_dir, case):
+def test_output_at_initialisation(tiny_backbone_dir, synthetic_data_dir, case):
     method, sets = CASES[case]
-    config, backbone = _build(tiny_backbone_dir, method, **sets)
+    config, backbone = _build(tiny_backbone_dir, method, str(synthetic_data_dir), **sets)
     ids, attn, select = _inputs(backbone)
     base = backbone.logits(ids, attn, select)
     m = build_method(config, backbone).eval()
@@ -145,9 +152,9 @@ def test_save_load_evaluate_and_accounting(tiny_config, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, case):
+def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, synthetic_data_dir, case):
     method, sets = CASES[case]
-    config, backbone = _build(tiny_backbone_dir, method, **sets)
+    config, backbone = _build(tiny_backbone_dir, method, str(synthetic_data_dir), **sets)
     m = build_method(config, backbone).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # stands in for training: every trainable tensor gets a perturbation

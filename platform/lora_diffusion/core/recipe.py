@@ -216,6 +216,7 @@ class Recipe:
             torch.nn.utils.clip_grad_norm_(self.params, c.train.grad_clip)
         self.optimizer.step()
         self.step += 1
+        self.method.after_step(self.step)
         self.train_time += time.perf_counter() - t0
         self.train_tokens += int(batch.attention_mask.sum()) * self.world_size
         self.last_loss = float(loss.detach())
@@ -332,6 +333,7 @@ class Recipe:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_time = state["step"], state["train_time"]
         self.train_tokens = state["train_tokens"]
+        self.method.after_step(self.step)  # schedules that follow the step counter resume with it
 
     # ------------------------------------------------------------------------- run
     def run(self, report: Report | None = None, log: Callable[[str], None] | None = print) -> dict:

@@ -79,6 +79,11 @@ class Method(nn.Module):
         """(weighted total added to the loss, raw values to log). Default: none."""
         return torch.zeros(()), {}
 
+    def after_step(self, step: int) -> None:
+        """Told the number of optimizer steps done, after each step and once on resume (before
+        any gradient exists), by methods whose schedule follows training (AdaLoRA's rank budget,
+        SeLoRA's growth, Solo Connection's homotopy). Default: nothing."""
+
     def phase_boundaries(self) -> list[float]:
         """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""
         return [0.0, 1.0]

@@ -3,11 +3,14 @@
 PEFT's `inject_adapter_in_model` replaces the target nn.Linear modules *in place* inside the
 masked LM (no PeftModel wrapper), so `Backbone.logits`, which calls `model.base_model` and
 `model.cls` directly, runs through the LoRA layers. B starts at zero: the output is unchanged at
-initialisation. DoRA and rsLoRA are PEFT flags.
+initialisation. DoRA and rsLoRA are PEFT flags. `PeftMethod` is the base of every method that is
+a PEFT tuner (lora, dora, adalora, vera, gelora); `hook_linears` the forward-hook wiring of the
+hand-written weight methods (foura, selora).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,24 +63,67 @@ def target_linears(model: nn.Module, targets: str, field_name: str) -> dict[str,
     return found
 
 
-class LoraMethod(Method):
-    name = "lora"
+def hook_linears(method: Method, linears: dict[str, nn.Linear], build) -> nn.ModuleDict:
+    """One adapter per target linear, `build(linear)`, whose `adapter(x, context)` a forward hook
+    adds to the linear's output (hand-written weight methods: FouRA, SeLoRA)."""
+    adapters = nn.ModuleDict()
+    for name, lin in linears.items():
+        adapter = adapters[name.replace(".", "_")] = build(lin)
+
+        def hook(_module, inputs, output, adapter=adapter):
+            return output + adapter(inputs[0], method.context)
+        method._hooks.append(lin.register_forward_hook(hook))
+    return adapters
+
+
+def attach_peft(model: nn.Module, peft_config):
+    """Inject a PEFT tuner's layers into `model` in place and return the tuner (`BaseTuner`).
+
+    What `peft.inject_adapter_in_model` does, keeping the tuner: AdaLoRA's rank allocator and
+    VeRA's shared projections live on it. No PeftModel wrapper, so `Backbone.logits`, which calls
+    `model.base_model` and `model.cls` directly, runs through the injected layers."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    return PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type](model, peft_config, adapter_name="default")
+
+
+class PeftMethod(Method):
+    """A method that is a PEFT tuner, configured here and not re-implemented. Subclasses say
+    which PEFT config (`build_peft_config`) and which parameter names train (`trainable_marker`)."""
+
+    trainable_marker = "lora_"
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
+        self.peft_config = self.build_peft_config(config, backbone)
+        # kept out of the module tree: the tuner holds `self.model` again under another name
+        self.__dict__["tuner"] = attach_peft(self.model, copy.deepcopy(self.peft_config))
+        # PEFT marks only the adapter tensors trainable; make sure nothing else is
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.trainable_marker in n)
+
+    def build_peft_config(self, config: Config, backbone: Backbone):
+        raise NotImplementedError
+
+
+class LoraMethod(PeftMethod):
+    name = "lora"
+    use_dora = False  # `dora` (dora.py) sets it; `lora.use_dora` also turns it on
+
+    def build_peft_config(self, config: Config, backbone: Backbone):
         from peft import LoraConfig as PeftLoraConfig
-        from peft import inject_adapter_in_model
 
         lc = config.lora
         target_linears(self.model, lc.targets, "lora.targets")  # fail early with a clear message
-        peft_config = PeftLoraConfig(
+        return PeftLoraConfig(
             r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
-            target_modules=TARGET_PATTERNS[lc.targets], use_dora=lc.use_dora,
-            use_rslora=lc.use_rslora, init_lora_weights=True)  # A kaiming-uniform, B zero
-        inject_adapter_in_model(peft_config, self.model)
-        # PEFT marks only the adapter tensors trainable; make sure nothing else is
-        for n, p in self.model.named_parameters():
-            p.requires_grad_("lora_" in n)
+            target_modules=TARGET_PATTERNS[lc.targets], use_dora=lc.use_dora or self.use_dora,
+            use_rslora=lc.use_rslora, init_lora_weights=True,  # A kaiming-uniform, B zero
+            **self.peft_extra(config, backbone))
+
+    def peft_extra(self, config: Config, backbone: Backbone) -> dict:
+        """More PEFT LoraConfig fields (GeLoRA's `rank_pattern`); none for plain LoRA."""
+        return {}
 
 
 SPEC = MethodSpec(name="lora", method=LoraMethod, order=2, section=LoraConfig, validate=validate,

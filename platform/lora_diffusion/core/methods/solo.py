@@ -1,0 +1,110 @@
+"""Solo Connection (Pathak & Paffenroth 2025, arXiv 2507.14353): representation-level adaptation by a
+trainable low-rank long skip connection from an earlier block's output to a later block's input,
+blended in from zero by a homotopy coefficient.
+
+    x_to <- x_to + lambda * B A h_from,    A [r, d], B [d, r]
+
+h_from is the output of block `from_block`, x_to the input of block `to_block` (the output of
+block to_block - 1, changed by a forward hook there). The homotopy H(lambda) = lambda * B A h
+moves from the zero vector (lambda = 0) to the task representation (lambda = 1).
+
+Choices the paper leaves open, made here:
+- One connection, from the first block's output to the last block's input (`from_block: 0`,
+  `to_block: -1`; negative indices count from the end): the longest skip that leaves a block
+  after it, chosen, not measured.
+- The homotopy schedule: lambda rises linearly, 0 before training, to 1 at `ramp` x
+  train.steps (0.5 by default), then stays at 1; step s (from 0) trains at lambda(s + 1), so
+  the first step already learns. It follows the loop's step counter through `after_step`
+  (also when a run resumes). Evaluation always uses lambda = 1, the end of the path and the
+  model the training is heading for, so a saved checkpoint means the same thing at any step.
+- Initialisation: A Gaussian with std 1/sqrt(d), B zero as LoRA's B, so the method is the
+  identity at initialisation whatever lambda (as every method here); lambda additionally
+  damps the connection's early updates, the paper's smooth start.
+- Scale: none beyond lambda (the rank is the size knob, r x 2d parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..errors import UserError, check
+from .base import Method
+from .registry import MethodSpec
+from .trajectory import _replace_hidden
+
+if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
+    from ..config import Config
+
+
+@dataclass
+class SoloConfig:
+    """Solo Connection: a low-rank long skip from block from_block's output to block to_block's input."""
+
+    rank: int = 96  # r (the size knob)
+    from_block: int = 0  # its output is read (negative: from the end)
+    to_block: int = -1  # its input receives the connection (negative: from the end)
+    ramp: float = 0.5  # fraction of train.steps over which lambda rises from 0 to 1
+
+
+def validate(sc: SoloConfig) -> None:
+    check(sc.rank >= 1, "solo.rank", f"must be >= 1, got {sc.rank}")
+    check(0 <= sc.ramp <= 1, "solo.ramp", "must lie in [0, 1]")
+
+
+def homotopy(step: int, ramp_steps: float) -> float:
+    """lambda(step): linear from 0 to 1 over `ramp_steps`, then 1."""
+    return 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+
+
+def resolve_blocks(sc: SoloConfig, n_layers: int) -> tuple[int, int]:
+    """(from, to) as block indices in [0, n_layers), from before to."""
+    for name, block in (("solo.from_block", sc.from_block), ("solo.to_block", sc.to_block)):
+        if not -n_layers <= block < n_layers:
+            raise UserError(f"field {name}: block {block} is outside the {n_layers} blocks of the backbone")
+    src, dst = sc.from_block % n_layers, sc.to_block % n_layers
+    if src >= dst:
+        raise UserError(f"field solo.to_block: block {dst} does not come after from_block {src}")
+    return src, dst
+
+
+class SoloConnection(Method):
+    name = "solo"
+
+    def __init__(self, config: Config, backbone: Backbone):
+        super().__init__(config, backbone)
+        sc, d = config.solo, backbone.hidden_size
+        self.src, self.dst = resolve_blocks(sc, len(backbone.layers))
+        self.ramp_steps = sc.ramp * config.train.steps
+        self.lam = homotopy(1, self.ramp_steps)  # lambda of the next training step
+        self.skip = nn.ParameterDict({"A": nn.Parameter(torch.randn(sc.rank, d) / math.sqrt(d)),
+                                      "B": nn.Parameter(torch.zeros(d, sc.rank))})
+        self._source: torch.Tensor | None = None
+        self._hooks = [backbone.layers[self.src].register_forward_hook(self._read),
+                       backbone.layers[self.dst - 1].register_forward_hook(self._add)]
+
+    def after_step(self, step: int) -> None:
+        self.lam = homotopy(step + 1, self.ramp_steps)  # step s (0-based) trains at lambda(s + 1)
+
+    def coefficient(self) -> float:
+        return self.lam if self.training else 1.0
+
+    def _read(self, _module, _inputs, output):
+        self._source = output[0] if isinstance(output, tuple) else output
+
+    def _add(self, _module, _inputs, output):
+        h, self._source = self._source, None  # read by this forward only
+        delta = (h @ self.skip["A"].T) @ self.skip["B"].T * self.coefficient()
+        return _replace_hidden(output, lambda x: x + delta)
+
+    def regularization(self):
+        return torch.zeros(()), {"homotopy": self.coefficient()}
+
+
+SPEC = MethodSpec(name="solo", method=SoloConnection, order=16, section=SoloConfig, validate=validate,
+                  size_knob="solo.rank", lr_grid=(1e-3, 3e-3))
