@@ -107,6 +107,7 @@ class AdaLoraMethod(PeftMethod):
         return self.config.adalora.orth_reg_weight * orth, {"reg_orth": float(orth.detach())}
 
 
+# Rates: single-seed calibration, init_r 4 (as dora.py): 1e-3 0.55, 3e-3 0.765, 1e-2 0.84 dev.
 SPEC = MethodSpec(name="adalora", method=AdaLoraMethod, order=11, section=AdaLoraConfig,
                   validate=validate, size_knob="adalora.init_r",
-                  lr_grid=(1e-3, 3e-3))
+                  lr_grid=(3e-3, 1e-2))

@@ -146,5 +146,6 @@ class SeloraMethod(Method):
         return torch.zeros(()), {"mean_rank": sum(ranks) / len(ranks)}
 
 
+# Rates: single-seed calibration (as dora.py): 1e-3 0.775, 3e-3 0.805 dev.
 SPEC = MethodSpec(name="selora", method=SeloraMethod, order=14, section=SeloraConfig, validate=validate,
                   size_knob="selora.rank", clamped_to_knob=("selora.init_rank",), lr_grid=(1e-3, 3e-3))

@@ -106,5 +106,8 @@ class SoloConnection(Method):
         return torch.zeros(()), {"homotopy": self.coefficient()}
 
 
+# Rates: not placed. Single-seed calibration (as dora.py) stayed at chance: 0.51 dev at 1e-3,
+# 3e-3 and 1e-2 (0.515), and 0.51 with to_block 3 at 3e-3 and 1e-2; the trained skip's output
+# (rms 0.94) outweighs the hidden state it is added to (rms 0.59). Open: see the report.
 SPEC = MethodSpec(name="solo", method=SoloConnection, order=16, section=SoloConfig, validate=validate,
                   size_knob="solo.rank", lr_grid=(1e-3, 3e-3))
