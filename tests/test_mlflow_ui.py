@@ -121,6 +121,7 @@ def _page(driver, url: str, shot: str, *expected: str, timeout: float = 60) -> s
         text = driver.find_element("tag name", "body").text
         if all(e in text for e in expected):
             break
+        _unfold(driver)
         time.sleep(0.5)
     time.sleep(1)  # let the last requests paint (charts, artifact previews)
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -129,6 +130,17 @@ def _page(driver, url: str, shot: str, *expected: str, timeout: float = 60) -> s
     assert not missing, (f"{url} (now {driver.current_url}) shows no {missing}; screenshot "
                          f"{SHOTS / shot}; the page reads: {' | '.join(text.splitlines()[:40])}")
     return text
+
+
+def _unfold(driver) -> None:
+    """Click "Show more" as a reader would: MLflow folds a long run description."""
+    from selenium.common.exceptions import WebDriverException
+
+    for more in driver.find_elements("xpath", "//*[normalize-space(text())='Show more']"):
+        try:
+            more.click()
+        except WebDriverException:  # re-rendered meanwhile: the next poll finds it again
+            pass
 
 
 @pytest.mark.slow
