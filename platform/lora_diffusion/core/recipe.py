@@ -70,7 +70,7 @@ class Recipe:
         self.overlap = self._check_overlap()
         torch.manual_seed(config.backbone_seed)  # a head-less encoder gets a seeded MLM head
         self.backbone = backbone or load_backbone(config.backbone, trust_remote_code=config.trust_remote_code,
-                                                  allow_hub=config.allow_hub)
+                                                  allow_hub=config.allow_hub, family=config.backbone_family)
         self.fingerprint = backbone_fingerprint(self.backbone)
         self.tokenizer = self.backbone.tokenizer
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
@@ -178,7 +178,7 @@ class Recipe:
     def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None, task_ids=None):
         self.method.set_context(Context(t=t.to(self.device), prompt_mask=prompt_mask, task_ids=task_ids))
         try:
-            return self.backbone.logits(input_ids, attention_mask, select)
+            return self.backbone.logits(input_ids, attention_mask, select, t.to(self.device))
         finally:
             self.method.set_context(None)
 

@@ -34,7 +34,7 @@ import torch
 
 from ..backbone import Backbone
 from ..errors import check, check_one_of
-from .lora import TARGET_PATTERNS, PeftMethod, target_linears
+from .lora import TARGETS, PeftMethod, target_linears
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
@@ -58,7 +58,7 @@ class AdaLoraConfig:
 def validate(ac: AdaLoraConfig) -> None:
     check(ac.init_r >= 1, "adalora.init_r", f"must be >= 1, got {ac.init_r}")
     check(0 < ac.target_fraction <= 1, "adalora.target_fraction", "must lie in (0, 1]")
-    check_one_of(ac.targets, tuple(TARGET_PATTERNS), "adalora.targets")
+    check_one_of(ac.targets, TARGETS, "adalora.targets")
     check(0 <= ac.tinit < 1, "adalora.tinit", "must lie in [0, 1) (a fraction of train.steps)")
     check(0 <= ac.tfinal < 1 - ac.tinit, "adalora.tfinal",
           "must be >= 0 and leave a budgeting phase (tinit + tfinal < 1)")
@@ -78,14 +78,14 @@ class AdaLoraMethod(PeftMethod):
         from peft import AdaLoraConfig as PeftAdaLoraConfig
 
         ac, steps = config.adalora, config.train.steps
-        target_linears(self.model, ac.targets, "adalora.targets")
+        target_linears(backbone, ac.targets, "adalora.targets")
         tinit, tfinal = int(ac.tinit * steps), int(ac.tfinal * steps)
         if tinit >= steps - tfinal:  # a run too short for a budgeting phase: allocate at once
             tinit, tfinal = 0, 0
         return PeftAdaLoraConfig(
             init_r=ac.init_r, target_r=target_rank(ac), lora_alpha=ac.alpha, tinit=tinit, tfinal=tfinal,
             deltaT=ac.delta_t, total_step=max(steps, 1), orth_reg_weight=ac.orth_reg_weight,
-            target_modules=TARGET_PATTERNS[ac.targets], lora_dropout=0.0, bias="none")
+            target_modules=backbone.family.target_pattern(ac.targets), lora_dropout=0.0, bias="none")
 
     def after_step(self, step: int) -> None:
         params = self.trainable().values()

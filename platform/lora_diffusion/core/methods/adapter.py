@@ -8,8 +8,9 @@ the transformers 5 this project uses, so the adapter is a small module:
 Placement (a forward hook on the sublayer's output projection, so the backbone's modules and
 state_dict keys are untouched): the adapter acts on the output of the projection *before*
 dropout, the residual connection and LayerNorm, as in Houlsby:
-    pfeiffer  after the FFN only          (layer.output.dense)
-    houlsby   after attention and the FFN (layer.attention.output.dense and layer.output.dense)
+    pfeiffer  after the FFN only          (BERT layer.output.dense)
+    houlsby   after attention and the FFN (BERT layer.attention.output.dense and layer.output.dense)
+the projections named by the backbone family (families.py: `ffn_output`, `attention_output`).
 Adapters do not depend on t: they are active with or without a context.
 """
 
@@ -62,18 +63,17 @@ class Bottleneck(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-def _sublayer_outputs(layer: nn.Module, placement: str) -> dict[str, nn.Module]:
-    sites = {"ffn": ("output", "dense")}
+def _sublayer_outputs(backbone: Backbone, index: int, placement: str) -> dict[str, nn.Module]:
+    """The output projections of block `index` the adapters follow, by the family's names."""
+    sites = {"ffn": backbone.family.ffn_output}
     if placement == "houlsby":
-        sites = {"attn": ("attention", "output", "dense"), **sites}
+        sites = {"attn": backbone.family.attention_output, **sites}
     out = {}
     for key, path in sites.items():
-        node = layer
-        for part in path:
-            node = getattr(node, part, None)
+        node = backbone.block_module(index, path)
         if not isinstance(node, nn.Linear):
-            raise UserError(f"field adapter.placement: the blocks of this backbone have no "
-                            f"{'.'.join(path)} projection (BERT-style layout expected)")
+            raise UserError(f"field adapter.placement: {path} in the blocks of the "
+                            f"{backbone.family.name} backbone is no nn.Linear")
         out[key] = node
     return out
 
@@ -85,8 +85,8 @@ class AdapterMethod(Method):
         super().__init__(config, backbone)
         ac = config.adapter
         self.adapters = nn.ModuleDict()
-        for i, layer in enumerate(backbone.layers):
-            for site, module in _sublayer_outputs(layer, ac.placement).items():
+        for i in range(len(backbone.layers)):
+            for site, module in _sublayer_outputs(backbone, i, ac.placement).items():
                 key = f"layer{i}_{site}"
                 self.adapters[key] = Bottleneck(module.out_features, ac.bottleneck, ac.activation)
                 self._hooks.append(module.register_forward_hook(

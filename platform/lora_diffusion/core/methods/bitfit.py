@@ -32,7 +32,9 @@ class BitFit(Method):
                 p.requires_grad_(True)
                 found = True
         if not found:
-            raise UserError(f"method: bitfit found no bias terms in {type(self.model).__name__}")
+            # LLaDA's blocks have none (include_bias: false): adding biases would be another method
+            raise UserError(f"method: bitfit needs bias terms; the {backbone.family.name} backbone "
+                            f"{type(self.model).__name__} has none")
 
 
 # few, scale-sensitive parameters: larger rates than the low-rank modules

@@ -37,7 +37,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..errors import check, check_one_of
 from .base import Method
-from .lora import TARGET_PATTERNS, hook_linears, target_linears
+from .lora import TARGETS, hook_linears, target_linears
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
@@ -60,7 +60,7 @@ def validate(fc: FouraConfig) -> None:
     check(fc.rank >= 1, "foura.rank", f"must be >= 1, got {fc.rank}")
     check(fc.alpha > 0, "foura.alpha", "must be > 0")
     check_one_of(fc.transform, TRANSFORMS, "foura.transform")
-    check_one_of(fc.targets, tuple(TARGET_PATTERNS), "foura.targets")
+    check_one_of(fc.targets, TARGETS, "foura.targets")
 
 
 def fourier_basis(d: int, kind: str) -> torch.Tensor:
@@ -111,7 +111,7 @@ class FouraMethod(Method):
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
         fc = config.foura
-        linears = target_linears(self.model, fc.targets, "foura.targets")
+        linears = target_linears(backbone, fc.targets, "foura.targets")
         self.adapters = hook_linears(self, linears, lambda lin: FouraLayer(lin, fc))
 
 

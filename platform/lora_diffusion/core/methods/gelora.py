@@ -83,11 +83,10 @@ def hidden_state_dims(config: Config, backbone: Backbone) -> list[float]:
                                  max_length=config.max_length, return_tensors="pt")
         was_training = backbone.model.training
         backbone.model.eval()
-        out = backbone.encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                               output_hidden_states=True)
+        states = backbone.block_states(enc["input_ids"], enc["attention_mask"])  # the family's blocks
         backbone.model.train(was_training)
         weights = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = [(h * weights).sum(1) / weights.sum(1) for h in out.hidden_states]
+        pooled = [(h * weights).sum(1) / weights.sum(1) for h in states]
         _DIMS_CACHE[key] = [two_nn_dimension(p) for p in pooled]
     return list(_DIMS_CACHE[key])
 
@@ -106,8 +105,8 @@ class GeloraMethod(LoraMethod):
         self.intrinsic_dims = hidden_state_dims(config, backbone)
         self.block_ranks = block_ranks(self.intrinsic_dims, config.gelora.rank)
         pattern = {}
-        for name in target_linears(self.model, config.lora.targets, "lora.targets"):
-            block = int(re.search(r"\.layer\.(\d+)\.", name).group(1))
+        for name in target_linears(backbone, config.lora.targets, "lora.targets"):
+            block = backbone.family.block_of(name)
             pattern[re.escape(name)] = self.block_ranks[block]
         return {"rank_pattern": pattern}
 

@@ -25,14 +25,10 @@ from .registry import MethodSpec
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
     from ..config import Config
 
-# Full-name regexes (PEFT matches a string target_modules with re.fullmatch). "output.dense"
-# alone would also match attention.output.dense, so the MLP output is anchored on the block index.
-# BERT / RoBERTa / ELECTRA module names.
-_ATTENTION = r"attention\.self\.(query|key|value)|attention\.output\.dense"
-TARGET_PATTERNS = {
-    "attention": rf".*\.layer\.\d+\.({_ATTENTION})",
-    "attention_mlp": rf".*\.layer\.\d+\.({_ATTENTION}|intermediate\.dense|output\.dense)",
-}
+# The values of every weight method's `targets`; the module names they stand for are the
+# backbone family's (families.py: BERT query/key/value/attention.output.dense, LLaDA q/k/v_proj
+# and attn_out, Dream self_attn.*_proj, MDLM attn_qkv/attn_out, ...).
+TARGETS = ("attention", "attention_mlp")
 
 
 @dataclass
@@ -49,17 +45,20 @@ class LoraConfig:
 
 def validate(lc: LoraConfig) -> None:
     check(lc.rank >= 1, "lora.rank", f"must be >= 1, got {lc.rank}")
-    check_one_of(lc.targets, tuple(TARGET_PATTERNS), "lora.targets")
+    check_one_of(lc.targets, TARGETS, "lora.targets")
     check(0 <= lc.dropout < 1, "lora.dropout", "must lie in [0, 1)")
 
 
-def target_linears(model: nn.Module, targets: str, field_name: str) -> dict[str, nn.Linear]:
-    """The nn.Linear modules a weight method adapts, by full module name (shared with T-LoRA)."""
-    pattern = re.compile(TARGET_PATTERNS[targets])
-    found = {n: m for n, m in model.named_modules() if pattern.fullmatch(n) and isinstance(m, nn.Linear)}
+def target_linears(backbone: Backbone, targets: str, field_name: str) -> dict[str, nn.Linear]:
+    """The nn.Linear modules a weight method adapts, by full module name, from the family's
+    declared names (shared by every weight method)."""
+    pattern = re.compile(backbone.family.target_pattern(targets))
+    found = {n: m for n, m in backbone.model.named_modules()
+             if pattern.fullmatch(n) and isinstance(m, nn.Linear)}
     if not found:
-        raise UserError(f"field {field_name}: no module of {type(model).__name__} matches the "
-                        f"'{targets}' targets (BERT-style names query/key/value/attention.output.dense)")
+        raise UserError(f"field {field_name}: no nn.Linear of {type(backbone.model).__name__} matches the "
+                        f"'{targets}' targets of the {backbone.family.name} family "
+                        f"({backbone.family.target_pattern(targets)})")
     return found
 
 
@@ -114,10 +113,10 @@ class LoraMethod(PeftMethod):
         from peft import LoraConfig as PeftLoraConfig
 
         lc = config.lora
-        target_linears(self.model, lc.targets, "lora.targets")  # fail early with a clear message
+        target_linears(backbone, lc.targets, "lora.targets")  # fail early with a clear message
         return PeftLoraConfig(
             r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
-            target_modules=TARGET_PATTERNS[lc.targets], use_dora=lc.use_dora or self.use_dora,
+            target_modules=backbone.family.target_pattern(lc.targets), use_dora=lc.use_dora or self.use_dora,
             use_rslora=lc.use_rslora, init_lora_weights=True,  # A kaiming-uniform, B zero
             **self.peft_extra(config, backbone))
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import UserError, check, check_one_of
+from . import prefix_sdpa
 from .base import Method
 from .registry import MethodSpec
 
@@ -136,6 +137,19 @@ def _per_head(key: torch.Tensor, value: torch.Tensor, heads: int, batch: int):
             value.reshape(shape).transpose(1, 2).expand(batch, -1, -1, -1))
 
 
+def _bert_attentions(backbone: Backbone) -> list[nn.Module] | None:
+    """Every block's BertSelfAttention-like module (query/key/value projections, takes a cache),
+    or None when the blocks have none (the family's attention is an sdpa call: prefix_sdpa.py)."""
+    attns = [getattr(getattr(layer, "attention", None), "self", None) for layer in backbone.layers]
+    if not all(a is not None and all(hasattr(a, n) for n in ("key", "value", "num_attention_heads"))
+               for a in attns):
+        return None
+    if backbone.config._attn_implementation not in ("eager", "sdpa"):
+        raise UserError(f"method: prefix tuning supports eager/sdpa attention, not "
+                        f"{backbone.config._attn_implementation}")
+    return attns
+
+
 class PrefixLayer(nn.Module):
     def __init__(self, key: torch.Tensor, value: torch.Tensor):
         super().__init__()
@@ -149,41 +163,45 @@ class PrefixMethod(Method):
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
         pc = config.prefix
-        self.n_prefix = pc.length
-        if backbone.config._attn_implementation not in ("eager", "sdpa"):
-            raise UserError(f"method: prefix tuning supports eager/sdpa attention, not "
-                            f"{backbone.config._attn_implementation}")
+        self.n_prefix, self.n_layers = pc.length, len(backbone.layers)
         gen = torch.Generator().manual_seed(config.train.seed)
-        attns = []
-        for layer in backbone.layers:
-            attn = getattr(getattr(layer, "attention", None), "self", None)
-            if attn is None or not all(hasattr(attn, a) for a in ("key", "value", "num_attention_heads")):
-                raise UserError("method: prefix tuning needs BERT-style self-attention "
-                                "(layer.attention.self with key/value projections)")
-            attns.append(attn)
-        self.heads, self.n_layers = attns[0].num_attention_heads, len(attns)
-        width = attns[0].key.out_features
+        attns = _bert_attentions(backbone)  # None: the family's attention is an sdpa call
+        if attns is None:
+            words = _word_token_ids(backbone.tokenizer, pc.length, gen)[None]
+            keys, values = prefix_sdpa.probe(backbone, words)
+            width = keys.shape[-1]
+        else:
+            self.heads, width = attns[0].num_attention_heads, attns[0].key.out_features
+            if pc.init == "tokens" and not pc.projection:
+                keys, values = _word_activations(backbone, attns, pc.length, gen)
+        self._hooks = []
         if pc.projection:  # Li & Liang's reparameterisation: the MLP trains and is saved
             with torch.random.fork_rng():
                 torch.manual_seed(config.train.seed)
                 self.prefix_seeds = nn.Parameter(torch.randn(pc.length, backbone.hidden_size))
                 self.prefix_mlp = nn.Sequential(
                     nn.Linear(backbone.hidden_size, pc.projection), nn.Tanh(),
-                    nn.Linear(pc.projection, len(attns) * 2 * width))
+                    nn.Linear(pc.projection, self.n_layers * 2 * width))
             self._table = None  # [layers, 2, P, width], recomputed before every forward
             self._loaded = None  # a saved prefix (load_saved): used instead of the MLP's output
             self._hooks = [backbone.encoder.register_forward_pre_hook(self._project)]
         else:
-            if pc.init == "tokens":
-                keys, values = _word_activations(backbone, attns, pc.length, gen)
-            else:
-                shape = (len(attns), pc.length, width)
+            if pc.init != "tokens":
+                shape = (self.n_layers, pc.length, width)
                 keys = torch.randn(shape, generator=gen) * pc.init_std
                 values = torch.randn(shape, generator=gen) * pc.init_std
             self.prefixes = nn.ModuleList(PrefixLayer(k.clone(), v.clone()) for k, v in zip(keys, values))
-            self._hooks = []
-        self._hooks += [attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                        for i, attn in enumerate(attns)]
+        if attns is None:
+            self._hooks += prefix_sdpa.attach(backbone.layers, self._prefix_of)
+        else:
+            self._hooks += [attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                            for i, attn in enumerate(attns)]
+
+    def _prefix_of(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's (key, value) [P, width]: from the MLP's table or the direct parameters."""
+        if self.config.prefix.projection:
+            return self._table[i][0], self._table[i][1]
+        return self.prefixes[i].key, self.prefixes[i].value
 
     def _project(self, _module, _args):
         """Before every backbone forward: all layers' prefixes from the MLP, in one graph."""
@@ -241,11 +259,7 @@ class PrefixMethod(Method):
             if kwargs.get("encoder_hidden_states") is not None:
                 return args, kwargs  # cross-attention: no prefix
             hidden = args[0] if args else kwargs["hidden_states"]
-            if self.config.prefix.projection:
-                key, value = self._table[i]
-            else:
-                key, value = self.prefixes[i].key, self.prefixes[i].value
-            k, v = _per_head(key, value, self.heads, hidden.shape[0])
+            k, v = _per_head(*self._prefix_of(i), self.heads, hidden.shape[0])
             kwargs = dict(kwargs)
             kwargs["cache"] = _PrefixCache(k, v)
             if len(args) > 1:  # attention_mask given positionally

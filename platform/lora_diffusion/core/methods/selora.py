@@ -40,7 +40,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..errors import check, check_one_of
 from .base import Method
-from .lora import TARGET_PATTERNS, hook_linears, target_linears
+from .lora import TARGETS, hook_linears, target_linears
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
@@ -65,7 +65,7 @@ def validate(sc: SeloraConfig) -> None:
     check(sc.alpha > 0, "selora.alpha", "must be > 0")
     check(sc.threshold >= 1, "selora.threshold", "must be >= 1 (a ratio of Fisher traces)")
     check(sc.check_every >= 1, "selora.check_every", "must be >= 1")
-    check_one_of(sc.targets, tuple(TARGET_PATTERNS), "selora.targets")
+    check_one_of(sc.targets, TARGETS, "selora.targets")
 
 
 class GrowingLoRA(nn.Module):
@@ -111,7 +111,7 @@ class SeloraMethod(Method):
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
         self.sc = config.selora
-        linears = target_linears(self.model, self.sc.targets, "selora.targets")
+        linears = target_linears(backbone, self.sc.targets, "selora.targets")
         self.adapters = hook_linears(self, linears, lambda lin: GrowingLoRA(lin, self.sc))
 
     def active_ranks(self) -> dict[str, int]:

@@ -34,7 +34,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..errors import UserError, check, check_one_of
 from .base import Method
-from .lora import TARGET_PATTERNS, target_linears
+from .lora import TARGETS, target_linears
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
@@ -59,7 +59,7 @@ def validate(tl: TLoraConfig) -> None:
     check(tl.alpha > 0, "tlora.alpha", "must be > 0")
     check(tl.rank_power > 0, "tlora.rank_power", f"must be > 0, got {tl.rank_power}")
     check(tl.timesteps >= 1, "tlora.timesteps", f"must be >= 1, got {tl.timesteps}")
-    check_one_of(tl.targets, tuple(TARGET_PATTERNS), "tlora.targets")
+    check_one_of(tl.targets, TARGETS, "tlora.targets")
 
 
 def tlora_rank(t: torch.Tensor, r_max: int, r_min: int, timesteps: int = 1000, power: float = 1.0,
@@ -95,7 +95,7 @@ class TLoraMethod(Method):
         tl = config.tlora
         self.r_max, self.r_min, self.scale = tl.rank, tl.min_rank, tl.alpha / tl.rank
         self.timesteps, self.power, self.t_min = tl.timesteps, tl.rank_power, config.diffusion.t_min
-        linears = target_linears(self.model, tl.targets, "tlora.targets")
+        linears = target_linears(backbone, tl.targets, "tlora.targets")
         smallest = min(lin.in_features for lin in linears.values())
         if tl.rank > smallest:
             raise UserError(f"field tlora.rank: {tl.rank} exceeds the input size {smallest} of a "

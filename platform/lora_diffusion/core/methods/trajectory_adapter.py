@@ -1,7 +1,7 @@
 """The trajectory modules placed as adapters: same phases, rank schedule, sharing and modules as
 `trajectory`, but inside every transformer block at the FFN output (Pfeiffer's placement: on the
-output of `layer.output.dense`, before dropout, residual and LayerNorm) instead of on the
-residual stream after chosen blocks.
+output of the family's FFN output projection, BERT's `layer.output.dense`, before dropout,
+residual and LayerNorm) instead of on the residual stream after chosen blocks.
 
     a_i(h) = h + (alpha / r_k) B_{i,k} A_{i,k} h,   k = phase(t), in every block i
 
@@ -35,11 +35,11 @@ class TrajectoryAdapterMethod(TrajectoryMethod):
         every = dataclasses.replace(config.trajectory, injection_layers=list(range(n_layers)))
         super().__init__(dataclasses.replace(config, trajectory=every), backbone)
         self.remove()  # drop the block-output hooks the parent registered ...
-        for i, layer in enumerate(backbone.layers):  # ... and hook the FFN output projections
-            target = getattr(getattr(layer, "output", None), "dense", None)
+        for i in range(n_layers):  # ... and hook the FFN output projections (the family's names)
+            target = backbone.block_module(i, backbone.family.ffn_output)
             if not isinstance(target, nn.Linear):
-                raise UserError("method: trajectory_adapter needs BERT-style blocks "
-                                "(layer.output.dense)")
+                raise UserError(f"method: trajectory_adapter: {backbone.family.ffn_output} in the "
+                                f"{backbone.family.name} blocks is no nn.Linear")
             self._hooks.append(target.register_forward_hook(self._hook(f"layer{i}")))
 
 

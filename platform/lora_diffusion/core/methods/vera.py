@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..backbone import Backbone
 from ..errors import check, check_one_of
-from .lora import TARGET_PATTERNS, PeftMethod, target_linears
+from .lora import TARGETS, PeftMethod, target_linears
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
@@ -43,7 +43,7 @@ class VeraConfig:
 def validate(vc: VeraConfig) -> None:
     check(vc.rank >= 1, "vera.rank", f"must be >= 1, got {vc.rank}")
     check(vc.d_initial > 0, "vera.d_initial", "must be > 0")
-    check_one_of(vc.targets, tuple(TARGET_PATTERNS), "vera.targets")
+    check_one_of(vc.targets, TARGETS, "vera.targets")
 
 
 class VeraMethod(PeftMethod):
@@ -54,10 +54,11 @@ class VeraMethod(PeftMethod):
         from peft import VeraConfig as PeftVeraConfig
 
         vc = config.vera
-        target_linears(self.model, vc.targets, "vera.targets")
+        target_linears(backbone, vc.targets, "vera.targets")
         with warnings.catch_warnings():  # PEFT warns about save_projection=False: chosen, see above
             warnings.simplefilter("ignore", UserWarning)
-            return PeftVeraConfig(r=vc.rank, d_initial=vc.d_initial, target_modules=TARGET_PATTERNS[vc.targets],
+            return PeftVeraConfig(r=vc.rank, d_initial=vc.d_initial,
+                                  target_modules=backbone.family.target_pattern(vc.targets),
                                   projection_prng_key=config.train.seed, save_projection=False,
                                   vera_dropout=0.0, bias="none")
 
