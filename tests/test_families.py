@@ -20,7 +20,7 @@ from test_methods_matrix import MATRIX, NOT_IN_MATRIX
 from lora_diffusion.core import checkpoint, diffusion, families
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core import recipe as recipe_lib
-from lora_diffusion.core.backbone import backbone_fingerprint, load_backbone
+from lora_diffusion.core.backbone import Backbone, backbone_fingerprint, load_backbone
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.methods import registry
 from lora_diffusion.core.recipe import Recipe
@@ -45,6 +45,11 @@ def pristine(family_dirs):
         torch.manual_seed(0)
         out[family] = load_backbone(str(path), trust_remote_code=True)
     return out
+
+
+def _copy(backbone: Backbone) -> Backbone:
+    """A fresh model to attach a method to; the tokenizer is shared (copying it costs seconds)."""
+    return Backbone(copy.deepcopy(backbone.model), backbone.tokenizer, backbone.source, backbone.family)
 
 
 def _config(family_dirs, family, method, data_dir, out_dir):
@@ -112,7 +117,7 @@ def test_matrix_covers_every_registered_method():
 @pytest.mark.parametrize("method", sorted(MATRIX))
 def test_method_trains_saves_loads_and_samples(pristine, family_dirs, synthetic_data_dir, tmp_path,
                                                monkeypatch, family, method):
-    monkeypatch.setattr(recipe_lib, "load_backbone", lambda *a, **k: copy.deepcopy(pristine[family]))
+    monkeypatch.setattr(recipe_lib, "load_backbone", lambda *a, **k: _copy(pristine[family]))
     config = _config(family_dirs, family, method, synthetic_data_dir, tmp_path / "out")
     if (method, family) in NOT_APPLICABLE:
         with pytest.raises(UserError, match=".*".join(NOT_APPLICABLE[method, family])):
