@@ -8,7 +8,6 @@ Logits are returned unshifted: Dream's sampler shifts them (position i - 1 predi
 Left out: rotary embeddings, caches, generation utilities."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
