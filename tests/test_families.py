@@ -86,7 +86,8 @@ def _inputs(mask_id):
 def test_logits_are_the_full_forward_realigned_at_the_selected_positions(pristine, family):
     """The separable head equals the model's own forward; Dream's output i - 1 predicts token i;
     only MDLM's logits depend on t."""
-    backbone = pristine[family].model.eval() and pristine[family]
+    backbone = pristine[family]
+    backbone.model.eval()
     ids, attn, select = _inputs(backbone.mask_token_id)
     t = torch.tensor([0.2, 0.9])
     with torch.no_grad():
