@@ -7,7 +7,9 @@ by the cache length), and `Backbone.logits` calls `model.base_model` directly, b
 PeftModel wrapper. So the prefix is implemented here, with the same mechanism HF uses for a
 cache: a forward pre-hook on each `BertSelfAttention` passes a one-layer "cache" whose `update`
 returns [P_k; K] and [P_v; V], and extends the attention mask by n_prefix always-visible columns.
-Queries, positions and the output length are unchanged.
+Queries, positions and the output length are unchanged. Families whose attention is a call to
+torch's scaled_dot_product_attention rather than a module taking a cache (LLaDA, Dream, MDLM,
+ModernBERT) get the same prefix inside that call instead (prefix_sdpa.py).
 
 Parameters per layer: P_k, P_v [n_prefix, all_head_size]. With `prefix.projection: H > 0` they are
 instead Li & Liang's reparameterisation (PEFT's `prefix_projection`): every layer's P_k, P_v come
