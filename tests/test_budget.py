@@ -68,9 +68,10 @@ def test_matching_leaves_the_backbone_untouched(backbone):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_data_dir):
-    """The baseline comparison's two grids: budget-matched cells, one search run per rate, the
-    best rate per (task, method) (ties: the smaller), and a valid stage-2 grid file."""
+def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbone_dir, synthetic_data_dir):
+    """The comparison's grids: N budget-matched candidates per (task, method), over the rate and
+    the method's own knobs, the best per (task, method) on validation (ties: the smaller rate),
+    and a valid stage-2 grid file."""
     import pandas as pd
 
     from lora_diffusion.analysis import comparison
@@ -78,34 +79,41 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_da
 
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
-        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2], "trajectory": [3e-3, 6e-3]},
+        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2], "trajectory": [3e-3, 6e-3]}, trials_per_method=4,
         sets={"backbone": str(tiny_backbone_dir), "data_dir": str(synthetic_data_dir),
               "trajectory.injection_layers": [0]})
-    cells = comparison.sized_cells(spec)
-    lora, bitfit, traj = cells
-    assert lora == {"task": "sst2", "method": "lora", "lora.rank": 5} and bitfit == {"task": "sst2", "method": "bitfit"}
-    assert "trajectory.rank" in traj
+    cells = comparison.stage_cells(spec, log=lambda _: None)
+    by_method = {m: [c for c in cells if c["method"] == m] for m in spec.methods}
+    assert all(len(v) == 4 for v in by_method.values())  # parity, whatever each grid holds
+    assert {(c["train.lr"], c["lora.targets"]) for c in by_method["lora"]} == {
+        (1e-3, "attention"), (3e-3, "attention"), (1e-3, "attention_mlp"), (3e-3, "attention_mlp")}
+    assert [c["train.lr"] for c in by_method["bitfit"]] == [0.00111, 0.00333, 0.01, 0.03]  # widened x3
+    assert all("trajectory.injection_layers" not in c for c in by_method["trajectory"])  # fixed by sets
+    assert all(c["lora.rank"] >= 1 for c in by_method["lora"])  # solved per candidate
 
-    search = comparison.lr_search_grid(spec, cells)
-    assert [(c["method"], c["train.lr"]) for c in search["cells"]] == [
-        ("lora", 1e-3), ("lora", 3e-3), ("trajectory", 3e-3), ("trajectory", 6e-3)]  # bitfit: one rate
-    assert search["seeds"] == [0] and search["fixed"]["train.steps"] == 2
-    grid = grid_lib.parse_grid(search, "lr_search.yaml")
-    assert len(grid.runs()) == 4 and list(grid.axes) == ["task", "method", "train.lr"]
+    grid = grid_lib.parse_grid(comparison.tuning_grid(spec, cells), "tune.yaml")
+    assert len(grid.runs()) == 12 and grid.seeds == [0] and grid.fixed["train.steps"] == 2
 
-    trials = pd.DataFrame([
-        {"task": "sst2", "method": "lora", "train.lr": 1e-3, "status": "FINISHED", VALIDATION_METRIC: 0.70},
-        {"task": "sst2", "method": "lora", "train.lr": 3e-3, "status": "FINISHED", VALIDATION_METRIC: 0.75},
-        {"task": "sst2", "method": "trajectory", "train.lr": 3e-3, "status": "FINISHED", VALIDATION_METRIC: 0.80},
-        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FINISHED", VALIDATION_METRIC: 0.80},
-        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FAILED", VALIDATION_METRIC: 0.99}])
-    lrs = comparison.choose_lrs(spec, cells, trials)
-    assert lrs == {("sst2", "lora"): 3e-3, ("sst2", "bitfit"): 1e-2, ("sst2", "trajectory"): 3e-3}
+    rows = [{**c, "status": "FINISHED", VALIDATION_METRIC: 0.5} for c in cells]
+    rows[1][VALIDATION_METRIC] = 0.9  # lora's second candidate
+    rows.append({**cells[2], "status": "FAILED", VALIDATION_METRIC: 0.99})
+    chosen = comparison.tuning.choose(cells, pd.DataFrame(rows))
+    assert chosen[("sst2", "lora")] == cells[1]
+    assert chosen[("sst2", "bitfit")]["train.lr"] == 0.00111  # a tie: the smaller rate
 
-    final = grid_lib.parse_grid(comparison.final_grid(spec, cells, lrs), "final.yaml")
+    final = grid_lib.parse_grid(comparison.final_grid(spec, chosen), "final.yaml")
     assert list(final.axes) == ["task", "method"] and final.reference == {"method": "trajectory"}
-    assert [r["train.lr"] for r in final.runs()] == [3e-3, 3e-3, 1e-2, 1e-2, 3e-3, 3e-3]
-    assert final.runs()[0]["lora.rank"] == 5 and final.runs()[0]["train.seed"] == 0
+    assert final.runs()[0] == {**final.fixed, **cells[1], "train.seed": 0}
+
+
+def test_unmatched_candidates_tune_the_size_knob_and_draw_a_seeded_subset():
+    from lora_diffusion.analysis import tuning
+
+    free = tuning.candidates("lora", 4, None, [1e-3, 3e-3], {})
+    assert len(free) == 4 and all({"lora.rank", "lora.targets", "train.lr"} == set(c) for c in free)
+    assert free == tuning.candidates("lora", 4, None, [1e-3, 3e-3], {})  # the same draw on a rerun
+    assert tuning.candidates("vera", 4, 73728, [1e-2, 3e-2], {}) == [
+        {"train.lr": r} for r in (0.00333, 0.01, 0.03, 0.09)]  # fixed size: its rate only
 
 
 def test_cells_grid_rejects_indistinguishable_cells():
