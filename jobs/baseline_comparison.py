@@ -38,6 +38,8 @@ def parse(argv=None):
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
     p.add_argument("--methods", nargs="+", default=comparison.ALL_METHODS, choices=comparison.ALL_METHODS)
     p.add_argument("--search-validation-examples", type=int, default=200)
+    p.add_argument("--eval-examples", type=int,
+                   help="stage 2: fixed subsets of this many validation and test rows (default: whole splits)")
     p.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="replace a method's learning-rate grid (repeatable); widened like every grid "
                         "to --trials-per-method candidates, and stage 1 picks the rate")
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
                                      steps=args.steps, budget=args.budget or None,
                                      search_steps=args.search_steps,
                                      search_validation_examples=args.search_validation_examples,
-                                     trials_per_method=args.trials_per_method, unmatched=not args.no_unmatched)
+                                     trials_per_method=args.trials_per_method, unmatched=not args.no_unmatched,
+                                     eval_examples=args.eval_examples)
     name = args.name
     try:
         spec.lr_grids.update(comparison.parse_lr_grids(args.lrs))

@@ -170,7 +170,7 @@ def test_compare_trials_in_the_mlflow_ui(browser, tiny_backbone_dir, synthetic_d
               "compare.png", *NAMES, "trajectory.rank", "train.seed")
 
         _page(browser, f"{base}#/experiments/{eid}/runs/{pid}?{ml}", "parent.png",
-              "Best trial on validation", "Resume it")
+              "Selected on validation", "Resume it")
         _page(browser, f"{base}#/experiments/{eid}/runs/{pid}/artifacts?{ml}", "artifacts.png", "ablation")
         browser.find_element("xpath", "//*[normalize-space(text())='ablation']").click()
         _page_text_after_click(browser, "artifacts.png", "summary.md", "pareto.png")

@@ -79,6 +79,7 @@ class ComparisonSpec:
     budget: int | None = 73728  # trainable parameters (LoRA rank 4 on Q/K/V/O of MiniLM, exactly)
     search_steps: int | None = None  # steps of each lr-search run (default: steps // 2)
     search_validation_examples: int = 200
+    eval_examples: int | None = None  # stage 2: fixed subsets of validation and test (None: whole splits)
     lr_grids: dict[str, list[float]] = field(default_factory=lambda: dict(LR_GRIDS))
     trials_per_method: int = 4  # stage-1 candidates of every method (tuning.py)
     tuning_seed: int = 0  # which candidates a method with more than that runs
@@ -134,8 +135,9 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
     """Stage 2's grid file content: every (task, method) at its chosen candidate x every seed."""
     what = "at a matched budget" if budget else "each at its best validated size, no budget"
     grid = {"description": f"baseline comparison: methods {what}, tuned on validation, reported on test",
-            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.steps},
-            "cells": [chosen[(t, m)] for t in spec.tasks for m in spec.methods],
+            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.steps,
+                      "max_eval_examples": spec.eval_examples},
+            "cells": [chosen[(t, m)] for t in spec.tasks for m in spec.methods if (t, m) in chosen],
             "axes": ["task", "method"], "seeds": list(spec.seeds)}
     if REFERENCE_METHOD in spec.methods:
         grid["reference"] = {"method": REFERENCE_METHOD}
