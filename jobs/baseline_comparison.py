@@ -9,8 +9,8 @@ Stage 1 (`NAME-tune`) tries the same number of candidates per method on validati
 its own size/placement knobs, declared in its MethodSpec), stage 2 (`NAME`) runs every seed with
 the best one and reports test beside validation; `NAME-unmatched-tune` / `NAME-unmatched` repeat
 both without the budget (the second table). All are grid sweeps (Ray Tune trials, each a Ray Train
-run) logged to MLflow; `python jobs/baseline_table.py --name NAME` writes the tables. Interrupted? Run the same command again: a finished
-stage is skipped and an unfinished one resumed. Arguments not listed here go to the sweep engine
+run) logged to MLflow; `python jobs/baseline_table.py --name NAME` writes the tables.
+Interrupted? Run the same command again: a finished stage is skipped and an unfinished one resumed. Arguments not listed here go to the sweep engine
 (--storage-path, --tracking-uri, --address, --max-concurrent, --workers, ...: see
 `lora-diffusion sweep --help`). The logic lives in lora_diffusion.analysis.comparison.
 """

@@ -45,7 +45,8 @@ def test_summary_is_test_mean_and_std_over_finished_seeds_with_validation_beside
                        {"seed": 5, "status": "FAILED", TEST_METRIC: math.nan, VALIDATION_METRIC: math.nan}])
     s = retrain.summarise(df)
     assert s["seeds"] == [3, 4] and s["test/accuracy"]["n"] == 2
-    assert s["test/accuracy"]["mean"] == pytest.approx(0.85) and s["test/accuracy"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert s["test/accuracy"]["mean"] == pytest.approx(0.85)
+    assert s["test/accuracy"]["std"] == pytest.approx(0.0707, abs=1e-4)
     assert s["validation/accuracy"]["mean"] == pytest.approx(0.8)
     assert "test/accuracy 0.8500 ± 0.0707 over 2 fresh seed(s) [3, 4]" in retrain.line(s)
 
