@@ -88,7 +88,7 @@ def _run_grid(tmp_path, backbone, data_dir, uri) -> None:
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "jobs/ablation_grid.py", "--grid", str(_grid(tmp_path, backbone, data_dir)),
            "--name", SWEEP, "--max-concurrent", "2", "--address", "local", "--verbose", "0",
-           "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", uri]
+           "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", uri, "--retrain-seeds", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
 

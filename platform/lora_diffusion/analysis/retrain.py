@@ -40,13 +40,14 @@ def retrain_grid(best: dict, seeds: list[int], search: str) -> dict:
 
 
 def summarise(df) -> dict:
-    """Test and validation over the stage's FINISHED trials: mean, std (ddof=1), n, values."""
+    """Test and validation over the stage's FINISHED trials: mean, std (ddof=1), n, values (None
+    where undefined: best.json stays valid JSON)."""
     done = df[df["status"] == "FINISHED"] if len(df) else df
     out = {"seeds": sorted(int(s) for s in done["seed"]) if len(done) else []}
     for key, col in (("test/accuracy", TEST_METRIC), ("validation/accuracy", VALIDATION_METRIC)):
         values = [float(v) for v in done[col]] if len(done) else []
-        mean = sum(values) / len(values) if values else math.nan
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+        mean = sum(values) / len(values) if values else None
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
         out[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
     return out
 
@@ -125,7 +126,7 @@ def _record(storage, uri: str, name: str, stage: str, best: dict, summary: dict)
     client = mlflow_client(uri)
     search_run, stage_run = find_parent(uri, name).info.run_id, find_parent(uri, stage).info.run_id
     metrics = {f"{k}_{stat}": summary[k][stat] for k in ("test/accuracy", "validation/accuracy")
-               for stat in ("mean", "std", "n") if not math.isnan(float(summary[k][stat]))}
+               for stat in ("mean", "std", "n") if summary[k][stat] is not None}
     for key, value in metrics.items():
         client.log_metric(search_run, key, float(value))
     for key, value in {"retrain.sweep": stage, "retrain.run_id": stage_run,
