@@ -133,3 +133,28 @@ def test_lr_grid_override_parses_and_names_the_bad_item():
                        ("lora=", "expected METHOD=LR"), ("lora=0", "must be > 0")]:
         with pytest.raises(UserError, match=named):
             comparison.parse_lr_grids([bad])
+
+
+def test_comparison_table_reports_test_with_std_and_marks_partial_cells():
+    """The README's table is generated from the comparison's record and its trials: test mean ±
+    std over seeds, validation beside it, the configuration chosen on validation; a cell with
+    fewer finished seeds than asked is labelled partial."""
+    import pandas as pd
+
+    from lora_diffusion.analysis import table
+    from lora_diffusion.analysis.trials import TEST_METRIC, VALIDATION_METRIC
+
+    record = {"budget": 73728, "tasks": ["sst2"], "methods": ["lora", "bitfit"], "seeds": [0, 1, 2],
+              "stages": {"matched": {"chosen": [
+                  {"task": "sst2", "method": "lora", "train.lr": 1e-3, "lora.targets": "attention", "final_sweep": "b"},
+                  {"task": "sst2", "method": "bitfit", "train.lr": 3e-2, "final_sweep": "b"}]}}}
+    rows = [{"task": "sst2", "method": "lora", "status": "FINISHED", TEST_METRIC: t, VALIDATION_METRIC: 0.7,
+             "trainable_params": 73728} for t in (0.80, 0.82, 0.84)]
+    rows += [{"task": "sst2", "method": "bitfit", "status": s, TEST_METRIC: 0.6, VALIDATION_METRIC: 0.6,
+              "trainable_params": 57018} for s in ("FINISHED", "FINISHED", "RUNNING")]
+    text = table.markdown(record, "matched", lambda sweep: pd.DataFrame(rows))
+    lora = next(line for line in text.splitlines() if line.startswith("| lora"))
+    bitfit = next(line for line in text.splitlines() if line.startswith("| bitfit"))
+    assert "SST-2 test (± std)" in text and "SST-2 validation" in text
+    assert "0.820 ± 0.020" in lora and "0.700 ± 0.000" in lora and "targets attention" in lora and "73,728" in lora
+    assert "partial: 2 of 3 seeds" in bitfit
