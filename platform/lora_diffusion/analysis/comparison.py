@@ -16,7 +16,7 @@ Grid sweeps (sweep.py running grid.py's `cells` form), each resumable and logged
    the second table. Candidates and final cells the matched stages already ran are read from
    them, not run again.
 
-`comparison.json` (storage `<name>/`) records the stages and every choice; table.py writes the
+`<name>.comparison.json` (beside the sweeps) records the stages and every choice; table.py writes the
 README's tables from it and MLflow. Sizes: `budget.match_budget` solves each method's size knob;
 full fine-tuning, BitFit, DoRA (LoRA's rank) and VeRA keep their fixed size (the table shows
 every count, from the same accounting). The learning-rate grids in the method specs were placed
@@ -144,6 +144,12 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
     return grid
 
 
+def record_file(name: str) -> str:
+    """The comparison's record, beside its sweeps (not in a sweep's directory: the engine starts
+    a sweep only in an empty one)."""
+    return f"{name}.comparison.json"
+
+
 def write_grid(grid: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.analysis.comparison)\n"
@@ -155,7 +161,7 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
     """Every stage on the sweep engine. `engine_args` go to every `lora-diffusion sweep` call
     (--storage-path, --tracking-uri, --address, --max-concurrent, --smoke, ...). Run it again
     after an interruption: a finished stage is skipped, an interrupted one resumed. Writes
-    `comparison.json` (the stages and every choice) beside the sweeps, which `table.py` reads."""
+    `<name>.comparison.json` (the stages and every choice) beside the sweeps, which table.py reads."""
     from ..engine import options
     from ..engine.storage import SweepStorage
 
@@ -175,10 +181,11 @@ def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, 
             return rc
         reuse = {k: earlier["sweep"] for k, c in chosen.items() if earlier and earlier["chosen"].get(k) == c}
         todo = {k: c for k, c in chosen.items() if k not in reuse}
-        rc = runner.stage(final_grid(sub, todo, budget=bool(budget)), prefix) if todo else 0
         record["stages"][tag] = {"tune": f"{prefix}-tune", "final": prefix, "budget": budget,
                                  "chosen": [{**c, "final_sweep": reuse.get(k, prefix)} for k, c in chosen.items()]}
-        storage.write_text(f"{name}/comparison.json", json.dumps(record, indent=2, default=str))
+        # written before stage 2 runs: the tables of an unfinished comparison say what is partial
+        storage.write_text(record_file(name), json.dumps(record, indent=2, default=str))
+        rc = runner.stage(final_grid(sub, todo, budget=bool(budget)), prefix) if todo else 0
         if rc != 0:
             return rc
         earlier = {"sweep": prefix, "chosen": chosen, "tune": f"{prefix}-tune"}
