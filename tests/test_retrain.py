@@ -51,6 +51,52 @@ def test_summary_is_test_mean_and_std_over_finished_seeds_with_validation_beside
     assert "test/accuracy 0.8500 ± 0.0707 over 2 fresh seed(s) [3, 4]" in retrain.line(s)
 
 
+def _logged_sweep(uri: str, name: str, seeds: list[int], test: list[float]) -> None:
+    """A finished sweep in MLflow as the engine logs it: a parent run and one trial run per seed."""
+    from lora_diffusion.engine.tracking import SweepTracker
+
+    tracker = SweepTracker(uri, name)
+    tracker.parent_run()
+    for seed, acc in zip(seeds, test):
+        run = tracker.trial_run(f"{name}-{seed}", params={"train.seed": seed}, tags={"seed": seed})
+        tracker.log_final(run, {"test/accuracy": acc, "validation/accuracy": acc - 0.1}, step=4)
+        tracker.end_run(run)
+    tracker.end_run(tracker.find_runs(role="sweep")[0].info.run_id)
+
+
+def test_a_finished_retrain_stage_is_read_back_not_trained_again(tmp_path, monkeypatch):
+    """A rerun (--resume) after the stage finished: no new sweep, best.json and the search's
+    parent run carry the stage's test figures again (the engine rewrote best.json without them)."""
+    from mlflow.tracking import MlflowClient
+
+    from lora_diffusion.engine import sweep
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.storage import SweepStorage
+
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", SweepStorage(str(tmp_path / "sweeps"))
+    _logged_sweep(uri, "s", [0, 1], [0.5, 0.6])
+    _logged_sweep(uri, "s-retrain", [2, 3, 4], [0.7, 0.8, 0.9])
+    storage.write_text("s/sweep.json", json.dumps({"tracking_uri": uri}))
+    storage.write_text("s/best.json", json.dumps({"trial_id": "s-1", "selection": {"score": 0.6},
+                                                  "config": {"method": "lora", "train.seed": 1}}))
+    storage.write_text("s-retrain/best.json", "{}")
+    monkeypatch.setattr(sweep, "main", lambda *a, **k: pytest.fail("the finished stage was run again"))
+    args = build_parser("rank_schedule").parse_args(["--name", "s", "--storage-path", str(tmp_path / "sweeps"),
+                                                     "--tracking-uri", uri])
+    lines = []
+    assert retrain.run(args, log=lines.append) == 0
+    assert "s-retrain: finished earlier, not run again" in lines
+    best = json.loads(storage.read_text("s/best.json"))
+    assert best["retrain"]["seeds"] == [2, 3, 4] and best["test/accuracy"]["mean"] == pytest.approx(0.8)
+    assert best["test/accuracy"]["std"] == pytest.approx(0.1) and best["selection"]["score"] == 0.6
+    [parent] = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("lora-diffusion-sweeps").experiment_id],
+        "tags.sweep = 's' and tags.role = 'sweep'")
+    assert parent.data.metrics["test/accuracy_mean"] == pytest.approx(0.8)
+    assert parent.data.tags["retrain.sweep"] == "s-retrain"
+    assert "test/accuracy 0.8000 ± 0.1000" in parent.data.tags["mlflow.note.content"]
+
+
 @pytest.mark.slow
 def test_sweep_retrains_its_selection_with_fresh_seeds_once(tiny_backbone_dir, synthetic_data_dir, tmp_path):
     storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
