@@ -158,3 +158,39 @@ def test_comparison_table_reports_test_with_std_and_marks_partial_cells():
     assert "SST-2 test (± std)" in text and "SST-2 validation" in text
     assert "0.820 ± 0.020" in lora and "0.700 ± 0.000" in lora and "targets attention" in lora and "73,728" in lora
     assert "partial: 2 of 3 seeds" in bitfit
+
+
+def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_backbone_dir, synthetic_data_dir,
+                                                                        tmp_path, monkeypatch):
+    """The stage order (tune, final, unmatched tune, unmatched final) and the record the tables
+    read; a method whose unmatched candidates equal its matched ones (BitFit: no size knob) is
+    neither tuned nor run again: its row of the second table comes from the first."""
+    import pandas as pd
+
+    from lora_diffusion.analysis import comparison, table, trials
+    from lora_diffusion.analysis.trials import VALIDATION_METRIC
+    from lora_diffusion.engine.storage import SweepStorage
+
+    ran: dict[str, list[dict]] = {}
+
+    def fake_stage(self, grid, sweep_name):
+        ran[sweep_name] = grid["cells"]
+        return 0
+
+    def fake_trials(uri, sweep):  # every cell a stage ran, finished; the first rate scores best
+        return pd.DataFrame([{**c, "status": "FINISHED", VALIDATION_METRIC: 1 - c["train.lr"]} for c in ran[sweep]])
+
+    monkeypatch.setattr(comparison._StageRunner, "stage", fake_stage)
+    monkeypatch.setattr(trials, "load_trials", fake_trials)
+    spec = comparison.ComparisonSpec(
+        methods=["lora", "bitfit"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500, trials_per_method=2,
+        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(synthetic_data_dir)})
+    engine = ["--storage-path", str(tmp_path / "sweeps")]
+    assert comparison.run(spec, "cmp", engine, tmp_path / "work", log=lambda _: None) == 0
+    assert list(ran) == ["cmp-tune", "cmp", "cmp-unmatched-tune", "cmp-unmatched"]
+    assert {c["method"] for c in ran["cmp-unmatched-tune"]} == {"lora"}  # bitfit's candidates ran in cmp-tune
+    assert [c["method"] for c in ran["cmp-unmatched"]] == ["lora"]
+    record = table.read_record(SweepStorage(str(tmp_path / "sweeps")), "cmp")
+    unmatched = {c["method"]: c for c in record["stages"]["unmatched"]["chosen"]}
+    assert unmatched["bitfit"]["final_sweep"] == "cmp" and unmatched["lora"]["final_sweep"] == "cmp-unmatched"
+    assert "lora.rank" in unmatched["lora"]  # tuned, not solved, without the budget

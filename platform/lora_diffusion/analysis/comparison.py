@@ -139,7 +139,7 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
                       "max_eval_examples": spec.eval_examples},
             "cells": [chosen[(t, m)] for t in spec.tasks for m in spec.methods if (t, m) in chosen],
             "axes": ["task", "method"], "seeds": list(spec.seeds)}
-    if REFERENCE_METHOD in spec.methods:
+    if any(c["method"] == REFERENCE_METHOD for c in grid["cells"]):  # not when reused from stage 2
         grid["reference"] = {"method": REFERENCE_METHOD}
     return grid
 
