@@ -19,7 +19,10 @@ Shape (Ray 2.60, Train V2):
 - callbacks.py: one MLflow parent run per sweep and one child run per trial (tracking.py),
   re-attached on resume; progress lines; the count of trials that ended;
 - when every trial has ended, `report(spec)` writes the ablation report (table, parquet,
-  heatmaps, Pareto plot) on the parent run: the analysis layer passes it in.
+  heatmaps, Pareto plot) on the parent run: the analysis layer passes it in;
+- best.json holds the selected configuration (best validation among completed trials) and its
+  selection score, never a test figure: cli.sweep_main then retrains it with fresh seeds as the
+  grid sweep `<name>-retrain` and adds test ± std (analysis/retrain.py).
 """
 
 from __future__ import annotations
