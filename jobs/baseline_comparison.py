@@ -5,11 +5,12 @@
     python jobs/baseline_comparison.py --smoke                          # tiny backbone, 2 methods, seconds per trial
     lora-diffusion report --sweep baselines                             # the table again, from MLflow
 
-Stage 1 (`NAME-lr`) picks each method's learning rate, stage 2 (`NAME`) runs every seed with it;
-both are grid sweeps (Ray Tune trials, each a Ray Train run) logged to MLflow, and the table
-(mean, std, 95% CI, paired difference to trajectory, trainable parameters, bytes, step time) is
-stage 2's ablation report on its parent run. Interrupted? Run the same command again: a finished
-stage is skipped and an unfinished one resumed. Arguments not listed here go to the sweep engine
+Stage 1 (`NAME-tune`) tries the same number of candidates per method on validation (its rate and
+its own size/placement knobs, declared in its MethodSpec), stage 2 (`NAME`) runs every seed with
+the best one and reports test beside validation; `NAME-unmatched-tune` / `NAME-unmatched` repeat
+both without the budget (the second table). All are grid sweeps (Ray Tune trials, each a Ray Train
+run) logged to MLflow; `python jobs/baseline_table.py --name NAME` writes the tables.
+Interrupted? Run the same command again: a finished stage is skipped and an unfinished one resumed. Arguments not listed here go to the sweep engine
 (--storage-path, --tracking-uri, --address, --max-concurrent, --workers, ...: see
 `lora-diffusion sweep --help`). The logic lives in lora_diffusion.analysis.comparison.
 """
@@ -37,8 +38,15 @@ def parse(argv=None):
     p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
     p.add_argument("--methods", nargs="+", default=comparison.ALL_METHODS, choices=comparison.ALL_METHODS)
     p.add_argument("--search-validation-examples", type=int, default=200)
+    p.add_argument("--eval-examples", type=int,
+                   help="stage 2: fixed subsets of this many validation and test rows (default: whole splits)")
     p.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
-                   help="replace a method's learning-rate grid (repeatable); one rate skips its search")
+                   help="replace a method's learning-rate grid (repeatable); widened like every grid "
+                        "to --trials-per-method candidates, and stage 1 picks the rate")
+    p.add_argument("--trials-per-method", type=int, default=4,
+                   help="stage-1 candidates of every method, the same for all (1: no tuning stage)")
+    p.add_argument("--no-unmatched", action="store_true",
+                   help="skip the second table (each method tuned and run without the budget)")
     p.add_argument("--workdir", default="runs/baseline_comparison",
                    help="where the generated grid files are written (default: %(default)s)")
     return p.parse_known_args(argv)
@@ -49,10 +57,14 @@ def main(argv=None) -> int:
     spec = comparison.ComparisonSpec(methods=args.methods, tasks=args.tasks, seeds=args.seeds,
                                      steps=args.steps, budget=args.budget or None,
                                      search_steps=args.search_steps,
-                                     search_validation_examples=args.search_validation_examples)
+                                     search_validation_examples=args.search_validation_examples,
+                                     trials_per_method=args.trials_per_method, unmatched=not args.no_unmatched,
+                                     eval_examples=args.eval_examples)
     name = args.name
     try:
         spec.lr_grids.update(comparison.parse_lr_grids(args.lrs))
+        if args.trials_per_method < 1:
+            raise UserError(f"--trials-per-method: must be >= 1, got {args.trials_per_method}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,6 +75,7 @@ def main(argv=None) -> int:
         spec.methods = [m for m in args.methods if m in ("lora", "bitfit")] or args.methods[:2]
         spec.tasks, spec.seeds, spec.budget = args.tasks[:1], args.seeds[:2], 3000
         spec.steps, spec.search_steps, spec.search_validation_examples = 4, 2, 16
+        spec.trials_per_method = min(2, args.trials_per_method)
         name = args.name + "-smoke" if args.name == "baselines" else args.name
     try:
         return comparison.run(spec, name, engine_args, Path(args.workdir) / name)

@@ -49,7 +49,7 @@ def _grid_file(tmp_path, backbone, data_dir) -> Path:
 def _cmd(grid, storage, uri, *extra):
     return [sys.executable, "jobs/ablation_grid.py", "--grid", str(grid), "--name", "grid-resume",
             "--max-concurrent", "2", "--address", "local", "--storage-path", str(storage),
-            "--tracking-uri", uri, "--verbose", "0", *extra]
+            "--tracking-uri", uri, "--verbose", "0", "--retrain-seeds", "0", *extra]  # test_retrain.py: the follow-up
 
 
 def _direct_accuracies(grid_path) -> dict[tuple, float]:

@@ -68,9 +68,10 @@ def test_matching_leaves_the_backbone_untouched(backbone):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_data_dir):
-    """The baseline comparison's two grids: budget-matched cells, one search run per rate, the
-    best rate per (task, method) (ties: the smaller), and a valid stage-2 grid file."""
+def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbone_dir, synthetic_data_dir):
+    """The comparison's grids: N budget-matched candidates per (task, method), over the rate and
+    the method's own knobs, the best per (task, method) on validation (ties: the smaller rate),
+    and a valid stage-2 grid file."""
     import pandas as pd
 
     from lora_diffusion.analysis import comparison
@@ -78,34 +79,41 @@ def test_comparison_grids_size_search_and_choose(tiny_backbone_dir, synthetic_da
 
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
-        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2], "trajectory": [3e-3, 6e-3]},
+        lr_grids={"lora": [1e-3, 3e-3], "bitfit": [1e-2], "trajectory": [3e-3, 6e-3]}, trials_per_method=4,
         sets={"backbone": str(tiny_backbone_dir), "data_dir": str(synthetic_data_dir),
               "trajectory.injection_layers": [0]})
-    cells = comparison.sized_cells(spec)
-    lora, bitfit, traj = cells
-    assert lora == {"task": "sst2", "method": "lora", "lora.rank": 5} and bitfit == {"task": "sst2", "method": "bitfit"}
-    assert "trajectory.rank" in traj
+    cells = comparison.stage_cells(spec, log=lambda _: None)
+    by_method = {m: [c for c in cells if c["method"] == m] for m in spec.methods}
+    assert all(len(v) == 4 for v in by_method.values())  # parity, whatever each grid holds
+    assert {(c["train.lr"], c["lora.targets"]) for c in by_method["lora"]} == {
+        (1e-3, "attention"), (3e-3, "attention"), (1e-3, "attention_mlp"), (3e-3, "attention_mlp")}
+    assert [c["train.lr"] for c in by_method["bitfit"]] == [0.00111, 0.00333, 0.01, 0.03]  # widened x3
+    assert all("trajectory.injection_layers" not in c for c in by_method["trajectory"])  # fixed by sets
+    assert all(c["lora.rank"] >= 1 for c in by_method["lora"])  # solved per candidate
 
-    search = comparison.lr_search_grid(spec, cells)
-    assert [(c["method"], c["train.lr"]) for c in search["cells"]] == [
-        ("lora", 1e-3), ("lora", 3e-3), ("trajectory", 3e-3), ("trajectory", 6e-3)]  # bitfit: one rate
-    assert search["seeds"] == [0] and search["fixed"]["train.steps"] == 2
-    grid = grid_lib.parse_grid(search, "lr_search.yaml")
-    assert len(grid.runs()) == 4 and list(grid.axes) == ["task", "method", "train.lr"]
+    grid = grid_lib.parse_grid(comparison.tuning_grid(spec, cells), "tune.yaml")
+    assert len(grid.runs()) == 12 and grid.seeds == [0] and grid.fixed["train.steps"] == 2
 
-    trials = pd.DataFrame([
-        {"task": "sst2", "method": "lora", "train.lr": 1e-3, "status": "FINISHED", VALIDATION_METRIC: 0.70},
-        {"task": "sst2", "method": "lora", "train.lr": 3e-3, "status": "FINISHED", VALIDATION_METRIC: 0.75},
-        {"task": "sst2", "method": "trajectory", "train.lr": 3e-3, "status": "FINISHED", VALIDATION_METRIC: 0.80},
-        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FINISHED", VALIDATION_METRIC: 0.80},
-        {"task": "sst2", "method": "trajectory", "train.lr": 6e-3, "status": "FAILED", VALIDATION_METRIC: 0.99}])
-    lrs = comparison.choose_lrs(spec, cells, trials)
-    assert lrs == {("sst2", "lora"): 3e-3, ("sst2", "bitfit"): 1e-2, ("sst2", "trajectory"): 3e-3}
+    rows = [{**c, "status": "FINISHED", VALIDATION_METRIC: 0.5} for c in cells]
+    rows[1][VALIDATION_METRIC] = 0.9  # lora's second candidate
+    rows.append({**cells[2], "status": "FAILED", VALIDATION_METRIC: 0.99})
+    chosen = comparison.tuning.choose(cells, pd.DataFrame(rows))
+    assert chosen[("sst2", "lora")] == cells[1]
+    assert chosen[("sst2", "bitfit")]["train.lr"] == 0.00111  # a tie: the smaller rate
 
-    final = grid_lib.parse_grid(comparison.final_grid(spec, cells, lrs), "final.yaml")
+    final = grid_lib.parse_grid(comparison.final_grid(spec, chosen), "final.yaml")
     assert list(final.axes) == ["task", "method"] and final.reference == {"method": "trajectory"}
-    assert [r["train.lr"] for r in final.runs()] == [3e-3, 3e-3, 1e-2, 1e-2, 3e-3, 3e-3]
-    assert final.runs()[0]["lora.rank"] == 5 and final.runs()[0]["train.seed"] == 0
+    assert final.runs()[0] == {**final.fixed, **cells[1], "train.seed": 0}
+
+
+def test_unmatched_candidates_tune_the_size_knob_and_draw_a_seeded_subset():
+    from lora_diffusion.analysis import tuning
+
+    free = tuning.candidates("lora", 4, None, [1e-3, 3e-3], {})
+    assert len(free) == 4 and all({"lora.rank", "lora.targets", "train.lr"} == set(c) for c in free)
+    assert free == tuning.candidates("lora", 4, None, [1e-3, 3e-3], {})  # the same draw on a rerun
+    assert tuning.candidates("vera", 4, 73728, [1e-2, 3e-2], {}) == [
+        {"train.lr": r} for r in (0.00333, 0.01, 0.03, 0.09)]  # fixed size: its rate only
 
 
 def test_cells_grid_rejects_indistinguishable_cells():
@@ -125,3 +133,64 @@ def test_lr_grid_override_parses_and_names_the_bad_item():
                        ("lora=", "expected METHOD=LR"), ("lora=0", "must be > 0")]:
         with pytest.raises(UserError, match=named):
             comparison.parse_lr_grids([bad])
+
+
+def test_comparison_table_reports_test_with_std_and_marks_partial_cells():
+    """The README's table is generated from the comparison's record and its trials: test mean ±
+    std over seeds, validation beside it, the configuration chosen on validation; a cell with
+    fewer finished seeds than asked is labelled partial."""
+    import pandas as pd
+
+    from lora_diffusion.analysis import table
+    from lora_diffusion.analysis.trials import TEST_METRIC, VALIDATION_METRIC
+
+    record = {"budget": 73728, "tasks": ["sst2"], "methods": ["lora", "bitfit"], "seeds": [0, 1, 2],
+              "stages": {"matched": {"chosen": [
+                  {"task": "sst2", "method": "lora", "train.lr": 1e-3, "lora.targets": "attention", "final_sweep": "b"},
+                  {"task": "sst2", "method": "bitfit", "train.lr": 3e-2, "final_sweep": "b"}]}}}
+    rows = [{"task": "sst2", "method": "lora", "status": "FINISHED", TEST_METRIC: t, VALIDATION_METRIC: 0.7,
+             "trainable_params": 73728} for t in (0.80, 0.82, 0.84)]
+    rows += [{"task": "sst2", "method": "bitfit", "status": s, TEST_METRIC: 0.6, VALIDATION_METRIC: 0.6,
+              "trainable_params": 57018} for s in ("FINISHED", "FINISHED", "RUNNING")]
+    text = table.markdown(record, "matched", lambda sweep: pd.DataFrame(rows))
+    lora = next(line for line in text.splitlines() if line.startswith("| lora"))
+    bitfit = next(line for line in text.splitlines() if line.startswith("| bitfit"))
+    assert "SST-2 test (± std)" in text and "SST-2 validation" in text
+    assert "0.820 ± 0.020" in lora and "0.700 ± 0.000" in lora and "targets attention" in lora and "73,728" in lora
+    assert "partial: 2 of 3 seeds" in bitfit
+
+
+def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_backbone_dir, synthetic_data_dir,
+                                                                        tmp_path, monkeypatch):
+    """The stage order (tune, final, unmatched tune, unmatched final) and the record the tables
+    read; a method whose unmatched candidates equal its matched ones (BitFit: no size knob) is
+    neither tuned nor run again: its row of the second table comes from the first."""
+    import pandas as pd
+
+    from lora_diffusion.analysis import comparison, table, trials
+    from lora_diffusion.analysis.trials import VALIDATION_METRIC
+    from lora_diffusion.engine.storage import SweepStorage
+
+    ran: dict[str, list[dict]] = {}
+
+    def fake_stage(self, grid, sweep_name):
+        ran[sweep_name] = grid["cells"]
+        return 0
+
+    def fake_trials(uri, sweep):  # every cell a stage ran, finished; the first rate scores best
+        return pd.DataFrame([{**c, "status": "FINISHED", VALIDATION_METRIC: 1 - c["train.lr"]} for c in ran[sweep]])
+
+    monkeypatch.setattr(comparison._StageRunner, "stage", fake_stage)
+    monkeypatch.setattr(trials, "load_trials", fake_trials)
+    spec = comparison.ComparisonSpec(
+        methods=["lora", "bitfit"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500, trials_per_method=2,
+        sets={"backbone": str(tiny_backbone_dir), "data_dir": str(synthetic_data_dir)})
+    engine = ["--storage-path", str(tmp_path / "sweeps")]
+    assert comparison.run(spec, "cmp", engine, tmp_path / "work", log=lambda _: None) == 0
+    assert list(ran) == ["cmp-tune", "cmp", "cmp-unmatched-tune", "cmp-unmatched"]
+    assert {c["method"] for c in ran["cmp-unmatched-tune"]} == {"lora"}  # bitfit's candidates ran in cmp-tune
+    assert [c["method"] for c in ran["cmp-unmatched"]] == ["lora"]
+    record = table.read_record(SweepStorage(str(tmp_path / "sweeps")), "cmp")
+    unmatched = {c["method"]: c for c in record["stages"]["unmatched"]["chosen"]}
+    assert unmatched["bitfit"]["final_sweep"] == "cmp" and unmatched["lora"]["final_sweep"] == "cmp-unmatched"
+    assert "lora.rank" in unmatched["lora"]  # tuned, not solved, without the budget

@@ -88,7 +88,7 @@ def _run_grid(tmp_path, backbone, data_dir, uri) -> None:
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "jobs/ablation_grid.py", "--grid", str(_grid(tmp_path, backbone, data_dir)),
            "--name", SWEEP, "--max-concurrent", "2", "--address", "local", "--verbose", "0",
-           "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", uri]
+           "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", uri, "--retrain-seeds", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
 
@@ -170,7 +170,7 @@ def test_compare_trials_in_the_mlflow_ui(browser, tiny_backbone_dir, synthetic_d
               "compare.png", *NAMES, "trajectory.rank", "train.seed")
 
         _page(browser, f"{base}#/experiments/{eid}/runs/{pid}?{ml}", "parent.png",
-              "Best trial on validation", "Resume it")
+              "Selected on validation", "Resume it")
         _page(browser, f"{base}#/experiments/{eid}/runs/{pid}/artifacts?{ml}", "artifacts.png", "ablation")
         browser.find_element("xpath", "//*[normalize-space(text())='ablation']").click()
         _page_text_after_click(browser, "artifacts.png", "summary.md", "pareto.png")

@@ -134,7 +134,7 @@ def test_callback_resume_cycle(uri):
     cb2.on_trial_result(0, [], t2, {"step": 4, "train/loss": 2.5, "validation/accuracy": 0.55, "resumed_from_step": 2})
     cb2.on_trial_complete(0, [], t2)  # stopped by the scheduler: no result_json
     cb2.describe_parent(["train.lr"], "python jobs/x.py --name sw --resume")
-    cb2.finish({"trial_id": "t1", "validation/accuracy": 0.6})
+    cb2.finish({"trial_id": "t1", "selection": {"score": 0.6}})
     tr = cb2.tracker
     runs = tr.trial_runs()
     assert sorted(r.data.tags["trial_id"] for r in runs) == ["t1", "t2"]
@@ -147,7 +147,7 @@ def test_callback_resume_cycle(uri):
     assert tr.client.get_run(by["t1"]).data.metrics["final/validation/accuracy"] == 0.6
     parent = tr.find_runs(role="sweep")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    assert parent[0].data.metrics["best/validation_accuracy"] == 0.6
+    assert parent[0].data.metrics["selection/validation_accuracy"] == 0.6
     # the trials are named by what they tried; the parent lists the knobs and sums the sweep up
     assert {r.info.run_name for r in runs} == {"lr0.01", "lr0.02"}
     assert tr.client.get_run(by["t1"]).data.tags["best_trial"] == "true"
@@ -156,7 +156,7 @@ def test_callback_resume_cycle(uri):
     assert tags["sweep.knobs"] == "train.lr"
     note = tags["mlflow.note.content"]
     assert "2 trials, 1 finished, 1 stopped early, 0 failed" in note
-    assert "**lr0.01** (trial `t1`" in note and "validation (validation/accuracy) 0.6000" in note
+    assert "**lr0.01** (trial `t1`" in note and "selection score (validation/accuracy) 0.6000" in note
     assert "`python jobs/x.py --name sw --resume`" in note
 
 

@@ -36,7 +36,7 @@ def test_worker_death_resumes_from_checkpoint(tiny_backbone_dir, synthetic_data_
            "--num-samples", "1", "--workers", "2", "--max-concurrent", "1", "--max-failures", "2",
            "--address", "local", "--storage-path", str(storage), "--tracking-uri", uri, "--verbose", "0",
            "--set", f"backbone={tiny_backbone_dir}", "--set", f"train.steps={STEPS}",
-           "--set", f"train.eval_every={EVERY}"]
+           "--set", f"train.eval_every={EVERY}", "--retrain-seeds", "0"]  # the failure, not the follow-up
     t0 = time.time()
     with open(tmp_path / "sweep.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -161,11 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
     """The sweep jobs' entry point: the engine runs the sweep, then the analysis layer writes
-    its ablation report on the parent run (the engine itself never imports analysis)."""
+    its ablation report on the parent run and retrains the selected configuration with fresh
+    seeds on test (analysis/retrain.py; the engine itself never imports analysis)."""
+    from .analysis import retrain
     from .analysis.report import report_sweep
+    from .engine.options import build_parser
     from .engine.sweep import main as engine_main
 
-    return engine_main(argv, default_space=default_space, report=report_sweep)
+    rc = engine_main(argv, default_space=default_space, report=report_sweep)
+    if rc == 2:  # a user error: nothing ran
+        return rc
+    # the selected configuration, retrained with fresh seeds and reported on test
+    return retrain.main_after_sweep(build_parser(default_space).parse_args(argv), rc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,28 +1,34 @@
-"""Baseline comparison on the sweep engine: every method at a matched budget, with its own
-learning rate, x seeds x tasks.
+"""Baseline comparison on the sweep engine: every method tuned on validation with the same number
+of trials, at a matched budget, x seeds x tasks, reported on test.
 
-Two grid sweeps (sweep.py running grid.py's `cells` form), each resumable and logged to
-MLflow like every sweep:
+Grid sweeps (sweep.py running grid.py's `cells` form), each resumable and logged to MLflow:
 
-1. `<name>-lr`: every (task, method) at each rate of its grid (`LR_GRIDS`), first seed only,
-   `search_steps` steps, scored on a seeded `search_validation_examples`-row subset of
-   validation. Skipped for a method whose grid has one rate.
-2. `<name>`: every (task, method) with the rate that scored best (ties: the smaller rate) x every
-   seed, `steps` steps, scored on the whole validation split and on the test split (reported;
-   nothing is chosen on it). Its ablation report (axes task x method, paired differences to
-   `trajectory` by seed) is the table.
+1. `<name>-tune`: `trials_per_method` candidates per (task, method): its learning rate and its
+   own size/placement knobs (`MethodSpec.tuning`, drawn by tuning.py: the same number for every
+   method), each candidate's size solved to the budget; first seed, `search_steps` steps,
+   scored on a fixed `search_validation_examples`-row subset of validation.
+2. `<name>`: every (task, method) at the candidate that scored best x every seed, `steps` steps,
+   scored on the whole validation split and on the test split (reported; nothing is chosen on
+   it). Its ablation report (axes task x method, paired differences to `trajectory` by seed) is
+   the first table.
+3. `<name>-unmatched-tune`, `<name>-unmatched` (unless `unmatched` is off): the same without the
+   budget, the size knob tuned like the others: each method's best validated configuration,
+   the second table. Candidates and final cells the matched stages already ran are read from
+   them, not run again.
 
-Sizes: `budget.match_budget` solves each method's size knob to the target; full fine-tuning and
-BitFit have no knob and keep their size (the table shows both, from the same accounting).
-The rate is picked on part of validation (200 rows by default, 23% of SST-2's 861) among
-two values per method; test is never used for a choice. AG News' validation and test are cuts of
-its test.csv (tasks' split_note).
+`<name>.comparison.json` (beside the sweeps) records the stages and every choice; table.py writes the
+README's tables from it and MLflow. Sizes: `budget.match_budget` solves each method's size knob;
+full fine-tuning, BitFit, DoRA (LoRA's rank) and VeRA keep their fixed size (the table shows
+every count, from the same accounting). The learning-rate grids in the method specs were placed
+on the old SST-2 dev split, which is today's test split; they only centre each method's range,
+and stage 1 picks the rate on validation. AG News' validation and test are cuts of its test.csv
+(tasks' split_note).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -30,7 +36,7 @@ import yaml
 from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
-from .budget import knob_of, match_budget
+from . import tuning
 
 # The compared methods are those whose spec has a learning-rate grid (`MethodSpec.lr_grid`:
 # MiniLM, AdamW, batch 32, each around the rate that trained best in single-seed calibration runs
@@ -51,12 +57,12 @@ LR_GRIDS: dict[str, list[float]] = {m: list(registry.spec_of(m).lr_grid) for m i
 REFERENCE_METHOD = "trajectory"
 
 # Every run: what the default sweep measured to carry signal on 2 CPU cores (see rank_schedule.yaml).
-# Two phases, not the default four: each phase's module sees only its share of the steps, and at
-# these budgets four phases trained worse (grid_rank_schedule: 0.69 vs 0.53 dev at 200 steps;
-# trajectory_adapter r8 x 2 phases 0.805 dev at 400 steps, r4 x 4 phases 0.645 at 800).
+# The phase count is not fixed here: it was chosen on the old dev split (today's test; two phases
+# 0.69 vs four 0.53 dev at 200 steps), so the trajectory methods tune it on validation (their
+# MethodSpec.tuning).
 BASE_SETS = {"backbone": "minilm", "max_length": 48, "max_train_examples": 20000,
              "train_accuracy_examples": 256, "train.batch_size": 32, "train.warmup_steps": 20,
-             "diffusion.eval_t_points": 2, "trajectory.num_phases": 2, "train.group_by_length": True}
+             "diffusion.eval_t_points": 2, "train.group_by_length": True}
 
 # Per-method settings of the comparison (`MethodSpec.comparison_sets`, with the measurements
 # that chose them in the method's file), applied before the size is solved.
@@ -73,7 +79,11 @@ class ComparisonSpec:
     budget: int | None = 73728  # trainable parameters (LoRA rank 4 on Q/K/V/O of MiniLM, exactly)
     search_steps: int | None = None  # steps of each lr-search run (default: steps // 2)
     search_validation_examples: int = 200
+    eval_examples: int | None = None  # stage 2: fixed subsets of validation and test (None: whole splits)
     lr_grids: dict[str, list[float]] = field(default_factory=lambda: dict(LR_GRIDS))
+    trials_per_method: int = 4  # stage-1 candidates of every method (tuning.py)
+    tuning_seed: int = 0  # which candidates a method with more than that runs
+    unmatched: bool = True  # also the second table: each method tuned and run without the budget
     sets: dict[str, object] = field(default_factory=lambda: dict(BASE_SETS))  # every run
 
 
@@ -93,9 +103,9 @@ def parse_lr_grids(items: list[str]) -> dict[str, list[float]]:
     return grids
 
 
-def sized_cells(spec: ComparisonSpec) -> list[dict]:
-    """One cell per (task, method): its size knob solved to the budget (methods with no knob as
-    they are). The backbone is loaded once, on this machine, to count parameters."""
+def stage_cells(spec: ComparisonSpec, log=print) -> list[dict]:
+    """Stage 1's cells: `trials_per_method` candidates per (task, method) (tuning.py), each at the
+    budget when there is one. The backbone is loaded once, on this machine, to count parameters."""
     import torch
 
     from ..core.backbone import load_backbone
@@ -104,62 +114,40 @@ def sized_cells(spec: ComparisonSpec) -> list[dict]:
     torch.manual_seed(0)
     backbone = load_backbone(base.backbone, trust_remote_code=base.trust_remote_code,
                              allow_hub=base.allow_hub)
-    cells = []
-    for task in spec.tasks:
-        for method in spec.methods:
-            cell = {"task": task, "method": method, **METHOD_SETS.get(method, {})}
-            knob = knob_of(method)
-            if spec.budget and knob:
-                config = config_lib.from_dict({}, {**spec.sets, **cell})
-                cell[knob] = match_budget(config, backbone, spec.budget).flat()[knob]
-            cells.append(cell)
-    return cells
+    return [cell for task in spec.tasks for method in spec.methods
+            for cell in tuning.sized_candidates(spec, backbone, task, method, log)]
 
 
-def lr_search_grid(spec: ComparisonSpec, cells: list[dict]) -> dict | None:
-    """Stage 1's grid file content, or None when no method has more than one rate to try."""
-    searched = [{**c, "train.lr": lr} for c in cells if len(spec.lr_grids[c["method"]]) > 1
-                for lr in spec.lr_grids[c["method"]]]
-    if not searched:
-        return None
+def tuning_grid(spec: ComparisonSpec, cells: list[dict]) -> dict:
+    """Stage 1's grid file content: every candidate once, first seed, `search_steps` steps,
+    scored on a fixed `search_validation_examples`-row subset of validation."""
     steps = spec.search_steps or max(1, spec.steps // 2)
+    budget = f"at {spec.budget} parameters" if spec.budget else "without a budget"
     # one evaluation, at the end: there is no early stopping in a grid to feed
-    return {"description": "baseline comparison, stage 1: learning rate per task x method",
+    return {"description": f"baseline comparison, stage 1: {spec.trials_per_method} candidates per "
+                           f"task x method {budget}, on validation",
             "fixed": {**spec.sets, "train.steps": steps, "train.eval_every": steps,
                       "max_eval_examples": spec.search_validation_examples},
-            "cells": searched, "axes": ["task", "method", "train.lr"], "seeds": spec.seeds[:1]}
+            "cells": cells, "seeds": spec.seeds[:1]}
 
 
-def choose_lrs(spec: ComparisonSpec, cells: list[dict], trials) -> dict[tuple[str, str], float]:
-    """(task, method) -> the rate whose search run scored best on the validation subset (ties: smaller).
-    `trials` is stage 1 read back by analysis.trials.load_trials; a method with one rate takes it."""
-    from .trials import VALIDATION_METRIC
-
-    chosen = {}
-    for c in cells:
-        key, grid = (c["task"], c["method"]), spec.lr_grids[c["method"]]
-        if len(grid) == 1:
-            chosen[key] = grid[0]
-            continue
-        rows = trials[(trials["task"] == c["task"]) & (trials["method"] == c["method"])
-                      & (trials["status"] == "FINISHED")] if len(trials) else []
-        scored = [(float(r[VALIDATION_METRIC]), -float(r["train.lr"])) for _, r in
-                  (rows.iterrows() if len(rows) else []) if not math.isnan(float(r[VALIDATION_METRIC]))]
-        if not scored:
-            raise RuntimeError(f"lr search: no finished run of {key[1]} on {key[0]}; see stage 1's sweep")
-        chosen[key] = -max(scored)[1]
-    return chosen
-
-
-def final_grid(spec: ComparisonSpec, cells: list[dict], lrs: dict) -> dict:
-    """Stage 2's grid file content: every cell at its chosen rate x every seed."""
-    grid = {"description": "baseline comparison: methods at a matched budget, own learning rate",
-            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.steps},
-            "cells": [{**c, "train.lr": lrs[(c["task"], c["method"])]} for c in cells],
+def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget: bool = True) -> dict:
+    """Stage 2's grid file content: every (task, method) at its chosen candidate x every seed."""
+    what = "at a matched budget" if budget else "each at its best validated size, no budget"
+    grid = {"description": f"baseline comparison: methods {what}, tuned on validation, reported on test",
+            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.steps,
+                      "max_eval_examples": spec.eval_examples},
+            "cells": [chosen[(t, m)] for t in spec.tasks for m in spec.methods if (t, m) in chosen],
             "axes": ["task", "method"], "seeds": list(spec.seeds)}
-    if REFERENCE_METHOD in spec.methods:
+    if any(c["method"] == REFERENCE_METHOD for c in grid["cells"]):  # not when reused from stage 2
         grid["reference"] = {"method": REFERENCE_METHOD}
     return grid
+
+
+def record_file(name: str) -> str:
+    """The comparison's record, beside its sweeps (not in a sweep's directory: the engine starts
+    a sweep only in an empty one)."""
+    return f"{name}.comparison.json"
 
 
 def write_grid(grid: dict, path: Path) -> Path:
@@ -170,38 +158,81 @@ def write_grid(grid: dict, path: Path) -> Path:
 
 
 def run(spec: ComparisonSpec, name: str, engine_args: list[str], workdir: Path, log=print) -> int:
-    """Both stages on the sweep engine. `engine_args` go to every `lora-diffusion sweep` call
+    """Every stage on the sweep engine. `engine_args` go to every `lora-diffusion sweep` call
     (--storage-path, --tracking-uri, --address, --max-concurrent, --smoke, ...). Run it again
-    after an interruption: a finished stage is skipped, an interrupted one resumed."""
-    from ..engine import options, sweep
-    from ..engine.spec import SPEC_FILE
+    after an interruption: a finished stage is skipped, an interrupted one resumed. Writes
+    `<name>.comparison.json` (the stages and every choice) beside the sweeps, which table.py reads."""
+    from ..engine import options
     from ..engine.storage import SweepStorage
-    from .report import report_sweep
-    from .trials import load_trials
 
     opts = options.build_parser("").parse_known_args(engine_args)[0]
     storage = SweepStorage(options.storage_location(opts.storage_path))
-    uri = opts.tracking_uri or options.default_tracking_uri()
-
-    def stage(grid: dict, sweep_name: str) -> int:
-        if storage.exists(f"{sweep_name}/best.json"):
-            log(f"{sweep_name}: finished earlier, skipped")
-            return 0
-        resume = ["--resume"] if storage.exists(f"{sweep_name}/{SPEC_FILE}") else []
-        path = write_grid(grid, workdir / f"{sweep_name}.yaml")
-        return sweep.main(["--grid", str(path), "--name", sweep_name, *resume, *engine_args],
-                          report=report_sweep)
-
-    cells = sized_cells(spec)
-    search = lr_search_grid(spec, cells)
-    trials = []
-    if search is not None:
-        rc = stage(search, f"{name}-lr")
+    runner = _StageRunner(storage, opts.tracking_uri or options.default_tracking_uri(), engine_args, workdir, log)
+    record = {"name": name, "budget": spec.budget, "trials_per_method": spec.trials_per_method,
+              "tasks": spec.tasks, "methods": spec.methods, "seeds": spec.seeds, "stages": {}}
+    budgets = [spec.budget] + ([None] if spec.budget and spec.unmatched else [])
+    earlier: dict | None = None
+    for budget in budgets:
+        tag = "matched" if budget else "unmatched"
+        sub = replace(spec, budget=budget)
+        prefix = name if budget or not spec.budget else f"{name}-unmatched"
+        rc, chosen = runner.tune(sub, f"{prefix}-tune", earlier)
         if rc != 0:
-            log(f"stage 1 ({name}-lr) did not finish (exit {rc}): run the same command again to resume it")
             return rc
-        trials = load_trials(uri, f"{name}-lr")
-    lrs = choose_lrs(spec, cells, trials)
-    for (task, method), lr in lrs.items():
-        log(f"{task} {method}: lr {lr:g}")
-    return stage(final_grid(spec, cells, lrs), name)
+        reuse = {k: earlier["sweep"] for k, c in chosen.items() if earlier and earlier["chosen"].get(k) == c}
+        todo = {k: c for k, c in chosen.items() if k not in reuse}
+        record["stages"][tag] = {"tune": f"{prefix}-tune", "final": prefix, "budget": budget,
+                                 "chosen": [{**c, "final_sweep": reuse.get(k, prefix)} for k, c in chosen.items()]}
+        # written before stage 2 runs: the tables of an unfinished comparison say what is partial
+        storage.write_text(record_file(name), json.dumps(record, indent=2, default=str))
+        rc = runner.stage(final_grid(sub, todo, budget=bool(budget)), prefix) if todo else 0
+        if rc != 0:
+            return rc
+        earlier = {"sweep": prefix, "chosen": chosen, "tune": f"{prefix}-tune"}
+    return 0
+
+
+class _StageRunner:
+    """Runs a comparison's grid stages: a finished stage is skipped, an interrupted one resumed."""
+
+    def __init__(self, storage, uri: str, engine_args: list[str], workdir: Path, log):
+        self.storage, self.uri, self.engine_args, self.workdir, self.log = storage, uri, engine_args, workdir, log
+
+    def stage(self, grid: dict, sweep_name: str) -> int:
+        from ..engine import sweep
+        from ..engine.spec import SPEC_FILE
+        from .report import report_sweep
+
+        if self.storage.exists(f"{sweep_name}/best.json"):
+            self.log(f"{sweep_name}: finished earlier, skipped")
+            return 0
+        resume = ["--resume"] if self.storage.exists(f"{sweep_name}/{SPEC_FILE}") else []
+        path = write_grid(grid, self.workdir / f"{sweep_name}.yaml")
+        rc = sweep.main(["--grid", str(path), "--name", sweep_name, *resume, *self.engine_args],
+                        report=report_sweep)
+        if rc != 0:
+            self.log(f"{sweep_name} did not finish (exit {rc}): run the same command again to resume it")
+        return rc
+
+    def tune(self, spec: ComparisonSpec, sweep_name: str, earlier: dict | None):
+        """Stage 1: (exit code, (task, method) -> chosen cell). Candidates an earlier stage 1
+        already ran (same cell) are read from it, not run again."""
+        import pandas as pd
+
+        from .trials import load_trials
+
+        cells = stage_cells(spec, self.log)
+        if spec.trials_per_method == 1:  # one candidate each: nothing to choose
+            return 0, {(c["task"], c["method"]): c for c in cells}
+        done = load_trials(self.uri, earlier["tune"]) if earlier else pd.DataFrame()
+        todo = [c for c in cells if not tuning.matching_rows(c, done)]
+        if todo:
+            rc = self.stage(tuning_grid(spec, todo), sweep_name)
+            if rc != 0:
+                return rc, {}
+            done = pd.concat([done, load_trials(self.uri, sweep_name)], ignore_index=True)
+        chosen = tuning.choose(cells, done)
+        for (task, method), cell in chosen.items():
+            self.log(f"{sweep_name}: {task} {method}: " + ", ".join(
+                f"{k}={v}" for k, v in cell.items() if k not in ("task", "method")))
+        return 0, chosen

@@ -254,7 +254,7 @@ class MlflowSweepCallback(Callback):
 
             now = int(time.time() * 1000)
             self.tracker.client.log_batch(parent, metrics=[
-                Metric("best/validation_accuracy", float(best["validation/accuracy"]), now, 0)])
+                Metric("selection/validation_accuracy", float(best["selection"]["score"]), now, 0)])
             self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
             self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
             for run in self.tracker.trial_runs():
@@ -297,11 +297,10 @@ def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: di
     run = next((r for r in runs if best and r.data.tags.get("trial_id") == best["trial_id"]), None)
     if run is not None:
         m = run.data.metrics
-        figures = [f"validation ({METRIC}) {m.get(f'final/{METRIC}', best[METRIC]):.4f}"]
-        if "final/test/accuracy" in m:
-            figures.append(f"test {m['final/test/accuracy']:.4f}")
-        lines += [f"Best trial on validation: **{run.info.run_name}** (trial `{best['trial_id']}`, "
-                  f"tagged `{BEST_TAG}`): " + ", ".join(figures) + ".", ""]
+        score = m.get(f"final/{METRIC}", best["selection"]["score"])
+        lines += [f"Selected on validation: **{run.info.run_name}** (trial `{best['trial_id']}`, tagged "
+                  f"`{BEST_TAG}`): selection score ({METRIC}) {score:.4f}, the best of the search, so "
+                  "optimistic; its test figure is the retrain's (fresh seeds), below when it has run.", ""]
     else:
         lines += [f"Best trial: none ({'no trial reported ' + METRIC if ended else 'the sweep is running, or was interrupted'}).", ""]
     if resume:

@@ -55,4 +55,7 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
                    "cluster has GPUs, else 0)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial (default 2)")
     p.add_argument("--verbose", type=int, default=1, help="Tune's verbosity (0 quiet, 1 status tables)")
+    p.add_argument("--retrain-seeds", type=int, default=None,
+                   help="when the sweep ends, retrain its selected configuration with this many fresh seeds "
+                        "(never used by the search) and report test (default 3, 1 with --smoke; 0 skips)")
     return p

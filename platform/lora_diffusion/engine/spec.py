@@ -118,9 +118,14 @@ def prepare(args) -> SweepSpec:
     return _resume(args, storage) if args.resume else _new(args, storage)
 
 
-def _resume(args, storage: SweepStorage) -> SweepSpec:
-    name = args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem
+def sweep_name(args) -> str:
+    """The sweep's name: --name, else the space's file name (plus -smoke with --smoke)."""
+    return args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem
                          + ("-smoke" if args.smoke else ""))
+
+
+def _resume(args, storage: SweepStorage) -> SweepSpec:
+    name = sweep_name(args)
     if not storage.exists(f"{name}/{SPEC_FILE}") or not storage.exists(f"{name}/tuner.pkl"):
         raise UserError(f"--resume: no sweep named {name!r} in {storage.join()} (expected "
                         f"{storage.join(name, SPEC_FILE)} and {storage.join(name, 'tuner.pkl')}); "
@@ -162,7 +167,7 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
 
 
 def _sweep_name(args, path: Path) -> str:
-    name = args.name or path.stem + ("-smoke" if args.smoke else "")
+    name = sweep_name(args)
     if not re.fullmatch(NAME_PATTERN, name):
         raise UserError(f"--name: {name!r} must be letters, digits, '_', '.', '-' (it names a directory "
                         "and an MLflow tag)")

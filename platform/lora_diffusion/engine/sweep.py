@@ -19,7 +19,10 @@ Shape (Ray 2.60, Train V2):
 - callbacks.py: one MLflow parent run per sweep and one child run per trial (tracking.py),
   re-attached on resume; progress lines; the count of trials that ended;
 - when every trial has ended, `report(spec)` writes the ablation report (table, parquet,
-  heatmaps, Pareto plot) on the parent run: the analysis layer passes it in.
+  heatmaps, Pareto plot) on the parent run: the analysis layer passes it in;
+- best.json holds the selected configuration (best validation among completed trials) and its
+  selection score, never a test figure: cli.sweep_main then retrains it with fresh seeds as the
+  grid sweep `<name>-retrain` and adds test ± std (analysis/retrain.py).
 """
 
 from __future__ import annotations
@@ -151,27 +154,39 @@ def _interrupted(results, spec: SweepSpec, ends) -> bool:
     return ends.finished() + results.num_errors < spec.sweep.num_samples
 
 
-def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
-    """The sweep's end: best.json and the parent run's status, or how to resume it."""
+def _select(results, spec: SweepSpec) -> dict | None:
+    """The configuration the sweep selects: the best validation score among COMPLETED trials (run
+    to their last step; a trial ASHA stopped early was scored at another step count). Its score
+    is the selection score, not a result: `analysis.retrain` reports test with fresh seeds."""
     from .callbacks import TrialResolver
 
+    resolve = TrialResolver(spec.fixed, "")
+    rows = [(r, resolve(r.config)[0]) for r in results if r.metrics and METRIC in r.metrics]
+    rows = [(r, config) for r, config in rows if (r.metrics.get("step") or 0) >= config["train.steps"]]
+    if not rows:
+        return None
+    b, config = max(rows, key=lambda rc: rc[0].metrics[METRIC])
+    return {"trial_id": b.metrics.get("trial_id"), "step": b.metrics.get("step"), "params": b.config,
+            "selection": {"metric": METRIC, "score": b.metrics[METRIC], "completed_trials": len(rows),
+                          "note": "the best validation score of the search: what the configuration was "
+                                  "selected by, optimistic; the result is retrain's test"},
+            "config": {k: v for k, v in config.items() if not k.startswith("sampled.")}}
+
+
+def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
+    """The sweep's end: best.json and the parent run's status, or how to resume it."""
     if _interrupted(results, spec, ends):
         print(f"\nsweep {spec.name} interrupted ({ends.finished()} of {spec.sweep.num_samples} trials "
               "finished): rerun the same command with --resume to continue it")
         return 1
-    rows = [r for r in results if r.metrics and METRIC in r.metrics]
     errors = [r for r in results if r.error]
-    best = None
-    if rows:
-        b = max(rows, key=lambda r: r.metrics[METRIC])
-        best = {"trial_id": b.metrics.get("trial_id"), "validation/accuracy": b.metrics[METRIC],
-                "step": b.metrics.get("step"), "params": b.config,
-                "config": TrialResolver(spec.fixed, "")(b.config)[0]}
+    best = _select(results, spec)
     mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED")
     print(f"\nsweep {spec.name}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
     if best:
-        print(f"best trial {best['trial_id']}: validation/accuracy {best['validation/accuracy']:.4f} "
-              f"at step {best['step']}")
+        print(f"selected trial {best['trial_id']}: selection score {METRIC} {best['selection']['score']:.4f} "
+              f"(the best of {best['selection']['completed_trials']} completed trials on validation: "
+              "optimistic, not a result)")
         for k, v in best["params"].items():
             print(f"  {k} = {v}")
     SweepStorage(spec.storage).write_text(f"{spec.name}/best.json",

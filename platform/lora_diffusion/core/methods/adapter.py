@@ -94,4 +94,5 @@ class AdapterMethod(Method):
 
 
 SPEC = MethodSpec(name="adapter", method=AdapterMethod, order=4, section=AdapterConfig,
-                  validate=validate, size_knob="adapter.bottleneck", lr_grid=(1e-3, 3e-3))
+                  validate=validate, size_knob="adapter.bottleneck", lr_grid=(1e-3, 3e-3),
+                  tuning={"adapter.placement": ("pfeiffer", "houlsby"), "adapter.bottleneck": (16, 32)})

@@ -27,4 +27,5 @@ class DoraMethod(LoraMethod):
 # Rates: single-seed calibration (MiniLM, SST-2, 200 steps of 32, 200 dev rows): 1e-3 0.80 dev,
 # 3e-3 0.74.
 SPEC = MethodSpec(name="dora", method=DoraMethod, order=10, comparison_sets={"lora.rank": 4},
-                  lr_grid=(5e-4, 1e-3))
+                  lr_grid=(5e-4, 1e-3),
+                  tuning={"lora.targets": ("attention", "attention_mlp"), "lora.rank": (4, 8)})

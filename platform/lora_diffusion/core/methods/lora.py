@@ -126,4 +126,5 @@ class LoraMethod(PeftMethod):
 
 
 SPEC = MethodSpec(name="lora", method=LoraMethod, order=2, section=LoraConfig, validate=validate,
-                  size_knob="lora.rank", lr_grid=(1e-3, 3e-3))
+                  size_knob="lora.rank", lr_grid=(1e-3, 3e-3),
+                  tuning={"lora.targets": ("attention", "attention_mlp"), "lora.rank": (4, 8)})

@@ -283,4 +283,6 @@ class PrefixMethod(Method):
 # on the whole dev split (lr 5e-3; width 8 x 76 tokens 0.745, width 4 x 128 0.56, one seed).
 SPEC = MethodSpec(name="prefix", method=PrefixMethod, order=3, section=PrefixConfig,
                   validate=validate, size_knob="prefix.length", lr_grid=(3e-4, 5e-4),
-                  comparison_sets={"prefix.projection": 512})
+                  comparison_sets={"prefix.projection": 512},
+                  # width of the reparameterisation MLP (the prefix it computes is what is counted)
+                  tuning={"prefix.projection": (256, 512), "prefix.length": (16, 32)})

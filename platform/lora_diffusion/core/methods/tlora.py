@@ -121,4 +121,5 @@ class TLoraMethod(Method):
 
 
 SPEC = MethodSpec(name="tlora", method=TLoraMethod, order=6, section=TLoraConfig, validate=validate,
-                  size_knob="tlora.rank", clamped_to_knob=("tlora.min_rank",), lr_grid=(1e-3, 3e-3))
+                  size_knob="tlora.rank", clamped_to_knob=("tlora.min_rank",), lr_grid=(1e-3, 3e-3),
+                  tuning={"tlora.targets": ("attention", "attention_mlp"), "tlora.rank": (4, 8)})

@@ -256,4 +256,7 @@ class TrajectoryMethod(Method):
 # single-seed calibration runs on SST-2 dev, as for every method.
 SPEC = MethodSpec(name="trajectory", method=TrajectoryMethod, order=0, section=TrajectoryConfig,
                   validate=validate, size_knob="trajectory.rank",
-                  clamped_to_knob=("trajectory.min_rank",), lr_grid=(5e-3, 1e-2))
+                  clamped_to_knob=("trajectory.min_rank",), lr_grid=(5e-3, 1e-2),
+                  # injection depth: after the middle layer (the default) or on the last hidden state
+                  tuning={"trajectory.injection_layers": ([2], [-1]), "trajectory.num_phases": (2, 4),
+                          "trajectory.rank": (16, 48)})

@@ -46,4 +46,4 @@ class TrajectoryAdapterMethod(TrajectoryMethod):
 # Reads the `trajectory.*` section, so it has no section of its own.
 SPEC = MethodSpec(name="trajectory_adapter", method=TrajectoryAdapterMethod, order=7,
                   size_knob="trajectory.rank", clamped_to_knob=("trajectory.min_rank",),
-                  lr_grid=(1e-3, 3e-3))
+                  lr_grid=(1e-3, 3e-3), tuning={"trajectory.num_phases": (2, 4), "trajectory.rank": (8, 16)})

@@ -65,4 +65,5 @@ class VeraMethod(PeftMethod):
 
 # Rates: single-seed calibration (as dora.py): 3e-3 0.51, 1e-2 0.565, 3e-2 0.80 dev.
 SPEC = MethodSpec(name="vera", method=VeraMethod, order=12, section=VeraConfig, validate=validate,
-                  lr_grid=(1e-2, 3e-2))
+                  lr_grid=(1e-2, 3e-2),
+                  tuning={"vera.targets": ("attention", "attention_mlp"), "vera.rank": (256, 512)})

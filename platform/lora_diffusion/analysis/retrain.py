@@ -1,0 +1,150 @@
+"""A sweep's follow-up stage: its selected configuration retrained with fresh seeds, reported on test.
+
+The search chose its configuration on validation, so its best validation score is optimistic
+(the selection score). This stage runs the selected configuration again as a one-cell grid sweep
+`<name>-retrain` on the engine (Ray, MLflow, resumable like every sweep) with `n` seeds the search
+never used, and reports test mean ± std over them, with validation beside it, in the search's
+`best.json`, on its MLflow parent run (metrics, tags linking the two parent runs, description)
+and on the console. A finished retrain stage is not run again: a rerun only re-reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from ..engine.spec import SPEC_FILE
+from .trials import SEED_FIELD, TEST_METRIC, VALIDATION_METRIC, load_trials, mlflow_client
+
+DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
+# the search's options that the retrain stage runs under too (where and how, not what)
+FORWARDED = ("storage_path", "tracking_uri", "address", "max_concurrent", "workers", "experiment",
+             "cpus_per_worker", "gpus_per_worker", "max_failures", "verbose")
+NOTE_MARK = "\n\n**Retrained with fresh seeds**"
+
+
+def fresh_seeds(used, n: int) -> list[int]:
+    """`n` seeds the search never used: the integers after its largest."""
+    start = max((int(s) for s in used), default=-1) + 1
+    return list(range(start, start + n))
+
+
+def retrain_grid(best: dict, seeds: list[int], search: str) -> dict:
+    """The stage's grid file: the selected configuration as one cell x the fresh seeds."""
+    config = {k: v for k, v in best["config"].items() if k != SEED_FIELD}
+    method = config.pop("method")
+    return {"description": f"retrain of sweep {search}'s selected configuration (trial "
+                           f"{best['trial_id']}) with fresh seeds, reported on test",
+            "fixed": config, "cells": [{"method": method}], "axes": ["method"], "seeds": seeds}
+
+
+def summarise(df) -> dict:
+    """Test and validation over the stage's FINISHED trials: mean, std (ddof=1), n, values (None
+    where undefined: best.json stays valid JSON)."""
+    done = df[df["status"] == "FINISHED"] if len(df) else df
+    out = {"seeds": sorted(int(s) for s in done["seed"]) if len(done) else []}
+    for key, col in (("test/accuracy", TEST_METRIC), ("validation/accuracy", VALIDATION_METRIC)):
+        values = [float(v) for v in done[col]] if len(done) else []
+        mean = sum(values) / len(values) if values else None
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        out[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
+    return out
+
+
+def line(summary: dict) -> str:
+    def fmt(k):
+        s = summary[k]
+        return f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f} (n=1, no std)"
+    return (f"test/accuracy {fmt('test/accuracy')} over {summary['test/accuracy']['n']} fresh seed(s) "
+            f"{summary['seeds']} (validation/accuracy {fmt('validation/accuracy')})")
+
+
+def run(args, log=print) -> int:
+    """After `lora-diffusion sweep` (cli.sweep_main): retrain the selected configuration of the
+    sweep `args` named, unless --retrain-seeds 0 or it has no selection (interrupted, nothing
+    completed). Returns the stage's exit code."""
+    from ..engine import options, sweep
+    from ..engine.spec import sweep_name
+    from ..engine.storage import SweepStorage
+
+    n = args.retrain_seeds if args.retrain_seeds is not None else (SMOKE_SEEDS if args.smoke else DEFAULT_SEEDS)
+    name = sweep_name(args)
+    storage = SweepStorage(options.storage_location(args.storage_path))
+    best = json.loads(storage.read_text(f"{name}/best.json")) if storage.exists(f"{name}/best.json") else {}
+    if n < 1 or not best.get("config"):
+        return 0
+    saved = json.loads(storage.read_text(f"{name}/{SPEC_FILE}"))
+    uri = args.tracking_uri or saved["tracking_uri"]
+    stage = f"{name}-retrain"
+    if storage.exists(f"{stage}/best.json"):
+        log(f"{stage}: finished earlier, not run again")
+        rc = 0
+    else:
+        seeds = fresh_seeds(load_trials(uri, name)["seed"].dropna(), n)
+        rc = sweep.main(_stage_argv(args, stage, retrain_grid(best, seeds, name),
+                                    resume=storage.exists(f"{stage}/{SPEC_FILE}")))
+    summary = summarise(load_trials(uri, stage))
+    if summary["test/accuracy"]["n"]:
+        _record(storage, uri, name, stage, best, summary)
+        log(f"\nsweep {name}: selected configuration, retrained: " + line(summary)
+            + f"; selection score (validation, best of the search) {best['selection']['score']:.4f}")
+    return rc
+
+
+def _stage_argv(args, stage: str, grid: dict, resume: bool) -> list[str]:
+    """`lora-diffusion sweep` arguments of the stage: its grid file (a new stage; sweep.json
+    keeps its content) or --resume, and the search's own options of where and how it ran."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    argv = ["--name", stage]
+    if resume:
+        argv.append("--resume")
+    else:
+        path = Path(tempfile.mkdtemp(prefix="retrain-")) / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(grid, sort_keys=False))
+        argv += ["--grid", str(path)]
+    for key in FORWARDED:
+        value = getattr(args, key, None)
+        if value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _record(storage, uri: str, name: str, stage: str, best: dict, summary: dict) -> None:
+    """best.json, the search's parent run (metrics, tags, description) and the stage's parent
+    run (tags linking back), all saying test = the retrain, validation beside it."""
+    from .trials import find_parent
+
+    best["retrain"] = {"sweep": stage, **summary}
+    best["test/accuracy"] = {k: summary["test/accuracy"][k] for k in ("mean", "std", "n")}
+    best["validation/accuracy"] = {k: summary["validation/accuracy"][k] for k in ("mean", "std", "n")}
+    storage.write_text(f"{name}/best.json", json.dumps(best, indent=2, default=str))
+    client = mlflow_client(uri)
+    search_run, stage_run = find_parent(uri, name).info.run_id, find_parent(uri, stage).info.run_id
+    metrics = {f"{k}_{stat}": summary[k][stat] for k in ("test/accuracy", "validation/accuracy")
+               for stat in ("mean", "std", "n") if summary[k][stat] is not None}
+    for key, value in metrics.items():
+        client.log_metric(search_run, key, float(value))
+    for key, value in {"retrain.sweep": stage, "retrain.run_id": stage_run,
+                       "retrain.seeds": ",".join(map(str, summary["seeds"]))}.items():
+        client.set_tag(search_run, key, value)
+    for key, value in {"stage": "retrain", "retrain.of": name, "retrain.of_run_id": search_run}.items():
+        client.set_tag(stage_run, key, value)
+    note = client.get_run(search_run).data.tags.get("mlflow.note.content", "").split(NOTE_MARK)[0]
+    client.set_tag(search_run, "mlflow.note.content", note + NOTE_MARK + f" (sweep `{stage}`): " + line(summary)
+                   + f". Selection score (validation, best of the search): {best['selection']['score']:.4f}.\n")
+
+
+def main_after_sweep(args, rc: int) -> int:
+    """cli.sweep_main's follow-up: the retrain stage when the search was not interrupted."""
+    try:
+        stage_rc = run(args)
+    except Exception as exc:  # noqa: BLE001 - a failed follow-up must say how to redo it
+        print(f"warning: the retrain stage failed ({type(exc).__name__}: {exc}); run the same command "
+              "with --resume to retry it", file=sys.stderr)
+        return rc or 1
+    return rc or stage_rc

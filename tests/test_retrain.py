@@ -1,0 +1,144 @@
+"""A sweep's follow-up stage: the selected configuration retrained with fresh seeds, reported on test.
+
+The search selects on validation; its best validation score is only the selection score. The
+retrain stage (analysis/retrain.py, run by cli.sweep_main) must use seeds the search never used,
+report test as mean ± std over them with validation beside it (best.json, the search's MLflow
+parent run), and a rerun must not train it again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lora_diffusion.analysis import retrain
+from lora_diffusion.analysis.trials import TEST_METRIC, VALIDATION_METRIC
+from lora_diffusion.engine import grid as grid_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fresh_seeds_are_never_the_search_seeds():
+    assert retrain.fresh_seeds([0, 1, 2], 3) == [3, 4, 5]
+    assert retrain.fresh_seeds([7, 0], 2) == [8, 9]
+    assert retrain.fresh_seeds([], 1) == [0]
+
+
+def test_retrain_grid_is_the_selected_configuration_with_fresh_seeds():
+    best = {"trial_id": "t1", "config": {"method": "lora", "lora.rank": 4, "train.seed": 0, "train.lr": 1e-3}}
+    grid = grid_lib.parse_grid(retrain.retrain_grid(best, [1, 2], "s"), "retrain.yaml")
+    assert grid.seeds == [1, 2] and "train.seed" not in grid.fixed
+    assert [r["lora.rank"] for r in grid.runs()] == [4, 4] and grid.runs()[0]["method"] == "lora"
+
+
+def test_summary_is_test_mean_and_std_over_finished_seeds_with_validation_beside():
+    df = pd.DataFrame([{"seed": 3, "status": "FINISHED", TEST_METRIC: 0.8, VALIDATION_METRIC: 0.7},
+                       {"seed": 4, "status": "FINISHED", TEST_METRIC: 0.9, VALIDATION_METRIC: 0.9},
+                       {"seed": 5, "status": "FAILED", TEST_METRIC: math.nan, VALIDATION_METRIC: math.nan}])
+    s = retrain.summarise(df)
+    assert s["seeds"] == [3, 4] and s["test/accuracy"]["n"] == 2
+    assert s["test/accuracy"]["mean"] == pytest.approx(0.85)
+    assert s["test/accuracy"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert s["validation/accuracy"]["mean"] == pytest.approx(0.8)
+    assert "test/accuracy 0.8500 ± 0.0707 over 2 fresh seed(s) [3, 4]" in retrain.line(s)
+
+
+def _logged_sweep(uri: str, name: str, seeds: list[int], test: list[float]) -> None:
+    """A finished sweep in MLflow as the engine logs it: a parent run and one trial run per seed."""
+    from lora_diffusion.engine.tracking import SweepTracker
+
+    tracker = SweepTracker(uri, name)
+    tracker.parent_run()
+    for seed, acc in zip(seeds, test):
+        run = tracker.trial_run(f"{name}-{seed}", params={"train.seed": seed}, tags={"seed": seed})
+        tracker.log_final(run, {"test/accuracy": acc, "validation/accuracy": acc - 0.1}, step=4)
+        tracker.end_run(run)
+    tracker.end_run(tracker.find_runs(role="sweep")[0].info.run_id)
+
+
+def test_a_finished_retrain_stage_is_read_back_not_trained_again(tmp_path, monkeypatch):
+    """A rerun (--resume) after the stage finished: no new sweep, best.json and the search's
+    parent run carry the stage's test figures again (the engine rewrote best.json without them)."""
+    from mlflow.tracking import MlflowClient
+
+    from lora_diffusion.engine import sweep
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.storage import SweepStorage
+
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", SweepStorage(str(tmp_path / "sweeps"))
+    _logged_sweep(uri, "s", [0, 1], [0.5, 0.6])
+    _logged_sweep(uri, "s-retrain", [2, 3, 4], [0.7, 0.8, 0.9])
+    storage.write_text("s/sweep.json", json.dumps({"tracking_uri": uri}))
+    storage.write_text("s/best.json", json.dumps({"trial_id": "s-1", "selection": {"score": 0.6},
+                                                  "config": {"method": "lora", "train.seed": 1}}))
+    storage.write_text("s-retrain/best.json", "{}")
+    monkeypatch.setattr(sweep, "main", lambda *a, **k: pytest.fail("the finished stage was run again"))
+    args = build_parser("rank_schedule").parse_args(["--name", "s", "--storage-path", str(tmp_path / "sweeps"),
+                                                     "--tracking-uri", uri])
+    lines = []
+    assert retrain.run(args, log=lines.append) == 0
+    assert "s-retrain: finished earlier, not run again" in lines
+    best = json.loads(storage.read_text("s/best.json"))
+    assert best["retrain"]["seeds"] == [2, 3, 4] and best["test/accuracy"]["mean"] == pytest.approx(0.8)
+    assert best["test/accuracy"]["std"] == pytest.approx(0.1) and best["selection"]["score"] == 0.6
+    [parent] = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("lora-diffusion-sweeps").experiment_id],
+        "tags.sweep = 's' and tags.role = 'sweep'")
+    assert parent.data.metrics["test/accuracy_mean"] == pytest.approx(0.8)
+    assert parent.data.tags["retrain.sweep"] == "s-retrain"
+    assert "test/accuracy 0.8000 ± 0.1000" in parent.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.slow
+def test_sweep_retrains_its_selection_with_fresh_seeds_once(tiny_backbone_dir, synthetic_data_dir, tmp_path):
+    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
+    grid = {"description": "retrain test", "seeds": [0, 1], "grid": {"train.lr": [1e-3, 3e-3]},
+            "fixed": {"backbone": str(tiny_backbone_dir), "data_dir": str(synthetic_data_dir), "method": "lora",
+                      "max_length": 32, "max_train_examples": 32, "max_eval_examples": 16,
+                      "train_accuracy_examples": 8, "train.steps": 4, "train.batch_size": 8,
+                      "train.eval_every": 4, "train.warmup_steps": 1, "diffusion.eval_t_points": 1,
+                      "diffusion.sampler_steps": 1}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
+    cmd = [sys.executable, "jobs/ablation_grid.py", "--grid", str(tmp_path / "g.yaml"), "--name", "rt",
+           "--max-concurrent", "2", "--address", "local", "--storage-path", str(storage),
+           "--tracking-uri", uri, "--verbose", "0", "--retrain-seeds", "2"]
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir)}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "selected configuration, retrained: test/accuracy" in first.stdout
+
+    best = json.loads((storage / "rt" / "best.json").read_text())
+    assert best["selection"]["metric"] == "validation/accuracy" and "validation/accuracy" in best
+    assert best["retrain"]["seeds"] == [2, 3]  # the search used 0 and 1
+    assert best["test/accuracy"]["n"] == 2 and best["test/accuracy"]["std"] is not None
+    assert best["validation/accuracy"]["n"] == 2
+
+    from mlflow.tracking import MlflowClient
+
+    def runs():
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("lora-diffusion-sweeps")
+        return client.search_runs([exp.experiment_id], "tags.sweep = 'rt-retrain' and tags.role = 'trial'")
+
+    search = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("lora-diffusion-sweeps").experiment_id],
+        "tags.sweep = 'rt' and tags.role = 'sweep'")[0]
+    assert search.data.metrics["test/accuracy_mean"] == pytest.approx(best["test/accuracy"]["mean"])
+    assert "test/accuracy_std" in search.data.metrics and "selection/validation_accuracy" in search.data.metrics
+    assert search.data.tags["retrain.sweep"] == "rt-retrain"
+    assert sorted(int(r.data.params["train.seed"]) for r in runs()) == [2, 3]
+
+    again = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "rt-retrain: finished earlier, not run again" in again.stdout
+    assert len(runs()) == 2  # not trained twice
+    assert json.loads((storage / "rt" / "best.json").read_text())["retrain"]["seeds"] == [2, 3]
