@@ -25,6 +25,7 @@ Shape (Ray 2.60, Train V2):
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -32,10 +33,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import UserError
-from . import tracking
+from . import preflight, tracking
+from . import tuner as tuner_lib
 from .grid import SEED_FIELD
 from .options import build_parser, repo_root
-from .spec import METRIC, SPEC_FILE, SweepSpec, prepare
+from .spec import METRIC, SPEC_FILE, SweepSpec, prepare, smoke_note, started
 from .storage import SweepStorage
 
 
@@ -54,24 +56,31 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
     every trial has ended (the analysis layer passes the ablation report: the engine does not
     import analysis)."""
     spec = prepare(args)  # every user error surfaces here, before ray.init
+    address = tuner_lib.ray_address(args.address)
+    preflight.check_tracking_uri(spec.tracking_uri)  # the world: a few seconds at most, nothing written
+    preflight.check_address(address)
+    preflight.check_gpus(args.gpus_per_worker, address)
     tracking.prepare_uri(spec.tracking_uri)
+    storage = SweepStorage(spec.storage)
+    restore = args.resume and started(storage, spec.name)  # else no trial ever ran: start it afresh
+    if not args.resume and smoke_note(spec):
+        print(f"note: {smoke_note(spec)}", file=sys.stderr)
     if not args.resume:
-        storage = SweepStorage(spec.storage)
         storage.check_writable()
         storage.write_text(f"{spec.name}/{SPEC_FILE}", spec.to_json())
 
     import ray
 
-    from . import callbacks, tuner as tuner_lib
+    from . import callbacks
 
     # Tune snapshots the experiment every >= 10 s by default: a driver killed in between would
     # re-run trials that had already finished. The state of a sweep is small; save it often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    address = tuner_lib.ray_address(args.address)
     t0 = time.time()
     tuner_lib.init_ray(address)
     try:
         res = tuner_lib.resources(args, spec.sweep.workers, spec.sweep.max_concurrent)
+        preflight.check_cluster_gpus(res.gpus_per_worker, res.cluster_gpus)
         _banner(spec, address, res)
         version = tracking.code_version(repo_root())
         tracker = tracking.SweepTracker(spec.tracking_uri, spec.name, spec.experiment, sweep_id=spec.sweep_id,
@@ -79,10 +88,14 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version))
         ends = callbacks.TrialEnds()
         run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(), ends])
-        tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=args.resume,
+        tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=restore,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except Exception as exc:  # Tune itself failed: the parent run must not stay RUNNING
+            mlflow_cb.finish(None, "FAILED", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            raise
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
         print(f"compare its trials: mlflow ui --backend-store-uri {spec.tracking_uri}, then open "
               f"http://127.0.0.1:5000/{link}")
@@ -159,21 +172,34 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
         print(f"\nsweep {spec.name} interrupted ({ends.finished()} of {spec.sweep.num_samples} trials "
               "finished): rerun the same command with --resume to continue it")
         return 1
-    rows = [r for r in results if r.metrics and METRIC in r.metrics]
     errors = [r for r in results if r.error]
-    best = None
-    if rows:
-        b = max(rows, key=lambda r: r.metrics[METRIC])
-        best = {"trial_id": b.metrics.get("trial_id"), "validation/accuracy": b.metrics[METRIC],
-                "step": b.metrics.get("step"), "params": b.config,
-                "config": TrialResolver(spec.fixed, "")(b.config)[0]}
-    mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED")
+    b = best_result(results)
+    best = None if b is None else {
+        "trial_id": b.metrics.get("trial_id"), "validation/accuracy": b.metrics[METRIC],
+        "step": b.metrics.get("step"), "params": b.config, "config": TrialResolver(spec.fixed, "")(b.config)[0]}
+    reason = None if best else (f"every trial failed ({len(errors)} of {len(results)})" if errors
+                                else f"no trial reported a finite {METRIC}")
+    mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED", reason=reason)
     print(f"\nsweep {spec.name}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
-    if best:
-        print(f"best trial {best['trial_id']}: validation/accuracy {best['validation/accuracy']:.4f} "
-              f"at step {best['step']}")
-        for k, v in best["params"].items():
-            print(f"  {k} = {v}")
+    if best is None:  # no best.json: nothing downstream may take a failed trial for the best one
+        print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
+        return 1
+    print(f"best trial {best['trial_id']}: validation/accuracy {best['validation/accuracy']:.4f} "
+          f"at step {best['step']}")
+    for k, v in best["params"].items():
+        print(f"  {k} = {v}")
     SweepStorage(spec.storage).write_text(f"{spec.name}/best.json",
-                                          json.dumps({**(best or {}), "wall_s": wall}, indent=2, default=str))
+                                          json.dumps({**best, "wall_s": wall}, indent=2, default=str))
     return 0 if not errors else 1
+
+
+def best_result(results):
+    """The trial with the highest final METRIC among those that did not fail and reported a
+    finite one (a failed trial's last report, or a NaN, never wins); None if there is none."""
+    def score(r):
+        value = (r.metrics or {}).get(METRIC)
+        ok = r.error is None and isinstance(value, (int, float)) and math.isfinite(value)
+        return value if ok else None
+
+    rows = [r for r in results if score(r) is not None]
+    return max(rows, key=score) if rows else None
