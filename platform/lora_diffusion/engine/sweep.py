@@ -7,7 +7,11 @@
 
 Shape (Ray 2.60, Train V2):
 - options.py: the command line; spec.py: the sweep spec (sweep.json), every user error raised
-  as a `UserError` before Ray starts;
+  as a `UserError` before Ray starts; preflight.py: the MLflow store, the Ray address and the
+  GPUs checked before anything is written (a sweep that still dies before Tune saved its state
+  reruns under its name, with or without --resume);
+- the best trial (printed, tagged on the parent run, best.json) is a trial that did not fail
+  with a finite validation/accuracy; when there is none the sweep fails, saying why;
 - a trial (trial.py) is a Tune function trainable that builds and fits a TorchTrainer with N
   workers; `TuneReportCallback` forwards each evaluation's report to Tune; the Train run is named
   by the trial id under `<sweep>/train/`, so a restored trial's Train run finds its own latest
