@@ -109,7 +109,7 @@ def test_bad_set_key_and_existing_sweep(tmp_path, capsys):
     assert sweep.main(args + ["--set", "train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err
     (tmp_path / "sweeps" / "rank_schedule").mkdir(parents=True)
-    (tmp_path / "sweeps" / "rank_schedule" / "tuner.pkl").write_text("x")
+    (tmp_path / "sweeps" / "rank_schedule" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     assert sweep.main(args) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "--resume" in err

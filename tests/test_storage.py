@@ -73,6 +73,7 @@ def _args(*argv):
 def test_existing_sweep_in_bucket_is_refused_and_missing_resume_names_uri(s3_env, tmp_path):
     uri = f"s3://{BUCKET}/engine"
     SweepStorage(uri).write_text("taken/sweep.json", json.dumps({}))
+    SweepStorage(uri).write_text("taken/experiment_state-2026-01-01_00-00-00.json", "{}")  # it started
     with pytest.raises(UserError, match=f"already exists in s3://{BUCKET}/engine/taken"):
         spec_lib.prepare(_args("--smoke", "--name", "taken", "--storage-path", uri,
                                "--tracking-uri", f"sqlite:///{tmp_path}/m.db"))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .core import checkpoint, config as config_lib
-from .core.errors import UserError
+from .core.errors import TrainingDiverged, UserError
 
 
 def _print_result(result: dict) -> None:
@@ -108,6 +108,17 @@ ALLOW_OVERLAP_HELP = ("evaluate even if more than 1%% of an evaluation set's row
                       "<split>/overlap (config: allow_overlap)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (prepare-backbone with 0 steps would save an untrained model)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/backbones/minilm-mdlm")
     b.add_argument("--backbone", default="minilm")
     b.add_argument("--mode", choices=("head", "full"), default="full")
-    b.add_argument("--steps", type=int, default=1500)
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=_positive_int, default=1500)
+    b.add_argument("--batch-size", type=_positive_int, default=32)
     b.add_argument("--lr", type=float, default=None,
                    help="default 3e-3 for --mode head, 1e-4 for --mode full (measured: head at 1e-4 "
                         "reached only 0.064 held-out masked-token accuracy in 600 steps)")
@@ -185,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:  # the input was valid; the run failed: one line, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

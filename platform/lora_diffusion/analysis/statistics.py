@@ -121,6 +121,10 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = 
     import pandas as pd
 
     reference = dict(reference or {})
+    if metric not in df.columns:  # a typo would otherwise be a KeyError deep in the grouping
+        known = sorted(c for c in df.columns if c.startswith(("final/", "accounting/")))
+        raise UserError(f"--metric: {metric!r} is not a metric of the sweep's trials "
+                        f"(valid: {', '.join(known) or 'none logged yet'})")
     _check_axes(df, axes, reference)
     cells = _group_by_cell(df, axes)
     summaries = {key: _count_seeds(cell, metric) for key, cell in cells.items()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import config as config_lib
+from .errors import UserError
 from .checkpoint_files import BACKBONE, CONFIG, TRAINING_STATE, WEIGHTS, read_files, serialize, write_atomic
 
 
@@ -28,7 +29,12 @@ def save(directory: str | Path, method, config, fingerprint: str, source: str) -
 def read(directory: str | Path, overrides: dict | None = None):
     """(config, tensors, meta) from a checkpoint directory; `Recipe.from_checkpoint` builds on it."""
     data, tensors, meta = read_files(directory)
-    return config_lib.from_dict(data, overrides), tensors, meta
+    try:
+        config = config_lib.from_dict(data, overrides)
+    except UserError as exc:  # a foreign or older config.json (or a bad --set on it): name the file
+        raise UserError(f"checkpoint {Path(directory) / CONFIG} (with --set): {exc}" if overrides
+                        else f"checkpoint {Path(directory) / CONFIG}: {exc}") from None
+    return config, tensors, meta
 
 
 # ----------------------------------------------------------------------------- resume

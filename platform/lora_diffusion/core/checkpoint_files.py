@@ -43,6 +43,19 @@ def read_files(directory: str | Path) -> tuple[dict, dict, dict]:
     for name in (WEIGHTS, CONFIG, BACKBONE):
         if not (d / name).is_file():
             raise UserError(f"checkpoint: {d / name} not found")
-    data = json.loads((d / CONFIG).read_text())
-    meta = json.loads((d / BACKBONE).read_text())
-    return data, st_load((d / WEIGHTS).read_bytes()), meta
+    data, meta = _read_json(d / CONFIG), _read_json(d / BACKBONE)
+    try:
+        tensors = st_load((d / WEIGHTS).read_bytes())
+    except Exception as exc:  # safetensors raises its own SafetensorError on truncated/foreign bytes
+        raise UserError(f"checkpoint: {d / WEIGHTS} is not a safetensors file ({exc})".splitlines()[0]) from None
+    return data, tensors, meta
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint: {path} is not JSON ({exc})".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint: {path} must hold a JSON object")
+    return data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from . import families
 from .errors import UserError, check, check_one_of
 from .methods import registry
+from .task_specs import TASKS
 
 NOISE_SCHEDULES = ("linear", "loglinear", "cosine")
 REMASKING = ("low_confidence", "random")
@@ -125,16 +127,26 @@ def load(path: str | None, sets: list[str] | None = None) -> Config:
     """Config from an optional YAML/JSON file plus `key=value` strings (values parsed as YAML)."""
     data: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
+        if not Path(path).is_file():
             raise UserError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a mapping at the top level")
     return from_dict(data, parse_sets(sets or []))
+
+
+def read_yaml(path: str | Path, what: str):
+    """A YAML (or JSON) file's content; a binary file or a syntax error is one UserError naming
+    `what` and the file (the YAML error's position, not its multi-line excerpt)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path}: not a text file (not UTF-8)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{what} {path}: not valid YAML{where}: {problem}") from None
 
 
 def parse_sets(sets: list[str]) -> dict[str, object]:
@@ -229,7 +241,17 @@ def validate(config: Config) -> None:
     check(d.eval_t_points >= 1, "diffusion.eval_t_points", "must be >= 1")
     for name in ("steps", "batch_size", "eval_every"):
         check(getattr(tr, name) >= 1, f"train.{name}", "must be >= 1")
-    check(tr.lr > 0, "train.lr", "must be > 0")
+    # a rate above 1 (or inf/nan) only produces garbage: refuse it rather than train uphill
+    check(math.isfinite(tr.lr) and 0 < tr.lr <= 1, "train.lr", f"must be a number in (0, 1], got {tr.lr}")
+    check(math.isfinite(tr.weight_decay) and tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    check(math.isfinite(tr.grad_clip) and tr.grad_clip >= 0, "train.grad_clip",
+          f"must be >= 0 (0 turns clipping off), got {tr.grad_clip}")
+    check(tr.threads is None or tr.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")
+    check_one_of(config.task, tuple(sorted(TASKS)), "task")
+    for name in ("max_train_examples", "max_eval_examples"):
+        check(getattr(config, name) is None or getattr(config, name) >= 1, name, "must be >= 1 (or null: all)")
+    check(config.train_accuracy_examples >= 1, "train_accuracy_examples", "must be >= 1")
     for spec in registry.specs():  # every section, whichever method runs: a bad value is an error
         if spec.validate is not None:
             spec.validate(getattr(config, spec.name))

@@ -10,6 +10,12 @@ class UserError(ValueError):
     """Bad input the user can fix; the message names the field or file."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the message names the step and the loss. Not a
+    UserError: the config was valid, the run is what failed (a sweep records it as the trial's
+    failure_reason)."""
+
+
 def check(ok: bool, name: str, problem: str) -> None:
     """Raise `UserError("field NAME: PROBLEM")` unless ok: how every config check reports."""
     if not ok:

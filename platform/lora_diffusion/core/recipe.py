@@ -23,7 +23,7 @@ from . import diffusion, overlap, splits, tasks
 from .accounting import account
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
-from .errors import UserError
+from .errors import TrainingDiverged, UserError, check
 from .config import Config
 from .methods import Context, build_method
 
@@ -71,6 +71,8 @@ class Recipe:
         torch.manual_seed(config.backbone_seed)  # a head-less encoder gets a seeded MLM head
         self.backbone = backbone or load_backbone(config.backbone, trust_remote_code=config.trust_remote_code,
                                                   allow_hub=config.allow_hub, family=config.backbone_family)
+        positions = getattr(self.backbone.config, "max_position_embeddings", None) or config.max_length
+        check(config.max_length <= positions, "max_length", f"exceeds the backbone's {positions} positions")
         self.fingerprint = backbone_fingerprint(self.backbone)
         self.tokenizer = self.backbone.tokenizer
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
@@ -94,7 +96,7 @@ class Recipe:
                             f"{directory} was trained on (fingerprint mismatch)")
         try:
             recipe.method.load_saved({k: v.to(recipe.device) for k, v in tensors.items()})
-        except ValueError as exc:  # tensors that do not fit the configured method
+        except (ValueError, RuntimeError) as exc:  # tensors that do not fit the configured method
             raise UserError(f"checkpoint {directory}: {exc}") from None
         return recipe
 
@@ -205,7 +207,12 @@ class Recipe:
         # ^ dropout draws from the global generator: seeding it per step makes resume exact
         loss, stats = diffusion.diffusion_loss(self.denoiser(batch), batch, self.backbone.mask_token_id,
                                                c.diffusion.noise_schedule, c.diffusion.t_min, gen)
-        reg, reg_logs = self.method.regularization()
+        self._check_finite(loss, "loss")
+        try:
+            reg, reg_logs = self.method.regularization()
+        except torch.linalg.LinAlgError:  # an SVD of non-finite parameters (a NaN gradient before)
+            raise TrainingDiverged(f"training diverged at step {self.step + 1}: non-finite parameters") from None
+        self._check_finite(reg, "regularizer")
         total = loss + reg.to(loss.device)
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
@@ -222,6 +229,12 @@ class Recipe:
         self.last_loss = float(loss.detach())
         return {"train/loss": self.last_loss, "train/masked_accuracy": stats["masked_accuracy"],
                 **{f"train/{k}": v for k, v in reg_logs.items()}}
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        """The divergence guard: one line naming the step and the value, before the optimizer sees it."""
+        if not torch.isfinite(value):
+            raise TrainingDiverged(f"training diverged at step {self.step + 1}: {what} {float(value.detach()):g} "
+                                   "(lower train.lr or set train.grad_clip)")
 
     def _sync_gradients(self) -> None:
         """All-reduce gradients by hand instead of DDP: per-phase modules that a batch did not

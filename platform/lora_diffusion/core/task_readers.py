@@ -49,6 +49,15 @@ def read_data_file(task: str, data_file: str) -> tuple[Example, ...]:
     path = Path(data_file).expanduser()
     if not path.is_file():
         raise UserError(f"data_file: file not found: {path}")
+    try:
+        return _read_data_file(task, path)
+    except UnicodeDecodeError:
+        raise UserError(f"data_file: {path} is not a text file (not UTF-8)") from None
+    except csv.Error as exc:
+        raise UserError(f"data_file: {path} is not valid CSV: {exc}") from None
+
+
+def _read_data_file(task: str, path: Path) -> tuple[Example, ...]:
     prefix = f"{task}/{path.name}"
     if task == "sst2":
         return _read_sst2(path, prefix)

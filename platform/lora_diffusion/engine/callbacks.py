@@ -13,6 +13,7 @@ reads the counts of the callbacks it made.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from ray.tune import Callback
@@ -233,6 +234,8 @@ class MlflowSweepCallback(Callback):
         self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self.tracker.client.set_tag(run_id, FAILURE_TAG, failure_reason(_error_text(trial)))
         self._end(trial, "FAILED")
 
     def describe_parent(self, knobs: list[str], resume: str) -> str:
@@ -245,10 +248,13 @@ class MlflowSweepCallback(Callback):
         self.tracker.describe(parent, sweep_summary(self.tracker, self.knobs, resume, None, ended=False))
         return link
 
-    def finish(self, best: dict | None, status: str = "FINISHED") -> None:
+    def finish(self, best: dict | None, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the parent run, with the best trial's configuration and score, the best trial
-        tagged `best_trial`, and the sweep's summary as the parent's description."""
+        tagged `best_trial`, and the sweep's summary as the parent's description; `reason`
+        (why there is no best trial, or why the sweep failed) as its `failure_reason` tag."""
         parent = self.tracker.parent_run()
+        if reason:
+            self.tracker.client.set_tag(parent, FAILURE_TAG, reason)
         if best:
             from mlflow.entities import Metric
 
@@ -268,6 +274,7 @@ class MlflowSweepCallback(Callback):
 
 
 BEST_TAG = "best_trial"
+FAILURE_TAG = "failure_reason"  # on a failed trial's run (and a failed sweep's parent): one line
 # the view's columns after the knobs; the first sorts it (stopped trials have final/* too)
 VIEW_METRICS = [f"final/{METRIC}", "final/test/accuracy", "accounting/trainable_params",
                 "final/step_time_s"]
@@ -306,3 +313,23 @@ def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: di
     if resume:
         lines += [f"Resume it after an interruption: `{resume}`"]
     return "\n".join(lines).strip() + "\n"
+
+
+def _error_text(trial) -> str:
+    """The traceback of a failed trial, as Tune saved it (its error file); "" if unreadable."""
+    try:
+        return str(trial.get_error() or "")
+    except Exception:  # storage gone: the tag says so rather than hiding the trial's failure
+        return ""
+
+
+def failure_reason(text: str) -> str:
+    """One line out of a failed trial's traceback (Tune wraps the Train worker's, which wraps
+    the recipe's): the divergence guard's line if there is one, else the last `XError: message`
+    line, else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in (r"TrainingDiverged: (.*)", r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b.*)$"):
+        found = [m.group(1) for m in map(re.compile(pattern).search, lines) if m]
+        if found:
+            return found[-1][:500]
+    return (lines[-1] if lines else "unknown error (no error text)")[:500]

@@ -33,8 +33,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from ..core import config as config_lib
 from ..core.errors import UserError
 from .search_space import check_config, check_sweep_options
 
@@ -71,11 +70,7 @@ def load_grid(path: str | Path) -> Grid:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"grid file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-    return parse_grid(data, str(path))
+    return parse_grid(config_lib.read_yaml(p, "grid file"), str(path))
 
 
 def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:

@@ -35,7 +35,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from ..core import config as config_lib
 from ..core.errors import UserError
@@ -155,11 +154,7 @@ def load(path: str | Path, base_overrides: dict | None = None) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"search space {path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"search space {path}: not valid YAML: {exc}") from None
-    return parse(data, str(path), base_overrides)
+    return parse(config_lib.read_yaml(path, "search space"), str(path), base_overrides)
 
 
 def parse(data, source: str, base_overrides: dict | None = None) -> SearchSpace:

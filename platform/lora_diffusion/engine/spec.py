@@ -115,6 +115,8 @@ def prepare(args) -> SweepSpec:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.max_failures < 0:
+        raise UserError(f"--max-failures: must be >= 0 (worker-group restarts per trial), got {args.max_failures}")
     return _resume(args, storage) if args.resume else _new(args, storage)
 
 
@@ -124,13 +126,22 @@ def sweep_name(args) -> str:
                          + ("-smoke" if args.smoke else ""))
 
 
+def started(storage: SweepStorage, name: str) -> bool:
+    """Whether Tune saved the sweep's experiment state: a sweep that failed before that (bad
+    cluster, MLflow down) has no trial to resume and starts afresh under its name."""
+    return any(n.startswith("experiment_state-") for n in storage.names(name))
+
+
 def _resume(args, storage: SweepStorage) -> SweepSpec:
     name = sweep_name(args)
-    if not storage.exists(f"{name}/{SPEC_FILE}") or not storage.exists(f"{name}/tuner.pkl"):
+    if not storage.exists(f"{name}/{SPEC_FILE}"):
         raise UserError(f"--resume: no sweep named {name!r} in {storage.join()} (expected "
-                        f"{storage.join(name, SPEC_FILE)} and {storage.join(name, 'tuner.pkl')}); "
-                        "start it without --resume")
-    spec = SweepSpec.from_json(storage.read_text(f"{name}/{SPEC_FILE}"), storage.join(name, SPEC_FILE))
+                        f"{storage.join(name, SPEC_FILE)}); start it without --resume")
+    try:
+        spec = SweepSpec.from_json(storage.read_text(f"{name}/{SPEC_FILE}"), storage.join(name, SPEC_FILE))
+    except (ValueError, TypeError) as exc:  # truncated or edited by hand
+        raise UserError(f"--resume: {storage.join(name, SPEC_FILE)} is not a readable sweep spec "
+                        f"({exc})".splitlines()[0]) from None
     spec.parse_space()  # validated again: the code may have changed since
     if args.set or args.num_samples or args.workers:
         print("note: --resume continues the saved sweep; --set, --num-samples and --workers are ignored",
@@ -140,22 +151,22 @@ def _resume(args, storage: SweepStorage) -> SweepSpec:
 
 
 def _new(args, storage: SweepStorage) -> SweepSpec:
-    import yaml
-
     path = space_lib.resolve_path(args.space, repo_root())
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    raw = config_lib.read_yaml(path, "search space") if path.is_file() else None
     base = _base_overrides(args)
     name = _sweep_name(args, path)
-    if storage.is_nonempty_dir(name):
+    if storage.is_nonempty_dir(name) and started(storage, name):
         raise UserError(f"sweep {name!r} already exists in {storage.join(name)}: pass --resume to "
                         f"continue it, --name to start another, or delete it")
     if isinstance(raw, dict) and ("grid" in raw or "cells" in raw):
         kind, (fixed, base, options, grid) = "grid", _grid_part(args, raw, path, base)
     else:
         space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
+        _refuse_sampled_sets(args, space, path)
         kind, fixed, options, grid = "optuna", space.fixed, _options(args, space.sweep), None
     fixed_cfg = config_lib.from_dict({}, fixed)
     _check_data(fixed_cfg, grid)
+    _check_positions(fixed_cfg)
     _fit_grace_period(options, fixed_cfg, args.smoke)
     return SweepSpec(
         name=name, storage=storage.join(), exp_dir=storage.join(name), space_path=str(path),
@@ -164,6 +175,30 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
         experiment=args.experiment or DEFAULT_EXPERIMENT, max_failures=args.max_failures,
         steps=fixed_cfg.train.steps, created=time.strftime("%Y-%m-%d %H:%M:%S"),
         sweep_id=f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+def _refuse_sampled_sets(args, space, path: Path) -> None:
+    """A --set of a knob the space samples would be overridden in every trial while the parent
+    run records the user's value: refuse it."""
+    sampled = {p.field for p in space.params if p.field}
+    clash = [k for k in config_lib.parse_sets(args.set) if k in sampled]
+    if clash:
+        raise UserError(f"--set {clash[0]}: the search space {path} samples this knob; drop the --set, "
+                        "or move the knob from the space's params to its fixed section")
+
+
+def _check_positions(fixed_cfg) -> None:
+    """max_length within a local backbone's positions (read from its config.json, no model load)."""
+    from ..core.backbone import resolve_backbone
+
+    try:
+        source = Path(resolve_backbone(fixed_cfg.backbone)) / "config.json"
+        positions = json.loads(source.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, UserError):
+        return  # a hub id or the tiny backbone built later: the recipe checks it on the worker
+    if isinstance(positions, int) and fixed_cfg.max_length > positions:
+        raise UserError(f"field max_length: {fixed_cfg.max_length} exceeds the {positions} positions of "
+                        f"the backbone '{fixed_cfg.backbone}'")
 
 
 def _sweep_name(args, path: Path) -> str:
@@ -247,3 +282,20 @@ def smoke_grid(raw: dict) -> dict:
     if isinstance(raw.get("seeds"), list):
         raw["seeds"] = raw["seeds"][:2]
     return raw
+
+
+def smoke_note(spec: SweepSpec) -> str | None:
+    """What --smoke changed of a grid file (axes and seeds cut, fixed settings replaced), said
+    once the spec is valid: a smoke run checks that the grid runs; its results are not the grid's."""
+    raw = spec.space_yaml
+    if not (spec.smoke and spec.kind == "grid" and isinstance(raw, dict)):
+        return None
+    axes = raw.get("grid") if isinstance(raw.get("grid"), dict) else {}
+    cuts = [f"{k} {len(v)}->2 values" for k, v in axes.items() if isinstance(v, list) and len(v) > 2]
+    if isinstance(raw.get("seeds"), list) and len(raw["seeds"]) > 2:
+        cuts.append(f"seeds {len(raw['seeds'])}->2")
+    fixed = raw.get("fixed") if isinstance(raw.get("fixed"), dict) else {}
+    replaced = [f"{k} {fixed[k]}->{v}" for k, v in SMOKE_OVERRIDES.items() if k in fixed and fixed[k] != v]
+    return ("--smoke runs a cut-down grid on a tiny random backbone: "
+            + "; ".join([", ".join(cuts) or "axes and seeds kept",
+                         "fixed " + ", ".join(replaced) if replaced else "no fixed setting replaced"]))

@@ -34,6 +34,9 @@ class SweepStorage:
 
         location = str(location)
         if is_uri(location) and not location.startswith("file://"):
+            scheme, _, rest = location.partition("://")
+            if not rest.split("/", 1)[0].split("?", 1)[0]:
+                raise UserError(f"--storage-path: {location!r} names no bucket ({scheme}://BUCKET/PATH)")
             base, _, self.query = location.partition("?")
             self.uri = base.rstrip("/")
             try:
@@ -77,6 +80,15 @@ class SweepStorage:
         if not self.exists(rel):
             return False
         return bool(self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True)))
+
+    def names(self, rel: str) -> list[str]:
+        """The base names of the entries in directory `rel` (none if it does not exist)."""
+        import pyarrow.fs as pafs
+
+        if not self.exists(rel):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
+        return [info.base_name for info in infos]
 
     def read_text(self, rel: str) -> str:
         with self.fs.open_input_stream(self._path(rel)) as f:

@@ -7,7 +7,11 @@
 
 Shape (Ray 2.60, Train V2):
 - options.py: the command line; spec.py: the sweep spec (sweep.json), every user error raised
-  as a `UserError` before Ray starts;
+  as a `UserError` before Ray starts; preflight.py: the MLflow store, the Ray address and the
+  GPUs checked before anything is written (a sweep that still dies before Tune saved its state
+  reruns under its name, with or without --resume);
+- the best trial (printed, tagged on the parent run, best.json) is a trial that did not fail
+  with a finite validation/accuracy; when there is none the sweep fails, saying why;
 - a trial (trial.py) is a Tune function trainable that builds and fits a TorchTrainer with N
   workers; `TuneReportCallback` forwards each evaluation's report to Tune; the Train run is named
   by the trial id under `<sweep>/train/`, so a restored trial's Train run finds its own latest
@@ -28,6 +32,7 @@ Shape (Ray 2.60, Train V2):
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -35,10 +40,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import UserError
-from . import tracking
+from . import preflight, tracking
+from . import tuner as tuner_lib
 from .grid import SEED_FIELD
 from .options import build_parser, repo_root
-from .spec import METRIC, SPEC_FILE, SweepSpec, prepare
+from .spec import METRIC, SPEC_FILE, SweepSpec, prepare, smoke_note, started
 from .storage import SweepStorage
 
 
@@ -57,24 +63,31 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
     every trial has ended (the analysis layer passes the ablation report: the engine does not
     import analysis)."""
     spec = prepare(args)  # every user error surfaces here, before ray.init
+    address = tuner_lib.ray_address(args.address)
+    preflight.check_tracking_uri(spec.tracking_uri)  # the world: a few seconds at most, nothing written
+    preflight.check_address(address)
+    preflight.check_gpus(args.gpus_per_worker, address)
     tracking.prepare_uri(spec.tracking_uri)
+    storage = SweepStorage(spec.storage)
+    restore = args.resume and started(storage, spec.name)  # else no trial ever ran: start it afresh
+    if not args.resume and smoke_note(spec):
+        print(f"note: {smoke_note(spec)}", file=sys.stderr)
     if not args.resume:
-        storage = SweepStorage(spec.storage)
         storage.check_writable()
         storage.write_text(f"{spec.name}/{SPEC_FILE}", spec.to_json())
 
     import ray
 
-    from . import callbacks, tuner as tuner_lib
+    from . import callbacks
 
     # Tune snapshots the experiment every >= 10 s by default: a driver killed in between would
     # re-run trials that had already finished. The state of a sweep is small; save it often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    address = tuner_lib.ray_address(args.address)
     t0 = time.time()
     tuner_lib.init_ray(address)
     try:
         res = tuner_lib.resources(args, spec.sweep.workers, spec.sweep.max_concurrent)
+        preflight.check_cluster_gpus(res.gpus_per_worker, res.cluster_gpus)
         _banner(spec, address, res)
         version = tracking.code_version(repo_root())
         tracker = tracking.SweepTracker(spec.tracking_uri, spec.name, spec.experiment, sweep_id=spec.sweep_id,
@@ -82,10 +95,14 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version))
         ends = callbacks.TrialEnds()
         run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(), ends])
-        tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=args.resume,
+        tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=restore,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except Exception as exc:  # Tune itself failed: the parent run must not stay RUNNING
+            mlflow_cb.finish(None, "FAILED", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            raise
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
         print(f"compare its trials: mlflow ui --backend-store-uri {spec.tracking_uri}, then open "
               f"http://127.0.0.1:5000/{link}")
@@ -161,7 +178,7 @@ def _select(results, spec: SweepSpec) -> dict | None:
     from .callbacks import TrialResolver
 
     resolve = TrialResolver(spec.fixed, "")
-    rows = [(r, resolve(r.config)[0]) for r in results if r.metrics and METRIC in r.metrics]
+    rows = [(r, resolve(r.config)[0]) for r in results if _usable(r)]
     rows = [(r, config) for r, config in rows if (r.metrics.get("step") or 0) >= config["train.steps"]]
     if not rows:
         return None
@@ -181,14 +198,31 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
         return 1
     errors = [r for r in results if r.error]
     best = _select(results, spec)
-    mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED")
+    reason = None if best else (f"every trial failed ({len(errors)} of {len(results)})" if errors
+                                else f"no trial reported a finite {METRIC} at its last step")
+    mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED", reason=reason)
     print(f"\nsweep {spec.name}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
-    if best:
-        print(f"selected trial {best['trial_id']}: selection score {METRIC} {best['selection']['score']:.4f} "
-              f"(the best of {best['selection']['completed_trials']} completed trials on validation: "
-              "optimistic, not a result)")
-        for k, v in best["params"].items():
-            print(f"  {k} = {v}")
+    if best is None:  # no best.json: nothing downstream may take a failed trial for the best one
+        print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
+        return 1
+    print(f"selected trial {best['trial_id']}: selection score {METRIC} {best['selection']['score']:.4f} "
+          f"(the best of {best['selection']['completed_trials']} completed trials on validation: "
+          "optimistic, not a result)")
+    for k, v in best["params"].items():
+        print(f"  {k} = {v}")
     SweepStorage(spec.storage).write_text(f"{spec.name}/best.json",
-                                          json.dumps({**(best or {}), "wall_s": wall}, indent=2, default=str))
+                                          json.dumps({**best, "wall_s": wall}, indent=2, default=str))
     return 0 if not errors else 1
+
+
+def _usable(r) -> bool:
+    """A trial that did not fail and reported a finite METRIC (a failed trial's last report, or a
+    NaN, never wins)."""
+    value = (r.metrics or {}).get(METRIC)
+    return r.error is None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def best_result(results):
+    """The usable trial with the highest final METRIC; None if there is none."""
+    rows = [r for r in results if _usable(r)]
+    return max(rows, key=lambda r: r.metrics[METRIC]) if rows else None

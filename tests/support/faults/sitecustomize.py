@@ -6,7 +6,9 @@ With LORA_DIFFUSION_TEST_KILL_WORKER=RANK:STEP:MARKER set, `ray.train.report` is
 `ray.train` is first imported: the Train worker of world rank RANK exits (`os._exit(1)`) when it
 is about to report the evaluation of step STEP, once (the MARKER file records that it did).
 The sweep's workers call `ray.train.report` through the module (engine/trial.py), so they get
-the wrapper. Without the variable this module does nothing.
+the wrapper. With LORA_DIFFUSION_TEST_NAN_AT=STEP, the diffusion loss of every training step
+from STEP on is NaN (`lora_diffusion.core.diffusion.diffusion_loss` wrapped on import): the
+recipe's divergence guard must stop the trial. Without the variables this module does nothing.
 """
 
 import functools
@@ -17,6 +19,20 @@ import time
 from pathlib import Path
 
 KILL_WORKER_ENV = "LORA_DIFFUSION_TEST_KILL_WORKER"
+NAN_AT_ENV = "LORA_DIFFUSION_TEST_NAN_AT"
+
+
+def _nan_from(step: int):
+    def wrap(diffusion_loss):
+        calls = {"n": 0}
+
+        @functools.wraps(diffusion_loss)
+        def loss_or_nan(*args, **kwargs):
+            loss, stats = diffusion_loss(*args, **kwargs)
+            calls["n"] += 1  # training steps of this process (a restarted worker counts again)
+            return (loss * float("nan") if calls["n"] >= step else loss), stats
+        return loss_or_nan
+    return wrap
 
 
 def _dies_at(rank: int, step: int, marker: str):
@@ -41,23 +57,23 @@ def _dies_at(rank: int, step: int, marker: str):
 class _WrapAfterExec(importlib.abc.Loader):
     """The loader of `ray.train`, which then replaces the module's `report`."""
 
-    def __init__(self, loader, wrap):
-        self.loader, self.wrap = loader, wrap
+    def __init__(self, loader, wrap, attr):
+        self.loader, self.wrap, self.attr = loader, wrap, attr
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        module.report = self.wrap(module.report)
+        setattr(module, self.attr, self.wrap(getattr(module, self.attr)))
 
     def __getattr__(self, name):  # everything else (resources, is_package, ...) as the real loader
         return getattr(self.loader, name)
 
 
 class _OnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, name: str, wrap):
-        self.name, self.wrap = name, wrap
+    def __init__(self, name: str, wrap, attr: str):
+        self.name, self.wrap, self.attr = name, wrap, attr
 
     def find_spec(self, name, path, target=None):
         if name != self.name:
@@ -65,17 +81,19 @@ class _OnImport(importlib.abc.MetaPathFinder):
         for finder in sys.meta_path:
             spec = None if finder is self else finder.find_spec(name, path, target)
             if spec is not None:
-                spec.loader = _WrapAfterExec(spec.loader, self.wrap)
+                spec.loader = _WrapAfterExec(spec.loader, self.wrap, self.attr)
                 return spec
         return None
 
 
 def _install() -> None:
     hook = os.environ.get(KILL_WORKER_ENV)
-    if not hook:
-        return
-    rank, step, marker = hook.split(":", 2)
-    sys.meta_path.insert(0, _OnImport("ray.train", _dies_at(int(rank), int(step), marker)))
+    if hook:
+        rank, step, marker = hook.split(":", 2)
+        sys.meta_path.insert(0, _OnImport("ray.train", _dies_at(int(rank), int(step), marker), "report"))
+    if os.environ.get(NAN_AT_ENV):
+        sys.meta_path.insert(0, _OnImport("lora_diffusion.core.diffusion", _nan_from(int(os.environ[NAN_AT_ENV])),
+                                          "diffusion_loss"))
 
 
 _install()

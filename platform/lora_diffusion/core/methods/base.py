@@ -57,6 +57,10 @@ class Method(nn.Module):
         if missing or extra:
             raise ValueError(f"checkpoint does not match the method: missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
+        wrong = [f"{n} {tuple(tensors[n].shape)} (expected {tuple(p.shape)})"
+                 for n, p in params.items() if tensors[n].shape != p.shape]
+        if wrong:  # copy_ would broadcast some of them silently
+            raise ValueError(f"checkpoint tensor shapes do not match its config: {', '.join(wrong[:2])}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])

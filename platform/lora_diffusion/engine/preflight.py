@@ -1,0 +1,120 @@
+"""What a sweep checks of the world before Ray starts and before anything is written: the MLflow
+store answers (or can be written), the Ray cluster to join answers, and the GPUs asked for exist.
+
+Each check takes at most a few seconds (`TIMEOUT_S`) and raises one `UserError` naming the
+option and what was wrong: a typo must not cost a cluster start-up, nor leave a half-made sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..core.errors import UserError
+
+TIMEOUT_S = 3.0
+# MLflow's tracking stores; a URI with any other scheme fails in MLflow only when first used
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """http(s): one request to the server's /health with a short timeout; file/sqlite: the
+    store's directory can be written (created if missing); other SQL stores: taken as given."""
+    scheme = urlparse(uri).scheme.split("+")[0] if "://" in uri or uri.startswith("sqlite:") else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise UserError(f"--tracking-uri: {uri!r}: unknown scheme {scheme!r} "
+                        f"(valid: {', '.join(TRACKING_SCHEMES)}, or a directory)")
+    if scheme in ("http", "https"):
+        _check_server(uri)
+    elif scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise UserError(f"--tracking-uri: {uri}: a SQLite store is sqlite:///ABSOLUTE/PATH.db")
+        _check_writable_dir(Path("/" + uri[len("sqlite:///"):].lstrip("/")).parent, uri)
+    elif scheme in ("", "file"):
+        _check_writable_dir(Path(urlparse(uri).path if scheme else uri), uri)
+
+
+def _check_server(uri: str) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise UserError(f"--tracking-uri: {uri} refused the request (HTTP {exc.code}): "
+                            "set MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN") from None
+        return  # it answered: a server without /health is still a server
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"--tracking-uri: cannot reach the MLflow server {uri} within {TIMEOUT_S:g} s "
+                        f"({reason}); start it or pass another --tracking-uri") from None
+
+
+def _check_writable_dir(directory: Path, uri: str) -> None:
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--tracking-uri: {uri}: cannot write to {existing} (the store's directory)")
+
+
+def check_address(address: str) -> None:
+    """'local' starts a private Ray; 'auto' and HOST:PORT (or ray://HOST:PORT) must answer."""
+    if address == "local":
+        return
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or _running_cluster()
+        if address is None:
+            raise UserError("--address auto: no running Ray cluster found on this machine (start one "
+                            "with `ray start --head`, or pass --address local)")
+        if address == "local":
+            return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address: {address!r} is not 'auto', 'local', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"--address: cannot reach a Ray cluster at {hostport} within {TIMEOUT_S:g} s "
+                        f"({exc.strerror or exc}); is `ray start --head` running there?") from None
+
+
+def _running_cluster() -> str | None:
+    """The address `ray.init('auto')` would join, found the way Ray finds it (its temp dir's
+    ray_current_cluster, else a running GCS process); None if there is none."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # Ray moved it: let ray.init decide
+        return "auto-unchecked"
+    try:
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        return None
+
+
+def check_gpus(gpus_per_worker: float | None, address: str) -> None:
+    """--gpus-per-worker > 0 on a local Ray without a visible GPU would wait forever for one. A
+    cluster (any other address) is checked when Ray has joined it (`check_cluster_gpus`)."""
+    if not gpus_per_worker:
+        if gpus_per_worker is not None and gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker: must be >= 0, got {gpus_per_worker}")
+        return
+    if address == "local":
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: no GPU is visible on this machine "
+                            "(CUDA_VISIBLE_DEVICES, drivers); pass --gpus-per-worker 0")
+
+
+def check_cluster_gpus(gpus_per_worker: float, cluster_gpus: float) -> None:
+    """On a cluster with no GPU at all, trials asking for one would wait for ever: refuse. (An
+    autoscaling cluster whose GPU nodes scale from zero needs one GPU node up first.)"""
+    if gpus_per_worker and not cluster_gpus:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster has no GPU "
+                        "(start a GPU node first, or pass --gpus-per-worker 0)")

@@ -1,0 +1,144 @@
+"""Faults inside a sweep, without Ray: a diverging trial stops with one line naming the step and
+the loss, that line becomes the trial's `failure_reason` in MLflow, a failed (or NaN) trial is
+never the sweep's best, a sweep whose every trial failed says so and writes no best.json, and a
+sweep that died before its first trial can be rerun under its name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lora_diffusion.core.errors import TrainingDiverged
+from lora_diffusion.engine import spec as spec_lib
+from lora_diffusion.engine import sweep
+from lora_diffusion.engine.callbacks import FAILURE_TAG, MlflowSweepCallback, failure_reason
+from lora_diffusion.engine.options import build_parser
+from lora_diffusion.engine.spec import METRIC
+from lora_diffusion.engine.storage import SweepStorage
+from lora_diffusion.engine.tracking import SweepTracker
+
+
+def test_a_nan_loss_stops_training_with_one_line_naming_step_and_loss(tiny_config):
+    from lora_diffusion.core.recipe import Recipe
+
+    recipe = Recipe(tiny_config())
+    recipe.train_step()
+    with torch.no_grad():
+        next(iter(recipe.method.trainable().values())).fill_(float("nan"))
+    before = {k: v.clone() for k, v in recipe.method.trainable().items()}
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 2: loss nan"):
+        recipe.train_step()
+    assert recipe.step == 1  # the step did not happen: the optimizer never saw the NaN
+    for k, v in recipe.method.trainable().items():
+        assert torch.equal(v.isnan(), before[k].isnan())
+
+
+TRACEBACK = """Traceback (most recent call last):
+  File "ray/tune/trainable/function_trainable.py", line 261, in _trainable_func
+ray.train.v2.api.exceptions.WorkerGroupError: Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+Traceback (most recent call last):
+  File "platform/lora_diffusion/core/recipe.py", line 215, in train_step
+    raise TrainingDiverged(f"training diverged at step {self.step + 1}: loss {float(loss):g}, "
+lora_diffusion.core.errors.TrainingDiverged: training diverged at step 7: loss nan, regularizer 0
+"""
+
+
+@pytest.mark.parametrize("text, reason", [
+    (TRACEBACK, "training diverged at step 7: loss nan, regularizer 0"),
+    ("Traceback...\n  File x\nValueError: bad shape\n\n", "ValueError: bad shape"),
+    ("Traceback...\nray.exceptions.RayTaskError(KeyError): oops\n", "RayTaskError(KeyError): oops"),
+    ("worker died\n", "worker died"),
+    ("", "unknown error (no error text)"),
+])
+def test_failure_reason_is_one_line_of_the_traceback(text, reason):
+    assert failure_reason(text) == reason
+
+
+def _result(metric, error=None, tid="t"):
+    metrics = {"trial_id": tid, "step": 4} if metric is None else {"trial_id": tid, "step": 4, METRIC: metric}
+    return SimpleNamespace(metrics=metrics, error=error, config={"trajectory.rank": 4})
+
+
+def test_best_trial_is_a_completed_trial_with_a_finite_metric():
+    results = [_result(0.99, error=RuntimeError("died after reporting"), tid="failed"),
+               _result(float("nan"), tid="nan"), _result(float("inf"), tid="inf"), _result(None, tid="none"),
+               _result(0.6, tid="ok"), _result(0.7, tid="best")]
+    assert sweep.best_result(results).metrics["trial_id"] == "best"
+    assert sweep.best_result(results[:4]) is None
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", "faults", sweep_id="faults-0")
+
+
+def test_every_trial_failed_fails_the_sweep_and_writes_no_best_json(tracker, tmp_path, capsys):
+    class Results(list):
+        num_errors = 2
+
+    failed = [_result(0.9, error=RuntimeError("x"), tid="a"), _result(None, error=RuntimeError("y"), tid="b")]
+    spec = SimpleNamespace(name="faults", storage=str(tmp_path / "sweeps"), fixed={},
+                           sweep=SimpleNamespace(num_samples=2))
+    ends = SimpleNamespace(finished=lambda: 0)
+    callback = MlflowSweepCallback(tracker, resolve=None)
+    rc = sweep._summarise(Results(failed), spec, callback, ends, wall=1.0)
+    assert rc == 1
+    assert not (tmp_path / "sweeps" / "faults" / "best.json").exists()
+    assert "every trial failed (2 of 2)" in capsys.readouterr().err
+    (parent,) = tracker.find_runs(role="sweep")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[FAILURE_TAG] == "every trial failed (2 of 2)"
+    assert "best_trial_id" not in parent.data.tags
+
+
+def test_a_failed_trial_records_its_reason_on_its_run(tracker, tmp_path):
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(TRACEBACK)
+    trial = SimpleNamespace(trial_id="t1", config={"train.lr": 1e-3}, last_result={},
+                            get_error=lambda: error_file.read_text())
+    callback = MlflowSweepCallback(tracker, resolve=lambda config: ({"train.lr": 1e-3}, {}))
+    callback.on_trial_error(iteration=1, trials=[trial], trial=trial)
+    (run,) = tracker.trial_runs()
+    assert run.info.status == "FAILED"
+    assert run.data.tags[FAILURE_TAG] == "training diverged at step 7: loss nan, regularizer 0"
+
+
+def _args(storage: Path, *extra):
+    return build_parser("rank_schedule").parse_args(
+        ["--smoke", "--name", "early", "--storage-path", str(storage), "--tracking-uri",
+         f"sqlite:///{storage}/m.db", *extra])
+
+
+def test_a_sweep_that_died_before_its_first_trial_reruns_under_its_name(tmp_path, synthetic_data_dir,
+                                                                        monkeypatch):
+    """sweep.json written, then Ray or MLflow failed: no experiment state. The same command
+    without --resume starts it afresh, and --resume starts it from its saved spec."""
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    storage = tmp_path / "sweeps"
+    first = spec_lib.prepare(_args(storage))
+    SweepStorage(storage).write_text(f"early/{spec_lib.SPEC_FILE}", first.to_json())
+    (storage / "early" / "tuner.pkl").write_bytes(b"written by Tuner(), before any trial")
+    assert not spec_lib.started(SweepStorage(storage), "early")
+    assert spec_lib.prepare(_args(storage)).name == "early"  # no "already exists"
+    assert spec_lib.prepare(_args(storage, "--resume")).sweep_id == first.sweep_id
+
+    (storage / "early" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    assert spec_lib.started(SweepStorage(storage), "early")
+    with pytest.raises(spec_lib.UserError, match="already exists"):
+        spec_lib.prepare(_args(storage))
+
+
+def test_smoke_on_a_grid_says_what_it_changed(tmp_path, synthetic_data_dir, monkeypatch):
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    grid = tmp_path / "grid_x.yaml"
+    grid.write_text("fixed: {train.steps: 300}\ngrid:\n  trajectory.rank: [2, 4, 8]\nseeds: [0, 1, 2]\n")
+    spec = spec_lib.prepare(_args(tmp_path / "sweeps", "--space", str(grid)))
+    note = spec_lib.smoke_note(spec)
+    assert "trajectory.rank 3->2 values" in note and "seeds 3->2" in note and "train.steps 300->6" in note
+    assert spec.sweep.num_samples == 4 and math.isfinite(spec.steps)
