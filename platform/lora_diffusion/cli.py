@@ -136,6 +136,12 @@ def cmd_bench_report(args) -> int:
     result = json.loads(Path(args.json).read_text())
     plots = bench_report.write_plots(result, Path(args.plots))
     text = bench_report.table(result, plot_dir=args.plots, relative_to=Path(args.readme).parent if args.readme else None)
+    if args.mlflow:
+        from .analysis.benchmark import log_to_mlflow
+        from .engine.options import default_tracking_uri
+
+        uri = default_tracking_uri() if args.mlflow == "default" else args.mlflow
+        print(f"mlflow run {log_to_mlflow(result, uri, [Path(args.json), *plots])} in {uri}")
     if args.readme:
         bench_report.replace_section(Path(args.readme), text)
         print(f"{args.readme}: performance section replaced; {len(plots)} plots in {args.plots}")
@@ -168,6 +174,8 @@ def _add_bench_parsers(sub) -> None:
     g.add_argument("--json", default="runs/bench/bench.json")
     g.add_argument("--readme", help="replace the section between the bench markers of this file")
     g.add_argument("--plots", default="docs/bench", help="folder of the growth plots (PNG)")
+    g.add_argument("--mlflow", nargs="?", const="default", metavar="TRACKING_URI",
+                   help="also log the JSON and plots as an MLflow run (default store: runs/mlflow.db)")
     g.set_defaults(func=cmd_bench_report)
 
 

@@ -148,11 +148,12 @@ def log_to_mlflow(result: dict, tracking_uri: str, files: list[Path]) -> str:
 
 
 def flat_figures(tree, prefix: str = "") -> dict[str, float]:
-    """Every number in the result, keyed by its path (MLflow metric names allow `/`, `.`, ` `, `=`)."""
+    """Every number in the result, keyed by its path (MLflow names take letters, digits, `_-. :/`)."""
     out: dict[str, float] = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    items = tree.items() if isinstance(tree, dict) else [(_row_key(i, v), v) for i, v in enumerate(tree)] \
+        if isinstance(tree, list) else ()
     for key, value in items:
-        name = f"{prefix}{key}".replace(",", "").replace("(", "").replace(")", "")
+        name = f"{prefix}{key}".replace(",", "").replace("(", "").replace(")", "").replace("=", "_")
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, (int, float)):
@@ -160,3 +161,12 @@ def flat_figures(tree, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (dict, list)):
             out.update(flat_figures(value, name + "/"))
     return out
+
+
+def _row_key(index: int, row) -> str:
+    """A list item's name: `variant/BxS` for measurement rows, `T=steps` for generations, else its index."""
+    if isinstance(row, dict) and "variant" in row and "batch" in row:
+        return f"{row['variant']}/{row['batch']}x{row['seq']}"
+    if isinstance(row, dict) and "steps" in row and "variants" in row:
+        return f"T={row['steps']}"
+    return str(index)
