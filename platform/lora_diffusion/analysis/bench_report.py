@@ -21,8 +21,9 @@ def _rows(result: dict, batch: int, seq: int) -> dict[str, dict]:
 
 
 def table_shape(result: dict) -> tuple[int, int]:
-    """The training grid's largest shape: where fixed per-step overheads matter least."""
-    return max(((r["batch"], r["seq"]) for r in result["train"]["rows"]), key=lambda s: (s[0] * s[1], s[1]))
+    """The shape with the most variants measured (every method's), the largest such."""
+    shapes = [(r["batch"], r["seq"]) for r in result["train"]["rows"]]
+    return max(set(shapes), key=lambda s: (shapes.count(s), s[0] * s[1], s[1]))
 
 
 def ratio_range(result: dict, variant: str) -> tuple[float, float]:
@@ -113,7 +114,9 @@ def sweep_table(result: dict) -> str:
     sw = result["sweep"]
     slots = sw["slot_s"]
     total = sw["wall_s"] * sw["concurrency"]
-    lines = [f"`{sw['command']}`: {sw['trials']} trials ({sw['stopped_early']} stopped early by ASHA), "
+    cut = (" (the sweep was interrupted after its first wave: figures up to its last report)"
+           if sw.get("interrupted") else "")
+    lines = [f"`{sw['command']}`{cut}: {sw['trials']} trials ({sw['stopped_early']} stopped early by ASHA), "
              f"{sw['concurrency']} at a time, wall {sw['wall_s']:.0f} s = {sw['wall_over_train']:.2f} x the "
              f"trials' training time / {sw['concurrency']} ({sw['wall_over_trial_spans']:.2f} x their "
              f"first-to-last-report spans); `WorkerGroupStartupTimeoutError`s in its log: {sw['startup_timeouts']}.",

@@ -40,7 +40,7 @@ def run_sweep(extra: list[str], workdir: str | Path, log=print) -> dict:
     wall = time.time() - t0
     text = logfile.read_text(errors="replace")
     trials = trial_timings(uri, name)
-    out = breakdown(trials, wall, t0, concurrency=_arg(args, "--max-concurrent", 2))
+    out = breakdown(trials, wall, t0, concurrency=_arg(args, "--max-concurrent", 2), interrupted=rc != 0)
     out.update(command="lora-diffusion sweep " + " ".join(args[:-6]), returncode=rc, log=str(logfile),
                startup_timeouts=len(re.findall(r"WorkerGroupStartupTimeoutError", text)))
     if log:
@@ -61,19 +61,24 @@ def trial_timings(uri: str, sweep: str) -> list[dict]:
     sweep_id = parent.data.tags.get("sweep_id", sweep)
     runs = mlflow_client(uri).search_runs([parent.info.experiment_id], max_results=1000,
                                           filter_string=f"tags.sweep_id = '{sweep_id}' and tags.role = 'trial'")
-    rows = []
+    client, rows = mlflow_client(uri), []
     for run in runs:
         m = run.data.metrics
         if "timing/trial_started_at" not in m:
             continue
-        rows.append({"trial_id": run.data.tags.get("trial_id"), "steps": m.get("step", 0),
+        history = client.get_metric_history(run.info.run_id, "timing/train_s")  # logged at the trial's step
+        rows.append({"trial_id": run.data.tags.get("trial_id"), "steps": max(h.step for h in history),
                      "stopped_early": run.data.tags.get("stopped_early") == "true",
                      **{k[len("timing/"):]: v for k, v in m.items() if k.startswith("timing/")}})
     return rows
 
 
-def breakdown(trials: list[dict], wall: float, t0: float, concurrency: int) -> dict:
-    """Slot-seconds of the sweep by where they went, and the issue's two ratios."""
+def breakdown(trials: list[dict], wall: float, t0: float, concurrency: int, interrupted: bool = False) -> dict:
+    """Slot-seconds of the sweep by where they went, and the issue's two ratios. An interrupted
+    sweep is measured up to its last report (trials still running then have reported nothing
+    of their time since)."""
+    if interrupted and trials:
+        wall = max(t["reported_at"] for t in trials) - t0
     slots = wall * concurrency
     parts = {p: sum(t.get(p, 0.0) for t in trials) for p in PARTS}
     spans = sum(t["reported_at"] - t["trial_started_at"] for t in trials)
@@ -83,7 +88,7 @@ def breakdown(trials: list[dict], wall: float, t0: float, concurrency: int) -> d
     step_s = train / steps if steps else float("nan")
     startup = [t["worker_startup_s"] + t["setup_s"] for t in trials]
     return {
-        "wall_s": wall, "concurrency": concurrency, "trials": len(trials),
+        "wall_s": wall, "interrupted": interrupted, "concurrency": concurrency, "trials": len(trials),
         "stopped_early": sum(t["stopped_early"] for t in trials), "trial_rows": trials,
         "slot_s": {"ray_and_driver_startup": (first - t0) * concurrency, **parts,
                    "idle": max(0.0, slots - spans - (first - t0) * concurrency)},
