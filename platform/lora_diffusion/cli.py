@@ -1,4 +1,4 @@
-"""`lora-diffusion train | eval | prepare-backbone | report`.
+"""`lora-diffusion train | eval | prepare-backbone | report | bench | bench-report | sweep`.
 
 Bad input (a config field, a missing file, an unknown backbone) prints one line naming the field
 or file and exits with code 2, before anything is written.
@@ -103,6 +103,53 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .analysis.bench_setup import SIZES
+    from .analysis.benchmark import SECTIONS, log_to_mlflow, run_benchmark
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or args.size not in SIZES:
+        raise UserError(f"sections: {bad[0]} is not one of {', '.join(SECTIONS)}" if bad else
+                        f"size: {args.size} is not one of {', '.join(SIZES)}")
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+    result = run_benchmark(args.size, sections, args.data_dir, out, previous, args.sweep_arg or [])
+    from .analysis import bench_report  # imported when measuring is done
+
+    files = [out, *bench_report.write_plots(result, out.parent)]
+    if not args.no_mlflow:
+        from .engine.options import default_tracking_uri
+
+        run_id = log_to_mlflow(result, args.tracking_uri or default_tracking_uri(), files)
+        print(f"mlflow run {run_id}")
+    print(bench_report.table(result))
+    print(f"{out} and {len(files) - 1} plots written")
+    return 0
+
+
+def cmd_bench_report(args) -> int:
+    from .analysis import bench_report
+
+    if not Path(args.json).is_file():
+        raise UserError(f"json: {args.json} not found (run lora-diffusion bench first)")
+    result = json.loads(Path(args.json).read_text())
+    plots = bench_report.write_plots(result, Path(args.plots))
+    text = bench_report.table(result, plot_dir=args.plots, relative_to=Path(args.readme).parent if args.readme else None)
+    if args.mlflow:
+        from .analysis.benchmark import log_to_mlflow
+        from .engine.options import default_tracking_uri
+
+        uri = default_tracking_uri() if args.mlflow == "default" else args.mlflow
+        print(f"mlflow run {log_to_mlflow(result, uri, [Path(args.json), *plots])} in {uri}")
+    if args.readme:
+        bench_report.replace_section(Path(args.readme), text)
+        print(f"{args.readme}: performance section replaced; {len(plots)} plots in {args.plots}")
+    else:
+        print(text)
+    return 0
+
+
 ALLOW_OVERLAP_HELP = ("evaluate even if more than 1%% of an evaluation set's rows overlap the "
                       "training rows (exact or containment); the fraction is reported as "
                       "<split>/overlap (config: allow_overlap)")
@@ -117,6 +164,30 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _add_bench_parsers(sub) -> None:
+    m = sub.add_parser("bench", help="what the methods cost: training, memory, inference, the sweep engine")
+    m.add_argument("--size", default="small", help="smoke (tiny model, seconds) | small (this 2-core machine, "
+                                                  "about half an hour) | full (the issue's grid)")
+    m.add_argument("--sections", default="train,memory,infer", help="comma-separated: train,memory,infer,sweep")
+    m.add_argument("--out", default="runs/bench/bench.json",
+                   help="the JSON; sections not measured keep their figures from an existing file")
+    m.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
+    m.add_argument("--data-dir")
+    m.add_argument("--sweep-arg", action="append", metavar="ARG",
+                   help="extra argument for the measured sweep (e.g. --sweep-arg=--num-samples=4)")
+    m.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    m.add_argument("--no-mlflow", action="store_true")
+    m.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("bench-report", help="the README's performance table and plots from a bench JSON")
+    g.add_argument("--json", default="runs/bench/bench.json")
+    g.add_argument("--readme", help="replace the section between the bench markers of this file")
+    g.add_argument("--plots", default="docs/bench", help="folder of the growth plots (PNG)")
+    g.add_argument("--mlflow", nargs="?", const="default", metavar="TRACKING_URI",
+                   help="also log the JSON and plots as an MLflow run (default store: runs/mlflow.db)")
+    g.set_defaults(func=cmd_bench_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metric", default="final/validation/accuracy")
     r.add_argument("--out", help="output directory (default: runs/reports/SWEEP)")
     r.set_defaults(func=cmd_report)
+
+    _add_bench_parsers(sub)
 
     # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.engine.sweep
     sub.add_parser("sweep", add_help=False,

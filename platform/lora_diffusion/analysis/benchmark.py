@@ -1,10 +1,14 @@
-"""Side-by-side measurements (calibration variants): several config variants trained in one
-process, one after another, with step time reported as a ratio to the first variant (these
-machines are noisy: only ratios taken in one run are comparable). Used by
-jobs/calibrate_injection.py."""
+"""Side-by-side measurements. `compare_variants`: several config variants trained in one process,
+one after another, with accuracy and step time as a ratio to the first (jobs/calibrate_injection.py).
+`run_benchmark`: what the method costs (`lora-diffusion bench`): training (bench_train), memory,
+inference (bench_infer) and the sweep engine (bench_sweep), every section's variants interleaved
+in one process and reported as ratios to a named reference; the JSON, an MLflow run, and the
+README's table and plots from the JSON (bench_report). These machines are noisy: only ratios
+taken in one run are comparable."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -55,3 +59,114 @@ def write_markdown(path: str | Path, base: dict, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"base: {json.dumps(base)}\n\n{markdown(rows)}\n")
+
+
+# ----------------------------------------------------------------------------- `lora-diffusion bench`
+
+SECTIONS = ("train", "memory", "infer", "sweep")
+
+
+def machine() -> dict:
+    """What the figures were measured on (ratios travel between machines; seconds do not)."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "load_average": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None, out: str | Path | None = None,
+                  previous: dict | None = None, sweep_args: list[str] | None = None, log=print) -> dict:
+    """Measure the given sections at one size; a section not measured keeps its figures from
+    `previous` (so sections can run one at a time). Written to `out` after each section."""
+    import torch
+
+    from . import bench_infer, bench_train
+    from .bench_setup import SIZES, Workbench
+
+    size = SIZES[size_name]
+    torch.set_num_threads(size.threads)
+    result = {**(previous or {}), "size": size_name, "settings": dataclasses.asdict(size), "machine": machine()}
+    wb = Workbench(size, data_dir=data_dir) if set(sections) & {"train", "memory", "infer"} else None
+
+    def save():
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(result, indent=1))
+
+    if "infer" in sections:
+        result["infer"] = bench_infer.run(wb, log)
+        save()
+    if "train" in sections:
+        variants = bench_train.train_variants(wb)
+        recipes = bench_train.build(wb, variants)
+        rows = bench_train.time_shapes(wb, recipes, variants, size.train_shapes, log)
+        growth = {n: r for n, r in recipes.items() if n in bench_train.GROWTH_VARIANTS}
+        rows += bench_train.time_shapes(wb, growth, variants, size.growth_shapes, log)
+        result["train"] = {"reference": bench_train.REFERENCE, "floor": bench_train.FLOOR, "rows": rows,
+                           "growth": bench_train.growth(wb, log)}
+        save()
+    if "memory" in sections:
+        rows = bench_train.memory(size_name, bench_train.train_variants(wb), data_dir, log)
+        result["memory"] = {"reference": bench_train.REFERENCE, "rows": rows}
+        save()
+    if "sweep" in sections:
+        from .bench_sweep import run_sweep
+
+        workdir = Path(out).parent / "sweep" if out else Path("runs") / "bench" / "sweep"
+        result["sweep"] = run_sweep(sweep_args or [], workdir, log)
+        save()
+    return result
+
+
+def log_to_mlflow(result: dict, tracking_uri: str, files: list[Path]) -> str:
+    """One MLflow run (experiment lora-diffusion-bench): the machine and size as params, every
+    figure as a metric, the JSON and the plots as artifacts. Returns the run id."""
+    import mlflow
+
+    from ..engine.tracking import prepare_uri
+
+    client = mlflow.MlflowClient(prepare_uri(tracking_uri))
+    exp = client.get_experiment_by_name("lora-diffusion-bench")
+    exp_id = exp.experiment_id if exp else client.create_experiment("lora-diffusion-bench")
+    run = client.create_run(exp_id, run_name=f"bench {result['size']} {result['machine']['date']}")
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in
+                                              {"size": result["size"], **result["machine"]}.items()])
+    metrics = [mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in flat_figures(result).items()]
+    for i in range(0, len(metrics), 900):
+        client.log_batch(run.info.run_id, metrics=metrics[i:i + 900])
+    for f in files:
+        client.log_artifact(run.info.run_id, str(f))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def flat_figures(tree, prefix: str = "") -> dict[str, float]:
+    """Every number in the result, keyed by its path (MLflow names take letters, digits, `_-. :/`)."""
+    out: dict[str, float] = {}
+    items = tree.items() if isinstance(tree, dict) else [(_row_key(i, v), v) for i, v in enumerate(tree)] \
+        if isinstance(tree, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}".replace(",", "").replace("(", "").replace(")", "").replace("=", "_")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+        elif isinstance(value, (dict, list)):
+            out.update(flat_figures(value, name + "/"))
+    return out
+
+
+def _row_key(index: int, row) -> str:
+    """A list item's name: `variant/BxS` for measurement rows, `T=steps` for generations, else its index."""
+    if isinstance(row, dict) and "variant" in row and "batch" in row:
+        return f"{row['variant']}/{row['batch']}x{row['seq']}"
+    if isinstance(row, dict) and "steps" in row and "variants" in row:
+        return f"T={row['steps']}"
+    return str(index)

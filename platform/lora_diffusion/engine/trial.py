@@ -21,6 +21,7 @@ checkpoint's metrics (they may never have reached Tune).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -52,6 +53,7 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    started = time.time()  # the trial's actor is running: Tune's share of start-up ends here
     trial_id = tune.get_context().get_trial_id()
     config = config_lib.from_dict({}, {**plan.fixed, **space_lib.overrides(params)})
     per_worker = {"CPU": plan.cpus_per_worker}
@@ -59,7 +61,8 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
         per_worker["GPU"] = plan.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "threads": max(1, int(plan.cpus_per_worker))},
+        train_loop_config={"config": config.to_dict(), "threads": max(1, int(plan.cpus_per_worker)),
+                           "trial_started": started},
         torch_config=TorchConfig(backend="nccl" if plan.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=bool(plan.gpus_per_worker),
                                      resources_per_worker=per_worker),
@@ -84,12 +87,14 @@ def train_loop(loop_config: dict) -> None:
     from ..core.recipe import Recipe
 
     t0 = time.perf_counter()
+    started = time.time()  # the worker group is up: Train's share of start-up ends here
     ctx = ray.train.get_context()
     config = config_lib.from_dict(loop_config["config"])
     if config.train.threads is None and loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))  # the CPUs this worker reserved
     recipe = Recipe(config, rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     reporter = Reporter(recipe, t0)
+    reporter.timing.begin(loop_config.get("trial_started", started), started, recipe)
     reporter.resume()
     recipe.run(report=reporter, log=None)
 
@@ -101,6 +106,7 @@ class Reporter:
         self.recipe, self.t0 = recipe, t0
         self.start = 0  # the step this Train run started from
         self.first: dict = {}  # what the first report of this Train run carries
+        self.timing = Timing()
 
     def resume(self) -> None:
         """Load the Train run's latest checkpoint, if any, and report its metrics again: they may
@@ -137,12 +143,58 @@ class Reporter:
             # The final result rides on the last evaluation's report: a scheduler that stops the
             # trial at its last rung (ASHA stops at max_t) cannot cut it off. `run` returns the
             # same result (computed once).
-            result = {**rec.final_result(time.perf_counter() - self.t0), "resumed_from_step": self.start}
+            with self.timing.phase("final_eval"):
+                result = {**rec.final_result(time.perf_counter() - self.t0), "resumed_from_step": self.start}
             out["result_json"] = json.dumps(result, default=str)
+        out.update(self.timing.figures(rec))
         if rec.rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.save_state(Path(tmp), rec)
-                (Path(tmp) / "metrics.json").write_text(json.dumps(out))
-                ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
+                with self.timing.phase("checkpoint"):
+                    checkpoint.save_state(Path(tmp), rec)
+                    (Path(tmp) / "metrics.json").write_text(json.dumps(out))
+                with self.timing.phase("report"):
+                    ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
         else:
-            ray.train.report(out, checkpoint=None)
+            with self.timing.phase("report"):
+                ray.train.report(out, checkpoint=None)
+
+
+class Timing:
+    """Where a trial's time goes, reported with every evaluation as `timing/*` (seconds, or unix
+    times `*_at`): start-up split into Tune (trial scheduled -> its actor runs: not seen here),
+    the Train worker group (actor -> worker loop) and set-up (data, backbone, method); then
+    training steps, evaluation, checkpointing and the hand-off to Tune (`ray.train.report`, which
+    waits for the driver to take the previous result), each summed over this Train run. The
+    figures of one report cover the phases before it (its own checkpoint and hand-off go in the
+    next)."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {"checkpoint": 0.0, "report": 0.0, "final_eval": 0.0}
+        self.marks: dict[str, float] = {}
+
+    def begin(self, trial_started: float, worker_started: float, recipe) -> None:
+        self.marks = {"trial_started_at": trial_started, "worker_started_at": worker_started,
+                      "ready_at": time.time()}
+        self.train0 = recipe.train_time  # a resumed run counts only its own steps
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[name] += time.perf_counter() - t0
+
+    def figures(self, recipe) -> dict[str, float]:
+        if not self.marks:
+            return {}
+        now = time.time()
+        train = recipe.train_time - self.train0
+        busy = now - self.marks["ready_at"]
+        spent = self.spent
+        return {**{f"timing/{k}": v for k, v in self.marks.items()}, "timing/reported_at": now,
+                "timing/worker_startup_s": self.marks["worker_started_at"] - self.marks["trial_started_at"],
+                "timing/setup_s": self.marks["ready_at"] - self.marks["worker_started_at"],
+                "timing/train_s": train, "timing/checkpoint_s": spent["checkpoint"], "timing/report_s": spent["report"],
+                "timing/final_eval_s": spent["final_eval"],
+                "timing/eval_s": busy - train - spent["checkpoint"] - spent["report"]}

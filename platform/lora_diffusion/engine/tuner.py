@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,24 @@ def init_ray(address: str, log_to_driver: bool = True) -> None:
     if address == "local":
         # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs to
         # free a worker group's placement group when Tune stops a trial (ASHA) by killing it:
-        # without it the resources leak and later trials wait forever for their workers.
-        ray.init(address="local", include_dashboard=True, log_to_driver=log_to_driver,
+        # without it the resources leak and later trials wait for their workers
+        # (WorkerGroupStartupTimeoutError, retried). The cleaner finds the State API by
+        # auto-detection, which fails in a worker of a `ray.init` cluster ("Found multiple
+        # active Ray instances" beside another Ray; no address without one) and kills its
+        # monitor thread; so this cluster's dashboard is named to every worker, which inherits
+        # the environment of the raylet started here.
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", include_dashboard=True, dashboard_port=port, log_to_driver=log_to_driver,
                  configure_logging=True, logging_level="WARNING")
     else:
         ray.init(address=address, log_to_driver=log_to_driver)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
