@@ -148,7 +148,7 @@ def _train_step(backbone, params, opt, batch, gen, lr: float) -> tuple[float, fl
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return float(loss), stats["masked_accuracy"]
+    return float(loss.detach()), stats["masked_accuracy"]
 
 
 def train(backbone, windows, s: PrepareSettings, work: Path, log, stop_after: int | None) -> int:
