@@ -149,8 +149,8 @@ CASES = [
     ("checkpoint foreign", ["eval", "--checkpoint", "{corpus}/ckpt_foreign"], "ckpt_foreign/config.json"),
     ("checkpoint shapes", ["eval", "--checkpoint", "{corpus}/ckpt_shapes"], "ckpt_shapes"),
     # -- prepare-backbone
-    ("prepare zero steps", ["prepare-backbone", "--steps", "0", "--out", "{out}"], ARGPARSE),
-    ("prepare zero batch", ["prepare-backbone", "--batch-size", "0", "--out", "{out}"], ARGPARSE),
+    ("prepare zero steps", ["prepare-backbone", "--steps", "0", "--out", "{out}"], "field steps"),
+    ("prepare zero batch", ["prepare-backbone", "--batch-size", "0", "--out", "{out}"], "field batch_size"),
     # -- search spaces and grids
     ("space binary", _sweep(space="{corpus}/binary.yaml"), "binary.yaml"),
     ("space YAML syntax", _sweep(space="{corpus}/syntax.yaml"), "syntax.yaml"),

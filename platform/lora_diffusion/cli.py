@@ -159,17 +159,6 @@ ALLOW_OVERLAP_HELP = ("evaluate even if more than 1%% of an evaluation set's row
                       "<split>/overlap (config: allow_overlap)")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (prepare-backbone with 0 steps would save an untrained model)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _add_bench_parsers(sub) -> None:
     m = sub.add_parser("bench", help="what the methods cost: training, memory, inference, the sweep engine")
     m.add_argument("--size", default="small", help="smoke (tiny model, seconds) | small (this 2-core machine, "
@@ -221,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default $LORA_DIFFUSION_CACHE, else ~/.cache/lora-diffusion)")
     b.add_argument("--backbone", default="minilm")
     b.add_argument("--mode", choices=("head", "full"), default="full")
-    b.add_argument("--steps", type=_positive_int, default=1500)
-    b.add_argument("--batch-size", type=_positive_int, default=32)
+    b.add_argument("--steps", type=int, default=1500)
+    b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--max-length", type=int, default=64, help="window length in tokens")
     b.add_argument("--lr", type=float, default=None,
                    help="default 3e-3 for --mode head, 2e-4 for --mode full (measured: head at 1e-4 "
