@@ -102,3 +102,13 @@ def test_task_defaults_for_response_length_and_sampler_steps(tiny_config):
     assert tiny_config(task="xquad", **{"diffusion.sampler_steps": 4}).diffusion.sampler_steps == 4
     with pytest.raises(UserError, match="generation.response_tokens"):
         tiny_config(task="xsum", max_length=32)  # 32 summary tokens leave no room for the document
+
+
+def test_sweeps_select_generation_tasks_on_their_field_metric():
+    from lora_diffusion.engine.callbacks import view_metrics
+    from lora_diffusion.engine.spec import selection_metric
+
+    assert [selection_metric(t) for t in ("sst2", "ag_news", "xquad", "xsum")] == [
+        "validation/accuracy", "validation/accuracy", "validation/f1", "validation/rougeL"]
+    assert view_metrics("validation/f1")[:2] == ["final/validation/f1", "final/test/f1"]
+    assert view_metrics()[:2] == ["final/validation/accuracy", "final/test/accuracy"]  # unchanged

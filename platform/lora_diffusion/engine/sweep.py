@@ -13,7 +13,8 @@ Shape (Ray 2.60, Train V2):
   by the trial id under `<sweep>/train/`, so a restored trial's Train run finds its own latest
   checkpoint; `FailureConfig` restarts failed workers from it;
 - tuner.py: OptunaSearch (seeded TPE) samples the search space define-by-run (conditional
-  parameters) and ASHA stops weak trials on validation/accuracy at rungs of the recipe's step counter;
+  parameters) and ASHA stops weak trials on the task's validation metric (accuracy, f1 for
+  xquad, rougeL for xsum: spec.selection_metric) at rungs of the recipe's step counter;
   a grid file (search_spaces/grid_*.yaml, see grid.py) runs every cell x seed once instead
   (Tune's grid search, no early stopping);
 - callbacks.py: one MLflow parent run per sweep and one child run per trial (tracking.py),
@@ -35,7 +36,7 @@ from ..core.errors import UserError
 from . import tracking
 from .grid import SEED_FIELD
 from .options import build_parser, repo_root
-from .spec import METRIC, SPEC_FILE, SweepSpec, prepare
+from .spec import SPEC_FILE, SweepSpec, prepare
 from .storage import SweepStorage
 
 
@@ -76,9 +77,10 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         version = tracking.code_version(repo_root())
         tracker = tracking.SweepTracker(spec.tracking_uri, spec.name, spec.experiment, sweep_id=spec.sweep_id,
                                         tags={"code_version": version, "space": Path(spec.space_path).stem})
-        mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version))
+        mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version),
+                                                spec.metric)
         ends = callbacks.TrialEnds()
-        run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(), ends])
+        run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(spec.metric), ends])
         tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=args.resume,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
@@ -159,18 +161,19 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
         print(f"\nsweep {spec.name} interrupted ({ends.finished()} of {spec.sweep.num_samples} trials "
               "finished): rerun the same command with --resume to continue it")
         return 1
-    rows = [r for r in results if r.metrics and METRIC in r.metrics]
+    metric = spec.metric
+    rows = [r for r in results if r.metrics and metric in r.metrics]
     errors = [r for r in results if r.error]
     best = None
     if rows:
-        b = max(rows, key=lambda r: r.metrics[METRIC])
-        best = {"trial_id": b.metrics.get("trial_id"), "validation/accuracy": b.metrics[METRIC],
+        b = max(rows, key=lambda r: r.metrics[metric])
+        best = {"trial_id": b.metrics.get("trial_id"), metric: b.metrics[metric],
                 "step": b.metrics.get("step"), "params": b.config,
                 "config": TrialResolver(spec.fixed, "")(b.config)[0]}
     mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED")
     print(f"\nsweep {spec.name}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
     if best:
-        print(f"best trial {best['trial_id']}: validation/accuracy {best['validation/accuracy']:.4f} "
+        print(f"best trial {best['trial_id']}: {metric} {best[metric]:.4f} "
               f"at step {best['step']}")
         for k, v in best["params"].items():
             print(f"  {k} = {v}")
