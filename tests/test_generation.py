@@ -53,6 +53,21 @@ def test_responses_are_padded_with_end_tokens_and_decoding_cuts_at_the_first(tin
     assert generation.cut_at_end([5, 6], end) == [5, 6]
 
 
+def test_generated_prompt_spans_keep_the_prompt_spelling(tiny_backbone_dir):
+    """WordPiece decoding spaces out punctuation ("1, 857"); a run of the prompt's tokens takes the
+    prompt's characters, so a copied answer can match exactly; other tokens are decoded."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    prompt = "Context: The planet's 1,857 rainforests.\nQuestion: How many?\nAnswer:"
+    ids = tok("planet's 1,857", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) != "planet's 1,857"
+    assert generation.surface_text(tok, ids, prompt) == "planet's 1,857"
+    other = tok("1,858", add_special_tokens=False)["input_ids"]
+    assert generation.surface_text(tok, other, prompt) == tok.decode(other)
+    assert generation.surface_text(tok, [], prompt) == ""
+
+
 def test_sampler_runs_each_step_with_its_own_t(tiny_config):
     """Generation calls the method once per reverse step, with that step's t for every row, from
     t = 1 down: each step runs the module of its own t."""

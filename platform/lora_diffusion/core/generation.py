@@ -48,6 +48,18 @@ def cut_at_end(ids: list[int], end_id: int) -> list[int]:
     return ids[:ids.index(end_id)] if end_id in ids else list(ids)
 
 
+def surface_text(tokenizer, ids: list[int], prompt: str) -> str:
+    """The text of generated `ids`: the prompt's own characters where the ids are a contiguous
+    run of the prompt's tokens (a fast tokenizer's offsets), else the tokenizer's decoding."""
+    if ids and tokenizer.is_fast:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        source, offsets, n = enc["input_ids"], enc["offset_mapping"], len(ids)
+        for i in range(len(source) - n + 1):
+            if source[i:i + n] == ids:
+                return prompt[offsets[i][0]:offsets[i + n - 1][1]]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 @torch.no_grad()
 def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> list[str]:
     """Each example's response, generated from `response_tokens` masks and decoded to text."""
@@ -60,9 +72,9 @@ def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> l
         batch = recipe.encode(chunk, [slots] * len(chunk))
         ids = diffusion.sample(recipe.denoiser(batch), batch, mask_id, c.diffusion.sampler_steps,
                                c.diffusion.remasking, generator, c.diffusion.noise_schedule)
-        for row, response in zip(ids, batch.response_mask):
+        for example, row, response in zip(chunk, ids, batch.response_mask):
             kept = cut_at_end(row[response].tolist(), end_id)
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+            texts.append(surface_text(tokenizer, kept, example.prompt))
     return texts
 
 
