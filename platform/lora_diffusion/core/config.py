@@ -32,9 +32,19 @@ REMASKING = ("low_confidence", "random")
 class DiffusionConfig:
     noise_schedule: str = "linear"  # masking probability as a function of t
     t_min: float = 1e-3  # t is drawn from [t_min, 1] so the 1/t weight stays bounded
-    sampler_steps: int = 4  # reverse steps of the sampler (and the number of per_step modules)
+    # reverse steps of the sampler (and the number of per_step modules); None: 4 for
+    # classification, generation.response_tokens (one token per step) for generation tasks
+    sampler_steps: int | None = None
     remasking: str = "low_confidence"
     eval_t_points: int = 4  # t values for ELBO scoring, stratified over the method's phases
+
+
+@dataclass
+class GenerationConfig:
+    """Generation tasks (xquad, xsum; core/generation.py): responses are the answer, cut to
+    `response_tokens`, then end tokens up to it; decoding cuts at the first end token."""
+
+    response_tokens: int | None = None  # None: the task's (xquad 16, xsum 32); unused by classification
 
 
 @dataclass
@@ -93,7 +103,8 @@ def _section(name: str, cls: type) -> tuple[str, type, dataclasses.Field]:
 Config = dataclasses.make_dataclass(
     "Config",
     [*(_section(s.name, s.section) for s in registry.specs() if s.section is not None),
-     _section("diffusion", DiffusionConfig), _section("train", TrainConfig),
+     _section("diffusion", DiffusionConfig), _section("generation", GenerationConfig),
+     _section("train", TrainConfig),
      ("output_dir", str, field(default="runs/train"))],
     bases=(RunSettings,))
 Config.__module__ = __name__  # pickled by name (Ray ships configs to workers)
@@ -119,8 +130,21 @@ def from_dict(data: dict, overrides: dict[str, object] | None = None) -> Config:
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
     config = _build(Config, merged, prefix="")
+    check_one_of(config.task, tuple(TASKS), "task")
+    resolve_task_defaults(config)
     validate(config)
     return config
+
+
+def resolve_task_defaults(config: Config) -> None:
+    """Fill the settings whose default depends on the task, so a saved config holds the values
+    the run used: the response length of generation tasks and the sampler's step count."""
+    spec = TASKS[config.task]
+    if spec.kind == "generation" and config.generation.response_tokens is None:
+        config.generation.response_tokens = spec.response_tokens
+    if config.diffusion.sampler_steps is None:
+        config.diffusion.sampler_steps = (config.generation.response_tokens
+                                          if spec.kind == "generation" else 4)
 
 
 def load(path: str | None, sets: list[str] | None = None) -> Config:
@@ -238,6 +262,10 @@ def validate(config: Config) -> None:
     check_one_of(d.remasking, REMASKING, "diffusion.remasking")
     check(0 < d.t_min < 1, "diffusion.t_min", "must lie in (0, 1)")
     check(d.sampler_steps >= 1, "diffusion.sampler_steps", "must be >= 1")
+    n = config.generation.response_tokens
+    if TASKS[config.task].kind == "generation":  # [CLS], at least one prompt token, [SEP]
+        check(1 <= n <= config.max_length - 3, "generation.response_tokens",
+              f"must lie in [1, max_length - 3 = {config.max_length - 3}] for {config.task}")
     check(d.eval_t_points >= 1, "diffusion.eval_t_points", "must be >= 1")
     for name in ("steps", "batch_size", "eval_every"):
         check(getattr(tr, name) >= 1, f"train.{name}", "must be >= 1")

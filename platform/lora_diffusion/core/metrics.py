@@ -1,5 +1,10 @@
-"""Metrics of the generation tasks: SQuAD v1.1 F1 / exact match (xquad) and ROUGE-L (xsum).
-Classification accuracy is `tasks.accuracy`."""
+"""Metrics of the generation tasks: SQuAD v1.1 exact match / F1 (xquad) and ROUGE-1/2/L F1
+(xsum), all in [0, 1] and averaged over examples. Classification accuracy is `tasks.accuracy`.
+
+The SQuAD normaliser and F1 are the official v1.1 evaluation script's (no maintained package
+with it is installed here: Hugging Face `evaluate` loads its metrics from the hub); ROUGE is
+Google's `rouge-score` package, the implementation published XSum numbers use.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
 def _squad_normalize(text: str) -> str:
@@ -37,15 +44,35 @@ def squad_f1_em(prediction: str, references) -> tuple[float, float]:
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
-    # The `rouge-score` package (Google's reference implementation used for published XSum
-    # numbers), with the Porter stemmer as those papers use it. It is not in pyproject yet.
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as e:
-        raise ImportError("rouge_l needs the rouge-score package: pip install rouge-score") from e
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # Porter-stemmed, as the XSum papers score (rouge-score's default tokenizer: lowercased
+    # alphanumeric tokens)
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge(prediction: str, references) -> dict[str, float]:
+    """ROUGE-1/2/L F1 of one prediction, the best reference per type (sentence-level LCS)."""
+    refs = [references] if isinstance(references, str) else list(references)
+    if not refs:
+        raise ValueError("rouge: no references")
+    scores = _rouge_scorer().score_multi(refs, prediction)
+    return {k: scores[k].fmeasure for k in ROUGE_TYPES}
 
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 (sentence-level LCS, lowercased, alphanumeric tokens, Porter-stemmed)."""
-    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
+    return rouge(prediction, reference)["rougeL"]
+
+
+def score_generations(metric_family: str, predictions: list[str], references: list) -> dict[str, float]:
+    """Mean metrics over examples: "squad" -> exact_match, f1; "rouge" -> rouge1, rouge2, rougeL."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"score_generations: {len(predictions)} predictions for {len(references)} references")
+    if metric_family == "squad":
+        f1, em = zip(*(squad_f1_em(p, r) for p, r in zip(predictions, references)))
+        return {"exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1)}
+    if metric_family == "rouge":
+        rows = [rouge(p, r) for p, r in zip(predictions, references)]
+        return {k: sum(row[k] for row in rows) / len(rows) for k in ROUGE_TYPES}
+    raise ValueError(f"unknown metric family {metric_family!r}")

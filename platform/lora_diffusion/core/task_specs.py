@@ -36,6 +36,12 @@ class TaskSpec:
     label_words: tuple[str, ...]  # one per class index; single bert-base-uncased WordPieces
     splits: tuple[str, ...]
     split_note: str
+    # what the sweep selects on (`validation/<metric>`) and, for generation, how it is scored:
+    # "squad" (exact_match, f1) or "rouge" (rouge1, rouge2, rougeL), core/metrics.py
+    metric: str = "accuracy"
+    metric_family: str = "accuracy"
+    # generation: the fixed response length, answer then end tokens (core/generation.py)
+    response_tokens: int | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -70,6 +76,7 @@ TASKS: dict[str, TaskSpec] = {
         "dev subset, by article title so no context is in two splits: 20% of the 48 articles to "
         "test, 10% to validation; the hub copy has no titles and is cut by context instead; not "
         "comparable to published SQuAD/XQuAD numbers",
+        metric="f1", metric_family="squad", response_tokens=16,  # 98% of answers fit (MiniLM WordPieces)
     ),
     "xsum": TaskSpec(
         name="xsum",
@@ -81,6 +88,7 @@ TASKS: dict[str, TaskSpec] = {
         "validation) of 1,910 unique XSum test-split articles (two 1,000-row subsets "
         "deduplicated on id); documents cut to "
         f"{XSUM_MAX_DOC_CHARS} characters; not comparable to published XSum test numbers",
+        metric="rougeL", metric_family="rouge", response_tokens=32,  # 87% of summaries fit; longer ones are cut
     ),
 }
 

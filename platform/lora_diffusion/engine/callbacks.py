@@ -120,13 +120,16 @@ def _short(params: dict) -> str:
 class ProgressLines(Callback):
     """One readable line per trial report, and one when a trial ends."""
 
+    def __init__(self, metric: str = METRIC):
+        self.metric = metric  # the sweep's selection metric (spec.selection_metric)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._step_line(trial, result)
         if result.get("result_json"):
             r = json.loads(result["result_json"])
             acc = r.get("accounting", {})
             print(f"[trial {trial.trial_id}] final  step {r.get('steps')}  "
-                  f"validation/accuracy {r.get('validation/accuracy', float('nan')):.4f}  "
+                  f"{self.metric} {r.get(self.metric, float('nan')):.4f}  "
                   f"validation/accuracy_sampler {r.get('validation/accuracy_sampler', float('nan')):.4f}  "
                   f"train/accuracy {r.get('train/accuracy', float('nan')):.4f}  "
                   f"params {acc.get('trainable_params')}", flush=True)
@@ -134,7 +137,7 @@ class ProgressLines(Callback):
     def _step_line(self, trial, result):
         print(f"[trial {trial.trial_id}] step {int(result.get('step', 0)):5d}  "
               f"loss {result.get('train/loss', float('nan')):.4f}  "
-              f"validation/accuracy {result.get(METRIC, float('nan')):.4f}"
+              f"{self.metric} {result.get(self.metric, float('nan')):.4f}"
               + (f"  (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else "")
               + f"  | {_short(trial.config)}", flush=True)
 
@@ -176,9 +179,10 @@ class MlflowSweepCallback(Callback):
     own step as `step`; the first report of every (re)started Train run carries the accounting
     (`accounting_json`), the report of the last step the final result (`result_json`)."""
 
-    def __init__(self, tracker: SweepTracker, resolve):
+    def __init__(self, tracker: SweepTracker, resolve, metric: str = METRIC):
         self.tracker = tracker
         self.resolve = resolve
+        self.metric = metric  # the sweep's selection metric (spec.selection_metric)
         self._runs: dict[str, str] = {}
         self._accounting: dict[str, dict] = {}
         self._final_logged: set[str] = set()
@@ -208,8 +212,8 @@ class MlflowSweepCallback(Callback):
         step = int(result.get("step", 0))
         self._last_result[tid] = dict(result)
         metrics = {k: v for k, v in result.items() if "/" in k or k == "resumed_from_step"}
-        if METRIC in metrics:  # the UI offers a run's metrics in the order they were first logged
-            metrics = {METRIC: metrics.pop(METRIC), **metrics}
+        if self.metric in metrics:  # the UI offers a run's metrics in the order first logged
+            metrics = {self.metric: metrics.pop(self.metric), **metrics}
         self.tracker.log_step(run_id, metrics, step)
         if result.get("result_json") and tid not in self._final_logged:
             self.tracker.log_final(run_id, json.loads(result["result_json"]), step)
@@ -244,8 +248,9 @@ class MlflowSweepCallback(Callback):
         parent = self.tracker.parent_run()
         self.knobs, self.resume = list(knobs), resume
         self.tracker.client.set_tag(parent, "sweep.knobs", ",".join(self.knobs))
-        link = self.tracker.save_runs_view(parent, self.knobs, VIEW_METRICS)
-        self.tracker.describe(parent, sweep_summary(self.tracker, self.knobs, resume, None, ended=False))
+        link = self.tracker.save_runs_view(parent, self.knobs, view_metrics(self.metric))
+        self.tracker.describe(parent, sweep_summary(self.tracker, self.knobs, resume, None, ended=False,
+                                                    metric=self.metric))
         return link
 
     def finish(self, best: dict | None, status: str = "FINISHED", reason: str | None = None) -> None:
@@ -260,7 +265,7 @@ class MlflowSweepCallback(Callback):
 
             now = int(time.time() * 1000)
             self.tracker.client.log_batch(parent, metrics=[
-                Metric("selection/validation_accuracy", float(best["selection"]["score"]), now, 0)])
+                Metric("selection/" + self.metric.replace("/", "_"), float(best["selection"]["score"]), now, 0)])
             self.tracker.client.set_tag(parent, "best_trial_id", best["trial_id"])
             self.tracker.client.log_text(parent, json.dumps(best, indent=2, default=str), "best.json")
             for run in self.tracker.trial_runs():
@@ -269,15 +274,20 @@ class MlflowSweepCallback(Callback):
                 elif BEST_TAG in run.data.tags:
                     self.tracker.client.delete_tag(run.info.run_id, BEST_TAG)
         self.tracker.describe(parent, sweep_summary(self.tracker, getattr(self, "knobs", []),
-                                                    getattr(self, "resume", ""), best, ended=True))
+                                                    getattr(self, "resume", ""), best, ended=True,
+                                                    metric=self.metric))
         self.tracker.end_run(parent, status)
 
 
 BEST_TAG = "best_trial"
 FAILURE_TAG = "failure_reason"  # on a failed trial's run (and a failed sweep's parent): one line
-# the view's columns after the knobs; the first sorts it (stopped trials have final/* too)
-VIEW_METRICS = [f"final/{METRIC}", "final/test/accuracy", "accounting/trainable_params",
-                "final/step_time_s"]
+
+
+def view_metrics(metric: str = METRIC) -> list[str]:
+    """The runs view's columns after the knobs; the first sorts it (stopped trials have final/*
+    too): the selection metric on validation, then on test."""
+    return [f"final/{metric}", "final/" + metric.replace("validation/", "test/", 1),
+            "accounting/trainable_params", "final/step_time_s"]
 
 
 def _counts(runs) -> dict[str, int]:
@@ -291,7 +301,7 @@ def _counts(runs) -> dict[str, int]:
 
 
 def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: dict | None,
-                  ended: bool) -> str:
+                  ended: bool, metric: str = METRIC) -> str:
     """The parent run's description (markdown): what ran, the best trial on validation with its
     test figure where there is one, and the command that resumes the sweep."""
     runs = tracker.trial_runs()
@@ -304,12 +314,12 @@ def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: di
     run = next((r for r in runs if best and r.data.tags.get("trial_id") == best["trial_id"]), None)
     if run is not None:
         m = run.data.metrics
-        score = m.get(f"final/{METRIC}", best["selection"]["score"])
+        score = m.get(f"final/{metric}", best["selection"]["score"])
         lines += [f"Selected on validation: **{run.info.run_name}** (trial `{best['trial_id']}`, tagged "
-                  f"`{BEST_TAG}`): selection score ({METRIC}) {score:.4f}, the best of the search, so "
+                  f"`{BEST_TAG}`): selection score ({metric}) {score:.4f}, the best of the search, so "
                   "optimistic; its test figure is the retrain's (fresh seeds), below when it has run.", ""]
     else:
-        lines += [f"Best trial: none ({'no trial reported ' + METRIC if ended else 'the sweep is running, or was interrupted'}).", ""]
+        lines += [f"Best trial: none ({'no trial reported ' + metric if ended else 'the sweep is running, or was interrupted'}).", ""]
     if resume:
         lines += [f"Resume it after an interruption: `{resume}`"]
     return "\n".join(lines).strip() + "\n"

@@ -27,9 +27,17 @@ from .options import default_tracking_uri, repo_root, storage_location
 from .storage import SweepStorage
 from .tracking import DEFAULT_EXPERIMENT
 
-METRIC, MODE = "validation/accuracy", "max"
+METRIC, MODE = "validation/accuracy", "max"  # classification's; every task's: selection_metric
 SPEC_FILE = "sweep.json"
 TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
+
+
+
+def selection_metric(task: str) -> str:
+    """What a sweep on `task` selects on (Tune, ASHA, the best trial): validation/accuracy for
+    classification, validation/f1 for xquad, validation/rougeL for xsum (task_specs.py)."""
+    return f"validation/{tasks.get_task(task).metric}"
+
 
 # --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial
 SMOKE_OVERRIDES = {
@@ -97,6 +105,10 @@ class SweepSpec:
         spec.sweep = SweepOptions(**spec.sweep)
         spec.grid = GridSpec(**spec.grid) if spec.grid else None
         return spec
+
+    @property
+    def metric(self) -> str:
+        return selection_metric(self.fixed.get("task", config_lib.RunSettings.task))
 
     def parse_space(self):
         """The space (or grid) file's content, validated with the sweep's overrides."""
@@ -251,6 +263,9 @@ def _check_data(fixed_cfg, grid: GridSpec | None) -> None:
     cell_tasks = {c["task"] for c in (grid.cells if grid else None) or [] if "task" in c}
     for task in {fixed_cfg.task} | cell_tasks:
         tasks.check_local_data(task, fixed_cfg.data_dir, fixed_cfg.allow_hub)
+    if len({selection_metric(t) for t in {fixed_cfg.task} | cell_tasks}) > 1:
+        raise UserError(f"cells: tasks {', '.join(sorted({fixed_cfg.task} | cell_tasks))} are selected "
+                        "on different metrics; run one sweep per task")
 
 
 def _fit_grace_period(options: SweepOptions, fixed_cfg, smoke: bool) -> None:

@@ -17,7 +17,8 @@ Shape (Ray 2.60, Train V2):
   by the trial id under `<sweep>/train/`, so a restored trial's Train run finds its own latest
   checkpoint; `FailureConfig` restarts failed workers from it;
 - tuner.py: OptunaSearch (seeded TPE) samples the search space define-by-run (conditional
-  parameters) and ASHA stops weak trials on validation/accuracy at rungs of the recipe's step counter;
+  parameters) and ASHA stops weak trials on the task's validation metric (accuracy, f1 for
+  xquad, rougeL for xsum: spec.selection_metric) at rungs of the recipe's step counter;
   a grid file (search_spaces/grid_*.yaml, see grid.py) runs every cell x seed once instead
   (Tune's grid search, no early stopping);
 - callbacks.py: one MLflow parent run per sweep and one child run per trial (tracking.py),
@@ -92,9 +93,10 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         version = tracking.code_version(repo_root())
         tracker = tracking.SweepTracker(spec.tracking_uri, spec.name, spec.experiment, sweep_id=spec.sweep_id,
                                         tags={"code_version": version, "space": Path(spec.space_path).stem})
-        mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version))
+        mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version),
+                                                spec.metric)
         ends = callbacks.TrialEnds()
-        run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(), ends])
+        run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(spec.metric), ends])
         tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=restore,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
@@ -178,13 +180,14 @@ def _select(results, spec: SweepSpec) -> dict | None:
     from .callbacks import TrialResolver
 
     resolve = TrialResolver(spec.fixed, "")
-    rows = [(r, resolve(r.config)[0]) for r in results if _usable(r)]
+    metric = spec.metric
+    rows = [(r, resolve(r.config)[0]) for r in results if _usable(r, metric)]
     rows = [(r, config) for r, config in rows if (r.metrics.get("step") or 0) >= config["train.steps"]]
     if not rows:
         return None
-    b, config = max(rows, key=lambda rc: rc[0].metrics[METRIC])
+    b, config = max(rows, key=lambda rc: rc[0].metrics[metric])
     return {"trial_id": b.metrics.get("trial_id"), "step": b.metrics.get("step"), "params": b.config,
-            "selection": {"metric": METRIC, "score": b.metrics[METRIC], "completed_trials": len(rows),
+            "selection": {"metric": metric, "score": b.metrics[metric], "completed_trials": len(rows),
                           "note": "the best validation score of the search: what the configuration was "
                                   "selected by, optimistic; the result is retrain's test"},
             "config": {k: v for k, v in config.items() if not k.startswith("sampled.")}}
@@ -199,13 +202,13 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
     errors = [r for r in results if r.error]
     best = _select(results, spec)
     reason = None if best else (f"every trial failed ({len(errors)} of {len(results)})" if errors
-                                else f"no trial reported a finite {METRIC} at its last step")
+                                else f"no trial reported a finite {spec.metric} at its last step")
     mlflow_cb.finish(best, "FINISHED" if not errors else "FAILED", reason=reason)
     print(f"\nsweep {spec.name}: {len(results)} trials ({len(errors)} failed) in {wall:.0f} s")
     if best is None:  # no best.json: nothing downstream may take a failed trial for the best one
         print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
         return 1
-    print(f"selected trial {best['trial_id']}: selection score {METRIC} {best['selection']['score']:.4f} "
+    print(f"selected trial {best['trial_id']}: selection score {spec.metric} {best['selection']['score']:.4f} "
           f"(the best of {best['selection']['completed_trials']} completed trials on validation: "
           "optimistic, not a result)")
     for k, v in best["params"].items():
@@ -215,14 +218,14 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
     return 0 if not errors else 1
 
 
-def _usable(r) -> bool:
-    """A trial that did not fail and reported a finite METRIC (a failed trial's last report, or a
-    NaN, never wins)."""
-    value = (r.metrics or {}).get(METRIC)
+def _usable(r, metric: str = METRIC) -> bool:
+    """A trial that did not fail and reported a finite `metric` (a failed trial's last report, or
+    a NaN, never wins)."""
+    value = (r.metrics or {}).get(metric)
     return r.error is None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def best_result(results):
-    """The usable trial with the highest final METRIC; None if there is none."""
-    rows = [r for r in results if _usable(r)]
-    return max(rows, key=lambda r: r.metrics[METRIC]) if rows else None
+def best_result(results, metric: str = METRIC):
+    """The usable trial with the highest final `metric`; None if there is none."""
+    rows = [r for r in results if _usable(r, metric)]
+    return max(rows, key=lambda r: r.metrics[metric]) if rows else None

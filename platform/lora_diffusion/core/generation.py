@@ -1,0 +1,108 @@
+"""Generation tasks in evaluation (xquad, xsum): the response-length scheme, decoding by the
+reverse sampler, and the scores each task's field uses.
+
+Response length. A masked diffusion LM fills a fixed number of masked slots, but an answer's
+length is unknown at inference. As in LLaDA's SFT, every training response is the answer (cut
+to `generation.response_tokens`) followed by end tokens up to that length, and the loss covers
+the end tokens too, so the model learns where an answer ends. At inference the response is
+`response_tokens` masks, and decoding cuts at the first end token. The end token is the
+tokenizer's EOS, else its SEP ([SEP] for BERT-family backbones, the token that closes every
+encoded row).
+
+Decoding. `diffusion.sample` runs `diffusion.sampler_steps` reverse steps (by default one
+token per step). Each step hands its own t to the method (`Recipe.denoise` sets the Context),
+so each step runs the module of its t. `diffusion.remasking` picks which predictions each step
+keeps: low_confidence (LLaDA's) or random.
+
+Scores. xquad: SQuAD exact match and F1, the best over the gold answers; xsum: ROUGE-1/2/L F1
+(core/metrics.py). Beside them, for every method, the ELBO bound on the reference response (the
+padded one the model trains on, end tokens included), `<split>/elbo_nats_per_token`. The train
+split (the train-accuracy subset) gets the ELBO only: generating its 512 rows would take minutes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import diffusion, metrics
+from .errors import UserError
+
+
+def end_token_id(tokenizer) -> int:
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end is None:
+        raise UserError("backbone: its tokenizer has neither an EOS nor a SEP token to end responses with")
+    return end
+
+
+def response_ids(tokenizer, text: str, length: int) -> list[int]:
+    """The training response: the text's tokens, cut to `length`, then end tokens up to it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+    return ids + [end_token_id(tokenizer)] * (length - len(ids))
+
+
+def cut_at_end(ids: list[int], end_id: int) -> list[int]:
+    """The generated tokens before the first end token (all of them if there is none)."""
+    return ids[:ids.index(end_id)] if end_id in ids else list(ids)
+
+
+def surface_text(tokenizer, ids: list[int], prompt: str) -> str:
+    """The text of generated `ids`: the prompt's own characters where the ids are a contiguous
+    run of the prompt's tokens (a fast tokenizer's offsets), else the tokenizer's decoding."""
+    if ids and tokenizer.is_fast:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        source, offsets, n = enc["input_ids"], enc["offset_mapping"], len(ids)
+        for i in range(len(source) - n + 1):
+            if source[i:i + n] == ids:
+                return prompt[offsets[i][0]:offsets[i + n - 1][1]]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> list[str]:
+    """Each example's response, generated from `response_tokens` masks and decoded to text."""
+    c, tokenizer = recipe.config, recipe.tokenizer
+    mask_id, end_id = recipe.backbone.mask_token_id, end_token_id(tokenizer)
+    slots = [mask_id] * c.generation.response_tokens
+    texts = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = recipe.encode(chunk, [slots] * len(chunk))
+        ids = diffusion.sample(recipe.denoiser(batch), batch, mask_id, c.diffusion.sampler_steps,
+                               c.diffusion.remasking, generator, c.diffusion.noise_schedule)
+        for example, row, response in zip(chunk, ids, batch.response_mask):
+            kept = cut_at_end(row[response].tolist(), end_id)
+            texts.append(surface_text(tokenizer, kept, example.prompt))
+    return texts
+
+
+@torch.no_grad()
+def reference_elbo(recipe, examples, times, batch_size: int, generator: torch.Generator) -> float:
+    """Held-out ELBO bound of the reference responses, nats per response token."""
+    c = recipe.config
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = recipe.encode(examples[i:i + batch_size])
+        scores = diffusion.score_candidates(recipe.denoiser(batch), batch, recipe.backbone.mask_token_id,
+                                            c.diffusion.noise_schedule, times, generator)
+        total += float(scores.sum())
+        tokens += int(batch.response_mask.sum())
+    return -total / max(tokens, 1)
+
+
+def evaluate(recipe, examples, split: str, times, batch_size: int, elbo_generator: torch.Generator,
+             sample_generator: torch.Generator) -> dict:
+    """`<split>/elbo_nats_per_token`, and except on train the task's scores of generated text
+    (exact_match, f1 or rouge1, rouge2, rougeL) with the sampler's seconds per example."""
+    out = {f"{split}/elbo_nats_per_token": reference_elbo(recipe, examples, times, batch_size, elbo_generator)}
+    if split == "train":
+        return out
+    t0 = time.perf_counter()
+    predictions = generate(recipe, examples, batch_size, sample_generator)
+    out[f"{split}/generation_s_per_example"] = (time.perf_counter() - t0) / len(examples)
+    references = [e.references or (e.response,) for e in examples]
+    scores = metrics.score_generations(recipe.spec.metric_family, predictions, references)
+    out.update({f"{split}/{name}": value for name, value in scores.items()})
+    return out
