@@ -175,10 +175,14 @@ def test_selora_grows_through_the_loop_and_reloads_its_ranks(tiny_config, tmp_pa
         recipe.train_step()
     ranks = recipe.method.active_ranks()
     assert all(r == 3 for r in ranks.values())  # one component per check, from 1
-    assert account(recipe.method)["trainable_params"] == 8 * 4 * (32 + 32)  # r_max is counted
+    accounting = account(recipe.method)
+    assert accounting["trainable_params"] == 8 * 4 * (32 + 32)  # r_max is counted (and matched)
+    assert accounting["active_params"] == 8 * 3 * (32 + 32) and accounting["active_ranks"] == ranks
+    assert recipe.method.regularization()[1]["active_params"] == 8 * 3 * (32 + 32)  # logged per step
     checkpoint.save(tmp_path / "ckpt", recipe.method, config, recipe.fingerprint, recipe.backbone.source)
     loaded = Recipe.from_checkpoint(tmp_path / "ckpt")
     assert loaded.method.active_ranks() == {k: 2 for k in ranks}  # the third has not trained yet
+    assert account(loaded.method)["active_params"] == 8 * 2 * (32 + 32)
 
 
 # ------------------------------------------------------------------------------------ GeLoRA
@@ -210,6 +214,26 @@ def test_gelora_ranks_follow_the_growth_of_the_dimension(tiny_backbone_dir, synt
     assert logs["intrinsic_dim_0"] == m.intrinsic_dims[0] and "rank_block_1" in logs
     ranks = {n: mod.r["default"] for n, mod in m.model.named_modules() if hasattr(mod, "lora_A")}
     assert sorted(set(ranks.values())) == sorted(set(m.block_ranks))
+
+
+def test_gelora_checkpoint_loads_without_the_training_data(tiny_config, tmp_path):
+    """The checkpoint's config records the estimated dimensions: rebuilding the method from it
+    reads no data, and gives the same rank pattern and the same tensors."""
+    from lora_diffusion.core import checkpoint
+
+    recipe = Recipe(tiny_config(method="gelora", **{"gelora.rank": 2, "gelora.samples": 32}))
+    recipe.train_step()
+    assert recipe.config.gelora.intrinsic_dims is None  # the run's own config is left as it was
+    checkpoint.save(tmp_path / "ckpt", recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
+    config, tensors, _ = checkpoint.read(tmp_path / "ckpt", {"data_dir": str(tmp_path / "absent")})
+    assert config.gelora.intrinsic_dims == recipe.method.intrinsic_dims
+    loaded = build_method(config, load_backbone(config.backbone))
+    loaded.load_saved(tensors)
+    assert loaded.block_ranks == recipe.method.block_ranks
+    assert all(torch.equal(p, recipe.method.trainable()[n]) for n, p in loaded.trainable().items())
+    config.gelora.intrinsic_dims = None  # without the record it would need the data
+    with pytest.raises(UserError):
+        build_method(config, load_backbone(config.backbone))
 
 
 # ------------------------------------------------------------------------------------ Solo
@@ -254,6 +278,8 @@ def test_solo_homotopy_follows_the_step_counter(tiny_config):
     ({"foura.transform": "wavelet"}, "foura.transform"),
     ({"vera.targets": "mlp"}, "vera.targets"),
     ({"gelora.samples": 2}, "gelora.samples"),
+    ({"method": "gelora", "gelora.intrinsic_dims": [3.0, 4.0]}, "gelora.intrinsic_dims"),
+    ({"gelora.intrinsic_dims": [3.0, 0.0, 4.0]}, "gelora.intrinsic_dims"),
 ])
 def test_bad_settings_name_the_field(tiny_backbone_dir, synthetic_data_dir, sets, field):
     with pytest.raises(UserError, match=f"field {field}:"):
