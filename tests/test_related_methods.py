@@ -254,6 +254,12 @@ def test_solo_is_the_identity_at_homotopy_zero(tiny_backbone_dir, synthetic_data
         outputs[lam] = backbone.logits(ids, attn, select)
     m.eval()  # evaluation uses the end of the path, lambda = 1
     assert torch.equal(backbone.logits(ids, attn, select), outputs[1.0])
+    assert m.regularization()[1]["skip_ratio"] > 0  # the connection's size beside x_to, logged
+    m.lam = 0.0
+    m.train()
+    backbone.model.eval()
+    backbone.logits(ids, attn, select)
+    assert m.regularization()[1]["skip_ratio"] == 0.0
     m.remove()
     base = backbone.logits(ids, attn, select)
     assert torch.equal(outputs[0.0], base) and not torch.allclose(outputs[1.0], base)
@@ -267,6 +273,8 @@ def test_solo_homotopy_follows_the_step_counter(tiny_config):
     assert recipe.method.lam == 0.5
     recipe.load_state_dict({**recipe.state_dict(), "step": 5})  # resuming sets it from the step
     assert recipe.method.lam == 1.0
+    default = Recipe(tiny_config(method="solo", **{"train.steps": 150}))
+    assert default.method.ramp_steps == 15  # short by default: see solo.py on AdamW and lambda
 
 
 @pytest.mark.parametrize("sets, field", [
