@@ -120,8 +120,14 @@ class SoloConnection(Method):
         return torch.zeros(()), {"homotopy": self.coefficient(), "skip_ratio": self.skip_ratio}
 
 
-# Rates: not placed. Single-seed calibration (as dora.py) stayed at chance: 0.51 dev at 1e-3,
-# 3e-3 and 1e-2 (0.515), and 0.51 with to_block 3 at 3e-3 and 1e-2; the trained skip's output
-# (rms 0.94) outweighs the hidden state it is added to (rms 0.59). Open: see the report.
+# Rates: not placed; Solo Connection stays at chance on SST-2. Validation only (200 rows), MiniLM,
+# 150 steps of 32, seed 0: the step-150 validation/accuracy line of
+#   lora-diffusion train --set method=solo --set task=sst2 --set train.steps=150
+#     --set max_eval_examples=200 --set train.threads=1 --set train.lr=1e-3 --set solo.ramp=0.1
+# (run as a script that stops there, so test was never evaluated):
+# ramp 0.5 (old default), 0 -> -1, 3e-3: 0.52, every row one class (x_to rms 3.9, 0.59 without);
+# ramp 0.1, 0 -> -1, 1e-3: 0.52, every row one class (x_to rms 0.93: no blow-up, no learning);
+# ramp 0.5, 1 -> 3 and 2 -> 4 at 3e-3: train loss 0.78-0.95 at step 75-100 (stopped, no gain).
+# Earlier (old dev split = test, 200 steps): 0.51 at 1e-3, 3e-3, 1e-2, and with to_block 3.
 SPEC = MethodSpec(name="solo", method=SoloConnection, order=16, section=SoloConfig, validate=validate,
                   size_knob="solo.rank", lr_grid=(1e-3, 3e-3))
