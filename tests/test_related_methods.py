@@ -175,10 +175,14 @@ def test_selora_grows_through_the_loop_and_reloads_its_ranks(tiny_config, tmp_pa
         recipe.train_step()
     ranks = recipe.method.active_ranks()
     assert all(r == 3 for r in ranks.values())  # one component per check, from 1
-    assert account(recipe.method)["trainable_params"] == 8 * 4 * (32 + 32)  # r_max is counted
+    accounting = account(recipe.method)
+    assert accounting["trainable_params"] == 8 * 4 * (32 + 32)  # r_max is counted (and matched)
+    assert accounting["active_params"] == 8 * 3 * (32 + 32) and accounting["active_ranks"] == ranks
+    assert recipe.method.regularization()[1]["active_params"] == 8 * 3 * (32 + 32)  # logged per step
     checkpoint.save(tmp_path / "ckpt", recipe.method, config, recipe.fingerprint, recipe.backbone.source)
     loaded = Recipe.from_checkpoint(tmp_path / "ckpt")
     assert loaded.method.active_ranks() == {k: 2 for k in ranks}  # the third has not trained yet
+    assert account(loaded.method)["active_params"] == 8 * 2 * (32 + 32)
 
 
 # ------------------------------------------------------------------------------------ GeLoRA
@@ -212,6 +216,26 @@ def test_gelora_ranks_follow_the_growth_of_the_dimension(tiny_backbone_dir, synt
     assert sorted(set(ranks.values())) == sorted(set(m.block_ranks))
 
 
+def test_gelora_checkpoint_loads_without_the_training_data(tiny_config, tmp_path):
+    """The checkpoint's config records the estimated dimensions: rebuilding the method from it
+    reads no data, and gives the same rank pattern and the same tensors."""
+    from lora_diffusion.core import checkpoint
+
+    recipe = Recipe(tiny_config(method="gelora", **{"gelora.rank": 2, "gelora.samples": 32}))
+    recipe.train_step()
+    assert recipe.config.gelora.intrinsic_dims is None  # the run's own config is left as it was
+    checkpoint.save(tmp_path / "ckpt", recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
+    config, tensors, _ = checkpoint.read(tmp_path / "ckpt", {"data_dir": str(tmp_path / "absent")})
+    assert config.gelora.intrinsic_dims == recipe.method.intrinsic_dims
+    loaded = build_method(config, load_backbone(config.backbone))
+    loaded.load_saved(tensors)
+    assert loaded.block_ranks == recipe.method.block_ranks
+    assert all(torch.equal(p, recipe.method.trainable()[n]) for n, p in loaded.trainable().items())
+    config.gelora.intrinsic_dims = None  # without the record it would need the data
+    with pytest.raises(UserError):
+        build_method(config, load_backbone(config.backbone))
+
+
 # ------------------------------------------------------------------------------------ Solo
 
 
@@ -230,6 +254,12 @@ def test_solo_is_the_identity_at_homotopy_zero(tiny_backbone_dir, synthetic_data
         outputs[lam] = backbone.logits(ids, attn, select)
     m.eval()  # evaluation uses the end of the path, lambda = 1
     assert torch.equal(backbone.logits(ids, attn, select), outputs[1.0])
+    assert m.regularization()[1]["skip_ratio"] > 0  # the connection's size beside x_to, logged
+    m.lam = 0.0
+    m.train()
+    backbone.model.eval()
+    backbone.logits(ids, attn, select)
+    assert m.regularization()[1]["skip_ratio"] == 0.0
     m.remove()
     base = backbone.logits(ids, attn, select)
     assert torch.equal(outputs[0.0], base) and not torch.allclose(outputs[1.0], base)
@@ -243,6 +273,8 @@ def test_solo_homotopy_follows_the_step_counter(tiny_config):
     assert recipe.method.lam == 0.5
     recipe.load_state_dict({**recipe.state_dict(), "step": 5})  # resuming sets it from the step
     assert recipe.method.lam == 1.0
+    default = Recipe(tiny_config(method="solo", **{"train.steps": 150}))
+    assert default.method.ramp_steps == 15  # short by default: see solo.py on AdamW and lambda
 
 
 @pytest.mark.parametrize("sets, field", [
@@ -254,6 +286,8 @@ def test_solo_homotopy_follows_the_step_counter(tiny_config):
     ({"foura.transform": "wavelet"}, "foura.transform"),
     ({"vera.targets": "mlp"}, "vera.targets"),
     ({"gelora.samples": 2}, "gelora.samples"),
+    ({"method": "gelora", "gelora.intrinsic_dims": [3.0, 4.0]}, "gelora.intrinsic_dims"),
+    ({"gelora.intrinsic_dims": [3.0, 0.0, 4.0]}, "gelora.intrinsic_dims"),
 ])
 def test_bad_settings_name_the_field(tiny_backbone_dir, synthetic_data_dir, sets, field):
     with pytest.raises(UserError, match=f"field {field}:"):

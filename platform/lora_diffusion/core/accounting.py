@@ -13,7 +13,8 @@ def account(method) -> dict:
     Counts come from `state_to_save()`, the same tensors the checkpoint holds, and the byte
     count is the length of the serialized file itself. `trained_params` counts what the
     optimiser updates: the same number, except for a method that trains through a
-    reparameterisation it does not save (prefix tuning's MLP, `prefix.save: prefix`)."""
+    reparameterisation it does not save (prefix tuning's MLP, `prefix.save: prefix`). A method
+    may add figures of its own (`Method.accounting_extras`, e.g. SeLoRA's active size)."""
     tensors = method.state_to_save()
     per_module: dict[str, int] = defaultdict(int)
     for name, tensor in tensors.items():
@@ -27,4 +28,5 @@ def account(method) -> dict:
         "percent_of_backbone": 100.0 * params / method.backbone_params,
         "backbone_params": method.backbone_params,
         "per_module": dict(per_module),
+        **method.accounting_extras(),
     }

@@ -20,7 +20,8 @@ def save(directory: str | Path, method, config, fingerprint: str, source: str) -
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     write_atomic(d / WEIGHTS, serialize(method))
-    write_atomic(d / CONFIG, json.dumps(config.to_dict(), indent=2).encode())
+    resolved = config_lib.from_dict(config.to_dict(), method.saved_settings())  # e.g. GeLoRA's dims
+    write_atomic(d / CONFIG, json.dumps(resolved.to_dict(), indent=2).encode())
     meta = {"backbone_source": source, "backbone_fingerprint": fingerprint, "method": method.name}
     write_atomic(d / BACKBONE, json.dumps(meta, indent=2).encode())
     return d

@@ -65,6 +65,17 @@ class Method(nn.Module):
             for name, p in params.items():
                 p.copy_(tensors[name])
 
+    def accounting_extras(self) -> dict[str, object]:
+        """Figures `account` adds beside the counts: a method whose counted (saved) size differs
+        from what it uses reports the used size here (SeLoRA's active ranks). Default: none."""
+        return {}
+
+    def saved_settings(self) -> dict[str, object]:
+        """`section.key -> value` settings the method resolved while it was built (GeLoRA's
+        estimated dimensions), written into the checkpoint's config: building from that config
+        reproduces the method without what the estimate read. Default: none."""
+        return {}
+
     def training_state(self) -> dict[str, torch.Tensor]:
         """Trained tensors the saved file leaves out, which only resuming needs: a method that
         trains through a reparameterisation it drops when saving (prefix tuning's MLP) returns

@@ -19,8 +19,10 @@ Choices the paper leaves open, made here:
   block adapted, also where the dimension falls), scaled to mean `gelora.rank`, the size knob:
   r_l = max(1, round(gelora.rank * w_l / mean(w))). Every target of block l gets r_l.
 - Everything else is `lora.*` (alpha, targets, dropout): PEFT LoRA with scale alpha / r_l.
-The ranks are not stored: building the method (also to load a checkpoint) re-estimates them from
-the same seeded sample, so it needs the training split where the checkpoint is read.
+The estimate is stored: a checkpoint's config carries it as `gelora.intrinsic_dims`
+(`saved_settings`), and a config that sets it builds with those dimensions instead of estimating,
+so loading a checkpoint does not read the training data. A run's own config leaves it unset
+(null): every run estimates on its own seeded sample.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from .. import tasks
 from ..backbone import Backbone
-from ..errors import check
+from ..errors import UserError, check
 from .lora import LoraMethod, target_linears
 from .registry import MethodSpec
 
@@ -49,11 +51,15 @@ class GeloraConfig:
 
     rank: int = 4  # mean rank over blocks (the size knob)
     samples: int = 512  # training prompts whose hidden states the dimensions are estimated on
+    # d_0 .. d_L as estimated; null: estimate them (a checkpoint's config records its run's estimate)
+    intrinsic_dims: list[float] | None = None
 
 
 def validate(gc: GeloraConfig) -> None:
     check(gc.rank >= 1, "gelora.rank", f"must be >= 1, got {gc.rank}")
     check(gc.samples >= 8, "gelora.samples", "must be >= 8 (TwoNN needs neighbours)")
+    check(gc.intrinsic_dims is None or all(d > 0 for d in gc.intrinsic_dims), "gelora.intrinsic_dims",
+          "must be positive dimensions (or null: estimated)")
 
 
 def two_nn_dimension(points: torch.Tensor, fit_fraction: float = 0.9) -> float:
@@ -102,13 +108,20 @@ class GeloraMethod(LoraMethod):
     name = "gelora"
 
     def peft_extra(self, config: Config, backbone: Backbone) -> dict:
-        self.intrinsic_dims = hidden_state_dims(config, backbone)
+        self.intrinsic_dims = list(config.gelora.intrinsic_dims or hidden_state_dims(config, backbone))
+        n = len(backbone.layers) + 1
+        if len(self.intrinsic_dims) != n:
+            raise UserError(f"field gelora.intrinsic_dims: {len(self.intrinsic_dims)} values, the backbone "
+                            f"needs {n} (one per block input and the last output)")
         self.block_ranks = block_ranks(self.intrinsic_dims, config.gelora.rank)
         pattern = {}
         for name in target_linears(backbone, config.lora.targets, "lora.targets"):
             block = backbone.family.block_of(name)
             pattern[re.escape(name)] = self.block_ranks[block]
         return {"rank_pattern": pattern}
+
+    def saved_settings(self) -> dict[str, object]:
+        return {"gelora.intrinsic_dims": self.intrinsic_dims}
 
     def regularization(self):
         logs = {f"intrinsic_dim_{i}": d for i, d in enumerate(self.intrinsic_dims)}

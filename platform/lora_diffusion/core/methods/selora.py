@@ -21,7 +21,11 @@ FI' / FI > `threshold` (SeLoRA's FI-Ratio test).
 Choices the paper leaves open, made here: the initial rank (1), the threshold (1.1), the check
 interval (10 steps), one component per layer per check, the scale alpha / r_max fixed for every
 rank (growing does not rescale the components already trained), A kaiming-uniform as PEFT's LoRA.
-Counted and saved: the maximum size, r_max per layer (the size knob). The active rank is not
+Counted, saved and budget-matched: the maximum size, r_max per layer (the size knob), the final
+size growth may reach; the budget matcher solves for it before training, when the grown size is
+not yet known. The grown size is reported beside it: `accounting.active_params` (r_active x
+(in + out) summed over layers) and `accounting.active_ranks` (per layer) in the result, and
+`train/active_params`, `train/mean_rank` with every step's metrics. The active rank is not
 saved: a layer's components grow in order, so on load it is 1 + the last nonzero column of B
 (at least `init_rank`); a component activated at the very last step, still zero, reads as
 inactive, which changes nothing the saved model computes.
@@ -117,6 +121,13 @@ class SeloraMethod(Method):
     def active_ranks(self) -> dict[str, int]:
         return {k: a.active for k, a in self.adapters.items()}
 
+    def active_params(self) -> int:
+        """Parameters of the grown components only: r_active x (in + out) per layer."""
+        return sum(a.active * (a.A.shape[1] + a.B.shape[0]) for a in self.adapters.values())
+
+    def accounting_extras(self) -> dict[str, object]:
+        return {"active_params": self.active_params(), "active_ranks": self.active_ranks()}
+
     def after_step(self, step: int) -> None:
         if step % self.sc.check_every or any(a.B.grad is None for a in self.adapters.values()):
             return  # not a check step, or resuming (no gradient yet)
@@ -143,9 +154,11 @@ class SeloraMethod(Method):
 
     def regularization(self):
         ranks = list(self.active_ranks().values())
-        return torch.zeros(()), {"mean_rank": sum(ranks) / len(ranks)}
+        return torch.zeros(()), {"mean_rank": sum(ranks) / len(ranks), "active_params": self.active_params()}
 
 
+# Budget: the matcher solves selora.rank on `trainable_params`, the maximum (allocated, saved)
+# size r_max, the final size growth may reach; `active_params` reports what grew.
 # Rates: single-seed calibration (as dora.py): 1e-3 0.775, 3e-3 0.805 dev.
 SPEC = MethodSpec(name="selora", method=SeloraMethod, order=14, section=SeloraConfig, validate=validate,
                   size_knob="selora.rank", clamped_to_knob=("selora.init_rank",), lr_grid=(1e-3, 3e-3))
