@@ -83,7 +83,7 @@ def test_every_trial_failed_fails_the_sweep_and_writes_no_best_json(tracker, tmp
         num_errors = 2
 
     failed = [_result(0.9, error=RuntimeError("x"), tid="a"), _result(None, error=RuntimeError("y"), tid="b")]
-    spec = SimpleNamespace(name="faults", storage=str(tmp_path / "sweeps"), fixed={},
+    spec = SimpleNamespace(name="faults", metric="validation/accuracy", storage=str(tmp_path / "sweeps"), fixed={},
                            sweep=SimpleNamespace(num_samples=2))
     ends = SimpleNamespace(finished=lambda: 0)
     callback = MlflowSweepCallback(tracker, resolve=None)

@@ -183,27 +183,7 @@ def _add_bench_parsers(sub) -> None:
     g.set_defaults(func=cmd_bench_report)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train one configuration")
-    t.add_argument("--config", help="YAML/JSON config file (defaults are in config.py)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. trajectory.rank=8")
-    t.add_argument("--output-dir", help="checkpoint directory (default: config output_dir)")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    t.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--task", help="task whose format --data-file is in (default: the checkpoint's)")
-    e.add_argument("--data-file", help="labelled file in the task's format, reported as split 'test' "
-                                       "(default: the task's validation and test splits)")
-    e.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
-    e.add_argument("--set", action="append", metavar="KEY=VALUE")
-    e.set_defaults(func=cmd_eval)
-
+def _add_prepare_parser(sub) -> None:
     b = sub.add_parser("prepare-backbone", help="turn an encoder into a masked diffusion LM")
     b.add_argument("--out", help="also make this path a symlink to the prepared (cached) directory")
     b.add_argument("--cache-dir", help="where prepared backbones live, under prepared/ "
@@ -227,6 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-only", action="store_true",
                    help="evaluate the latest checkpoint of this run (or its finished result)")
     b.set_defaults(func=cmd_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one configuration")
+    t.add_argument("--config", help="YAML/JSON config file (defaults are in config.py)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. trajectory.rank=8")
+    t.add_argument("--output-dir", help="checkpoint directory (default: config output_dir)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    t.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--task", help="task whose format --data-file is in (default: the checkpoint's)")
+    e.add_argument("--data-file", help="labelled file in the task's format, reported as split 'test' "
+                                       "(default: the task's validation and test splits)")
+    e.add_argument("--allow-overlap", action="store_true", help=ALLOW_OVERLAP_HELP)
+    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.set_defaults(func=cmd_eval)
+
+    _add_prepare_parser(sub)
 
     r = sub.add_parser("report", help="aggregate a sweep's trials from MLflow: grid table, statistics, plots")
     r.add_argument("--sweep", required=True, help="sweep name (tag sweep= of its MLflow runs)")
