@@ -128,6 +128,8 @@ class SoloConnection(Method):
 # ramp 0.5 (old default), 0 -> -1, 3e-3: 0.52, every row one class (x_to rms 3.9, 0.59 without);
 # ramp 0.1, 0 -> -1, 1e-3: 0.52, every row one class (x_to rms 0.93: no blow-up, no learning);
 # ramp 0.5, 1 -> 3 and 2 -> 4 at 3e-3: train loss 0.78-0.95 at step 75-100 (stopped, no gain).
+# ramp 0.1 at 3e-3, stopped before evaluation (out of time): 1 -> 3 train loss 0.75 at step 125;
+# 2 -> 3 (no skip, the trajectory method's place) train loss 0.62, batch accuracy 0.78 at step 100.
 # Earlier (old dev split = test, 200 steps): 0.51 at 1e-3, 3e-3, 1e-2, and with to_block 3.
 SPEC = MethodSpec(name="solo", method=SoloConnection, order=16, section=SoloConfig, validate=validate,
                   size_knob="solo.rank", lr_grid=(1e-3, 3e-3))
