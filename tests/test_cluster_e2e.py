@@ -110,12 +110,20 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path, missing_real_data):
         for client in (MlflowClient(uri), MlflowClient(f"sqlite:///{sshd.home / 'mlflow' / 'mlflow.db'}")):
             exp_ = client.get_experiment_by_name("lora-diffusion-sweeps")
             runs = client.search_runs([exp_.experiment_id], max_results=100)
-            parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+            sweeps = [r for r in runs if r.data.tags.get("role") == "sweep"]
+            # the search, and its retrain stage (the selection with one fresh seed under --smoke)
+            parents = [r for r in sweeps if r.data.tags.get("stage") != "retrain"]
+            retrains = [r for r in sweeps if r.data.tags.get("stage") == "retrain"]
             assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+            assert len(retrains) == 1 and retrains[0].info.status == "FINISHED"
+            assert retrains[0].data.tags["retrain.of"] == "rank_schedule-smoke"
             children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
             assert len(children) == spec["sweep"]["num_samples"] == 4
             assert len({r.data.tags["trial_id"] for r in children}) == 4
             assert all(r.info.status == "FINISHED" and "validation/accuracy" in r.data.metrics for r in children)
+            retrained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == retrains[0].info.run_id]
+            assert len(retrained) == 1 and "final/test/accuracy" in retrained[0].data.metrics
+            assert "test/accuracy_mean" in parents[0].data.metrics  # the retrain's test, on the search
 
         # a new head finds the sweep in the bucket: down, up, resume; nothing rerun or duplicated
         t0 = time.monotonic()
@@ -127,7 +135,8 @@ def test_ray_up_submit_smoke_sweep_down(tmp_path, missing_real_data):
         assert "4 trials (0 failed)" in (tmp_path / "resume.log").read_text(errors="replace")
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("lora-diffusion-sweeps").experiment_id])
-        assert len([r for r in runs if r.data.tags.get("role") == "trial"]) == 4
+        # the search's 4 trials and the retrain's 1, none run twice (a finished retrain is re-read)
+        assert len([r for r in runs if r.data.tags.get("role") == "trial"]) == 5
     finally:
         try:
             if up:
