@@ -87,12 +87,7 @@ def _extend_mask(mask: torch.Tensor | None, n_prefix: int) -> torch.Tensor | Non
         return None
     if mask.dim() != 4:
         raise UserError(f"method: prefix tuning expects a 4-D attention mask, got shape {tuple(mask.shape)}")
-    pad_shape = (*mask.shape[:-1], n_prefix)
-    if mask.dtype == torch.bool:
-        pad = torch.ones(pad_shape, dtype=torch.bool, device=mask.device)
-    else:
-        pad = torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], dim=-1)
+    return prefix_sdpa.pad_mask(mask, n_prefix)
 
 
 def _word_token_ids(tokenizer, n: int, gen: torch.Generator) -> torch.Tensor:

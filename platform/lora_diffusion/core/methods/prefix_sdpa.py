@@ -26,7 +26,7 @@ from ..errors import UserError
 _ORIGINAL = F.scaled_dot_product_attention
 
 
-def _pad_mask(mask: torch.Tensor, n_prefix: int) -> torch.Tensor:
+def pad_mask(mask: torch.Tensor, n_prefix: int) -> torch.Tensor:
     """Prepend n_prefix visible key columns to an sdpa mask (bool: True = visible; additive: 0)."""
     pad_shape = (*mask.shape[:-1], n_prefix)
     if mask.dtype == torch.bool:
@@ -46,7 +46,7 @@ def _prefixed(key: torch.Tensor, value: torch.Tensor):
         pk = key.to(k.dtype).view(1, P, H, D).transpose(1, 2).expand(B, -1, -1, -1)
         pv = value.to(v.dtype).view(1, P, H, D).transpose(1, 2).expand(B, -1, -1, -1)
         if attn_mask is not None:
-            attn_mask = _pad_mask(attn_mask, P)
+            attn_mask = pad_mask(attn_mask, P)
         return _ORIGINAL(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=attn_mask,
                          dropout_p=dropout_p, is_causal=False, **kwargs)
     return sdpa
