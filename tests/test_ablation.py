@@ -217,3 +217,19 @@ def test_aggregate_flags_accounting_mismatch_and_running_seeds():
     assert (row["n"], row["n_running"], row["n_failed"]) == (2, 1, 1)
     assert row["trainable_params"] == 100 and not row["accounting_consistent"]
     assert row["mean"] == pytest.approx(0.6) and row["seeds"] == "0,1"
+
+
+def test_aggregate_defaults_to_the_tasks_metric_and_refuses_mixed_metrics():
+    """A generation sweep is aggregated on its own figure (XSum: rougeL) with test beside it;
+    a frame mixing an accuracy task with an F1 task has no common column and is refused."""
+    from lora_diffusion.analysis.trials import task_metric
+
+    rows = [{"trial_id": f"t{s}", "run_id": f"r{s}", "status": "FINISHED", "seed": s, "task": "xsum",
+             "method": "trajectory", "final/validation/rougeL": 0.2 + s / 10, "final/test/rougeL": 0.1 + s / 10,
+             "trainable_params": 10, "bytes_saved": 40, "trained_params": 10} for s in (0, 1)]
+    table = aggregate(pd.DataFrame(rows), ["method"])
+    assert table.attrs["metric"] == "final/validation/rougeL"
+    assert table.iloc[0]["validation_rougeL"] == pytest.approx(0.25)
+    assert table.iloc[0]["test_rougeL"] == pytest.approx(0.15)
+    with pytest.raises(UserError, match="different metrics"):
+        task_metric(pd.DataFrame([{"task": "sst2"}, {"task": "xquad"}]))

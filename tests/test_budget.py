@@ -155,7 +155,7 @@ def test_comparison_table_reports_test_with_std_and_marks_partial_cells():
     text = table.markdown(record, "matched", lambda sweep: pd.DataFrame(rows))
     lora = next(line for line in text.splitlines() if line.startswith("| lora"))
     bitfit = next(line for line in text.splitlines() if line.startswith("| bitfit"))
-    assert "SST-2 test (± std)" in text and "SST-2 validation" in text
+    assert "SST-2 test accuracy (± std)" in text and "SST-2 validation" in text
     assert "0.820 ± 0.020" in lora and "0.700 ± 0.000" in lora and "targets attention" in lora and "73,728" in lora
     assert "partial: 2 of 3 seeds" in bitfit
 

@@ -142,3 +142,14 @@ def test_sweep_retrains_its_selection_with_fresh_seeds_once(tiny_backbone_dir, s
     assert "rt-retrain: finished earlier, not run again" in again.stdout
     assert len(runs()) == 2  # not trained twice
     assert json.loads((storage / "rt" / "best.json").read_text())["retrain"]["seeds"] == [2, 3]
+
+
+def test_summary_of_a_generation_task_is_its_own_metric_not_accuracy():
+    """XQuAD is selected and reported on F1: the retrain summary, best.json's keys and the
+    console line name test/f1, read from final/test/f1."""
+    df = pd.DataFrame([{"seed": 3, "task": "xquad", "status": "FINISHED", "final/test/f1": 0.4, "final/validation/f1": 0.5},
+                       {"seed": 4, "task": "xquad", "status": "FINISHED", "final/test/f1": 0.6, "final/validation/f1": 0.7}])
+    s = retrain.summarise(df)
+    assert s["metric"] == "f1" and "test/accuracy" not in s
+    assert s["test/f1"]["mean"] == pytest.approx(0.5) and s["validation/f1"]["mean"] == pytest.approx(0.6)
+    assert retrain.line(s).startswith("test/f1 0.5000 ± 0.1414 over 2")

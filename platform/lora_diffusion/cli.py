@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--axes", help="comma-separated params, e.g. trajectory.rank,trajectory.rank_schedule "
                                   "(default: the sweep's varying sampled params)")
     r.add_argument("--reference", help="reference cell, key=value,... (paired differences by seed)")
-    r.add_argument("--metric", default="final/validation/accuracy")
+    r.add_argument("--metric", help="the trial metric aggregated (default: the task's own on validation: "
+                                    "final/validation/accuracy, final/validation/f1 for xquad, ...rougeL for xsum)")
     r.add_argument("--out", help="output directory (default: runs/reports/SWEEP)")
     r.set_defaults(func=cmd_report)
 

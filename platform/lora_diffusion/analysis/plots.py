@@ -99,7 +99,7 @@ def plot_pareto(table, axes: list[str], out_dir: Path) -> Path:
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"{metric} (mean, 95% CI)")
-    ax.set_title("accuracy vs trainable parameters")
+    ax.set_title(f"{metric.rsplit('/', 1)[-1]} vs trainable parameters")
     fig.tight_layout()
     path = out_dir / "pareto.png"
     fig.savefig(path, dpi=90, bbox_inches="tight")  # point labels may run past the axes

@@ -18,7 +18,7 @@ from ..core.errors import UserError
 from ..engine.options import repo_root
 from .plots import plot_heatmaps, plot_optuna, plot_pareto, study_from_trials
 from .statistics import aggregate
-from .trials import VALIDATION_METRIC, infer_axes, load_trials, mlflow_client
+from .trials import final_column, infer_axes, load_trials, mlflow_client, task_metric
 
 
 def _arrow_safe(df):
@@ -110,7 +110,7 @@ def _log_on_parent(tracking_uri: str, parent_id: str, files: dict[str, Path], ta
 
 
 def write_report(tracking_uri: str, sweep: str, axes: list[str] | None, reference: dict | None,
-                 out_dir: str | Path, metric: str = VALIDATION_METRIC, optuna_study=None,
+                 out_dir: str | Path, metric: str | None = None, optuna_study=None,
                  log_to_mlflow: bool = True) -> dict[str, Path]:
     """Aggregate the sweep's trials from MLflow and write, under out_dir: trials.parquet (raw
     rows), grid.parquet (the table), heatmap_A__B.png per pair of axes, pareto.png, summary.md,
@@ -121,6 +121,7 @@ def write_report(tracking_uri: str, sweep: str, axes: list[str] | None, referenc
     if df.empty:
         raise UserError(f"sweep: {sweep!r} has no trial runs in {tracking_uri}")
     axes, reference = _axes_and_reference(df, axes, reference)
+    metric = metric or final_column("validation", task_metric(df))  # the task's own figure
     table = aggregate(df, axes, reference, metric)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

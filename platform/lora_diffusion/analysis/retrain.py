@@ -15,7 +15,7 @@ import math
 import sys
 
 from ..engine.spec import SPEC_FILE
-from .trials import SEED_FIELD, TEST_METRIC, VALIDATION_METRIC, load_trials, mlflow_client
+from .trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 
 DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
 # the search's options that the retrain stage runs under too (where and how, not what)
@@ -40,24 +40,33 @@ def retrain_grid(best: dict, seeds: list[int], search: str) -> dict:
 
 
 def summarise(df) -> dict:
-    """Test and validation over the stage's FINISHED trials: mean, std (ddof=1), n, values (None
-    where undefined: best.json stays valid JSON)."""
+    """Test and validation of the task's metric (`test/accuracy`, `test/f1`, ...) over the
+    stage's FINISHED trials: mean, std (ddof=1), n, values (None where undefined: best.json
+    stays valid JSON); `metric` names the figure."""
     done = df[df["status"] == "FINISHED"] if len(df) else df
-    out = {"seeds": sorted(int(s) for s in done["seed"]) if len(done) else []}
-    for key, col in (("test/accuracy", TEST_METRIC), ("validation/accuracy", VALIDATION_METRIC)):
-        values = [float(v) for v in done[col]] if len(done) else []
+    metric = task_metric(df)
+    out = {"metric": metric, "seeds": sorted(int(s) for s in done["seed"]) if len(done) else []}
+    for split in ("test", "validation"):
+        col = final_column(split, metric)
+        values = [float(v) for v in done[col]] if len(done) and col in done else []
         mean = sum(values) / len(values) if values else None
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-        out[key] = {"mean": mean, "std": std, "n": len(values), "values": values}
+        out[f"{split}/{metric}"] = {"mean": mean, "std": std, "n": len(values), "values": values}
     return out
+
+
+def _figures(summary: dict) -> tuple[str, str]:
+    """The summary's test and validation keys: `test/<metric>`, `validation/<metric>`."""
+    return f"test/{summary['metric']}", f"validation/{summary['metric']}"
 
 
 def line(summary: dict) -> str:
     def fmt(k):
         s = summary[k]
         return f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f} (n=1, no std)"
-    return (f"test/accuracy {fmt('test/accuracy')} over {summary['test/accuracy']['n']} fresh seed(s) "
-            f"{summary['seeds']} (validation/accuracy {fmt('validation/accuracy')})")
+    test, validation = _figures(summary)
+    return (f"{test} {fmt(test)} over {summary[test]['n']} fresh seed(s) "
+            f"{summary['seeds']} ({validation} {fmt(validation)})")
 
 
 def run(args, log=print) -> int:
@@ -85,7 +94,7 @@ def run(args, log=print) -> int:
         rc = sweep.main(_stage_argv(args, stage, retrain_grid(best, seeds, name),
                                     resume=storage.exists(f"{stage}/{SPEC_FILE}")))
     summary = summarise(load_trials(uri, stage))
-    if summary["test/accuracy"]["n"]:
+    if summary[_figures(summary)[0]]["n"]:
         _record(storage, uri, name, stage, best, summary)
         log(f"\nsweep {name}: selected configuration, retrained: " + line(summary)
             + f"; selection score (validation, best of the search) {best['selection']['score']:.4f}")
@@ -120,12 +129,12 @@ def _record(storage, uri: str, name: str, stage: str, best: dict, summary: dict)
     from .trials import find_parent
 
     best["retrain"] = {"sweep": stage, **summary}
-    best["test/accuracy"] = {k: summary["test/accuracy"][k] for k in ("mean", "std", "n")}
-    best["validation/accuracy"] = {k: summary["validation/accuracy"][k] for k in ("mean", "std", "n")}
+    for key in _figures(summary):
+        best[key] = {k: summary[key][k] for k in ("mean", "std", "n")}
     storage.write_text(f"{name}/best.json", json.dumps(best, indent=2, default=str))
     client = mlflow_client(uri)
     search_run, stage_run = find_parent(uri, name).info.run_id, find_parent(uri, stage).info.run_id
-    metrics = {f"{k}_{stat}": summary[k][stat] for k in ("test/accuracy", "validation/accuracy")
+    metrics = {f"{k}_{stat}": summary[k][stat] for k in _figures(summary)
                for stat in ("mean", "std", "n") if summary[k][stat] is not None}
     for key, value in metrics.items():
         client.log_metric(search_run, key, float(value))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..core.errors import UserError
-from .trials import (ACCOUNTING_COLUMNS, VALIDATION_METRIC, STEP_TIME, TEST_METRIC, is_missing, sort_key,
+from .trials import (ACCOUNTING_COLUMNS, STEP_TIME, final_column, is_missing, sort_key, task_metric,
                      value_key)
 
 
@@ -69,15 +69,18 @@ def _count_seeds(cell: dict, metric: str) -> dict:
 
 
 def _cell_statistics(done: dict, metric: str, with_step_time: bool) -> dict:
-    """n, mean, std, the t interval; validation and test accuracy side by side; the accounting (the
-    first, `accounting_consistent` False if the seeds disagree); the mean step time."""
+    """n, mean, std, the t interval; the metric's validation and test figures side by side
+    (`validation_f1`, `test_f1`, ... named by the metric's last part); the accounting (the first,
+    `accounting_consistent` False if the seeds disagree); the mean step time."""
     vals = [float(r[metric]) for r in done.values()]
     mean, std, lo, hi = t_interval(vals)
     row = {"n": len(vals), "mean": mean, "std": std, "ci95_low": lo, "ci95_high": hi}
-    for label, col in (("validation", VALIDATION_METRIC), ("test", TEST_METRIC)):
+    base = metric.rsplit("/", 1)[-1]
+    for label in ("validation", "test"):
+        col = final_column(label, base)
         v = [float(r[col]) for r in done.values() if not is_missing(r.get(col))]
         m, sd, _, _ = t_interval(v)
-        row[f"{label}_accuracy"], row[f"{label}_accuracy_std"], row[f"{label}_n"] = m, sd, len(v)
+        row[f"{label}_{base}"], row[f"{label}_{base}_std"], row[f"{label}_n"] = m, sd, len(v)
     consistent = True
     for col in ACCOUNTING_COLUMNS:
         v = [r.get(col) for r in done.values() if not is_missing(r.get(col))]
@@ -110,17 +113,19 @@ def _paired_difference(key: tuple, ref_key: tuple, summaries: dict, metric: str)
     return {"is_reference": key == ref_key, "n_pairs": len(pairs), "diff_mean": diff_mean, "p_value": p_value}
 
 
-def aggregate(df, axes: list[str], reference: dict | None = None, metric: str = VALIDATION_METRIC):
+def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | None = None):
     """One row per cell (combination of the axes' values, as found in the trials).
 
-    Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t distribution), validation/test accuracy
-    mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
+    `metric` defaults to the trials' task's validation figure (`final/validation/accuracy`,
+    `final/validation/f1`, ...). Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t
+    distribution), the metric's validation/test mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
     `accounting_consistent` False if a cell disagrees), step_time_s (if logged), n_failed,
     n_running, seeds; with a reference, the paired (by seed) difference to the reference cell:
     is_reference, n_pairs, diff_mean, p_value (paired t test; NaN with < 2 pairs)."""
     import pandas as pd
 
     reference = dict(reference or {})
+    metric = metric or final_column("validation", task_metric(df))
     if metric not in df.columns:  # a typo would otherwise be a KeyError deep in the grouping
         known = sorted(c for c in df.columns if c.startswith(("final/", "accounting/")))
         raise UserError(f"--metric: {metric!r} is not a metric of the sweep's trials "

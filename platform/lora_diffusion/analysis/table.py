@@ -12,9 +12,9 @@ import json
 import math
 
 from ..core.errors import UserError
-from .trials import TEST_METRIC, VALIDATION_METRIC, load_trials
+from .trials import final_column, load_trials, metric_of_task
 
-TASK_LABELS = {"sst2": "SST-2", "ag_news": "AG News"}
+TASK_LABELS = {"sst2": "SST-2", "ag_news": "AG News", "xquad": "XQuAD", "xsum": "XSum"}
 HIDDEN_KEYS = ("task", "method", "final_sweep")
 
 
@@ -50,10 +50,11 @@ def stage_rows(stage: dict, trials_of, n_seeds: int) -> list[dict]:
         df = trials_of(cell["final_sweep"])
         runs = df[(df["task"] == cell["task"]) & (df["method"] == cell["method"])
                   & (df["status"] == "FINISHED")] if len(df) else df
+        metric = metric_of_task(cell["task"])
         rows.append({"task": cell["task"], "method": cell["method"], "config": _knobs(cell),
                      "n": len(runs), "partial": len(runs) < n_seeds,
-                     "test": _mean_std([float(v) for v in runs.get(TEST_METRIC, [])]),
-                     "validation": _mean_std([float(v) for v in runs.get(VALIDATION_METRIC, [])]),
+                     "test": _mean_std([float(v) for v in runs.get(final_column("test", metric), [])]),
+                     "validation": _mean_std([float(v) for v in runs.get(final_column("validation", metric), [])]),
                      "params": int(runs["trainable_params"].iloc[0]) if len(runs) else None})
     return rows
 
@@ -66,7 +67,8 @@ def markdown(record: dict, stage_key: str, trials_of) -> str:
     head = ["method"]
     for t in tasks:
         label = TASK_LABELS.get(t, t)
-        head += [f"{label} test (± std)", f"{label} validation", f"{label} params", f"{label} tuned on validation"]
+        metric = metric_of_task(t)
+        head += [f"{label} test {metric} (± std)", f"{label} validation", f"{label} params", f"{label} tuned on validation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in record["methods"]:
         cells = [method]

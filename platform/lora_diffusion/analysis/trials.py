@@ -12,11 +12,38 @@ import math
 
 from ..core.errors import UserError
 
-VALIDATION_METRIC = "final/validation/accuracy"
+# A trial's final figures are `final/<split>/<metric>`, where the metric is its task's
+# (TaskSpec.metric: accuracy for classification, f1 for XQuAD, rougeL for XSum).
+VALIDATION_METRIC = "final/validation/accuracy"  # the classification tasks' columns
 TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
 STEP_TIME = "final/step_time_s"
 ACCOUNTING_COLUMNS = ("trainable_params", "bytes_saved", "trained_params")
+
+
+# ----------------------------------------------------------------------------- the task's metric
+
+
+def final_column(split: str, metric: str) -> str:
+    """The trial column of a split's final figure: `final/validation/f1`."""
+    return f"final/{split}/{metric}"
+
+
+def metric_of_task(task) -> str:
+    from ..core.task_specs import TASKS
+
+    return TASKS[task].metric if task in TASKS else "accuracy"
+
+
+def task_metric(df) -> str:
+    """The metric the frame's trials are scored by: their task's (TaskSpec.metric). Trials of
+    tasks with different metrics have no column in common, so that is refused naming them."""
+    tasks = sorted({t for t in df.get("task", []) if isinstance(t, str)})
+    metrics = sorted({metric_of_task(t) for t in tasks})
+    if len(metrics) > 1:
+        raise UserError(f"--metric: the trials' tasks {', '.join(tasks)} are scored by different "
+                        f"metrics ({', '.join(metrics)}); name one with --metric")
+    return metrics[0] if metrics else "accuracy"
 
 
 # ----------------------------------------------------------------------------- values of a row
@@ -127,7 +154,8 @@ def _trial_row(trial_id: str, group: list) -> dict:
     for col in ("trainable_params", "bytes_saved"):
         row[col] = metrics.get(f"accounting/{col}", parse_param(params.get(f"accounting.{col}", "")))
     row["trained_params"] = metrics.get("accounting/trained_params", math.nan)  # older runs: none
-    for k in (VALIDATION_METRIC, TEST_METRIC):
+    metric = metric_of_task(tags.get("task"))
+    for k in (final_column("validation", metric), final_column("test", metric)):
         row.setdefault(k, math.nan)
     return row
 
