@@ -28,7 +28,7 @@ def knob_of(method: str) -> str | None:
 def count_params(config: Config, backbone: Backbone) -> int:
     """Trainable parameters of `config.method` on this backbone, as `account` reports them."""
     clone = Backbone(model=copy.deepcopy(backbone.model), tokenizer=backbone.tokenizer,
-                     source=backbone.source)  # methods hook into / inject into the model
+                     source=backbone.source, family=backbone.family)  # methods hook into the copy
     return account(build_method(config, clone))["trainable_params"]
 
 

@@ -113,7 +113,7 @@ def stage_cells(spec: ComparisonSpec, log=print) -> list[dict]:
     base = config_lib.from_dict({}, spec.sets)
     torch.manual_seed(0)
     backbone = load_backbone(base.backbone, trust_remote_code=base.trust_remote_code,
-                             allow_hub=base.allow_hub)
+                             allow_hub=base.allow_hub, family=base.backbone_family)
     return [cell for task in spec.tasks for method in spec.methods
             for cell in tuning.sized_candidates(spec, backbone, task, method, log)]
 
