@@ -257,8 +257,9 @@ class Recipe:
         c = self.config
         times = diffusion.stratified_times(self.method.phase_boundaries(), c.diffusion.eval_t_points,
                                            c.diffusion.t_min)
-        # parameter version counters: any optimizer step or load changes them
-        key = (self.step, tuple(e.id for e in examples), tuple(p._version for p in self.params))
+        # version counters of every tensor of the method and backbone: a step or a load moves them
+        tensors = (*self.method.parameters(), *self.method.buffers())
+        key = (self.step, tuple(e.id for e in examples), tuple(t._version for t in tensors))
         known = self._evaluated[split][1] if self._evaluated.get(split, (None,))[0] == key else {}
         if self.spec.kind == "classification":
             out = evaluation.classification(self, examples, split, times, sampler, batch_size, known)
