@@ -11,9 +11,11 @@ every row's numbers as they were (up to float rounding of a batch's padded width
   trajectory injection point) run once per batch and the other forwards replay their outputs; a
   method that reads no Context gives the same logits at every t, computed once.
 - Length-sorted batches. Rows are batched in order of prompt length (predictions go back to row
-  order), so a batch is padded to rows like its own: random SST-2 batches are a third padding,
-  train phrases more than half. Only where evaluation draws no random numbers (one-token label
-  words): multi-token candidates draw their masks per batch, and sorting would change the draws.
+  order), so a batch is padded to rows like its own: batches of 64 random SST-2 rows are 40%
+  padding (validation, test), 60% (train phrases). Only where evaluation draws no random
+  numbers (one-token label words): multi-token candidates draw their masks per batch, and
+  sorting would change the draws.
+- The final result's validation score at the last step is the last periodic one (Recipe.evaluate).
 """
 
 from __future__ import annotations
