@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint, checkpoint_files, diffusion
+from lora_diffusion.core import checkpoint, checkpoint_files, diffusion, evaluation
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.recipe import Recipe
@@ -156,7 +156,7 @@ def test_multi_token_label_words_are_compared_per_token(tiny_config):
 
     recipe.denoise = denoise
     times = diffusion.stratified_times([0.0, 1.0], 64, recipe.config.diffusion.t_min)
-    assert recipe._classify_elbo(recipe.validation_examples[:8], times) == [1] * 8
+    assert evaluation.elbo_predictions(recipe, recipe.validation_examples[:8], times) == [1] * 8
 
 
 def test_sampler_accuracy_says_which_times_it_exercises(tiny_config):

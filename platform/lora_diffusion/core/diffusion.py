@@ -45,6 +45,13 @@ def elbo_weight(t: torch.Tensor, schedule: str) -> torch.Tensor:
     raise ValueError(f"unknown noise schedule {schedule!r}")
 
 
+def seeded(*parts: int) -> torch.Generator:
+    """A generator seeded from integers (seed, step, ...): every draw is a function of them."""
+    g = torch.Generator()
+    g.manual_seed(hash(tuple(parts)) % (2**63))
+    return g
+
+
 def sample_times(batch_size: int, t_min: float, generator: torch.Generator) -> torch.Tensor:
     """Low-discrepancy t in [t_min, 1] (MDLM): one uniform offset, evenly spaced across the batch."""
     offset = torch.rand((), generator=generator)

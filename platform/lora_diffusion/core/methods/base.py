@@ -99,6 +99,14 @@ class Method(nn.Module):
         any gradient exists), by methods whose schedule follows training (AdaLoRA's rank budget,
         SeLoRA's growth, Solo Connection's homotopy). Default: nothing."""
 
+    def context_free_blocks(self) -> int | None:
+        """How many leading blocks run a forward the Context cannot change (a forward hook on
+        them may read it, but must not edit the block's output in place): evaluation runs them
+        once for the forwards of a batch at several t and replays their outputs
+        (core/evaluation.py). None: nothing the method adds reads the Context, so the logits
+        are the same at every t. Default 0, which reuses nothing and is always right."""
+        return 0
+
     def phase_boundaries(self) -> list[float]:
         """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""
         return [0.0, 1.0]

@@ -104,6 +104,9 @@ class PeftMethod(Method):
     def build_peft_config(self, config: Config, backbone: Backbone):
         raise NotImplementedError
 
+    def context_free_blocks(self) -> None:
+        return None  # PEFT's layers never see the Context: the logits do not depend on t
+
 
 class LoraMethod(PeftMethod):
     name = "lora"

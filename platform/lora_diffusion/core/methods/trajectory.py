@@ -224,6 +224,7 @@ class TrajectoryMethod(Method):
         layers, self.boundaries, self.ranks, self.injection = build_injection(
             self.tc, config.diffusion.sampler_steps, backbone)
         self.register_buffer("inner_edges", torch.tensor(self.boundaries[1:-1]), persistent=False)
+        self.injected_blocks = layers
         self._hooks = [backbone.layers[i].register_forward_hook(self._hook(f"layer{i}"))
                        for i in layers]
 
@@ -233,6 +234,10 @@ class TrajectoryMethod(Method):
 
     def phase_boundaries(self) -> list[float]:
         return list(self.boundaries)
+
+    def context_free_blocks(self) -> int:
+        """Blocks up to the first injected one: the hook on its output is what reads t."""
+        return min(self.injected_blocks) + 1
 
     def _hook(self, key: str):
         def hook(_module, _inputs, output):

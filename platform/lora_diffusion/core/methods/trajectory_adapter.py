@@ -42,6 +42,9 @@ class TrajectoryAdapterMethod(TrajectoryMethod):
                                 f"{backbone.family.name} blocks is no nn.Linear")
             self._hooks.append(target.register_forward_hook(self._hook(f"layer{i}")))
 
+    def context_free_blocks(self) -> int:
+        return 0  # a module inside every block, the first included
+
 
 # Reads the `trajectory.*` section, so it has no section of its own.
 SPEC = MethodSpec(name="trajectory_adapter", method=TrajectoryAdapterMethod, order=7,
