@@ -153,3 +153,22 @@ def test_a_generation_tasks_final_validation_is_the_periodic_one(tiny_config, mo
     timing = "validation/generation_s_per_example"
     assert {k: v for k, v in fresh.items() if k != timing} == {
         k: v for k, v in result.items() if k.startswith("validation/") and k != timing}
+
+
+def test_a_time_conditioned_backbone_shares_no_forward(tiny_config, tmp_path):
+    """MDLM's blocks read sigma(t): even weight LoRA (whose own modules ignore t) gets different
+    logits at each t there, so evaluation must run every forward in full."""
+    from support import tiny_families
+
+    path = tiny_families.build("mdlm", tmp_path / "mdlm")
+    recipe = trained_like(Recipe(tiny_config(method="lora", backbone=str(path), trust_remote_code=True,
+                                             **{"diffusion.eval_t_points": 4})))
+    assert recipe.method.context_free_blocks() is None and evaluation.shareable_depth(recipe) == 0
+    c, mask = recipe.config, recipe.backbone.mask_token_id
+    times = diffusion.stratified_times(recipe.method.phase_boundaries(), 4, c.diffusion.t_min)
+    examples = recipe.validation_examples
+    expected, _ = full_forwards(recipe, examples, times)
+    batch = recipe.encode(examples, [[mask]] * len(examples))
+    scores = diffusion.score_label_words(evaluation.SharedForward(recipe, batch), batch,
+                                         [ids[0] for ids in recipe.label_ids], c.diffusion.noise_schedule, times, mask)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ class SharedForward:
 
     def __init__(self, recipe, batch: diffusion.Batch):
         self.denoise = recipe.denoiser(batch)
-        self.depth = recipe.method.context_free_blocks()  # None: the logits ignore the Context
+        self.depth = shareable_depth(recipe)
         self.blocks = list(recipe.backbone.layers)[:self.depth or 0]
         self.key: tuple | None = None  # copies of (ids, attention, select) of the recorded forward
         self.saved: list = []  # the blocks' raw outputs, or [logits] when depth is None
@@ -74,6 +74,15 @@ class SharedForward:
         finally:
             for block in self.blocks:
                 del block.forward  # back to the class's forward
+
+
+def shareable_depth(recipe) -> int | None:
+    """The method's context-free blocks (None: its logits ignore the Context), or 0 on a
+    backbone that takes the time itself (MDLM's blocks are conditioned on sigma(t)): there no
+    block's output is the same at two t."""
+    if recipe.backbone.family.time_argument:
+        return 0
+    return recipe.method.context_free_blocks()
 
 
 def _returning(output):
