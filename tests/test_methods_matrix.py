@@ -168,6 +168,8 @@ def test_only_t_dependent_methods_respond_to_t(tiny_backbone_dir, synthetic_data
         assert not torch.allclose(out[0], out[1])
     else:
         assert torch.equal(out[0], out[1])
+    # what evaluation relies on to compute the logits once for every t (core/evaluation.py)
+    assert (m.context_free_blocks() is None) == (not MATRIX[method][2])
 
 
 def test_tlora_rank_mask_follows_the_schedule(tiny_backbone_dir):

@@ -80,6 +80,7 @@ def _sublayer_outputs(backbone: Backbone, index: int, placement: str) -> dict[st
 
 class AdapterMethod(Method):
     name = "adapter"
+    reads_context = False  # t never reaches it: evaluation computes its logits once
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)

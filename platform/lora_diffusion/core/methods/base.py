@@ -31,6 +31,9 @@ class Context:
 
 class Method(nn.Module):
     name = "base"
+    # False for a method nothing of which reads the Context (weight LoRA, adapters, BitFit, ...):
+    # its logits are the same at every t, and evaluation computes them once (core/evaluation.py)
+    reads_context = True
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__()
@@ -104,8 +107,9 @@ class Method(nn.Module):
         them may read it, but must not edit the block's output in place): evaluation runs them
         once for the forwards of a batch at several t and replays their outputs
         (core/evaluation.py). None: nothing the method adds reads the Context, so the logits
-        are the same at every t. Default 0, which reuses nothing and is always right."""
-        return 0
+        are the same at every t. Default: None where `reads_context` is False, else 0, which
+        reuses nothing and is always right."""
+        return 0 if self.reads_context else None
 
     def phase_boundaries(self) -> list[float]:
         """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""

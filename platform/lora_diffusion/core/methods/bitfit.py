@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # config builds its sections from the method specs: no runtim
 
 class BitFit(Method):
     name = "bitfit"
+    reads_context = False  # t never reaches it: evaluation computes its logits once
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)

@@ -91,6 +91,7 @@ class PeftMethod(Method):
     which PEFT config (`build_peft_config`) and which parameter names train (`trainable_marker`)."""
 
     trainable_marker = "lora_"
+    reads_context = False  # PEFT's layers never see the Context
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
@@ -103,9 +104,6 @@ class PeftMethod(Method):
 
     def build_peft_config(self, config: Config, backbone: Backbone):
         raise NotImplementedError
-
-    def context_free_blocks(self) -> None:
-        return None  # PEFT's layers never see the Context: the logits do not depend on t
 
 
 class LoraMethod(PeftMethod):

@@ -156,6 +156,7 @@ class PrefixLayer(nn.Module):
 
 class PrefixMethod(Method):
     name = "prefix"
+    reads_context = False  # t never reaches it: evaluation computes its logits once
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)

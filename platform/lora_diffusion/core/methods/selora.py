@@ -111,6 +111,7 @@ class GrowingLoRA(nn.Module):
 
 class SeloraMethod(Method):
     name = "selora"
+    reads_context = False  # t never reaches it: evaluation computes its logits once
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)

@@ -83,6 +83,7 @@ def resolve_blocks(sc: SoloConfig, n_layers: int) -> tuple[int, int]:
 
 class SoloConnection(Method):
     name = "solo"
+    reads_context = False  # t never reaches it: evaluation computes its logits once
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__(config, backbone)
