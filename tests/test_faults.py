@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.procs import kill_session
 
 from lora_diffusion.core.errors import TrainingDiverged
 from lora_diffusion.engine import spec as spec_lib
@@ -142,3 +143,47 @@ def test_smoke_on_a_grid_says_what_it_changed(tmp_path, synthetic_data_dir, monk
     note = spec_lib.smoke_note(spec)
     assert "trajectory.rank 3->2 values" in note and "seeds 3->2" in note and "train.steps 300->6" in note
     assert spec.sweep.num_samples == 4 and math.isfinite(spec.steps)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_diverges_fails_without_a_best_trial(tiny_backbone_dir, synthetic_data_dir,
+                                                                      tmp_path):
+    """End to end on Ray: every trial's loss is NaN from its first step (tests/support/faults), so the
+    divergence guard stops each one: the sweep exits 1, its parent run is FAILED with the reason, each
+    trial's run FAILED with the guard's line, and no best.json is written."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    repo = Path(__file__).resolve().parents[1]
+    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "LORA_DIFFUSION_TEST_NAN_AT": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(repo / "tests" / "support" / "faults"),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "jobs/rank_schedule_sweep.py", "--smoke", "--name", "diverges", "--num-samples", "2",
+           "--max-concurrent", "2", "--max-failures", "0", "--address", "local", "--storage-path", str(storage),
+           "--tracking-uri", uri, "--verbose", "0", "--retrain-seeds", "0", "--set", f"backbone={tiny_backbone_dir}",
+           "--set", "train.steps=2", "--set", "train.eval_every=1"]
+    with open(tmp_path / "sweep.log", "w") as f:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        kill_session(proc.pid)  # Ray's processes, if it hung
+    log = (tmp_path / "sweep.log").read_text()
+    assert rc == 1, log[-5000:]
+    assert "sweep diverges FAILED: every trial failed (2 of 2); no best trial" in log, log[-3000:]
+    assert not (storage / "diverges" / "best.json").exists()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lora-diffusion-sweeps").experiment_id],
+                              "tags.sweep = 'diverges'")
+    (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
+    assert parent.info.status == "FAILED" and parent.data.tags[FAILURE_TAG] == "every trial failed (2 of 2)"
+    assert "best_trial_id" not in parent.data.tags
+    trials = [r for r in runs if r.data.tags["role"] == "trial"]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FAILED"}
+    for r in trials:
+        assert r.data.tags[FAILURE_TAG].startswith("training diverged at step 1: loss nan"), r.data.tags[FAILURE_TAG]
