@@ -187,3 +187,53 @@ def test_a_sweep_whose_every_trial_diverges_fails_without_a_best_trial(tiny_back
     assert len(trials) == 2 and {r.info.status for r in trials} == {"FAILED"}
     for r in trials:
         assert r.data.tags[FAILURE_TAG].startswith("training diverged at step 1: loss nan"), r.data.tags[FAILURE_TAG]
+
+
+def _tune_trial(exp_dir: Path, tid: str, steps: list[int], final: bool) -> None:
+    import json
+
+    d = exp_dir / f"run_trial_{tid}"
+    d.mkdir(parents=True)
+    rows = [{"trial_id": tid, "step": s, "train/loss": 1.0 / s, "resumed_from_step": 0} for s in steps]
+    if final:
+        rows[-1]["result_json"] = "{}"
+    d.joinpath("result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"trial_id\": ")  # torn line
+
+
+def test_the_fault_matrix_counts_lost_duplicated_running_and_missing(tmp_path):
+    """Three trials, each with one fault the soak looks for: a metric reported but not logged, a
+    second MLflow run, a run left RUNNING; a fourth trial never started. The soak's clean verdict
+    must rest on figures that would show these."""
+    import json
+
+    from lora_diffusion.analysis import fault_matrix as fm
+
+    exp_dir, uri = tmp_path / "sweeps" / "soaked", f"sqlite:///{tmp_path}/mlflow.db"
+    state = {"trial_data": [[json.dumps({"trial_id": t, "status": s})] for t, s in
+                            (("a", "TERMINATED"), ("b", "TERMINATED"), ("c", "RUNNING"))]}
+    exp_dir.mkdir(parents=True)
+    (exp_dir / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    for tid in "abc":
+        _tune_trial(exp_dir, tid, [2, 4], final=tid != "c")
+    tracker = SweepTracker(uri, "soaked", sweep_id="soaked-0")
+    for tid, steps in {"a": [2], "b": [2, 4], "c": [2, 4]}.items():  # a: step 4 reported, never logged
+        run = tracker.trial_run(tid)
+        for step in steps:
+            tracker.client.log_metric(run, "train/loss", 1.0 / step, step=step)
+        if tid != "c":  # c: left RUNNING
+            tracker.end_run(run)
+    second = tracker.client.create_run(tracker.experiment_id, tags={"sweep": "soaked", "sweep_id": "soaked-0",
+                                                                    "role": "trial", "trial_id": "b"})
+    tracker.end_run(second.info.run_id)  # b: a second run, as a tracker that did not re-attach would make
+    tracker.end_run(tracker.parent_run())
+
+    per_trial = fm.trial_faults(exp_dir, uri, "soaked", expected_trials=4)
+    assert per_trial["trials"]["a"] == {"lost": 0, "duplicated": 0, "running": 0, "metrics_lost": 1}
+    assert per_trial["trials"]["b"]["duplicated"] == 1
+    assert per_trial["trials"]["c"] == {"lost": 1, "duplicated": 0, "running": 1, "metrics_lost": 0}
+    rows = fm.fault_matrix(per_trial, [{"fault": "driver SIGKILL", "touched": ["a", "c"]}])
+    assert rows[0] == {"fault": "driver SIGKILL", "injected": 1, "trials_lost": 1, "runs_duplicated": 0,
+                       "runs_left_running": 1, "metrics_lost": 1}
+    assert rows[-1] == {"fault": "whole sweep", "injected": 1, "trials_lost": 2, "runs_duplicated": 1,
+                        "runs_left_running": 1, "metrics_lost": 1}
+    assert not fm.clean(rows) and "| driver SIGKILL | 1 | 1 | 0 | 1 | 1 |" in fm.markdown(rows)

@@ -34,10 +34,12 @@ def other_ray(tmp_path):
 @pytest.mark.slow
 def test_asha_stopped_trials_free_their_workers_and_the_study_survives_a_kill(other_ray, tiny_backbone_dir,
                                                                             synthetic_data_dir, tmp_path):
-    """The Optuna sweep, its driver SIGKILLed once while a trial has ended and another is midway, then
-    resumed (analysis/soak.py): the study keeps the trials it had and knows all four at the end."""
+    """The Optuna sweep (two Train workers a trial), its driver SIGKILLed once while a trial has ended
+    and another is midway, then resumed (analysis/soak.py): nothing lost or duplicated, and the
+    study keeps the trials it had and knows all four at the end."""
     studies = []
     plan = SoakPlan(job=["jobs/rank_schedule_sweep.py", "--smoke", "--num-samples", "4", "--max-concurrent", "2",
+                         "--workers", "2",  # the one sweep test of two-worker trials (gradients all-reduced)
                          "--verbose", "0", "--retrain-seeds", "0", "--set", f"backbone={tiny_backbone_dir}",
                          "--set", f"data_dir={synthetic_data_dir}", "--set", "train.steps=40",
                          "--set", "train.eval_every=5"],

@@ -2,10 +2,12 @@
 its last trials run), resumed with --resume each time, and one Train worker killed mid-trial, ends
 as an uninterrupted sweep would.
 
-One ablation grid (2 ranks x 2 schedules, one seed, tiny backbone, 2 Train workers a trial) runs
-through jobs/ablation_grid.py under the soak's machinery (analysis/soak.py, which jobs/soak.py runs
-with more kills); the worker's death is tests/support/faults' hook (rank 1 exits when it is about to
-report step DIE_AT, once). Checked after the last resume:
+One ablation grid (2 ranks x 2 schedules, one seed, tiny backbone, one Train worker a trial, so
+that the in-process reference below is the same computation) runs through jobs/ablation_grid.py
+under the soak's machinery (analysis/soak.py, which jobs/soak.py runs with more kills); the
+worker's death is tests/support/faults' hook (the worker exits when it is about to report step
+DIE_AT, once). Two-worker trials under a driver kill: test_sweep_resources.py. Checked after the
+last resume:
 
 - the fault matrix is clean: no trial lost, no run duplicated, none left RUNNING, no metric lost;
 - Tune: every trial TERMINATED with its final report once; a trial killed midway continued from its
@@ -73,10 +75,10 @@ def soaked(tiny_backbone_dir, synthetic_data_dir, tmp_path_factory):
     """The grid, killed twice at seeded random moments and interrupted once, resumed each time."""
     tmp = tmp_path_factory.mktemp("soak")
     grid = _grid_file(tmp, tiny_backbone_dir, synthetic_data_dir)
-    plan = SoakPlan(job=["jobs/ablation_grid.py", "--grid", str(grid), "--workers", "2", "--max-concurrent", "2",
+    plan = SoakPlan(job=["jobs/ablation_grid.py", "--grid", str(grid), "--max-concurrent", "2",
                          "--verbose", "0", "--retrain-seeds", "0"],  # test_retrain.py: the follow-up stage
                     name=NAME, storage=tmp / "sweeps", tracking_uri=f"sqlite:///{tmp}/mlflow.db", kills=2,
-                    interrupts=1, kill_worker=f"1:{DIE_AT}", seed=0, max_delay=2.0, start_timeout=240,
+                    interrupts=1, kill_worker=f"0:{DIE_AT}", seed=0, max_delay=2.0, start_timeout=240,
                     log_dir=tmp / "logs")
     t0 = time.time()
     result = run_soak(plan)
@@ -105,7 +107,7 @@ def test_killed_and_interrupted_grid_loses_and_duplicates_nothing(soaked):
     for tid in {t for inj in result["injections"] for t in inj["ended"]}:  # ended before a fault: not run again
         assert all(r["resumed_from_step"] == 0 for r in results[tid])
 
-    # -- the Train worker that died (rank 1 at step DIE_AT): its group restarted from the checkpoint before
+    # -- the Train worker that died (at step DIE_AT): its group restarted from the checkpoint before
     (died,) = [i["touched"][0] for i in result["injections"] if i["fault"] == WORKER_FAULT]
     assert DIE_AT - EVERY in [r["resumed_from_step"] for r in results[died]], results[died]
 

@@ -37,7 +37,7 @@ from . import fault_matrix as fm
 
 SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ctrl-C)", "Train worker killed"
 DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--max-concurrent", "2", "--verbose", "0",
-               "--set", "train.steps=40", "--set", "train.eval_every=5"]
+               "--set", "train.steps=120", "--set", "train.eval_every=5"]  # long enough for 10 kills
 POLL_S = 0.3
 
 
@@ -50,7 +50,7 @@ class SoakPlan:
     kills: int = 10
     interrupts: int = 0
     seed: int = 0
-    max_delay: float = 20.0
+    max_delay: float = 10.0
     start_timeout: float = 900.0  # one start's wait for its next report, or for its end
     log_dir: Path | None = None
     kill_worker: str | None = None  # "RANK:STEP": that Train worker exits there, once (tests/support/faults)
@@ -137,11 +137,11 @@ def snapshot(exp_dir: Path) -> dict:
 
 
 def _last_trials_midway(exp_dir: Path) -> bool:
-    """Every trial started (none PENDING) and one of those still running is midway."""
-    status, expected = fm.trial_status(exp_dir), _expected(exp_dir)
-    if not expected or len(status) < expected or "PENDING" in status.values():
-        return False
-    return bool(snapshot(exp_dir)["midway"])
+    """Every trial has reported (so none is pending) and one not ended (ASHA's stopped trials have no
+    final either) is midway."""
+    results, expected, status = fm.trial_results(exp_dir), _expected(exp_dir), fm.trial_status(exp_dir)
+    return bool(expected) and len(results) >= expected and any(
+        not fm.finals(rows) and status.get(t) not in fm.ENDED for t, rows in results.items())
 
 
 def _wait(proc: subprocess.Popen, ready, timeout: float) -> bool:
@@ -180,7 +180,7 @@ def inject_kill(plan: SoakPlan, proc: subprocess.Popen, rng: random.Random, t0: 
 
 def inject_interrupt(plan: SoakPlan, proc: subprocess.Popen, log: Path, t0: float) -> dict | None:
     """SIGINT (Ctrl-C) to the driver once every trial has started and one is midway."""
-    if not _wait(proc, lambda: _last_trials_midway(plan.exp_dir), plan.start_timeout):
+    if not _wait(proc, lambda: _last_trials_midway(plan.exp_dir), plan.start_timeout * 4):  # waves of trials
         return None
     state = snapshot(plan.exp_dir)
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver; Tune stops the trials
@@ -239,8 +239,8 @@ def build_parser():
     p.add_argument("--kills", type=int, default=10, help="driver SIGKILLs (default 10)")
     p.add_argument("--interrupts", type=int, default=1, help="Ctrl-C (SIGINT) while the last trials run (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill moments (default 0)")
-    p.add_argument("--max-delay", type=float, default=20.0,
-                   help="a kill lands 0 to this many seconds after a start's first new report (default 20)")
+    p.add_argument("--max-delay", type=float, default=10.0,
+                   help="a kill lands 0 to this many seconds after a start's first new report (default 10)")
     p.add_argument("--kill-worker", metavar="RANK:STEP",
                    help="also that Train worker exits at that step, once in the sweep (tests/support/faults' hook)")
     p.add_argument("--name", default="soak", help="the sweep's name (default soak)")
