@@ -110,6 +110,20 @@ def test_a_failed_trial_records_its_reason_on_its_run(tracker, tmp_path):
     assert run.data.tags[FAILURE_TAG] == "training diverged at step 7: loss nan, regularizer 0"
 
 
+def test_a_failed_trials_reason_is_read_before_tune_syncs_it_to_storage(tracker, tmp_path):
+    """At `on_trial_error` the error file is only in the driver's staging directory (`error_file`);
+    `get_error` reads storage, where it is not yet."""
+    error_file = tmp_path / "staging" / "error.txt"
+    error_file.parent.mkdir()
+    error_file.write_text("Failure # 1 (occurred at 2026-01-01)\n" + TRACEBACK)
+    trial = SimpleNamespace(trial_id="t2", config={"train.lr": 1e-3}, last_result={}, error_file=str(error_file),
+                            get_error=lambda: None)
+    callback = MlflowSweepCallback(tracker, resolve=lambda config: ({"train.lr": 1e-3}, {}))
+    callback.on_trial_error(iteration=1, trials=[trial], trial=trial)
+    (run,) = tracker.trial_runs()
+    assert run.data.tags[FAILURE_TAG] == "training diverged at step 7: loss nan, regularizer 0"
+
+
 def _args(storage: Path, *extra):
     return build_parser("rank_schedule").parse_args(
         ["--smoke", "--name", "early", "--storage-path", str(storage), "--tracking-uri",

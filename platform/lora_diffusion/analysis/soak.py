@@ -37,7 +37,7 @@ from . import fault_matrix as fm
 
 SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ctrl-C)", "Train worker killed"
 DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--max-concurrent", "2", "--verbose", "0",
-               "--set", "train.steps=120", "--set", "train.eval_every=5"]  # long enough for 10 kills
+               "--set", "train.steps=300", "--set", "train.eval_every=10"]  # long enough for 10 kills
 POLL_S = 0.3
 
 
