@@ -43,6 +43,7 @@ def test_asha_stopped_trials_free_their_workers_and_the_study_survives_a_kill(ot
                          "--verbose", "0", "--retrain-seeds", "0", "--set", f"backbone={tiny_backbone_dir}",
                          "--set", f"data_dir={synthetic_data_dir}", "--set", "train.steps=40",
                          "--set", "train.eval_every=5"],
+                    env={"LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir)},
                     name="asha-free", storage=tmp_path / "sweeps", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                     kills=1, kill_when=lambda state: state["ended"] and state["midway"], start_timeout=300,
                     after_fault=lambda inj: studies.append(_study(tmp_path / "sweeps" / "asha-free")),

@@ -77,6 +77,7 @@ def soaked(tiny_backbone_dir, synthetic_data_dir, tmp_path_factory):
     grid = _grid_file(tmp, tiny_backbone_dir, synthetic_data_dir)
     plan = SoakPlan(job=["jobs/ablation_grid.py", "--grid", str(grid), "--max-concurrent", "2",
                          "--verbose", "0", "--retrain-seeds", "0"],  # test_retrain.py: the follow-up stage
+                    env={"LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir)},  # else it overrides the grid's
                     name=NAME, storage=tmp / "sweeps", tracking_uri=f"sqlite:///{tmp}/mlflow.db", kills=2,
                     interrupts=1, kill_worker=f"0:{DIE_AT}", seed=0, max_delay=2.0, start_timeout=240,
                     log_dir=tmp / "logs")
@@ -102,14 +103,16 @@ def test_killed_and_interrupted_grid_loses_and_duplicates_nothing(soaked):
     assert all(fm.finals(rows) == 1 for rows in results.values())
     midway = {t for inj in result["injections"] for t in inj["midway"]}
     assert midway, "no fault found a trial midway"
+    resumed = result["resumed_from_seen"]  # every restart's, as the soak read them (see soak.observe)
     for tid in midway:  # continued from its Train checkpoint
-        assert max(r["resumed_from_step"] for r in results[tid]) > 0, [r["resumed_from_step"] for r in results[tid]]
-    for tid in {t for inj in result["injections"] for t in inj["ended"]}:  # ended before a fault: not run again
-        assert all(r["resumed_from_step"] == 0 for r in results[tid])
+        assert max(resumed[tid]) > 0, resumed[tid]
+    for inj in result["injections"]:  # a trial that had ended before a fault reported nothing after it
+        for tid, reports in inj["ended"].items():
+            assert result["reports_seen"][tid] == reports, (inj["fault"], tid, reports, result["reports_seen"][tid])
 
     # -- the Train worker that died (at step DIE_AT): its group restarted from the checkpoint before
     (died,) = [i["touched"][0] for i in result["injections"] if i["fault"] == WORKER_FAULT]
-    assert DIE_AT - EVERY in [r["resumed_from_step"] for r in results[died]], results[died]
+    assert DIE_AT - EVERY in resumed[died], resumed[died]
 
     # -- Ctrl-C while the last trials ran: an interrupt, not a finished sweep
     (interrupt,) = [i for i in result["injections"] if i["fault"] == SIGINT_FAULT]

@@ -84,8 +84,12 @@ def sweep_runs(tracking_uri: str, sweep: str) -> tuple[list, list, dict]:
 # ----------------------------------------------------------------------------- the matrix
 
 
-def trial_faults(exp_dir: Path, tracking_uri: str, sweep: str, expected_trials: int | None = None) -> dict:
-    """Per trial: lost, duplicated runs, runs left RUNNING, metrics lost; and the sweep's own."""
+def trial_faults(exp_dir: Path, tracking_uri: str, sweep: str, expected_trials: int | None = None,
+                 seen: dict | None = None) -> dict:
+    """Per trial: lost, duplicated runs, runs left RUNNING, metrics lost; and the sweep's own.
+    `seen` (trial id -> {"reported": (metric, step) pairs, "finals": final reports}) adds what was
+    read while the sweep ran: a resume rewrites a restarted trial's result.json."""
+    seen = seen or {}
     status, results = trial_status(exp_dir), trial_results(exp_dir)
     parents, children, steps = sweep_runs(tracking_uri, sweep)
     by_trial: dict[str, list] = {}
@@ -93,15 +97,16 @@ def trial_faults(exp_dir: Path, tracking_uri: str, sweep: str, expected_trials: 
         by_trial.setdefault(run.data.tags.get("trial_id"), []).append(run)
     out = {}
     for tid in sorted(set(status) | set(by_trial)):
-        runs, rows = by_trial.get(tid, []), results.get(tid, [])
+        runs, rows, before = by_trial.get(tid, []), results.get(tid, []), seen.get(tid, {})
+        n_finals = max(finals(rows), len(before.get("finals", ())))
         logged = {(k, s) for run in runs for k, ss in steps[run.info.run_id].items() for s in ss}
         points = sum(len(ss) - len(set(ss)) for run in runs for ss in steps[run.info.run_id].values())
         finished = any(r.info.status == "FINISHED" for r in runs)  # ASHA's stopped trials too
         out[tid] = {"lost": int(status.get(tid) != "TERMINATED" or not finished),
-                    "duplicated": max(0, len(runs) - 1) + max(0, finals(rows) - 1) + points
+                    "duplicated": max(0, len(runs) - 1) + max(0, n_finals - 1) + points
                     + int(tid not in status),
                     "running": sum(r.info.status == "RUNNING" for r in runs),
-                    "metrics_lost": len(reported(rows) - logged)}
+                    "metrics_lost": len((reported(rows) | before.get("reported", set())) - logged)}
     expected = expected_trials if expected_trials is not None else len(status)
     return {"trials": out, "never_started": max(0, expected - len(status)), "extra": max(0, len(status) - expected),
             "parents": len(parents),

@@ -53,10 +53,12 @@ class SoakPlan:
     max_delay: float = 10.0
     start_timeout: float = 900.0  # one start's wait for its next report, or for its end
     log_dir: Path | None = None
+    env: dict = field(default_factory=dict)  # the driver's environment on top of this process's
     kill_worker: str | None = None  # "RANK:STEP": that Train worker exits there, once (tests/support/faults)
     kill_when: Callable[[dict], bool] | None = None  # a kill's moment by the sweep's `snapshot`, not at random
     after_fault: Callable[[dict], None] | None = None  # called with each injection, before the resume
     injections: list[dict] = field(default_factory=list)
+    seen: dict = field(default_factory=dict)  # trial id -> every report seen (see `observe`)
 
     @property
     def exp_dir(self) -> Path:
@@ -93,7 +95,7 @@ def start_driver(plan: SoakPlan, resume: bool, n: int) -> tuple[subprocess.Popen
     """The sweep's driver in a session of its own (its pid is the session's id), output to a log."""
     log = Path(plan.log_dir or plan.storage) / f"{plan.name}-start{n}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.env}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own, killed with the driver
     if plan.kill_worker:  # the test suite's fault hook, which Ray's workers inherit through PYTHONPATH
         hook = _repo() / "tests" / "support" / "faults"
@@ -114,8 +116,24 @@ def _repo() -> Path:
 # ----------------------------------------------------------------------------- the sweep's state
 
 
-def _reports(exp_dir: Path) -> int:
-    return sum(len(rows) for rows in fm.trial_results(exp_dir).values())
+def observe(plan: SoakPlan) -> dict[str, list[dict]]:
+    """The trials' reports now, added to those seen before: a resumed driver starts a restarted
+    trial's result.json afresh (its staging directory is new) and its sync overwrites the stored
+    one, so a trial's earlier reports live on only here."""
+    results = fm.trial_results(plan.exp_dir)
+    for tid, rows in results.items():
+        seen = plan.seen.setdefault(tid, {"rows": set(), "reported": set(), "finals": set(), "resumed": set()})
+        seen["rows"] |= {r.get("timestamp") for r in rows}
+        seen["resumed"] |= {r.get("resumed_from_step") for r in rows}
+        seen["reported"] |= fm.reported(rows)
+        seen["finals"] |= {r.get("timestamp") for r in rows if "result_json" in r}
+    return results
+
+
+def _reports(plan: SoakPlan) -> int:
+    """Reports seen so far (grows with every new one, whatever a resume rewrites)."""
+    observe(plan)
+    return sum(len(seen["rows"]) for seen in plan.seen.values())
 
 
 def _expected(exp_dir: Path) -> int | None:
@@ -126,20 +144,20 @@ def _expected(exp_dir: Path) -> int | None:
         return None
 
 
-def snapshot(exp_dir: Path) -> dict:
+def snapshot(plan: SoakPlan) -> dict:
     """What a fault touches: the trials not yet ended, those midway (reported, no final: id -> last
-    step) and those that had ended."""
-    status, results = fm.trial_status(exp_dir), fm.trial_results(exp_dir)
-    ended = sorted(t for t, s in status.items() if s in fm.ENDED)
+    step) and those that had ended (id -> reports seen: a trial not run again gets no more)."""
+    status, results = fm.trial_status(plan.exp_dir), observe(plan)
+    ended = {t: len(plan.seen.get(t, {}).get("rows", ())) for t, s in sorted(status.items()) if s in fm.ENDED}
     midway = {t: max(int(r.get("step", 0)) for r in rows) for t, rows in results.items()
               if t not in ended and not fm.finals(rows)}
     return {"touched": sorted(set(status) - set(ended)), "midway": midway, "ended": ended}
 
 
-def _last_trials_midway(exp_dir: Path) -> bool:
+def _last_trials_midway(plan: SoakPlan) -> bool:
     """Every trial has reported (so none is pending) and one not ended (ASHA's stopped trials have no
     final either) is midway."""
-    results, expected, status = fm.trial_results(exp_dir), _expected(exp_dir), fm.trial_status(exp_dir)
+    results, expected, status = observe(plan), _expected(plan.exp_dir), fm.trial_status(plan.exp_dir)
     return bool(expected) and len(results) >= expected and any(
         not fm.finals(rows) and status.get(t) not in fm.ENDED for t, rows in results.items())
 
@@ -160,18 +178,18 @@ def _wait(proc: subprocess.Popen, ready, timeout: float) -> bool:
 def inject_kill(plan: SoakPlan, proc: subprocess.Popen, rng: random.Random, t0: float) -> dict | None:
     """SIGKILL the driver's process group at a random moment after its first new report (or once
     `plan.kill_when(snapshot)` holds)."""
-    before, delay = _reports(plan.exp_dir), 0.0
+    before, delay = _reports(plan), 0.0
     if plan.kill_when is not None:
-        if not _wait(proc, lambda: plan.kill_when(snapshot(plan.exp_dir)), plan.start_timeout):
+        if not _wait(proc, lambda: plan.kill_when(snapshot(plan)), plan.start_timeout):
             return None
-    elif _wait(proc, lambda: _reports(plan.exp_dir) > before, plan.start_timeout):
+    elif _wait(proc, lambda: _reports(plan) > before, plan.start_timeout):
         delay = rng.uniform(0, plan.max_delay)
         _wait(proc, lambda: False, delay)
     else:
         return None
     if proc.poll() is not None:  # the sweep ended first
         return None
-    state = snapshot(plan.exp_dir)
+    state = snapshot(plan)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     kill_session(proc.pid)
@@ -180,9 +198,9 @@ def inject_kill(plan: SoakPlan, proc: subprocess.Popen, rng: random.Random, t0: 
 
 def inject_interrupt(plan: SoakPlan, proc: subprocess.Popen, log: Path, t0: float) -> dict | None:
     """SIGINT (Ctrl-C) to the driver once every trial has started and one is midway."""
-    if not _wait(proc, lambda: _last_trials_midway(plan.exp_dir), plan.start_timeout * 4):  # waves of trials
+    if not _wait(proc, lambda: _last_trials_midway(plan), plan.start_timeout * 4):  # waves of trials
         return None
-    state = snapshot(plan.exp_dir)
+    state = snapshot(plan)
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver; Tune stops the trials
     try:
         rc = proc.wait(timeout=180)
@@ -220,11 +238,14 @@ def run_soak(plan: SoakPlan) -> dict:
     if plan.worker_marker.is_file():  # "rank R exited at step S of trial T"
         plan.injections.append({"fault": WORKER_FAULT, "touched": [plan.worker_marker.read_text().split()[-1]],
                                 "midway": {}, "ended": []})
-    per_trial = fm.trial_faults(plan.exp_dir, plan.tracking_uri, plan.name, _expected(plan.exp_dir))
+    observe(plan)
+    per_trial = fm.trial_faults(plan.exp_dir, plan.tracking_uri, plan.name, _expected(plan.exp_dir), plan.seen)
     rows = fm.fault_matrix(per_trial, plan.injections)
     return {"name": plan.name, "job": plan.job, "seed": plan.seed, "planned": len(faults) + bool(plan.kill_worker),
             "injections": plan.injections, "final_rc": rc, "final_log": str(log), "starts": n + 1,
-            "wall_s": round(time.time() - t0, 1), "trials": per_trial, "matrix": rows}
+            "wall_s": round(time.time() - t0, 1), "trials": per_trial, "matrix": rows,
+            "reports_seen": {t: len(seen["rows"]) for t, seen in plan.seen.items()},
+            "resumed_from_seen": {t: sorted(x for x in seen["resumed"] if x is not None) for t, seen in plan.seen.items()}}
 
 
 # ----------------------------------------------------------------------------- the job
