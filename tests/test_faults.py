@@ -208,7 +208,7 @@ def _tune_trial(exp_dir: Path, tid: str, steps: list[int], final: bool) -> None:
 
     d = exp_dir / f"run_trial_{tid}"
     d.mkdir(parents=True)
-    rows = [{"trial_id": tid, "step": s, "train/loss": 1.0 / s, "resumed_from_step": 0} for s in steps]
+    rows = [{"trial_id": tid, "step": s, "train/loss": 1.0 / s, "resumed_from_step": 0, "timestamp": s} for s in steps]
     if final:
         rows[-1]["result_json"] = "{}"
     d.joinpath("result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"trial_id\": ")  # torn line
@@ -251,3 +251,17 @@ def test_the_fault_matrix_counts_lost_duplicated_running_and_missing(tmp_path):
     assert rows[-1] == {"fault": "whole sweep", "injected": 1, "trials_lost": 2, "runs_duplicated": 1,
                         "runs_left_running": 1, "metrics_lost": 1}
     assert not fm.clean(rows) and "| driver SIGKILL | 1 | 1 | 0 | 1 | 1 |" in fm.markdown(rows)
+
+
+def test_the_soak_keeps_reports_a_resume_rewrites(tmp_path):
+    """A resumed driver starts a restarted trial's result.json afresh: the reports seen before stay counted."""
+    from lora_diffusion.analysis.soak import SoakPlan, observe
+
+    plan = SoakPlan(job=[], name="s", storage=tmp_path, tracking_uri="sqlite:///unused.db")
+    _tune_trial(tmp_path / "s", "a", [2, 4], final=False)
+    observe(plan)
+    result = tmp_path / "s" / "run_trial_a" / "result.json"
+    result.write_text('{"trial_id": "a", "step": 6, "train/loss": 0.5, "resumed_from_step": 4, "timestamp": 9}\n')
+    observe(plan)
+    assert plan.seen["a"]["reported"] == {("train/loss", 2), ("train/loss", 4), ("train/loss", 6)}
+    assert plan.seen["a"]["resumed"] == {0, 4} and len(plan.seen["a"]["rows"]) == 3
