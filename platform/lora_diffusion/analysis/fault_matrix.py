@@ -81,6 +81,16 @@ def sweep_runs(tracking_uri: str, sweep: str) -> tuple[list, list, dict]:
     return parents, children, steps
 
 
+def step_gaps(run, history: dict) -> int:
+    """Evaluation steps missing from a run's step axis (every train.eval_every steps up to its last):
+    a report the driver never saw (killed before Tune wrote it) is lost to MLflow too."""
+    every = run.data.params.get("train.eval_every")
+    logged = set(history.get("train/loss", []))
+    if not every or not str(every).isdigit() or not logged:
+        return 0
+    return len(set(range(int(every), max(logged) + 1, int(every))) - logged)
+
+
 # ----------------------------------------------------------------------------- the matrix
 
 
@@ -106,7 +116,8 @@ def trial_faults(exp_dir: Path, tracking_uri: str, sweep: str, expected_trials: 
                     "duplicated": max(0, len(runs) - 1) + max(0, n_finals - 1) + points
                     + int(tid not in status),
                     "running": sum(r.info.status == "RUNNING" for r in runs),
-                    "metrics_lost": len((reported(rows) | before.get("reported", set())) - logged)}
+                    "metrics_lost": len((reported(rows) | before.get("reported", set())) - logged)
+                    + sum(step_gaps(run, steps[run.info.run_id]) for run in runs)}
     expected = expected_trials if expected_trials is not None else len(status)
     return {"trials": out, "never_started": max(0, expected - len(status)), "extra": max(0, len(status) - expected),
             "parents": len(parents),
