@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.procs import kill_session
 
 from lora_diffusion.core.errors import TrainingDiverged
 from lora_diffusion.engine import spec as spec_lib
@@ -109,6 +110,20 @@ def test_a_failed_trial_records_its_reason_on_its_run(tracker, tmp_path):
     assert run.data.tags[FAILURE_TAG] == "training diverged at step 7: loss nan, regularizer 0"
 
 
+def test_a_failed_trials_reason_is_read_before_tune_syncs_it_to_storage(tracker, tmp_path):
+    """At `on_trial_error` the error file is only in the driver's staging directory (`error_file`);
+    `get_error` reads storage, where it is not yet."""
+    error_file = tmp_path / "staging" / "error.txt"
+    error_file.parent.mkdir()
+    error_file.write_text("Failure # 1 (occurred at 2026-01-01)\n" + TRACEBACK)
+    trial = SimpleNamespace(trial_id="t2", config={"train.lr": 1e-3}, last_result={}, error_file=str(error_file),
+                            get_error=lambda: None)
+    callback = MlflowSweepCallback(tracker, resolve=lambda config: ({"train.lr": 1e-3}, {}))
+    callback.on_trial_error(iteration=1, trials=[trial], trial=trial)
+    (run,) = tracker.trial_runs()
+    assert run.data.tags[FAILURE_TAG] == "training diverged at step 7: loss nan, regularizer 0"
+
+
 def _args(storage: Path, *extra):
     return build_parser("rank_schedule").parse_args(
         ["--smoke", "--name", "early", "--storage-path", str(storage), "--tracking-uri",
@@ -142,3 +157,111 @@ def test_smoke_on_a_grid_says_what_it_changed(tmp_path, synthetic_data_dir, monk
     note = spec_lib.smoke_note(spec)
     assert "trajectory.rank 3->2 values" in note and "seeds 3->2" in note and "train.steps 300->6" in note
     assert spec.sweep.num_samples == 4 and math.isfinite(spec.steps)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_diverges_fails_without_a_best_trial(tiny_backbone_dir, synthetic_data_dir,
+                                                                      tmp_path):
+    """End to end on Ray: every trial's loss is NaN from its first step (tests/support/faults), so the
+    divergence guard stops each one: the sweep exits 1, its parent run is FAILED with the reason, each
+    trial's run FAILED with the guard's line, and no best.json is written."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    repo = Path(__file__).resolve().parents[1]
+    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "LORA_DIFFUSION_TEST_NAN_AT": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(repo / "tests" / "support" / "faults"),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "jobs/rank_schedule_sweep.py", "--smoke", "--name", "diverges", "--num-samples", "2",
+           "--max-concurrent", "2", "--max-failures", "0", "--address", "local", "--storage-path", str(storage),
+           "--tracking-uri", uri, "--verbose", "0", "--retrain-seeds", "0", "--set", f"backbone={tiny_backbone_dir}",
+           "--set", "train.steps=2", "--set", "train.eval_every=1"]
+    with open(tmp_path / "sweep.log", "w") as f:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        kill_session(proc.pid)  # Ray's processes, if it hung
+    log = (tmp_path / "sweep.log").read_text()
+    assert rc == 1, log[-5000:]
+    assert "sweep diverges FAILED: every trial failed (2 of 2); no best trial" in log, log[-3000:]
+    assert not (storage / "diverges" / "best.json").exists()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lora-diffusion-sweeps").experiment_id],
+                              "tags.sweep = 'diverges'")
+    (parent,) = [r for r in runs if r.data.tags["role"] == "sweep"]
+    assert parent.info.status == "FAILED" and parent.data.tags[FAILURE_TAG] == "every trial failed (2 of 2)"
+    assert "best_trial_id" not in parent.data.tags
+    trials = [r for r in runs if r.data.tags["role"] == "trial"]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FAILED"}
+    for r in trials:
+        assert r.data.tags[FAILURE_TAG].startswith("training diverged at step 1: loss nan"), r.data.tags[FAILURE_TAG]
+
+
+def _tune_trial(exp_dir: Path, tid: str, steps: list[int], final: bool) -> None:
+    import json
+
+    d = exp_dir / f"run_trial_{tid}"
+    d.mkdir(parents=True)
+    rows = [{"trial_id": tid, "step": s, "train/loss": 1.0 / s, "resumed_from_step": 0, "timestamp": s} for s in steps]
+    if final:
+        rows[-1]["result_json"] = "{}"
+    d.joinpath("result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"trial_id\": ")  # torn line
+
+
+def test_the_fault_matrix_counts_lost_duplicated_running_and_missing(tmp_path):
+    """Three trials, each with one fault the soak looks for: a metric reported but not logged, a
+    second MLflow run, a run left RUNNING; a fourth trial never started. The soak's clean verdict
+    must rest on figures that would show these."""
+    import json
+
+    from lora_diffusion.analysis import fault_matrix as fm
+
+    exp_dir, uri = tmp_path / "sweeps" / "soaked", f"sqlite:///{tmp_path}/mlflow.db"
+    state = {"trial_data": [[json.dumps({"trial_id": t, "status": s})] for t, s in
+                            (("a", "TERMINATED"), ("b", "TERMINATED"), ("c", "RUNNING"))]}
+    exp_dir.mkdir(parents=True)
+    (exp_dir / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    for tid in "abc":
+        _tune_trial(exp_dir, tid, [2, 4], final=tid != "c")
+    tracker = SweepTracker(uri, "soaked", sweep_id="soaked-0")
+    for tid, steps in {"a": [2], "b": [2, 4], "c": [2, 4]}.items():  # a: step 4 reported, never logged
+        run = tracker.trial_run(tid)
+        for step in steps:
+            tracker.client.log_metric(run, "train/loss", 1.0 / step, step=step)
+        if tid != "c":  # c: left RUNNING
+            tracker.end_run(run)
+    second = tracker.client.create_run(tracker.experiment_id, tags={"sweep": "soaked", "sweep_id": "soaked-0",
+                                                                    "role": "trial", "trial_id": "b"})
+    tracker.end_run(second.info.run_id)  # b: a second run, as a tracker that did not re-attach would make
+    tracker.end_run(tracker.parent_run())
+
+    per_trial = fm.trial_faults(exp_dir, uri, "soaked", expected_trials=4)
+    assert per_trial["trials"]["a"] == {"lost": 0, "duplicated": 0, "running": 0, "metrics_lost": 1}
+    assert per_trial["trials"]["b"]["duplicated"] == 1
+    assert per_trial["trials"]["c"] == {"lost": 1, "duplicated": 0, "running": 1, "metrics_lost": 0}
+    rows = fm.fault_matrix(per_trial, [{"fault": "driver SIGKILL", "touched": ["a", "c"]}])
+    assert rows[0] == {"fault": "driver SIGKILL", "injected": 1, "trials_lost": 1, "runs_duplicated": 0,
+                       "runs_left_running": 1, "metrics_lost": 1}
+    assert rows[-1] == {"fault": "whole sweep", "injected": 1, "trials_lost": 2, "runs_duplicated": 1,
+                        "runs_left_running": 1, "metrics_lost": 1}
+    assert not fm.clean(rows) and "| driver SIGKILL | 1 | 1 | 0 | 1 | 1 |" in fm.markdown(rows)
+
+
+def test_the_soak_keeps_reports_a_resume_rewrites(tmp_path):
+    """A resumed driver starts a restarted trial's result.json afresh: the reports seen before stay counted."""
+    from lora_diffusion.analysis.soak import SoakPlan, observe
+
+    plan = SoakPlan(job=[], name="s", storage=tmp_path, tracking_uri="sqlite:///unused.db")
+    _tune_trial(tmp_path / "s", "a", [2, 4], final=False)
+    observe(plan)
+    result = tmp_path / "s" / "run_trial_a" / "result.json"
+    result.write_text('{"trial_id": "a", "step": 6, "train/loss": 0.5, "resumed_from_step": 4, "timestamp": 9}\n')
+    observe(plan)
+    assert plan.seen["a"]["reported"] == {("train/loss", 2), ("train/loss", 4), ("train/loss", 6)}
+    assert plan.seen["a"]["resumed"] == {0, 4} and len(plan.seen["a"]["rows"]) == 3

@@ -1,136 +1,133 @@
-"""Kill a running sweep's driver (SIGKILL to its process group) and resume it with --resume.
+"""A sweep's driver killed twice (SIGKILL to its process group) and interrupted once (Ctrl-C while
+its last trials run), resumed with --resume each time, and one Train worker killed mid-trial, ends
+as an uninterrupted sweep would.
 
-After the resume: every trial finished exactly once, one MLflow child run per trial and none left
-RUNNING, each run's steps one increasing sequence, the Optuna study kept its earlier trials, and
-no Ray process of ours is left behind.
+One ablation grid (2 ranks x 2 schedules, one seed, tiny backbone, one Train worker a trial, so
+that the in-process reference below is the same computation) runs through jobs/ablation_grid.py
+under the soak's machinery (analysis/soak.py, which jobs/soak.py runs with more kills); the
+worker's death is tests/support/faults' hook (the worker exits when it is about to report step
+DIE_AT, once). Two-worker trials under a driver kill: test_sweep_resources.py. Checked after the
+last resume:
+
+- the fault matrix is clean: no trial lost, no run duplicated, none left RUNNING, no metric lost;
+- Tune: every trial TERMINATED with its final report once; a trial killed midway continued from its
+  Train checkpoint; a trial that had ended before a fault was not run again;
+- the dead worker's trial restarted from its checkpoint before DIE_AT (Tune and MLflow), finished once;
+- Ctrl-C while the last trials ran: exit 1, "interrupted (k of 4 trials finished)", no ablation
+  report (Tune marks the stopped trials TERMINATED: the sweep must not pass for a finished one);
+- MLflow: one parent run (FINISHED), one child run per trial (FINISHED, under the parent, steps one
+  increasing sequence, result.json, accounting, params, code version);
+- the grid table read back from MLflow equals that of the same 4 runs trained one after another
+  in this process (runs are deterministic given config and seed, and a resumed run continues
+  exactly), and the report is on the parent run.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import pickle
-import signal
-import sys
+import math
 import time
 from pathlib import Path
 
 import pytest
-from support.procs import kill_session, start_driver
+import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 60, 10
+from lora_diffusion.analysis import fault_matrix as fm
+from lora_diffusion.analysis.soak import SIGINT_FAULT, SIGKILL_FAULT, WORKER_FAULT, SoakPlan, run_soak
+
+AXES = {"trajectory.rank": [2, 4], "trajectory.rank_schedule": ["constant", "reversed"]}
+SEEDS = [0]  # 4 trials; the mean over seeds is test_ablation.py's (no Ray)
+STEPS, EVERY, DIE_AT = 12, 2, 4
+NAME = "grid-resume"
 
 
-def trial_results(exp_dir: Path) -> dict[str, list[dict]]:
-    """trial id -> its Tune results (result.json lines, across restarts)."""
+def _grid_file(tmp_path, backbone, data_dir) -> Path:
+    grid = {"description": "resume test", "seeds": SEEDS, "grid": AXES,
+            "reference": {"trajectory.rank_schedule": "constant"},
+            "fixed": {"backbone": str(backbone), "data_dir": str(data_dir), "max_length": 32,
+                      "max_train_examples": 64, "max_eval_examples": 24, "train_accuracy_examples": 8,
+                      "train.steps": STEPS, "train.batch_size": 8, "train.eval_every": EVERY,
+                      "train.warmup_steps": 1, "trajectory.injection_layers": [0],
+                      "trajectory.num_phases": 2, "trajectory.min_rank": 1, "diffusion.eval_t_points": 2,
+                      "diffusion.sampler_steps": 2}}
+    path = tmp_path / "grid_resume.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _direct_accuracies(grid_path) -> dict[tuple, float]:
+    """(rank, schedule, seed) -> final validation accuracy of the same run, trained in this process."""
+    import torch
+
+    from lora_diffusion.core import config as config_lib
+    from lora_diffusion.core.recipe import Recipe
+    from lora_diffusion.engine import grid as grid_lib
+
+    torch.set_num_threads(1)  # as the Train worker (one CPU per worker here)
     out = {}
-    for f in glob.glob(str(exp_dir / "run_trial_*" / "result.json")):
-        rows = []
-        for line in Path(f).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written
-        if rows:  # Optuna's trial ids are "86590df9", grid search's "3c563_00001": read, don't parse
-            out[rows[0]["trial_id"]] = rows
+    for run in grid_lib.load_grid(grid_path).runs():
+        result = Recipe(config_lib.from_dict({}, run)).run()
+        out[(run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])] = result["validation/accuracy"]
     return out
 
 
-def trial_status(exp_dir: Path) -> dict[str, str]:
-    """trial id -> status in the latest saved experiment state."""
-    files = sorted(glob.glob(str(exp_dir / "experiment_state-*.json")))
-    if not files:
-        return {}
-    try:
-        state = json.loads(Path(files[-1]).read_text())
-    except (json.JSONDecodeError, OSError):
-        return {}
-    out = {}
-    for item in state["trial_data"]:
-        t = json.loads(item[0])
-        out[t["trial_id"]] = t["status"]
-    return out
-
-
-def sweep_cmd(storage, uri, backbone, *extra):
-    return [sys.executable, "jobs/rank_schedule_sweep.py", "--smoke", "--name", "resume-test",
-            "--num-samples", "4", "--workers", "2", "--max-concurrent", "2", "--address", "local",
-            "--storage-path", str(storage), "--tracking-uri", uri, "--verbose", "0",
-            "--set", f"backbone={backbone}", "--set", f"train.steps={STEPS}",
-            "--set", f"train.eval_every={EVERY}", *extra]
+@pytest.fixture(scope="module")
+def soaked(tiny_backbone_dir, synthetic_data_dir, tmp_path_factory):
+    """The grid, killed twice at seeded random moments and interrupted once, resumed each time."""
+    tmp = tmp_path_factory.mktemp("soak")
+    grid = _grid_file(tmp, tiny_backbone_dir, synthetic_data_dir)
+    plan = SoakPlan(job=["jobs/ablation_grid.py", "--grid", str(grid), "--max-concurrent", "2",
+                         "--verbose", "0", "--retrain-seeds", "0"],  # test_retrain.py: the follow-up stage
+                    env={"LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir)},  # else it overrides the grid's
+                    name=NAME, storage=tmp / "sweeps", tracking_uri=f"sqlite:///{tmp}/mlflow.db", kills=2,
+                    interrupts=1, kill_worker=f"0:{DIE_AT}", seed=0, max_delay=2.0, start_timeout=240,
+                    log_dir=tmp / "logs")
+    t0 = time.time()
+    result = run_soak(plan)
+    print(f"soak: {result['starts']} starts in {time.time() - t0:.0f} s")
+    print(fm.markdown(result["matrix"]))
+    final_log = Path(result["final_log"]).read_text(errors="replace")
+    assert [i["fault"] for i in result["injections"]] == [SIGKILL_FAULT] * 2 + [SIGINT_FAULT, WORKER_FAULT], \
+        (result["injections"], final_log[-3000:])
+    assert result["final_rc"] == 0, final_log[-5000:]
+    return {"plan": plan, "result": result, "grid": grid, "uri": plan.tracking_uri}
 
 
 @pytest.mark.slow
-def test_kill_driver_then_resume(tiny_backbone_dir, synthetic_data_dir, tmp_path):
-    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
-    exp_dir = storage / "resume-test"
-    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    sessions = []
-    t_start = time.time()
-    try:
-        proc = start_driver(sweep_cmd(storage, uri, tiny_backbone_dir), tmp_path / "first.log", env, sessions)
-        deadline = time.time() + 240
-        killed_midway = None
-        while time.time() < deadline and proc.poll() is None:
-            status, results = trial_status(exp_dir), trial_results(exp_dir)
-            done = [t for t, s in status.items() if s == "TERMINATED"]
-            midway = [t for t, s in status.items() if s == "RUNNING" and results.get(t)
-                      and not any("result_json" in r for r in results[t])
-                      and max(r["step"] for r in results[t]) < STEPS]
-            if done and midway:
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed_midway = {t: max(r["step"] for r in results[t]) for t in midway}
-                break
-            time.sleep(0.3)
-        proc.wait(timeout=30)
-        kill_session(proc.pid)
-        assert killed_midway, "never saw a finished and a running trial: " + (tmp_path / "first.log").read_text()[-3000:]
-        before = trial_status(exp_dir)
-        optuna_before = _study(exp_dir)
+def test_killed_and_interrupted_grid_loses_and_duplicates_nothing(soaked):
+    result, exp_dir = soaked["result"], soaked["plan"].exp_dir
+    assert fm.clean(result["matrix"]), fm.markdown(result["matrix"])
 
-        # (that the same name without --resume refuses is tested in test_search_space.py)
-        t_kill = time.time()
-        proc2 = start_driver(sweep_cmd(storage, uri, tiny_backbone_dir, "--resume"), tmp_path / "resume.log",
-                             env, sessions)
-        rc = proc2.wait(timeout=300)
-        print(f"first run until the kill: {t_kill - t_start:.0f} s, resume: {time.time() - t_kill:.0f} s")
-        out = (tmp_path / "resume.log").read_text()
-        assert rc == 0, out[-5000:]
-    finally:
-        for sid in sessions:
-            kill_session(sid)
-
-    # -- Tune: every trial terminated, each final report at most once (ASHA may stop a trial early)
-    status, results = trial_status(exp_dir), trial_results(exp_dir)
+    # -- Tune: every trial terminated, its final report once (a grid runs every trial to its end)
+    status, results = fm.trial_status(exp_dir), fm.trial_results(exp_dir)
     assert len(status) == 4 and set(status.values()) == {"TERMINATED"}, status
-    for tid, rows in results.items():
-        finals = [r for r in rows if "result_json" in r]
-        assert len(finals) <= 1, (tid, len(finals))
-    for tid in killed_midway:  # the interrupted trial continued from its Train checkpoint
-        resumed = [r["resumed_from_step"] for r in results[tid]]
-        assert max(resumed) > 0, resumed
-    for tid, s in before.items():
-        if s == "TERMINATED":  # finished before the kill: not run again
-            assert all(r["resumed_from_step"] == 0 for r in results[tid])
+    assert all(fm.finals(rows) == 1 for rows in results.values())
+    midway = {t for inj in result["injections"] for t in inj["midway"]}
+    assert midway, "no fault found a trial midway"
+    resumed = result["resumed_from_seen"]  # every restart's, as the soak read them (see soak.observe)
+    for tid in midway:  # continued from its Train checkpoint
+        assert max(resumed[tid]) > 0, resumed[tid]
+    for inj in result["injections"]:  # a trial that had ended before a fault reported nothing after it
+        for tid, reports in inj["ended"].items():
+            assert result["reports_seen"][tid] == reports, (inj["fault"], tid, reports, result["reports_seen"][tid])
 
-    # -- Optuna: the study kept the trials it had and knows all four now
-    optuna_after = _study(exp_dir)
-    assert len(optuna_after.trials) == 4
-    for old in optuna_before.trials:
-        assert optuna_after.trials[old.number].params == old.params
-    assert sum(t.state.name == "COMPLETE" for t in optuna_before.trials) >= 1
+    # -- the Train worker that died (at step DIE_AT): its group restarted from the checkpoint before
+    (died,) = [i["touched"][0] for i in result["injections"] if i["fault"] == WORKER_FAULT]
+    assert DIE_AT - EVERY in resumed[died], resumed[died]
 
-    # -- MLflow: one parent, one child per trial, none RUNNING, steps continuous
+    # -- Ctrl-C while the last trials ran: an interrupt, not a finished sweep
+    (interrupt,) = [i for i in result["injections"] if i["fault"] == SIGINT_FAULT]
+    log = Path(interrupt["log"]).read_text(errors="replace")
+    assert interrupt["rc"] == 1 and interrupt["said_interrupted"], log[-3000:]
+    assert not interrupt["wrote_report"]
+
+
+@pytest.mark.slow
+def test_killed_grid_keeps_one_mlflow_run_per_trial(soaked):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("lora-diffusion-sweeps")
-    runs = client.search_runs([exp.experiment_id], "tags.sweep = 'resume-test'")
-    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("role") == "trial"]
+    client, status = MlflowClient(soaked["uri"]), fm.trial_status(soaked["plan"].exp_dir)
+    (died,) = [i["touched"][0] for i in soaked["result"]["injections"] if i["fault"] == WORKER_FAULT]
+    parents, children, _ = fm.sweep_runs(soaked["uri"], NAME)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.data.tags["trial_id"] for r in children) == sorted(status)
     for r in children:
@@ -138,77 +135,41 @@ def test_kill_driver_then_resume(tiny_backbone_dir, synthetic_data_dir, tmp_path
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for key in ("train/loss", "validation/accuracy"):
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
-            assert steps == list(range(EVERY, EVERY * len(steps) + 1, EVERY)), (key, steps)
+            assert steps == list(range(EVERY, STEPS + 1, EVERY)), (key, steps)
         assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["result.json"]
         assert "accounting/trainable_params" in r.data.metrics
         assert r.data.params["trajectory.rank_schedule"] and r.data.tags["code_version"]
-    print(f"mlflow: {len(parents)} parent, {len(children)} child runs, statuses "
-          f"{sorted(r.info.status for r in children)}; killed midway: {killed_midway}")
-
-
-def _study(exp_dir: Path):
-    files = sorted(glob.glob(str(exp_dir / "searcher-state-*.pkl")))
-    assert files, "no searcher state saved"
-    with open(files[-1], "rb") as f:
-        state = pickle.load(f)
-    searcher = state["searcher"] if isinstance(state, dict) and "searcher" in state else state
-    if isinstance(searcher, dict) and "_ot_study" in searcher:
-        return searcher["_ot_study"]
-    return _find_study(searcher)
-
-
-def _find_study(obj, depth=0):
-    import optuna
-
-    if isinstance(obj, optuna.Study):
-        return obj
-    if depth > 4:
-        return None
-    items = obj.values() if isinstance(obj, dict) else getattr(obj, "__dict__", {}).values()
-    for v in items:
-        found = _find_study(v, depth + 1)
-        if found is not None:
-            return found
-    return None
+        if r.data.tags["trial_id"] == died:
+            resumed = client.get_metric_history(r.info.run_id, "resumed_from_step")
+            assert DIE_AT - EVERY in [m.value for m in resumed]
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_last_trials_run_is_an_interrupt_not_a_finished_sweep(tiny_backbone_dir, synthetic_data_dir,
-                                                                                 tmp_path):
-    """SIGINT to the driver once every trial has started and none has ended. Tune stops the running
-    trials and marks them TERMINATED: the sweep must still say it was interrupted, count only the
-    trials that ended, exit non-zero without writing the report, and finish on --resume."""
-    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
-    exp_dir = storage / "resume-test"
-    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = sweep_cmd(storage, uri, tiny_backbone_dir) + ["--num-samples", "2"]  # both trials start at once
-    sessions = []
-    try:
-        proc = start_driver(cmd, tmp_path / "first.log", env, sessions)
-        deadline, sent = time.time() + 240, False
-        while time.time() < deadline and proc.poll() is None:
-            results = trial_results(exp_dir)
-            if len(results) == 2 and not any("result_json" in r for rows in results.values() for r in rows):
-                os.kill(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver; Tune handles it
-                sent = True
-                break
-            time.sleep(0.3)
-        rc = proc.wait(timeout=120)
-        out = (tmp_path / "first.log").read_text()
-        assert sent, "never saw both trials running: " + out[-3000:]
-        ended = sum(any("result_json" in r for r in rows) for rows in trial_results(exp_dir).values())
-        assert rc == 1, out[-5000:]
-        assert f"interrupted ({ended} of 2 trials finished)" in out, out[-3000:]
-        assert "ablation report" not in out
+def test_killed_grid_gives_the_uninterrupted_table(soaked, tmp_path):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
-        proc2 = start_driver(cmd + ["--resume"], tmp_path / "resume.log", env, sessions)
-        rc = proc2.wait(timeout=300)
-        assert rc == 0, (tmp_path / "resume.log").read_text()[-5000:]
-    finally:
-        for sid in sessions:
-            kill_session(sid)
-    status, results = trial_status(exp_dir), trial_results(exp_dir)
-    assert len(status) == 2 and set(status.values()) == {"TERMINATED"}, status
-    for tid, rows in results.items():
-        assert sum("result_json" in r for r in rows) <= 1, tid
+    from lora_diffusion.analysis.report import write_report
+    from lora_diffusion.analysis.trials import load_trials
+
+    uri = soaked["uri"]
+    df = load_trials(uri, NAME)  # every cell x seed exactly once, finished; the report on the parent run
+    assert len(df) == 4 and set(df["status"]) == {"FINISHED"} and (df["n_runs"] == 1).all()
+    client, parent = MlflowClient(uri), df.attrs["parent_run_id"]
+    logged = {f.path for f in client.list_artifacts(parent, "ablation")}
+    assert {"ablation/grid.parquet", "ablation/trials.parquet", "ablation/summary.md", "ablation/pareto.png",
+            "ablation/heatmap_trajectory.rank__trajectory.rank_schedule.png"} <= logged, logged
+    assert client.get_run(parent).data.tags["ablation.axes"] == "trajectory.rank,trajectory.rank_schedule"
+
+    # the table, rebuilt from MLflow with the axes and reference the grid tagged its parent with
+    table = pd.read_parquet(write_report(uri, NAME, None, None, tmp_path / "report", log_to_mlflow=False)["grid"])
+    expected = _direct_accuracies(soaked["grid"])
+    assert len(table) == 4
+    for _, row in table.iterrows():
+        rank, sched = int(row["trajectory.rank"]), row["trajectory.rank_schedule"]
+        vals = [expected[(rank, sched, s)] for s in SEEDS]
+        assert row["n"] == len(SEEDS) and row["n_failed"] == 0, row.to_dict()
+        assert math.isclose(row["mean"], sum(vals) / len(SEEDS), abs_tol=1e-9), (rank, sched, row["mean"], vals)
+        ref = [expected[(rank, "constant", s)] for s in SEEDS]
+        assert math.isclose(row["diff_mean"], (sum(vals) - sum(ref)) / len(SEEDS), abs_tol=1e-9)
+        assert row["step_time_s"] > 0 and row["trainable_params"] > 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -326,8 +327,13 @@ def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: di
 
 
 def _error_text(trial) -> str:
-    """The traceback of a failed trial, as Tune saved it (its error file); "" if unreadable."""
+    """The traceback of a failed trial, as Tune saved it (its error file); "" if unreadable. Tune
+    writes the file in the driver's staging directory (`error_file`) and syncs it to storage only
+    later, after `on_trial_error`: `get_error` (storage) finds nothing yet, so read the local file first."""
     try:
+        local = getattr(trial, "error_file", None)
+        if local and Path(local).is_file():
+            return Path(local).read_text(errors="replace")
         return str(trial.get_error() or "")
     except Exception:  # storage gone: the tag says so rather than hiding the trial's failure
         return ""

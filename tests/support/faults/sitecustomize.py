@@ -4,7 +4,8 @@ A test puts this directory first on the driver's PYTHONPATH; Ray's worker proces
 driver's environment, so every Python process of the sweep imports this module at startup.
 With LORA_DIFFUSION_TEST_KILL_WORKER=RANK:STEP:MARKER set, `ray.train.report` is wrapped when
 `ray.train` is first imported: the Train worker of world rank RANK exits (`os._exit(1)`) when it
-is about to report the evaluation of step STEP, once (the MARKER file records that it did).
+is about to report the evaluation of step STEP, once (the MARKER file records that it did, and
+in which trial).
 The sweep's workers call `ray.train.report` through the module (engine/trial.py), so they get
 the wrapper. With LORA_DIFFUSION_TEST_NAN_AT=STEP, the diffusion loss of every training step
 from STEP on is NaN (`lora_diffusion.core.diffusion.diffusion_loss` wrapped on import): the
@@ -42,12 +43,15 @@ def _dies_at(rank: int, step: int, marker: str):
             if metrics.get("step") == step and not os.path.exists(marker):
                 import ray.train
 
-                if ray.train.get_context().get_world_rank() == rank:
+                context = ray.train.get_context()
+                if context.get_world_rank() == rank:
                     # The Train controller collects reports at its health checks (every 2 s):
                     # wait for the previous report's checkpoint to be registered, as it would be
                     # in a run whose steps take seconds, so the restart has one to resume from.
                     time.sleep(5)
-                    Path(marker).write_text(f"rank {rank} exited at step {step}\n")
+                    # the Train run is named by the Tune trial id (engine/trial.py): the soak reads it
+                    Path(marker).write_text(f"rank {rank} exited at step {step} of trial "
+                                            f"{context.get_experiment_name()}\n")
                     os._exit(1)
             return report(metrics, *args, **kwargs)
         return report_or_die
