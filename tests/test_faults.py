@@ -265,3 +265,25 @@ def test_the_soak_keeps_reports_a_resume_rewrites(tmp_path):
     observe(plan)
     assert plan.seen["a"]["reported"] == {("train/loss", 2), ("train/loss", 4), ("train/loss", 6)}
     assert plan.seen["a"]["resumed"] == {0, 4} and len(plan.seen["a"]["rows"]) == 3
+
+
+def test_the_soak_starts_again_a_driver_that_died_in_rays_node_start(tmp_path, monkeypatch):
+    """Ray's 30 s node-start wait fails on a loaded machine before anything of the sweep starts:
+    the soak resumes that start (counted), up to its limit; a driver that failed otherwise, or
+    still runs, is left alone."""
+    from lora_diffusion.analysis import soak
+
+    plan = soak.SoakPlan(job=[], name="s", storage=tmp_path, tracking_uri="sqlite:///unused.db")
+    log = tmp_path / "start.log"
+    log.write_text("Traceback ...\nException: The current node timed out during startup. This could happen\n")
+    died, running = SimpleNamespace(pid=1, poll=lambda: 1), SimpleNamespace(pid=1, poll=lambda: None)
+    starts = []
+    monkeypatch.setattr(soak, "kill_session", lambda pid: None)
+    monkeypatch.setattr(soak, "start_driver", lambda p, resume, n: starts.append((resume, n)) or ("proc", "log"))
+    assert soak._started_again(plan, running, log, 3) is None
+    for retry in range(soak.MAX_START_RETRIES):
+        assert soak._started_again(plan, died, log, 3 + retry) == ("proc", "log", 4 + retry)
+    assert soak._started_again(plan, died, log, 9) is None  # the retries are spent
+    assert plan.start_retries == soak.MAX_START_RETRIES and starts[0] == (True, 4)
+    log.write_text("Traceback ...\nValueError: something else\n")
+    assert not soak.ray_start_failed(died, log)

@@ -39,6 +39,11 @@ SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ct
 DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--max-concurrent", "2", "--verbose", "0",
                "--set", "train.steps=300", "--set", "train.eval_every=10"]  # long enough for 10 kills
 POLL_S = 0.3
+# Ray's local node start waits 30 s for the raylet (hard-coded in ray/_private/node.py) and fails
+# on a loaded machine. That is not a fault of the sweep (nothing has started: engine/sweep.py),
+# so the soak starts the driver again, up to MAX_START_RETRIES times, and counts the restarts.
+RAY_START_TIMEOUT = "The current node timed out during startup"
+MAX_START_RETRIES = 3
 
 
 @dataclass
@@ -59,6 +64,7 @@ class SoakPlan:
     after_fault: Callable[[dict], None] | None = None  # called with each injection, before the resume
     injections: list[dict] = field(default_factory=list)
     seen: dict = field(default_factory=dict)  # trial id -> every report seen (see `observe`)
+    start_retries: int = 0  # starts that died in Ray's own node start, and were started again
 
     @property
     def exp_dir(self) -> Path:
@@ -213,6 +219,23 @@ def inject_interrupt(plan: SoakPlan, proc: subprocess.Popen, log: Path, t0: floa
             "wrote_report": "ablation report" in out, **state}
 
 
+def ray_start_failed(proc: subprocess.Popen, log: Path) -> bool:
+    """The driver exited non-zero in Ray's node start (RAY_START_TIMEOUT in its log)."""
+    return proc.poll() not in (None, 0) and RAY_START_TIMEOUT in Path(log).read_text(errors="replace")
+
+
+def _started_again(plan: SoakPlan, proc, log, n: int):
+    """After a start that died in Ray's node start: the same start again (with --resume: nothing
+    of the sweep had started), or None when it was not that or the retries are spent."""
+    if not ray_start_failed(proc, log) or plan.start_retries >= MAX_START_RETRIES:
+        return None
+    plan.start_retries += 1
+    kill_session(proc.pid)
+    print(f"[soak] Ray's node start timed out (start {n}); starting again "
+          f"({plan.start_retries} of {MAX_START_RETRIES})", flush=True)
+    return (*start_driver(plan, resume=True, n=n + 1), n + 1)
+
+
 def run_soak(plan: SoakPlan) -> dict:
     """Start the sweep, inject the planned faults (resuming after each), run it to its end; the
     injections, the final start's exit code and log, and the fault matrix."""
@@ -221,8 +244,13 @@ def run_soak(plan: SoakPlan) -> dict:
     proc, log = start_driver(plan, resume=False, n=n)
     try:
         for fault in faults:
-            inj = (inject_kill(plan, proc, rng, t0) if fault == SIGKILL_FAULT
-                   else inject_interrupt(plan, proc, log, t0))
+            while True:
+                inj = (inject_kill(plan, proc, rng, t0) if fault == SIGKILL_FAULT
+                       else inject_interrupt(plan, proc, log, t0))
+                again = _started_again(plan, proc, log, n) if inj is None else None
+                if again is None:
+                    break
+                proc, log, n = again
             if inj is None:  # the sweep ended before this fault: the rest are not injected
                 break
             plan.injections.append(inj)
@@ -233,6 +261,9 @@ def run_soak(plan: SoakPlan) -> dict:
             n += 1
             proc, log = start_driver(plan, resume=True, n=n)
         rc = proc.wait(timeout=plan.start_timeout * 4)
+        while (again := _started_again(plan, proc, log, n)) is not None:
+            proc, log, n = again
+            rc = proc.wait(timeout=plan.start_timeout * 4)
     finally:
         kill_session(proc.pid)
     if plan.worker_marker.is_file():  # "rank R exited at step S of trial T"
@@ -243,6 +274,7 @@ def run_soak(plan: SoakPlan) -> dict:
     rows = fm.fault_matrix(per_trial, plan.injections)
     return {"name": plan.name, "job": plan.job, "seed": plan.seed, "planned": len(faults) + bool(plan.kill_worker),
             "injections": plan.injections, "final_rc": rc, "final_log": str(log), "starts": n + 1,
+            "ray_start_retries": plan.start_retries,
             "wall_s": round(time.time() - t0, 1), "trials": per_trial, "matrix": rows,
             "reports_seen": {t: len(seen["rows"]) for t, seen in plan.seen.items()},
             "resumed_from_seen": {t: sorted(x for x in seen["resumed"] if x is not None) for t, seen in plan.seen.items()}}
@@ -294,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or runs / "fault_matrix.json")
     out.write_text(json.dumps(result, indent=2, default=str))
     injected = len(result["injections"])
-    print(f"\nfault matrix ({injected} of {result['planned']} faults injected, {result['starts']} starts, "
+    print(f"\nfault matrix ({injected} of {result['planned']} faults injected, {result['starts']} starts "
+          f"({result['ray_start_retries']} of them again after Ray's node start timed out), "
           f"{result['wall_s']:.0f} s; final exit {result['final_rc']}; JSON {out}):\n")
     print(fm.markdown(result["matrix"]))
     ok = fm.clean(result["matrix"]) and injected == result["planned"] and result["final_rc"] == 0
