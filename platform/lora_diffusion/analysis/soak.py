@@ -268,7 +268,7 @@ def run_soak(plan: SoakPlan) -> dict:
         kill_session(proc.pid)
     if plan.worker_marker.is_file():  # "rank R exited at step S of trial T"
         plan.injections.append({"fault": WORKER_FAULT, "touched": [plan.worker_marker.read_text().split()[-1]],
-                                "midway": {}, "ended": []})
+                                "midway": {}, "ended": {}})
     observe(plan)
     per_trial = fm.trial_faults(plan.exp_dir, plan.tracking_uri, plan.name, _expected(plan.exp_dir), plan.seen)
     rows = fm.fault_matrix(per_trial, plan.injections)
