@@ -1,6 +1,7 @@
 """The report's figures: a heatmap per pair of axes, accuracy vs trainable parameters with its
-Pareto front, and Optuna's importance and parallel-coordinate plots (for any sweep or grid, through
-an in-memory study built from the trials). PNG files, matplotlib's Agg backend."""
+Pareto front, the per-t bound against the backbone's (core/diagnostics.py), and Optuna's
+importance and parallel-coordinate plots (for any sweep or grid, through an in-memory study built
+from the trials). PNG files, matplotlib's Agg backend."""
 
 from __future__ import annotations
 
@@ -103,6 +104,47 @@ def plot_pareto(table, axes: list[str], out_dir: Path) -> Path:
     fig.tight_layout()
     path = out_dir / "pareto.png"
     fig.savefig(path, dpi=90, bbox_inches="tight")  # point labels may run past the axes
+    plt.close(fig)
+    return path
+
+
+PER_T = "final/validation/per_t/"  # the final result's per-t figures (the last validation's)
+
+
+def per_t_gaps(df, axes: list[str]) -> tuple[int, dict[str, list[float]]]:
+    """(bins, cell label -> per bin the mean over its finished trials of the method's bound minus
+    the backbone's); (0, {}) when the trials logged no per-t figures."""
+    n = sum(1 for c in df.columns if c.startswith(PER_T + "bound_bin"))
+    gaps: dict[str, list[list[float]]] = {}
+    for _, r in df[df["status"] == "FINISHED"].iterrows() if n else ():
+        diff = [float(r.get(f"{PER_T}bound_bin{k}", math.nan)) - float(r.get(f"{PER_T}backbone_bound_bin{k}", math.nan))
+                for k in range(n)]
+        if not any(is_missing(d) for d in diff):
+            gaps.setdefault(_cell_label(r, axes), []).append(diff)
+    return n, {cell: [sum(col) / len(col) for col in zip(*rows)] for cell, rows in gaps.items()}
+
+
+def plot_per_t(df, axes: list[str], out_dir: Path) -> Path | None:
+    """per_t.png: per bin of t, the method's bound minus the backbone's (nats per response token,
+    below 0: the method lowers the loss there), one line per grid cell; None without figures."""
+    n, gaps = per_t_gaps(df, axes)
+    if not gaps:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    mids = [(k + 0.5) / n for k in range(n)]
+    for cell, gap in sorted(gaps.items()):
+        ax.plot(mids, gap, marker="o", markersize=3, label=cell)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"t (midpoints of {n} bins; low t: few tokens masked)")
+    ax.set_ylabel("bound - backbone's (nats / response token)")
+    ax.set_title("where along the trajectory the method changes the loss (validation, mean over seeds)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out_dir / "per_t.png"
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 

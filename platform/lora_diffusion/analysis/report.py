@@ -16,7 +16,7 @@ import yaml
 
 from ..core.errors import UserError
 from ..engine.options import repo_root
-from .plots import plot_heatmaps, plot_optuna, plot_pareto, study_from_trials
+from .plots import plot_heatmaps, plot_optuna, plot_pareto, plot_per_t, study_from_trials
 from .statistics import aggregate
 from .trials import final_column, infer_axes, load_trials, mlflow_client, task_metric
 
@@ -73,6 +73,9 @@ def _write_tables_and_plots(df, table, axes: list[str], metric: str, out: Path,
     for p in plot_heatmaps(df, axes, metric, out) if len(axes) >= 2 else []:
         files[p.stem] = p
     files["pareto"] = plot_pareto(table, axes, out)
+    per_t = plot_per_t(df, axes, out)  # trials that logged the per-t diagnostic
+    if per_t is not None:
+        files["per_t"] = per_t
     notes = []
     if optuna_study is not None or any(c.startswith("sampled.") for c in df.columns):
         study = optuna_study if optuna_study is not None else study_from_trials(df, axes, metric)
@@ -113,7 +116,8 @@ def write_report(tracking_uri: str, sweep: str, axes: list[str] | None, referenc
                  out_dir: str | Path, metric: str | None = None, optuna_study=None,
                  log_to_mlflow: bool = True) -> dict[str, Path]:
     """Aggregate the sweep's trials from MLflow and write, under out_dir: trials.parquet (raw
-    rows), grid.parquet (the table), heatmap_A__B.png per pair of axes, pareto.png, summary.md,
+    rows), grid.parquet (the table), heatmap_A__B.png per pair of axes, pareto.png, per_t.png
+    (trials that logged the per-t diagnostic), summary.md,
     and for Optuna sweeps (sampled.* params, or `optuna_study` given) the Optuna importance and
     parallel-coordinate plots. All are logged on the sweep's parent run under `ablation/`, the
     table also with `log_table` as ablation/grid.json."""

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import diffusion, evaluation, generation, overlap, splits, tasks
+from . import diagnostics, diffusion, evaluation, generation, overlap, splits, tasks
 from .accounting import account
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
@@ -75,6 +75,7 @@ class Recipe:
         torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
         self.method = build_method(config, self.backbone).to(self.device)
         self.params = list(self.method.trainable().values())
+        self.diagnostics = diagnostics.Diagnostics(self)  # per-t bound, phase gains
         self.optimizer = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
         self.step = 0
         self.train_time = 0.0
@@ -257,9 +258,7 @@ class Recipe:
         c = self.config
         times = diffusion.stratified_times(self.method.phase_boundaries(), c.diffusion.eval_t_points,
                                            c.diffusion.t_min)
-        # version counters of every tensor of the method and backbone: a step or a load moves them
-        tensors = (*self.method.parameters(), *self.method.buffers())
-        key = (self.step, tuple(e.id for e in examples), tuple(t._version for t in tensors))
+        key = self.state_key(examples)
         known = self._evaluated[split][1] if self._evaluated.get(split, (None,))[0] == key else {}
         if self.spec.kind == "classification":
             out = evaluation.classification(self, examples, split, times, sampler, batch_size, known)
@@ -271,6 +270,12 @@ class Recipe:
             out[f"{split}/overlap"] = self.overlap[split]
         self._evaluated[split] = (key, out)
         return out
+
+    def state_key(self, examples) -> tuple:
+        """What an evaluation's figures depend on: the step, the rows, and the version counters
+        of every tensor of the method and backbone (a step or a load moves them)."""
+        tensors = (*self.method.parameters(), *self.method.buffers())
+        return self.step, tuple(e.id for e in examples), tuple(t._version for t in tensors)
 
     # ------------------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -299,6 +304,7 @@ class Recipe:
                     f"{self.train_time / self.step:.3f} s/step")
             if self.step % tr.eval_every == 0 or self.step == tr.steps:
                 metrics.update(self.evaluate(self.validation_examples, "validation", sampler=False))
+                metrics.update(self.diagnostics.per_t(self.validation_examples, "validation"))
                 metrics["step"] = self.step
                 if log:
                     metric = f"validation/{self.spec.metric}"
@@ -325,7 +331,9 @@ class Recipe:
                                                                          generator=rng)[:n].tolist()]
         res.update(self.evaluate(train_subset, "train", sampler=False))
         res.update(self.evaluate(self.validation_examples, "validation"))
+        res.update(self.diagnostics.per_t(self.validation_examples, "validation"))  # the last periodic one
         res.update(self.evaluate(self.test_examples, "test"))
+        res.update(self.diagnostics.phase_gains(self.test_examples, "test", res))
         res["test/source"] = c.test_file or f"{c.task} test split"
         res["accounting"] = account(self.method)
         res["wall_time_s"] = wall_time

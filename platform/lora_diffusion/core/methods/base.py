@@ -8,6 +8,7 @@ they only ever talk to this interface.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ class Method(nn.Module):
         self.backbone_params = backbone.parameter_count()  # counted before anything is attached
         self.context: Context | None = None
         self._hooks: list = []  # handles of the hooks the method puts on the backbone
+        self._start: dict[str, torch.Tensor] | None = None  # `remember_start`'s copies
         for p in backbone.model.parameters():  # frozen unless the method says otherwise
             p.requires_grad_(False)
 
@@ -115,8 +117,62 @@ class Method(nn.Module):
         """Phases over (0, 1] that evaluation stratifies t over; one phase by default."""
         return [0.0, 1.0]
 
+    # --- switched off: the backbone alone (core/diagnostics.py) --------------------------
+    def remember_start(self) -> None:
+        """Keep a copy of the trainable tensors as built, which `switched_off` puts back: every
+        method's update starts at zero (LoRA's B, an adapter's up-projection), or at the
+        backbone's own values (BitFit's biases, full fine-tuning's weights). Costs one copy of
+        the trainable tensors (for full fine-tuning, of the model)."""
+        self._start = {n: p.detach().clone() for n, p in self.trainable().items()}
+
+    @contextlib.contextmanager
+    def switched_off(self, phases=None):
+        """The backbone alone while inside: the method's hooks out of their modules (put back in
+        their places after), and the trainable tensors as built if `remember_start` kept them
+        (PEFT tuners, BitFit and full fine-tuning change the model without hooks). Tensors are
+        swapped by `.data`, which leaves their version counters (Recipe.evaluate's cache) alone.
+        `phases`: only the modules of those phases, for methods with phase modules."""
+        if phases is not None:
+            raise ValueError(f"method {self.name} has no phase modules to switch off")
+        params = self.trainable()
+        live = {n: params[n].data for n in self._start or {}}
+        with _hooks_suspended(self._hooks):
+            try:
+                for n in live:
+                    params[n].data = self._start[n]
+                yield
+            finally:
+                for n, data in live.items():
+                    params[n].data = data
+
+    def phase_modules(self) -> list[int]:
+        """The phases (indices into `phase_boundaries`) that own a module `switched_off(phases)`
+        can switch off; none by default."""
+        return []
+
     def remove(self) -> None:
         """Take the method's hooks off the backbone: the model runs as before it was attached."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+@contextlib.contextmanager
+def _hooks_suspended(handles):
+    """Take the hooks of `handles` out of their modules' hook tables, and put every table back
+    as it was, order included, after (a removed-and-registered hook would run last)."""
+    tables = {}
+    for h in handles:
+        for ref in (h.hooks_dict_ref, *getattr(h, "extra_dict_ref", ())):
+            table = ref()
+            if table is not None and id(table) not in tables:
+                tables[id(table)] = (table, list(table.items()))
+    for h in handles:
+        for table, _ in tables.values():
+            table.pop(h.id, None)
+    try:
+        yield
+    finally:
+        for table, items in tables.values():
+            table.clear()
+            table.update(items)

@@ -14,6 +14,7 @@ modules refuse a forward without task ids rather than guess one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -225,6 +226,7 @@ class TrajectoryMethod(Method):
             self.tc, config.diffusion.sampler_steps, backbone)
         self.register_buffer("inner_edges", torch.tensor(self.boundaries[1:-1]), persistent=False)
         self.injected_blocks = layers
+        self.off_phases: frozenset[int] = frozenset()  # `switched_off(phases)`: run as the backbone
         self._hooks = [backbone.layers[i].register_forward_hook(self._hook(f"layer{i}"))
                        for i in layers]
 
@@ -239,12 +241,33 @@ class TrajectoryMethod(Method):
         """Blocks up to the first injected one: the hook on its output is what reads t."""
         return min(self.injected_blocks) + 1
 
+    def phase_modules(self) -> list[int]:
+        return [k for k, r in enumerate(self.ranks) if r > 0]
+
+    @contextlib.contextmanager
+    def switched_off(self, phases=None):
+        """`phases`: rows whose t lies in those phases run the backbone alone (in `shared` mode
+        the one module is off at those t only); the other rows run exactly as before."""
+        if phases is None:
+            with super().switched_off():
+                yield
+            return
+        self.off_phases = frozenset(phases)
+        try:
+            yield
+        finally:
+            self.off_phases = frozenset()
+
     def _hook(self, key: str):
         def hook(_module, _inputs, output):
             if self.context is None:  # no time given: behave as the base model
                 return output
             phase = self.phase_of(self.context.t)
             layer, ids = self.injection[key], self.context.task_ids
+            if self.off_phases:
+                on = ~torch.isin(phase, torch.tensor(sorted(self.off_phases), device=phase.device))
+                return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids)
+                                       * on.view(-1, *[1] * (h.dim() - 1)))
             return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids))
         return hook
 
