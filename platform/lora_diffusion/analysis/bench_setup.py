@@ -70,7 +70,8 @@ class Workbench:
     def __post_init__(self):
         self.base = {"task": "sst2", "backbone": self.size.backbone, "data_dir": self.data_dir,
                      "max_train_examples": 64, "max_eval_examples": 8, "train.threads": self.size.threads,
-                     "train.steps": 10**6, "train.warmup_steps": 0, **self.base}
+                     "train.steps": 10**6, "train.warmup_steps": 0,
+                     "diagnostics.per_t_bins": 0, **self.base}  # no evaluation: no copy of the method as built
         probe = config_lib.from_dict({}, self.base)
         self.backbone = load_backbone(probe.backbone, allow_hub=probe.allow_hub)
         self.num_layers = len(self.backbone.layers)

@@ -117,8 +117,8 @@ def per_t_gaps(df, axes: list[str]) -> tuple[int, dict[str, list[float]]]:
     n = sum(1 for c in df.columns if c.startswith(PER_T + "bound_bin"))
     gaps: dict[str, list[list[float]]] = {}
     for _, r in df[df["status"] == "FINISHED"].iterrows() if n else ():
-        diff = [float(r.get(f"{PER_T}bound_bin{k}", math.nan)) - float(r.get(f"{PER_T}backbone_bound_bin{k}", math.nan))
-                for k in range(n)]
+        diff = [float(r.get(f"{PER_T}bound_bin{k}", math.nan))
+                - float(r.get(f"{PER_T}backbone_bound_bin{k}", math.nan)) for k in range(n)]
         if not any(is_missing(d) for d in diff):
             gaps.setdefault(_cell_label(r, axes), []).append(diff)
     return n, {cell: [sum(col) / len(col) for col in zip(*rows)] for cell, rows in gaps.items()}
