@@ -141,3 +141,16 @@ def test_encode_keeps_the_response_and_the_end_of_the_prompt(tiny_backbone_dir):
     assert b.input_ids.shape == (1, 8)
     assert b.input_ids[0, b.response_mask[0]].tolist() == [2307]
     assert tok.decode(b.input_ids[0, b.prompt_mask[0]]).endswith("sentiment :")
+
+
+def test_encode_with_a_prompt_tail_cuts_the_middle_and_keeps_start_and_cue(tiny_backbone_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_backbone_dir)
+    prompt = "one two three four five six seven eight nine ten sentiment :"
+    b = diffusion.encode(tok, [prompt], [[2307]], max_length=8, prompt_tail=2)
+    kept = tok.decode(b.input_ids[0, b.prompt_mask[0]])
+    assert kept == "one two three sentiment :"  # 5 of room: 3 from the start, the 2-token cue
+    assert diffusion.cut_prompt([1, 2, 3], room=5, tail=2) == [1, 2, 3]  # fits: untouched
+    assert diffusion.cut_prompt([1, 2, 3, 4, 5, 6], room=4, tail=None) == [3, 4, 5, 6]
+    assert diffusion.cut_prompt([1, 2, 3, 4, 5, 6], room=4, tail=9) == [3, 4, 5, 6]

@@ -71,9 +71,13 @@ class Batch:
     task_ids: torch.Tensor | None = None  # [B] long, each row's task id (task-conditioned modules)
 
 
-def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length: int) -> Batch:
-    """[CLS] prompt response [SEP], right-padded. The response is never truncated; the prompt
-    keeps its last tokens, because templates end with the cue ("Sentiment:") the answer follows."""
+def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length: int,
+           prompt_tail: int | None = None) -> Batch:
+    """[CLS] prompt response [SEP], right-padded. The response is never truncated. A prompt too
+    long keeps its last tokens, because templates end with the cue ("Sentiment:") the answer
+    follows; with `prompt_tail`, it keeps its last `prompt_tail` tokens and fills the rest of the
+    room from its start, cutting the middle (an XSum document keeps its lead, an XQuAD prompt its
+    context's start and the whole question)."""
     cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -82,7 +86,7 @@ def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length
         room = max_length - len(r_ids) - 2
         if room < 1:
             raise ValueError(f"response of {len(r_ids)} tokens does not fit max_length={max_length}")
-        p_ids = p_ids[-room:]
+        p_ids = cut_prompt(p_ids, room, prompt_tail)
         rows.append([cls_id, *p_ids, *r_ids, sep_id])
         prompt_spans.append((1, 1 + len(p_ids)))
         resp_spans.append((1 + len(p_ids), 1 + len(p_ids) + len(r_ids)))
@@ -98,6 +102,14 @@ def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length
         response[i, slice(*resp_spans[i])] = True
         prompt[i, slice(*prompt_spans[i])] = True
     return Batch(input_ids, attention, response, prompt)
+
+
+def cut_prompt(ids: list[int], room: int, tail: int | None) -> list[int]:
+    if len(ids) <= room:
+        return ids
+    if tail is None or tail >= room:
+        return ids[-room:]
+    return ids[:room - tail] + ids[-tail:]
 
 
 def apply_mask(batch: Batch, t: torch.Tensor, mask_id: int, schedule: str,

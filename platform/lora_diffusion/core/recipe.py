@@ -126,7 +126,7 @@ class Recipe:
     def encode(self, examples, responses=None) -> diffusion.Batch:
         responses = responses or [self.response_ids(e) for e in examples]
         b = diffusion.encode(self.tokenizer, [e.prompt for e in examples], responses,
-                             self.config.max_length)
+                             self.config.max_length, self.spec.prompt_tail)
         # every row is this run's task: trajectory.task_id, the id conditioned modules read
         task_ids = torch.full((len(examples),), self.config.trajectory.task_id, dtype=torch.long)
         return diffusion.Batch(*(x.to(self.device) for x in

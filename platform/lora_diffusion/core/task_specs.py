@@ -42,6 +42,9 @@ class TaskSpec:
     metric_family: str = "accuracy"
     # generation: the fixed response length, answer then end tokens (core/generation.py)
     response_tokens: int | None = None
+    # a prompt too long for max_length keeps this many last tokens (the question and the cue) and
+    # its start, cutting the middle; None: keeps its last tokens (diffusion.cut_prompt)
+    prompt_tail: int | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -77,6 +80,7 @@ TASKS: dict[str, TaskSpec] = {
         "test, 10% to validation; the hub copy has no titles and is cut by context instead; not "
         "comparable to published SQuAD/XQuAD numbers",
         metric="f1", metric_family="squad", response_tokens=16,  # 98% of answers fit (MiniLM WordPieces)
+        prompt_tail=48,  # "Question: ... Answer:" is at most 36 MiniLM WordPieces in XQuAD-en
     ),
     "xsum": TaskSpec(
         name="xsum",
@@ -89,6 +93,7 @@ TASKS: dict[str, TaskSpec] = {
         "deduplicated on id); documents cut to "
         f"{XSUM_MAX_DOC_CHARS} characters; not comparable to published XSum test numbers",
         metric="rougeL", metric_family="rouge", response_tokens=32,  # 87% of summaries fit; longer ones are cut
+        prompt_tail=8,  # the cue "Summary:" (2 MiniLM WordPieces): a cut document keeps its lead
     ),
 }
 
