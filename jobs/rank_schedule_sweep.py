@@ -1,6 +1,8 @@
 """The rank schedule sweep: search_spaces/rank_schedule.yaml through the shared sweep engine.
 
     python jobs/rank_schedule_sweep.py [--smoke] [--resume] [--num-samples N] [--set key=value ...]
+    python jobs/rank_schedule_sweep.py --space rank_schedule_xquad   # generative (also _xsum), on the
+                                                 # prepared runs/backbones/minilm-mdlm: prepare it first
     ray submit cluster.yaml jobs/rank_schedule_sweep.py          (joins the cluster; see --help)
 
 Imports only the installed package, so `ray submit` can copy this file alone.

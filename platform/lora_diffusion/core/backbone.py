@@ -167,11 +167,10 @@ def load_backbone(name: str, *, trust_remote_code: bool = False, allow_hub: bool
 
     source = resolve_backbone(name)
     local = Path(source).is_dir()
-    if not local and not allow_hub:
-        if os.sep in source or source.startswith(".") or not _in_hf_cache(source):
-            raise UserError(
-                f"backbone: '{name}' is not a local model directory (set allow_hub: true to "
-                f"download hub ids)")
+    if not allow_hub and not loads_offline(source):
+        raise UserError(
+            f"backbone: '{name}' is not a local model directory (set allow_hub: true to "
+            f"download hub ids)")
     local_only = local or not allow_hub
     fam = families.detect(families.read_model_config(source, local_only), family)
     if fam.remote_code and not trust_remote_code:
@@ -191,6 +190,14 @@ def load_backbone(name: str, *, trust_remote_code: bool = False, allow_hub: bool
     backbone = Backbone(model=model, tokenizer=tokenizer, source=source, family=fam)
     backbone.mask_token_id  # noqa: B018 - a family without a usable mask id fails here, named
     return backbone
+
+
+def loads_offline(source: str) -> bool:
+    """A local directory, or a hub id (not a path: no separator, no leading '.') already in the
+    Hugging Face cache: what loads without `allow_hub`."""
+    if Path(source).is_dir():
+        return True
+    return not (os.sep in source or source.startswith(".")) and _in_hf_cache(source)
 
 
 def _in_hf_cache(repo_id: str) -> bool:

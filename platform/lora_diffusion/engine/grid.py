@@ -93,8 +93,7 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
     reference = _reference(data.get("reference") or {}, axes, err)
     sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
     # every key must be a config field and every cell a valid config
-    for key, value in fixed.items():
-        check_config({key: value}, f"{source}: fixed.{key}")
+    _check_fixed(fixed, source)
     for key, value in (base_overrides or {}).items():
         if key in axes or key == SEED_FIELD:
             err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
@@ -105,6 +104,17 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
                 explicit_cells=[dict(c) for c in cells] if cells is not None else None)
     _check_cells(grid, source)
     return grid
+
+
+def _check_fixed(fixed: dict, source: str) -> None:
+    """`fixed` must give a valid config as a whole (rank 38 with min_rank 10 is valid, min_rank 10
+    alone is not); when it does not, the key that is bad on its own is named, if there is one."""
+    try:
+        check_config(fixed, f"{source}: fixed")
+    except UserError:
+        for key, value in fixed.items():
+            check_config({key: value}, f"{source}: fixed.{key}")
+        raise
 
 
 def _axes(data: dict, fixed: dict, err) -> dict[str, list]:

@@ -1,5 +1,6 @@
 """What a sweep checks of the world before Ray starts and before anything is written: the MLflow
-store answers (or can be written), the Ray cluster to join answers, and the GPUs asked for exist.
+store answers (or can be written), the Ray cluster to join answers, the GPUs asked for exist, and
+a backbone given as a directory is there.
 
 Each check takes at most a few seconds (`TIMEOUT_S`) and raises one `UserError` naming the
 option and what was wrong: a typo must not cost a cluster start-up, nor leave a half-made sweep.
@@ -118,3 +119,32 @@ def check_cluster_gpus(gpus_per_worker: float, cluster_gpus: float) -> None:
     if gpus_per_worker and not cluster_gpus:
         raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster has no GPU "
                         "(start a GPU node first, or pass --gpus-per-worker 0)")
+
+
+PREPARE_HINT = ("a prepared CPU diffusion LM is made first by `lora-diffusion prepare-backbone "
+                "--mode full --out {name}` (README: A CPU diffusion LM)")
+
+
+def check_backbone(name: str, allow_hub: bool) -> str:
+    """The backbone every trial will load, checked on the driver: a missing directory is one
+    error naming it here, not one failed trial per cell. Returns the name to give the trials: a
+    local directory as an absolute path (Ray runs trials in their own working directories),
+    packaged short names and hub ids unchanged."""
+    from ..core.backbone import loads_offline, resolve_backbone
+
+    source = resolve_backbone(name)
+    if source != name:  # a packaged short name (or the tiny test model): resolved on each node
+        return name
+    path = Path(os.path.abspath(Path(name).expanduser()))  # a link (prepare's --out) stays a link
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"backbone: {name}: {path} has no config.json (not a model "
+                            "directory; " + PREPARE_HINT.format(name=name) + ")")
+        return str(path)
+    if allow_hub or loads_offline(name):
+        return name  # a hub id
+    if os.sep not in name and not name.startswith((".", "~")):
+        raise UserError(f"backbone: '{name}' is neither a local directory nor in the Hugging Face "
+                        "cache (set allow_hub: true to download hub ids)")
+    raise UserError(f"backbone: {name}: no such directory ({path}); "
+                    + PREPARE_HINT.format(name=name))

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..core import config as config_lib
 from ..core import tasks
 from ..core.errors import UserError
+from . import preflight
 from . import search_space as space_lib
 from .grid import parse_grid
 from .options import default_tracking_uri, repo_root, storage_location
@@ -44,6 +45,9 @@ SMOKE_OVERRIDES = {
     "max_length": 32, "max_train_examples": 64, "max_eval_examples": 16, "train_accuracy_examples": 16,
     "train.steps": 6, "train.batch_size": 8, "train.eval_every": 2, "train.warmup_steps": 1,
     "trajectory.injection_layers": [0], "diffusion.eval_t_points": 2, "diffusion.sampler_steps": 2,
+    # generation tasks' responses must fit the 32-token window (XSum's own 32 cannot); unused by
+    # classification
+    "generation.response_tokens": 4,
 }
 SMOKE_SWEEP = {"num_samples": 4, "max_concurrent": 2, "workers": 1, "grace_period": 2, "reduction_factor": 2}
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -178,6 +182,8 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
         kind, fixed, options, grid = "optuna", space.fixed, _options(args, space.sweep), None
     fixed_cfg = config_lib.from_dict({}, fixed)
     _check_data(fixed_cfg, grid)
+    if not (grid and ("backbone" in grid.axes or any("backbone" in c for c in grid.cells or []))):
+        fixed, base = _local_backbone(fixed, base, fixed_cfg)
     _check_positions(fixed_cfg)
     _fit_grace_period(options, fixed_cfg, args.smoke)
     return SweepSpec(
@@ -197,6 +203,16 @@ def _refuse_sampled_sets(args, space, path: Path) -> None:
     if clash:
         raise UserError(f"--set {clash[0]}: the search space {path} samples this knob; drop the --set, "
                         "or move the knob from the space's params to its fixed section")
+
+
+def _local_backbone(fixed: dict, base: dict, fixed_cfg) -> tuple[dict, dict]:
+    """A backbone directory must exist before Ray starts; the trials get its absolute path (in
+    `fixed`, and in `base` so that --resume validates the same file with the same path)."""
+    backbone = preflight.check_backbone(fixed_cfg.backbone, fixed_cfg.allow_hub)
+    if backbone == fixed_cfg.backbone:
+        return fixed, base
+    fixed_cfg.backbone = backbone
+    return {**fixed, "backbone": backbone}, {**base, "backbone": backbone}
 
 
 def _check_positions(fixed_cfg) -> None:

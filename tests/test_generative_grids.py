@@ -1,0 +1,164 @@
+"""The generative sweeps and grids (XQuAD-en, XSum on the prepared CPU diffusion LM): every file
+loads and builds valid configs, selects on its task's metric, spends the parameters it says; a
+sweep whose backbone directory is missing stops before Ray with one line naming it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lora_diffusion.core import config as config_lib
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.methods.trajectory import phase_boundaries, rank_schedule
+from lora_diffusion.engine import preflight
+from lora_diffusion.engine import search_space as ss
+from lora_diffusion.engine.grid import load_grid
+from lora_diffusion.engine.spec import selection_metric
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = REPO / "search_spaces"
+PREPARED = "runs/backbones/minilm-mdlm"
+METRIC = {"xquad": "validation/f1", "xsum": "validation/rougeL"}
+QUESTIONS = ("rank_schedule", "sharing", "regularizers", "methods")
+GRIDS = [f"grid_{task}_{q}" for task in METRIC for q in QUESTIONS]
+BUDGET = 73_728  # the comparison's budget: 96 rank units x 2 x 384 at one injection layer
+
+
+def _check_generative(fixed: dict, description: str, task: str) -> None:
+    assert fixed["task"] == task and fixed["backbone"] == PREPARED
+    assert fixed["max_length"] == 256 and fixed["max_eval_examples"] == 64
+    assert selection_metric(task) == METRIC[task]
+    assert PREPARED in description and "prepare-backbone" in description
+
+
+@pytest.mark.parametrize("task", sorted(METRIC))
+def test_main_job_spaces_sample_valid_configs_and_select_on_the_task_metric(task):
+    space = ss.load(SPACES / f"rank_schedule_{task}.yaml")
+    _check_generative(space.fixed, space.description, task)
+    rng = random.Random(0)
+    for _ in range(20):
+        config = ss.resolve(space, space.sample(rng))
+        assert config.task == task and config.method == "trajectory"
+    schedules = next(p for p in space.params if p.key == "trajectory.rank_schedule").choices
+    assert set(schedules) == {"constant", "linear", "cosine", "step", "reversed"}
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_grids_build_valid_configs_with_three_seeds_and_one_reference_cell(name):
+    grid = load_grid(SPACES / f"{name}.yaml")  # every cell x seed built as a Config
+    task = name.split("_")[1]
+    _check_generative(grid.fixed, grid.description, task)
+    assert grid.seeds == [0, 1, 2]
+    runs = [config_lib.from_dict({}, run) for run in grid.runs()]
+    assert {c.task for c in runs} == {task}
+    reference = [c for c in grid.cells() if all(c.get(k) == v for k, v in grid.reference.items())]
+    assert len(reference) == 1, reference
+
+
+@pytest.mark.parametrize("task", sorted(METRIC))
+def test_rank_schedule_grid_spends_the_same_parameters_in_every_cell(task):
+    """Every schedule x K cell has rank units summing to 96 (73,728 parameters), so K > 1 and
+    every schedule are compared with constant rank at K = 1 at equal parameters."""
+    grid = load_grid(SPACES / f"grid_{task}_rank_schedule.yaml")
+    seen = set()
+    for run in grid.runs():
+        tc = config_lib.from_dict({}, run).trajectory
+        ranks = rank_schedule(tc, phase_boundaries(tc, sampler_steps=16))
+        assert sum(ranks) * 2 * 384 * len(tc.injection_layers) == BUDGET, (run, ranks)
+        seen.add((tc.rank_schedule, tc.num_phases))
+    assert {k for _, k in seen} == {1, 2, 4, 8}
+    assert {s for s, k in seen if k in (4, 8)} == {"constant", "linear", "cosine", "step", "reversed"}
+
+
+def _minilm_shaped_backbone():
+    """MiniLM's architecture (the prepared backbone's) with a small vocabulary and random
+    weights: what the methods attach to and count is the same, and it builds in a blink."""
+    from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+
+    from lora_diffusion.core.backbone import Backbone, resolve_backbone
+
+    source = resolve_backbone("minilm")
+    config = AutoConfig.from_pretrained(source)
+    config.vocab_size = 1024  # above the mask id; the methods never touch the embeddings
+    return Backbone(model=BertForMaskedLM(config), tokenizer=AutoTokenizer.from_pretrained(source),
+                    source=source)
+
+
+def test_method_grids_meet_the_budget_on_minilm():
+    """Each method's size knob, counted by the accounting on MiniLM's shapes, lands within budget
+    matching's 10% of the comparison's budget; both tasks run the same cells."""
+    from lora_diffusion.analysis.budget import count_params
+
+    grids = {task: load_grid(SPACES / f"grid_{task}_methods.yaml") for task in METRIC}
+    assert grids["xquad"].cells() == grids["xsum"].cells()
+    backbone, fixed = _minilm_shaped_backbone(), grids["xquad"].fixed
+    counts = {cell["method"]: count_params(config_lib.from_dict({}, {**fixed, **cell, "backbone": "minilm"}),
+                                           backbone) for cell in grids["xquad"].cells()}
+    assert set(counts) == {"trajectory", "lora", "tlora", "adapter", "trajectory_adapter"}
+    assert all(abs(n - BUDGET) <= 0.10 * BUDGET for n in counts.values()), counts
+
+
+# ----------------------------------------------------------------------------- the backbone preflight
+
+
+def test_missing_backbone_directory_is_one_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as exc:
+        preflight.check_backbone(PREPARED, allow_hub=False)
+    msg = str(exc.value)
+    assert PREPARED in msg and str(tmp_path / PREPARED) in msg and "prepare-backbone" in msg
+    (tmp_path / PREPARED).mkdir(parents=True)  # a directory that is not a model
+    with pytest.raises(UserError, match="no config.json"):
+        preflight.check_backbone(PREPARED, allow_hub=False)
+
+
+def test_backbone_directory_is_given_to_trials_as_an_absolute_path(tmp_path, monkeypatch, tiny_backbone_dir):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / PREPARED).parent.mkdir(parents=True)
+    (tmp_path / PREPARED).symlink_to(tiny_backbone_dir)  # as prepare-backbone --out makes it
+    assert preflight.check_backbone(PREPARED, allow_hub=False) == str(tmp_path / PREPARED)  # still the link
+    assert preflight.check_backbone("minilm", allow_hub=False) == "minilm"  # packaged: resolved per node
+    assert preflight.check_backbone("org/model", allow_hub=True) == "org/model"  # a hub id
+
+
+def _sweep_args(tmp_path, *extra) -> list[str]:
+    return ["--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--address", "local", *extra]
+
+
+def test_sweep_without_the_prepared_backbone_stops_before_ray(tmp_path, monkeypatch, capsys, synthetic_data_dir):
+    import ray
+
+    from lora_diffusion.engine import sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    assert sweep.main(["--space", "rank_schedule_xsum", *_sweep_args(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and PREPARED in err and "prepare-backbone" in err, err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_spec_carries_the_absolute_backbone_and_smoke_fits_xsum(tmp_path, monkeypatch, synthetic_data_dir,
+                                                                      tiny_backbone_dir):
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.spec import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    (tmp_path / PREPARED).parent.mkdir(parents=True)
+    (tmp_path / PREPARED).symlink_to(tiny_backbone_dir)
+    args = build_parser("rank_schedule").parse_args(
+        ["--grid", "grid_xquad_sharing", "--set", "max_length=64", *_sweep_args(tmp_path)])
+    spec = prepare(args)  # the tiny model has 128 positions: max_length 64 fits
+    assert spec.fixed["backbone"] == spec.base_overrides["backbone"] == str(tmp_path / PREPARED)
+    assert spec.metric == "validation/f1" and spec.sweep.num_samples == 9
+    spec.parse_space()  # what --resume validates again
+    smoke = prepare(build_parser("rank_schedule").parse_args(
+        ["--space", "rank_schedule_xsum", "--smoke", *_sweep_args(tmp_path)]))
+    config = config_lib.from_dict({}, smoke.fixed)
+    assert smoke.metric == "validation/rougeL" and config.backbone == "tiny-random"
+    assert config.generation.response_tokens <= config.max_length - 3
