@@ -40,6 +40,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def task_of(example) -> str:
+    """An example's task: its id starts with it ("<task>/...", task_specs.Example)."""
+    return example.id.split("/", 1)[0]
+
+
 @dataclass
 class EncodedSplit:
     name: str
@@ -56,7 +61,7 @@ class Recipe:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # data first: a bad data path fails before any model is loaded
         self.spec = tasks.get_task(config.task)
-        self.train_examples = self._load("train", max_examples=config.max_train_examples)
+        self.train_examples = self._load_train()
         # validation: every choice (rates, sizes, the best trial); test: the task's test split,
         # or test_file, reported
         self.validation_examples = self._load("validation", max_examples=config.max_eval_examples)
@@ -75,7 +80,9 @@ class Recipe:
         torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
         self.method = build_method(config, self.backbone).to(self.device)
         self.params = list(self.method.trainable().values())
-        self.optimizer = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
+        # a method with nothing to train (a training-free router mode) has no optimizer and runs no steps
+        self.optimizer = (torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
+                          if self.params else None)
         self.step = 0
         self.train_time = 0.0
         self.train_tokens = 0
@@ -97,13 +104,23 @@ class Recipe:
         return recipe
 
     # ------------------------------------------------------------------------- data
-    def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None):
+    def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None,
+              task: str | None = None):
         c = self.config
         # evaluation subsets are drawn with the fixed split seed: every seed and trial is scored
         # on the same rows, so seed variance is the model's, not the data's
         seed = c.train.seed if split == "train" else splits.SPLIT_SEED
-        return tasks.load_split(c.task, split, c.data_dir, data_file=data_file,
+        return tasks.load_split(task or c.task, split, c.data_dir, data_file=data_file,
                                 max_examples=max_examples, seed=seed, allow_hub=c.allow_hub)
+
+    def _load_train(self) -> list:
+        """The run's task's training rows, or a router's task mixture (`router.train_tasks`):
+        each listed task's rows (up to max_train_examples each), shuffled together by the epoch
+        permutation; every row keeps its own task's response form and task id."""
+        c = self.config
+        mixture = c.router.train_tasks if c.method == "router" else []
+        return [e for task in (mixture or [c.task])
+                for e in self._load("train", max_examples=c.max_train_examples, task=task)]
 
     def _check_overlap(self) -> dict[str, float]:
         """Each evaluation set's fraction of rows overlapping this run's training rows; above 1%
@@ -117,17 +134,31 @@ class Recipe:
                      self.test_examples))}
 
     def response_ids(self, example) -> list[int]:
+        task = task_of(example)
+        if task != self.config.task:  # a row of a task mixture: its own task's response form
+            return self._mixture_response(task, example)
         if self.label_ids is not None:
             return self.label_ids[example.label]
         return generation.response_ids(self.tokenizer, example.response,
                                        self.config.generation.response_tokens)
 
+    def _mixture_response(self, task: str, example) -> list[int]:
+        spec = tasks.get_task(task)
+        if spec.kind == "classification":
+            cache = self.__dict__.setdefault("_mixture_label_ids", {})
+            if task not in cache:
+                cache[task] = tasks.label_word_token_ids(spec, self.tokenizer)
+            return cache[task][example.label]
+        return generation.response_ids(self.tokenizer, example.response, spec.response_tokens)
+
     def encode(self, examples, responses=None) -> diffusion.Batch:
         responses = responses or [self.response_ids(e) for e in examples]
         b = diffusion.encode(self.tokenizer, [e.prompt for e in examples], responses,
                              self.config.max_length)
-        # every row is this run's task: trajectory.task_id, the id conditioned modules read
-        task_ids = torch.full((len(examples),), self.config.trajectory.task_id, dtype=torch.long)
+        # each row's task id, which conditioned modules read: the run's trajectory.task_id, or
+        # for a task the method knows an id of (a router's experts' tasks) that id
+        known, default = self.method.task_id_by_task, self.config.trajectory.task_id
+        task_ids = torch.tensor([known.get(task_of(e), default) for e in examples], dtype=torch.long)
         return diffusion.Batch(*(x.to(self.device) for x in
                                  (b.input_ids, b.attention_mask, b.response_mask, b.prompt_mask, task_ids)))
 
@@ -275,13 +306,14 @@ class Recipe:
     # ------------------------------------------------------------------------- resume
     def state_dict(self) -> dict:
         return {"method": self.method.state_to_save(), "method_train": self.method.training_state(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else {},
                 "step": self.step, "train_time": self.train_time, "train_tokens": self.train_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_saved(state["method"])
         self.method.load_training_state(state.get("method_train", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_time = state["step"], state["train_time"]
         self.train_tokens = state["train_tokens"]
         self.method.after_step(self.step)  # schedules that follow the step counter resume with it
@@ -292,7 +324,7 @@ class Recipe:
         result."""
         tr = self.config.train
         wall0 = time.perf_counter()
-        while self.step < tr.steps:
+        while self.params and self.step < tr.steps:  # nothing to train: evaluated as built
             metrics = self.train_step()
             if log and self.step % 50 == 0 and self.step % tr.eval_every:
                 log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
