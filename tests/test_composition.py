@@ -104,14 +104,15 @@ def test_training_free_modes_train_nothing_and_run_no_steps(tiny_config, experts
 
 
 def test_the_trained_router_learns_on_a_task_mixture(tiny_config, experts):
-    recipe = _router(tiny_config, experts, "trained", **{"router.train_tasks": list(TASKS), "train.lr": 0.1})
+    recipe = _router(tiny_config, experts, "trained", task="ag_news",
+                     **{"router.train_tasks": list(TASKS), "train.lr": 0.1, "train.steps": 3})
     tasks_seen = {e.id.split("/")[0] for e in recipe.train_examples}
     assert tasks_seen == set(TASKS)
     rows = [next(e for e in recipe.train_examples if e.id.startswith(t)) for t in TASKS]
     assert recipe.encode(rows).task_ids.tolist() == [0, 1]  # each row its own task's id
-    for _ in range(3):
-        recipe.train_step()
-    assert recipe.method.routing_counts[1] > 0  # routing accuracy is counted on the mixture
+    result = recipe.run(log=None)  # trains on the mixture; train accuracy from the run's task's rows
+    assert result["steps"] == recipe.config.train.steps and result["train/examples"] > 0
+    assert recipe.method.routing_counts[1] > 0  # routing accuracy is counted
 
 
 def test_the_oracle_refuses_experts_of_one_task_id(tiny_config, tmp_path, experts):
@@ -157,3 +158,89 @@ def test_lora_merge_refuses_unequal_ranks_for_linear(tiny_config, tmp_path, lora
     wide = _train(tiny_config, tmp_path, "wide", method="lora", **{"lora.rank": 4})
     with pytest.raises(UserError, match="field lora_merge.combination: linear needs equal ranks"):
         Recipe(tiny_config(method="lora_merge", **{"lora_merge.checkpoints": [lora_experts[0], wide]}))
+
+
+def _record():
+    """A hand-made record: 2 tasks, 2 seeds, the oracle and uniform routers, one module each."""
+    evals = {}
+    for seed, (own, other, oracle, uniform) in enumerate([(0.9, 0.5, 0.9, 0.7), (0.8, 0.4, 0.85, 0.6)]):
+        for i, task in enumerate(TASKS):
+            for a in TASKS:
+                value = own if a == task else other
+                evals[f"module|trajectory:{a}|{seed}|{task}"] = {
+                    "kind": "module", "name": f"trajectory:{a}", "seed": seed, "task": task, "value": value,
+                    "accounting": {"trainable_params": 100, "bytes_saved": 500}}
+            for name, value, params in (("router-oracle", oracle, 0), ("router-uniform", uniform, 0),
+                                        ("router-trained", uniform, 66)):
+                evals[f"composition|{name}|{seed}|{task}"] = {
+                    "kind": "composition", "name": name, "seed": seed, "task": task, "value": value,
+                    "routing_accuracy": 0.75, "accounting": {"trainable_params": params, "bytes_saved": 4 * params}}
+    return {"name": "t", "tasks": list(TASKS), "seeds": [0, 1], "metrics": {t: "accuracy" for t in TASKS},
+            "evaluations": evals}
+
+
+def test_the_report_pairs_the_gap_to_the_oracle_by_seed_and_counts_what_composition_keeps(tmp_path):
+    from lora_diffusion.analysis import composition_report
+
+    data = _record()
+    matrix = composition_report.matrix_table(data).set_index("module (trained on)")
+    assert matrix.loc["sst2", "sst2 accuracy"] == "0.850 ± 0.071"  # the diagonal: own task
+    assert matrix.loc["sst2", "ag_news accuracy"] == "0.450 ± 0.071"  # interference
+    table = composition_report.composition_table(data).set_index("composition")
+    assert table.loc["router-uniform", "sst2 gap to oracle"] == "-0.225"  # (0.7 - 0.9 + 0.6 - 0.85) / 2
+    assert table.loc["router-oracle", "sst2 gap to oracle"] == "+0.000"
+    # a router keeps every task module (2 x 100) plus its own tensors; uniform adds nothing
+    assert table.loc["router-trained", ["params added", "params at inference", "params per task"]].tolist() == \
+        [66, 266, 133]
+    assert table.loc["router-uniform", ["params added", "bytes at inference"]].tolist() == [0, 1000]
+    assert table.loc["router-trained", "routing accuracy"] == "0.750"
+    assert table.loc["router-oracle", "routing accuracy"] == "—"  # one-hot on the truth: not a measurement
+    files = composition_report.write_files(data, tmp_path)
+    assert {"heatmap_module__task", "heatmap_composition__task", "summary"} <= set(files)
+    assert "## Interference matrix" in files["summary"].read_text()
+
+
+@pytest.mark.slow
+def test_the_composition_job_smoke_runs_end_to_end_and_resumes(synthetic_data_dir, tmp_path):
+    """jobs/composition.py --smoke on Ray (a few minutes on 2 shared cores), then again: every
+    stage and evaluation is read back, nothing runs twice."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    storage, uri = tmp_path / "sweeps", f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "jobs/composition.py", "--smoke", "--address", "local", "--storage-path", str(storage),
+           "--tracking-uri", uri, "--workdir", str(tmp_path / "work"), "--verbose", "0"]
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": str(synthetic_data_dir)}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+
+    record = json.loads((storage / "composition-smoke.composition.json").read_text())
+    evals = record["evaluations"].values()
+    assert record["tasks"] == ["sst2", "xquad"] and record["seeds"] == [0, 1]
+    assert {e["name"] for e in evals if e["kind"] == "composition"} == {
+        "router-trained", "router-uniform", "router-oracle", "router-energy", "lora-linear", "lora-cat", "lora-ties"}
+    assert len(record["evaluations"]) == 2 * (2 * 2 + 2 + 7 * 2)  # seeds x (matrix + lora refs + compositions x tasks)
+    for key, e in record["evaluations"].items():  # the oracle is its task's own module, end to end
+        if e["name"] == "router-oracle":
+            own = record["evaluations"][f"module|trajectory:{e['task']}|{e['seed']}|{e['task']}"]
+            assert e["value"] == own["value"] and e["routing_accuracy"] == 1.0
+    assert all(0 <= e["routing_accuracy"] <= 1 for e in evals if e["name"] == "router-trained")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lora-diffusion-sweeps")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep = 'composition-smoke' and tags.stage = 'composition'")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "composition")}
+    assert {"composition/summary.md", "composition/heatmap_module__task.png"} <= artifacts
+    assert "Interference matrix" in parent.data.tags["mlflow.note.content"]
+
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert again.stdout.count("finished earlier, skipped") == 3  # two module sweeps and the router's
+    assert "40 of 40 evaluations recorded earlier, 0 to run" in again.stdout

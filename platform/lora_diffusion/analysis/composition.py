@@ -117,7 +117,8 @@ def trial_checkpoint(storage, sweep: str, trial_id: str, workdir: Path) -> str:
     it): Ray Train keeps it under `<sweep>/train/<trial_id>/checkpoint_*`; from an object store
     it is copied to `workdir` first."""
     rel = f"{sweep}/train/{trial_id}"
-    names = sorted(n for n in storage.names(rel) if n.startswith("checkpoint_"))
+    names = [n for n in storage.names(rel)  # beside them Ray keeps checkpoint_manager_snapshot.json
+             if n.startswith("checkpoint_") and storage.exists(f"{rel}/{n}/trainer_state.json")]
     if not names:
         raise FileNotFoundError(f"no checkpoint of trial {trial_id} under {storage.join(rel)}")
     last = max(names, key=lambda n: json.loads(storage.read_text(f"{rel}/{n}/trainer_state.json"))["step"])

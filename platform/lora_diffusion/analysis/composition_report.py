@@ -87,10 +87,14 @@ def composition_table(data: dict):
     import pandas as pd
 
     tasks, rows = data["tasks"], []
-    for label, kind, name_of in (("own trajectory module", "module", "trajectory:{t}"),
-                                 ("own lora module", "module", "lora:{t}")):
+    for label, name_of in (("own trajectory module", "trajectory:{t}"), ("own lora module", "lora:{t}")):
         row = {"composition": label}
-        row.update({t: _cell([e["value"] for e in _entries(data, kind, name_of.format(t=t), t).values()]) for t in tasks})
+        own = {t: _entries(data, "module", name_of.format(t=t), t) for t in tasks}
+        row.update({t: _cell([e["value"] for e in own[t].values()]) for t in tasks})
+        sizes = [e["accounting"] for by_seed in own.values() for e in by_seed.values() if "accounting" in e]
+        per_task = (max((a["trainable_params"] for a in sizes), default=0), max((a["bytes_saved"] for a in sizes), default=0))
+        row.update({"params added": 0, "bytes added": 0, "params at inference": per_task[0],  # one task's module
+                    "bytes at inference": per_task[1], "params per task": per_task[0]})
         rows.append(row)
     for name in _names(data):
         row = {"composition": name}
@@ -144,7 +148,8 @@ def summary(data: dict, matrix, comps) -> str:
              markdown_table(comps), "",
              "Params/bytes added: beyond the task modules (the trained router's W and b, a merged "
              "adapter); at inference: everything kept beyond the backbone (every trajectory module "
-             "for a router; only the merged adapter for a PEFT merge)."]
+             "for a router; only the merged adapter for a PEFT merge; one task's module for the "
+             "`own` rows, which are told the task)."]
     return "\n".join(lines) + "\n"
 
 

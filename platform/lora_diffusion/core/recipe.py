@@ -352,10 +352,11 @@ class Recipe:
         res = {"task": c.task, "method": c.method, "steps": self.step, "seed": c.train.seed,
                "split_note": self.spec.split_note, "train/loss": self.last_loss}
         rng = seeded(c.train.seed, 17)
-        n = min(c.train_accuracy_examples, len(self.train_examples))
-        train_subset = [self.train_examples[i] for i in torch.randperm(len(self.train_examples),
-                                                                         generator=rng)[:n].tolist()]
-        res.update(self.evaluate(train_subset, "train", sampler=False))
+        own = [e for e in self.train_examples if task_of(e) == c.task]  # a mixture's: the run's task's rows
+        n = min(c.train_accuracy_examples, len(own))
+        train_subset = [own[i] for i in torch.randperm(len(own), generator=rng)[:n].tolist()]
+        if train_subset:  # none when a router's mixture leaves out the run's task
+            res.update(self.evaluate(train_subset, "train", sampler=False))
         res.update(self.evaluate(self.validation_examples, "validation"))
         res.update(self.evaluate(self.test_examples, "test"))
         res["test/source"] = c.test_file or f"{c.task} test split"
