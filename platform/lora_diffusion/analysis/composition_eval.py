@@ -52,7 +52,8 @@ def eval_overrides(spec, task: str) -> dict:
 
 
 def score(config) -> dict:
-    """Build the recipe of `config` (loading its checkpoint when `from_dir`), score test."""
+    """Score test: `config` is a Config (a composition, built as is) or (checkpoint directory,
+    overrides) (a trained module or router, loaded). Routing is counted over this evaluation only."""
     from ..core.accounting import account
     from ..core.recipe import Recipe
 

@@ -118,8 +118,8 @@ class Recipe:
         each listed task's rows (up to max_train_examples each), shuffled together by the epoch
         permutation; every row keeps its own task's response form and task id."""
         c = self.config
-        mixture = c.router.train_tasks if c.method == "router" else []
-        return [e for task in (mixture or [c.task])
+        self.train_tasks = (c.router.train_tasks if c.method == "router" else []) or [c.task]
+        return [e for task in self.train_tasks
                 for e in self._load("train", max_examples=c.max_train_examples, task=task)]
 
     def _check_overlap(self) -> dict[str, float]:
@@ -135,7 +135,7 @@ class Recipe:
 
     def response_ids(self, example) -> list[int]:
         task = task_of(example)
-        if task != self.config.task:  # a row of a task mixture: its own task's response form
+        if task != self.config.task and task in self.train_tasks:  # a mixture's row: its task's form
             return self._mixture_response(task, example)
         if self.label_ids is not None:
             return self.label_ids[example.label]
