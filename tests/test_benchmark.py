@@ -27,7 +27,7 @@ def test_the_json_holds_every_variant_and_section(smoke_result):
     result, out = smoke_result
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # what was written is the result
     variants = {r["variant"] for r in result["train"]["rows"]}
-    methods = set(registry.names()) - {"router", "trajectory", "lora"}  # those two come as named variants
+    methods = set(registry.names()) - {"router", "lora_merge", "trajectory", "lora"}  # compositions; two named variants
     assert methods <= variants
     assert {FLOOR, REFERENCE, "trajectory-last", "trajectory-mid", "trajectory-every", "lora-attn-mlp"} <= variants
     step = result["infer"]["step"]["variants"]

@@ -27,7 +27,7 @@ REFERENCE = "lora-attn"  # PEFT LoRA on attention: what trajectory LoRA is measu
 # Named variants, then every other method of the registry with its defaults. The first four and
 # lora-attn share one budget (73,728 trainable parameters on MiniLM: rank 48 x 2 phases at one
 # layer, PEFT rank 4 on Q/K/V/O), as in the baseline comparison.
-SKIP = {"router"}  # composes trained experts: measured at inference (bench_infer)
+SKIP = {"router", "lora_merge"}  # compose trained experts: the router is measured at inference (bench_infer)
 GROWTH_VARIANTS = (FLOOR, "trajectory-mid", "trajectory-every", REFERENCE, "full")  # over growth_shapes
 
 

@@ -72,21 +72,22 @@ class Batch:
 
 
 def encode(tokenizer, prompts: list[str], responses: list[list[int]], max_length: int,
-           prompt_tail: int | None = None) -> Batch:
+           prompt_tail: int | None | list[int | None] = None) -> Batch:
     """[CLS] prompt response [SEP], right-padded. The response is never truncated. A prompt too
     long keeps its last tokens, because templates end with the cue ("Sentiment:") the answer
     follows; with `prompt_tail`, it keeps its last `prompt_tail` tokens and fills the rest of the
     room from its start, cutting the middle (an XSum document keeps its lead, an XQuAD prompt its
-    context's start and the whole question)."""
+    context's start and the whole question); a list gives each row its own (a task mixture)."""
     cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     rows, resp_spans, prompt_spans = [], [], []
-    for p_ids, r_ids in zip(prompt_ids, responses):
+    tails = prompt_tail if isinstance(prompt_tail, list) else [prompt_tail] * len(prompts)
+    for p_ids, r_ids, tail in zip(prompt_ids, responses, tails):
         room = max_length - len(r_ids) - 2
         if room < 1:
             raise ValueError(f"response of {len(r_ids)} tokens does not fit max_length={max_length}")
-        p_ids = cut_prompt(p_ids, room, prompt_tail)
+        p_ids = cut_prompt(p_ids, room, tail)
         rows.append([cls_id, *p_ids, *r_ids, sep_id])
         prompt_spans.append((1, 1 + len(p_ids)))
         resp_spans.append((1 + len(p_ids), 1 + len(p_ids) + len(r_ids)))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from . import diagnostics, diffusion, evaluation, generation, overlap, splits, tasks
 from .accounting import account
+from .task_specs import TASKS
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
 from .diffusion import seeded
@@ -40,6 +41,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def task_of(example) -> str:
+    """An example's task: its id starts with it ("<task>/...", task_specs.Example)."""
+    return example.id.split("/", 1)[0]
+
+
 @dataclass
 class EncodedSplit:
     name: str
@@ -56,7 +62,7 @@ class Recipe:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # data first: a bad data path fails before any model is loaded
         self.spec = tasks.get_task(config.task)
-        self.train_examples = self._load("train", max_examples=config.max_train_examples)
+        self.train_examples = self._load_train()
         # validation: every choice (rates, sizes, the best trial); test: the task's test split,
         # or test_file, reported
         self.validation_examples = self._load("validation", max_examples=config.max_eval_examples)
@@ -76,7 +82,9 @@ class Recipe:
         self.method = build_method(config, self.backbone).to(self.device)
         self.params = list(self.method.trainable().values())
         self.diagnostics = diagnostics.Diagnostics(self)  # per-t bound, phase gains
-        self.optimizer = torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
+        # a method with nothing to train (a training-free router mode) has no optimizer and runs no steps
+        self.optimizer = (torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
+                          if self.params else None)
         self.step = 0
         self.train_time = 0.0
         self.train_tokens = 0
@@ -98,13 +106,23 @@ class Recipe:
         return recipe
 
     # ------------------------------------------------------------------------- data
-    def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None):
+    def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None,
+              task: str | None = None):
         c = self.config
         # evaluation subsets are drawn with the fixed split seed: every seed and trial is scored
         # on the same rows, so seed variance is the model's, not the data's
         seed = c.train.seed if split == "train" else splits.SPLIT_SEED
-        return tasks.load_split(c.task, split, c.data_dir, data_file=data_file,
+        return tasks.load_split(task or c.task, split, c.data_dir, data_file=data_file,
                                 max_examples=max_examples, seed=seed, allow_hub=c.allow_hub)
+
+    def _load_train(self) -> list:
+        """The run's task's training rows, or a router's task mixture (`router.train_tasks`):
+        each listed task's rows (up to max_train_examples each), shuffled together by the epoch
+        permutation; every row keeps its own task's response form and task id."""
+        c = self.config
+        self.train_tasks = (c.router.train_tasks if c.method == "router" else []) or [c.task]
+        return [e for task in self.train_tasks
+                for e in self._load("train", max_examples=c.max_train_examples, task=task)]
 
     def _check_overlap(self) -> dict[str, float]:
         """Each evaluation set's fraction of rows overlapping this run's training rows; above 1%
@@ -118,17 +136,32 @@ class Recipe:
                      self.test_examples))}
 
     def response_ids(self, example) -> list[int]:
+        task = task_of(example)
+        if task != self.config.task and task in self.train_tasks:  # a mixture's row: its task's form
+            return self._mixture_response(task, example)
         if self.label_ids is not None:
             return self.label_ids[example.label]
         return generation.response_ids(self.tokenizer, example.response,
                                        self.config.generation.response_tokens)
 
+    def _mixture_response(self, task: str, example) -> list[int]:
+        spec = tasks.get_task(task)
+        if spec.kind == "classification":
+            cache = self.__dict__.setdefault("_mixture_label_ids", {})
+            if task not in cache:
+                cache[task] = tasks.label_word_token_ids(spec, self.tokenizer)
+            return cache[task][example.label]
+        return generation.response_ids(self.tokenizer, example.response, spec.response_tokens)
+
     def encode(self, examples, responses=None) -> diffusion.Batch:
         responses = responses or [self.response_ids(e) for e in examples]
         b = diffusion.encode(self.tokenizer, [e.prompt for e in examples], responses,
-                             self.config.max_length, self.spec.prompt_tail)
-        # every row is this run's task: trajectory.task_id, the id conditioned modules read
-        task_ids = torch.full((len(examples),), self.config.trajectory.task_id, dtype=torch.long)
+                             self.config.max_length,
+                             [TASKS.get(task_of(e), self.spec).prompt_tail for e in examples])
+        # each row's task id, which conditioned modules read: the run's trajectory.task_id, or
+        # for a task the method knows an id of (a router's experts' tasks) that id
+        known, default = self.method.task_id_by_task, self.config.trajectory.task_id
+        task_ids = torch.tensor([known.get(task_of(e), default) for e in examples], dtype=torch.long)
         return diffusion.Batch(*(x.to(self.device) for x in
                                  (b.input_ids, b.attention_mask, b.response_mask, b.prompt_mask, task_ids)))
 
@@ -280,13 +313,14 @@ class Recipe:
     # ------------------------------------------------------------------------- resume
     def state_dict(self) -> dict:
         return {"method": self.method.state_to_save(), "method_train": self.method.training_state(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else {},
                 "step": self.step, "train_time": self.train_time, "train_tokens": self.train_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.method.load_saved(state["method"])
         self.method.load_training_state(state.get("method_train", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_time = state["step"], state["train_time"]
         self.train_tokens = state["train_tokens"]
         self.method.after_step(self.step)  # schedules that follow the step counter resume with it
@@ -297,7 +331,7 @@ class Recipe:
         result."""
         tr = self.config.train
         wall0 = time.perf_counter()
-        while self.step < tr.steps:
+        while self.params and self.step < tr.steps:  # nothing to train: evaluated as built
             metrics = self.train_step()
             if log and self.step % 50 == 0 and self.step % tr.eval_every:
                 log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
@@ -326,10 +360,11 @@ class Recipe:
         res = {"task": c.task, "method": c.method, "steps": self.step, "seed": c.train.seed,
                "split_note": self.spec.split_note, "train/loss": self.last_loss}
         rng = seeded(c.train.seed, 17)
-        n = min(c.train_accuracy_examples, len(self.train_examples))
-        train_subset = [self.train_examples[i] for i in torch.randperm(len(self.train_examples),
-                                                                         generator=rng)[:n].tolist()]
-        res.update(self.evaluate(train_subset, "train", sampler=False))
+        own = [e for e in self.train_examples if task_of(e) == c.task]  # a mixture's: the run's task's rows
+        n = min(c.train_accuracy_examples, len(own))
+        train_subset = [own[i] for i in torch.randperm(len(own), generator=rng)[:n].tolist()]
+        if train_subset:  # none when a router's mixture leaves out the run's task
+            res.update(self.evaluate(train_subset, "train", sampler=False))
         res.update(self.evaluate(self.validation_examples, "validation"))
         res.update(self.diagnostics.per_t(self.validation_examples, "validation"))  # the last periodic one
         res.update(self.evaluate(self.test_examples, "test"))

@@ -35,6 +35,10 @@ class Method(nn.Module):
     # False for a method nothing of which reads the Context (weight LoRA, adapters, BitFit, ...):
     # its logits are the same at every t, and evaluation computes them once (core/evaluation.py)
     reads_context = True
+    # Rows of these tasks carry this task id (Context.task_ids) instead of the run's
+    # trajectory.task_id: a router's experts' own tasks, so a task mixture's rows and the oracle
+    # see each row's true task (router.py). Default: none.
+    task_id_by_task: dict[str, int] = {}
 
     def __init__(self, config: Config, backbone: Backbone):
         super().__init__()

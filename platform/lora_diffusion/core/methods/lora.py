@@ -75,7 +75,7 @@ def hook_linears(method: Method, linears: dict[str, nn.Linear], build) -> nn.Mod
     return adapters
 
 
-def attach_peft(model: nn.Module, peft_config):
+def attach_peft(model: nn.Module, peft_config, adapter_name: str = "default"):
     """Inject a PEFT tuner's layers into `model` in place and return the tuner (`BaseTuner`).
 
     What `peft.inject_adapter_in_model` does, keeping the tuner: AdaLoRA's rank allocator and
@@ -83,7 +83,19 @@ def attach_peft(model: nn.Module, peft_config):
     `model.base_model` and `model.cls` directly, runs through the injected layers."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
-    return PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type](model, peft_config, adapter_name="default")
+    return PEFT_TYPE_TO_TUNER_MAPPING[peft_config.peft_type](model, peft_config, adapter_name=adapter_name)
+
+
+def peft_lora_config(lc: LoraConfig, backbone: Backbone, use_dora: bool = False, **extra):
+    """PEFT's LoraConfig for a `lora` section (also what lora_merge.py rebuilds each task's from)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    target_linears(backbone, lc.targets, "lora.targets")  # fail early with a clear message
+    return PeftLoraConfig(
+        r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
+        target_modules=backbone.family.target_pattern(lc.targets), use_dora=lc.use_dora or use_dora,
+        use_rslora=lc.use_rslora, init_lora_weights=True,  # A kaiming-uniform, B zero
+        **extra)
 
 
 class PeftMethod(Method):
@@ -111,15 +123,7 @@ class LoraMethod(PeftMethod):
     use_dora = False  # `dora` (dora.py) sets it; `lora.use_dora` also turns it on
 
     def build_peft_config(self, config: Config, backbone: Backbone):
-        from peft import LoraConfig as PeftLoraConfig
-
-        lc = config.lora
-        target_linears(backbone, lc.targets, "lora.targets")  # fail early with a clear message
-        return PeftLoraConfig(
-            r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
-            target_modules=backbone.family.target_pattern(lc.targets), use_dora=lc.use_dora or self.use_dora,
-            use_rslora=lc.use_rslora, init_lora_weights=True,  # A kaiming-uniform, B zero
-            **self.peft_extra(config, backbone))
+        return peft_lora_config(config.lora, backbone, use_dora=self.use_dora, **self.peft_extra(config, backbone))
 
     def peft_extra(self, config: Config, backbone: Backbone) -> dict:
         """More PEFT LoraConfig fields (GeLoRA's `rank_pattern`); none for plain LoRA."""

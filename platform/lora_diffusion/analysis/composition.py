@@ -1,0 +1,203 @@
+"""Multi-task composition on the sweep engine: task modules trained apart, then composed.
+
+1. `<name>-modules-<task>` (a grid sweep per task: the engine selects one metric per sweep):
+   one module per method (trajectory; lora for PEFT's merge) x learning rate x seed, task i's
+   modules with `trajectory.task_id` i. Per (task, method) the rate with the best mean final
+   validation score over the seeds is selected; its trials (one per seed) are the task modules.
+2. `<name>-router` (grid sweep): the trained router per seed, over that seed's trajectory
+   modules, on the mixture of every task's training rows (`router.train_tasks`). A grid cell
+   cannot set `train.seed`, so each seed's router is a cell with the grid's one seed 0: the
+   variation over seeds is the experts' (and the router's rows are drawn in one order).
+3. Evaluations, in this process (composition_eval.py): the interference matrix (each seed's
+   trajectory module of task A on task B's test split) and every composition on every task
+   (router trained / uniform / oracle / energy; lora_merge linear / cat / ties). The training-free
+   ones have no steps to run, so they are not trials: each is a Recipe built and evaluated.
+   Every finished evaluation is written to `<name>.composition.json` beside the sweeps at once,
+   so a rerun skips it.
+4. The report (composition_report.py): tables and heatmaps on the job's own MLflow parent run
+   (tags sweep=<name>, role=sweep, stage=composition).
+
+Run the same command again after an interruption: a finished sweep is skipped, an unfinished
+one resumed, finished evaluations are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.methods import registry
+from .trials import final_column, load_trials, metric_of_task
+
+METHODS = ("trajectory", "lora")  # the router's experts; PEFT merge's experts
+ROUTER_MODES = ("trained", "uniform", "oracle", "energy")
+MERGES = ("linear", "cat", "ties")
+# Every run; per task the context its prompts need (README "Generative tasks": XQuAD median
+# prompt 167 WordPieces, XSum 308); the router's mixture runs at the longest of them.
+BASE_SETS = {"backbone": "minilm", "max_train_examples": 20000, "train_accuracy_examples": 64,
+             "train.batch_size": 16, "train.warmup_steps": 20, "diffusion.eval_t_points": 2,
+             "train.group_by_length": True, "lora.rank": 8}
+TASK_SETS = {"sst2": {"max_length": 64}, "ag_news": {"max_length": 128},
+             "xquad": {"max_length": 256}, "xsum": {"max_length": 384}}
+
+
+@dataclass
+class CompositionSpec:
+    tasks: list[str] = field(default_factory=lambda: list(TASK_SETS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 300  # each task module
+    router_steps: int = 100
+    lrs: dict[str, list[float]] = field(default_factory=lambda: {
+        m: list(registry.spec_of(m).lr_grid) for m in METHODS})
+    eval_examples: int | None = 64  # fixed subsets of validation and test (generation is slow)
+    sets: dict[str, object] = field(default_factory=lambda: dict(BASE_SETS))
+    task_sets: dict[str, dict] = field(default_factory=lambda: {t: dict(s) for t, s in TASK_SETS.items()})
+    energy_temperature: float = 1.0
+
+    def task_id(self, task: str) -> int:
+        return self.tasks.index(task)
+
+    def metric(self, task: str) -> str:
+        return metric_of_task(task)
+
+
+def record_file(name: str) -> str:
+    return f"{name}.composition.json"
+
+
+def modules_grid(spec: CompositionSpec, task: str) -> dict:
+    cells = [{"method": method, "train.lr": lr} for method in METHODS for lr in spec.lrs[method]]
+    return {"description": f"composition, stage 1: {task} modules, method x rate x seed, the rate "
+                           "selected on validation",
+            "fixed": {**spec.sets, **spec.task_sets.get(task, {}), "task": task,
+                      "trajectory.task_id": spec.task_id(task), "train.steps": spec.steps,
+                      "train.eval_every": spec.steps, "max_eval_examples": spec.eval_examples},
+            "cells": cells, "axes": ["method", "train.lr"], "seeds": list(spec.seeds)}
+
+
+def select_modules(spec: CompositionSpec, df) -> dict[tuple[str, str], dict]:
+    """(task, method) -> {"lr", "validation", "trials": {seed: trial_id}}: the rate whose finished
+    trials have the best mean final validation score; a rate missing a seed is not eligible."""
+    chosen = {}
+    for task in spec.tasks:
+        column = final_column("validation", spec.metric(task))
+        for method in METHODS:
+            best = None
+            for lr in spec.lrs[method]:
+                rows = df[(df["task"] == task) & (df["method"] == method) & (df["train.lr"] == lr)
+                          & (df["status"] == "FINISHED")]
+                scores = [float(v) for v in rows[column]] if column in rows else []
+                if len(rows) < len(spec.seeds) or any(math.isnan(v) for v in scores):
+                    continue
+                mean = sum(scores) / len(scores)
+                if best is None or mean > best["validation"]:
+                    best = {"lr": lr, "validation": mean,
+                            "trials": {int(r["seed"]): r["trial_id"] for _, r in rows.iterrows()}}
+            if best is not None:
+                chosen[(task, method)] = best
+    return chosen
+
+
+def router_grid(spec: CompositionSpec, experts: dict[int, list[str]]) -> dict:
+    longest = max(spec.task_sets.get(t, {}).get("max_length", 64) for t in spec.tasks)
+    return {"description": "composition, stage 2: the trained router per seed's task modules, on the "
+                           "task mixture",
+            "fixed": {**spec.sets, "method": "router", "task": spec.tasks[0], "max_length": longest,
+                      "router.mode": "trained", "router.train_tasks": list(spec.tasks),
+                      "train.steps": spec.router_steps, "train.eval_every": spec.router_steps,
+                      "max_eval_examples": spec.eval_examples},
+            "cells": [{"router.checkpoints": experts[s]} for s in sorted(experts)],
+            "axes": ["router.checkpoints"], "seeds": [0]}
+
+
+def trial_checkpoint(storage, sweep: str, trial_id: str, workdir: Path) -> str:
+    """The local directory of a trial's last checkpoint (the method as `eval --checkpoint` reads
+    it): Ray Train keeps it under `<sweep>/train/<trial_id>/checkpoint_*`; from an object store
+    it is copied to `workdir` first."""
+    rel = f"{sweep}/train/{trial_id}"
+    names = [n for n in storage.names(rel)  # beside them Ray keeps checkpoint_manager_snapshot.json
+             if n.startswith("checkpoint_") and storage.exists(f"{rel}/{n}/trainer_state.json")]
+    if not names:
+        raise FileNotFoundError(f"no checkpoint of trial {trial_id} under {storage.join(rel)}")
+    last = max(names, key=lambda n: json.loads(storage.read_text(f"{rel}/{n}/trainer_state.json"))["step"])
+    if storage.is_local:
+        return f"{storage.root}/{rel}/{last}"
+    import pyarrow.fs as pafs
+
+    local = workdir / "checkpoints" / trial_id
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(f"{storage.root}/{rel}/{last}", str(local), source_filesystem=storage.fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return str(local)
+
+
+def module_paths(chosen, storage, name: str, workdir: Path) -> dict[int, dict[tuple[str, str], str]]:
+    """seed -> (task, method) -> checkpoint directory of the selected modules."""
+    out: dict[int, dict] = {}
+    for (task, method), choice in chosen.items():
+        for seed, trial_id in choice["trials"].items():
+            path = trial_checkpoint(storage, f"{name}-modules-{task}", trial_id, workdir)
+            out.setdefault(seed, {})[(task, method)] = path
+    return out
+
+
+def router_paths(df, experts: dict[int, list[str]], storage, sweep: str, workdir) -> dict[int, str]:
+    """seed -> checkpoint of the trained router over that seed's modules (its trial's
+    `router.checkpoints` param names them)."""
+    out = {}
+    for _, row in df[df["status"] == "FINISHED"].iterrows():
+        named = str(row.get("router.checkpoints"))
+        for seed, paths in experts.items():
+            if all(p in named for p in paths):
+                out[seed] = trial_checkpoint(storage, sweep, row["trial_id"], workdir)
+    return out
+
+
+def train_modules(spec: CompositionSpec, name: str, runner, log) -> dict | None:
+    """Stage 1, one sweep per task; the selection, or None if a sweep did not finish or a
+    (task, method) has no rate that finished every seed."""
+    import pandas as pd
+
+    frames = []
+    for task in spec.tasks:
+        if runner.stage(modules_grid(spec, task), f"{name}-modules-{task}") != 0:
+            return None
+        frames.append(load_trials(runner.uri, f"{name}-modules-{task}"))
+    chosen = select_modules(spec, pd.concat(frames, ignore_index=True))
+    missing = [f"{t} {m}" for t in spec.tasks for m in METHODS if (t, m) not in chosen]
+    if missing:
+        log(f"{name}-modules: no rate finished every seed for {', '.join(missing)}: nothing to compose")
+        return None
+    for (task, method), c in chosen.items():
+        log(f"{name}-modules-{task}: {method} lr {c['lr']} (validation {c['validation']:.4f})")
+    return chosen
+
+
+def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path, log=print) -> int:
+    """Every stage (module docstring); `engine_args` go to every sweep (--storage-path,
+    --tracking-uri, --smoke, --max-concurrent, ...)."""
+    from ..engine import options
+    from ..engine.storage import SweepStorage
+    from . import composition_eval, composition_report
+    from .comparison import _StageRunner
+
+    opts = options.build_parser("").parse_known_args(engine_args)[0]
+    storage = SweepStorage(options.storage_location(opts.storage_path))
+    uri = opts.tracking_uri or options.default_tracking_uri()
+    runner = _StageRunner(storage, uri, engine_args, workdir, log)
+    chosen = train_modules(spec, name, runner, log)
+    if chosen is None:
+        return 1
+    paths = module_paths(chosen, storage, name, workdir)
+    experts = {s: [paths[s][(t, "trajectory")] for t in spec.tasks] for s in spec.seeds}
+    rc = runner.stage(router_grid(spec, experts), f"{name}-router")
+    if rc != 0:
+        return rc
+    routers = router_paths(load_trials(uri, f"{name}-router"), experts, storage,
+                                            f"{name}-router", workdir)
+    record = composition_eval.Record(storage, record_file(name), name, spec, chosen)
+    composition_eval.evaluate_all(spec, record, paths, routers, log)
+    composition_report.report(spec, record.data, name, uri, workdir / "report", log)
+    return 0
