@@ -45,7 +45,7 @@ def test_the_bins_cover_zero_to_one_in_ten_equal_parts():
     assert all(lo < t <= hi for t, (lo, hi) in zip(diagnostics.bin_times(BINS, 1e-3), edges))
 
 
-SWITCHABLE = [n for n in registry.names() if n != "router"]  # router composes trained checkpoints
+SWITCHABLE = [n for n in registry.names() if n not in ("router", "lora_merge")]  # both compose trained checkpoints
 
 
 @pytest.mark.parametrize("name", SWITCHABLE)
