@@ -162,3 +162,22 @@ def test_sweep_spec_carries_the_absolute_backbone_and_smoke_fits_xsum(tmp_path, 
     config = config_lib.from_dict({}, smoke.fixed)
     assert smoke.metric == "validation/rougeL" and config.backbone == "tiny-random"
     assert config.generation.response_tokens <= config.max_length - 3
+
+
+def test_a_grid_whose_cells_all_name_a_task_is_checked_on_those_tasks_only(synthetic_data_dir):
+    """The comparison's grids put the task in every cell and none in `fixed` (whose default is
+    sst2): one generative task is one metric, and is accepted; cells of two metrics are refused."""
+    from lora_diffusion.engine.spec import GridSpec, _check_data
+
+    fixed = config_lib.from_dict({}, {"data_dir": str(synthetic_data_dir)})
+    assert fixed.task == "sst2"
+
+    def grid(*task_names):
+        return GridSpec(axes={}, seeds=[0], reference={}, cells=[{"task": t} for t in task_names])
+
+    _check_data(fixed, grid("xquad", "xquad"))
+    _check_data(fixed, None)
+    with pytest.raises(UserError, match="different metrics"):
+        _check_data(fixed, grid("xquad", "sst2"))
+    with pytest.raises(UserError, match="different metrics"):  # a cell without a task runs sst2
+        _check_data(fixed, GridSpec(axes={}, seeds=[0], reference={}, cells=[{"task": "xquad"}, {}]))

@@ -276,11 +276,14 @@ def _grid_part(args, raw, path: Path, base: dict):
 
 def _check_data(fixed_cfg, grid: GridSpec | None) -> None:
     """Every task's data files, before Ray: not one failure per trial."""
-    cell_tasks = {c["task"] for c in (grid.cells if grid else None) or [] if "task" in c}
-    for task in {fixed_cfg.task} | cell_tasks:
+    cells = (grid.cells if grid else None) or []
+    run_tasks = {c["task"] for c in cells if "task" in c}
+    if not cells or any("task" not in c for c in cells):  # some run takes the fixed task
+        run_tasks.add(fixed_cfg.task)
+    for task in run_tasks:
         tasks.check_local_data(task, fixed_cfg.data_dir, fixed_cfg.allow_hub)
-    if len({selection_metric(t) for t in {fixed_cfg.task} | cell_tasks}) > 1:
-        raise UserError(f"cells: tasks {', '.join(sorted({fixed_cfg.task} | cell_tasks))} are selected "
+    if len({selection_metric(t) for t in run_tasks}) > 1:
+        raise UserError(f"cells: tasks {', '.join(sorted(run_tasks))} are selected "
                         "on different metrics; run one sweep per task")
 
 
