@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from lora_diffusion.analysis import comparison
+from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.errors import UserError
 
 
@@ -47,6 +48,9 @@ def parse(argv=None):
                    help="stage-1 candidates of every method, the same for all (1: no tuning stage)")
     p.add_argument("--no-unmatched", action="store_true",
                    help="skip the second table (each method tuned and run without the budget)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of every run (repeatable); a knob stage 1 would tune, set here, "
+                        "is fixed instead, and the budget is solved with it")
     p.add_argument("--workdir", default="runs/baseline_comparison",
                    help="where the generated grid files are written (default: %(default)s)")
     return p.parse_known_args(argv)
@@ -78,6 +82,7 @@ def main(argv=None) -> int:
         spec.trials_per_method = min(2, args.trials_per_method)
         name = args.name + "-smoke" if args.name == "baselines" else args.name
     try:
+        spec.sets.update(config_lib.parse_sets(args.set))  # in every cell's `fixed`, so never tuned
         return comparison.run(spec, name, engine_args, Path(args.workdir) / name)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
