@@ -181,3 +181,21 @@ def test_a_grid_whose_cells_all_name_a_task_is_checked_on_those_tasks_only(synth
         _check_data(fixed, grid("xquad", "sst2"))
     with pytest.raises(UserError, match="different metrics"):  # a cell without a task runs sst2
         _check_data(fixed, GridSpec(axes={}, seeds=[0], reference={}, cells=[{"task": "xquad"}, {}]))
+
+
+def test_a_sweep_of_generative_cells_selects_on_their_metric_not_on_fixeds_default():
+    """Tune's metric follows the runs' task: a comparison's XQuAD cells (no task in `fixed`)
+    are selected on validation/f1; Tune refused their results when it expected accuracy."""
+    from dataclasses import fields
+
+    from lora_diffusion.engine.spec import GridSpec, SweepSpec, run_tasks
+
+    spec = SweepSpec(**{f.name: None for f in fields(SweepSpec)})
+    spec.fixed = {"train.steps": 4}
+    spec.grid = GridSpec(axes={}, seeds=[0], reference={}, cells=[{"task": "xquad", "method": m} for m in ("lora", "trajectory")])
+    assert spec.metric == "validation/f1"
+    spec.grid = GridSpec(axes={"task": ["xsum"]}, seeds=[0], reference={}, cells=None)
+    assert spec.metric == "validation/rougeL"
+    spec.grid, spec.fixed = None, {"task": "xquad"}
+    assert spec.metric == "validation/f1"
+    assert run_tasks("sst2", GridSpec(axes={"lora.rank": [2]}, seeds=[0], reference={}, cells=None)) == {"sst2"}

@@ -112,7 +112,8 @@ class SweepSpec:
 
     @property
     def metric(self) -> str:
-        return selection_metric(self.fixed.get("task", config_lib.RunSettings.task))
+        fixed_task = self.fixed.get("task", config_lib.RunSettings.task)
+        return selection_metric(min(run_tasks(fixed_task, self.grid)))  # one metric: _check_data
 
     def parse_space(self):
         """The space (or grid) file's content, validated with the sweep's overrides."""
@@ -276,15 +277,26 @@ def _grid_part(args, raw, path: Path, base: dict):
 
 def _check_data(fixed_cfg, grid: GridSpec | None) -> None:
     """Every task's data files, before Ray: not one failure per trial."""
-    cells = (grid.cells if grid else None) or []
-    run_tasks = {c["task"] for c in cells if "task" in c}
-    if not cells or any("task" not in c for c in cells):  # some run takes the fixed task
-        run_tasks.add(fixed_cfg.task)
-    for task in run_tasks:
+    names = run_tasks(fixed_cfg.task, grid)
+    for task in names:
         tasks.check_local_data(task, fixed_cfg.data_dir, fixed_cfg.allow_hub)
-    if len({selection_metric(t) for t in run_tasks}) > 1:
-        raise UserError(f"cells: tasks {', '.join(sorted(run_tasks))} are selected "
+    if len({selection_metric(t) for t in names}) > 1:
+        raise UserError(f"cells: tasks {', '.join(sorted(names))} are selected "
                         "on different metrics; run one sweep per task")
+
+
+def run_tasks(fixed_task: str, grid: GridSpec | None) -> set[str]:
+    """The tasks a sweep's runs train: a grid's task axis or cells' tasks, and the fixed task
+    when some run names none (a comparison's cells all name theirs, fixed's default is sst2)."""
+    if grid is None:
+        return {fixed_task}
+    if "task" in grid.axes:
+        return set(grid.axes["task"])
+    cells = grid.cells or []
+    names = {c["task"] for c in cells if "task" in c}
+    if not cells or any("task" not in c for c in cells):
+        names.add(fixed_task)
+    return names
 
 
 def _fit_grace_period(options: SweepOptions, fixed_cfg, smoke: bool) -> None:
