@@ -105,6 +105,8 @@ def test_generation_run_reports_field_scores_and_the_elbo(tiny_config, task, rem
         assert result[f"{split}/elbo_nats_per_token"] > 0
         assert result[f"{split}/generation_s_per_example"] > 0
         assert 1 <= result[f"{split}/examples"] <= 6
+        samples = result[f"samples_{split}"]  # what was scored, readable in result.json
+        assert 1 <= len(samples) <= 5 and all(isinstance(s["generated"], str) and s["references"] for s in samples)
     assert "train/elbo_nats_per_token" in result and f"train/{scores[0]}" not in result
     assert "validation/accuracy" not in result
 

@@ -30,6 +30,9 @@ from . import diffusion, metrics
 from .errors import UserError
 
 
+SAMPLES_KEPT = 5  # generated texts kept beside a split's scores (`samples_<split>` in the result)
+
+
 def end_token_id(tokenizer) -> int:
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if end is None:
@@ -105,4 +108,7 @@ def evaluate(recipe, examples, split: str, times, batch_size: int, elbo_generato
     references = [e.references or (e.response,) for e in examples]
     scores = metrics.score_generations(recipe.spec.metric_family, predictions, references)
     out.update({f"{split}/{name}": value for name, value in scores.items()})
+    # what the scores are of, for a reader of result.json (not a metric: no slash in the key)
+    out[f"samples_{split}"] = [{"id": e.id, "generated": p, "references": list(r)}
+                               for e, p, r in list(zip(examples, predictions, references))[:SAMPLES_KEPT]]
     return out
