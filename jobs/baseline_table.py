@@ -30,13 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("--preamble", default="", help="markdown put before the tables (what ran, the command)")
     p.add_argument("--out", help="write the markdown here (default: stdout)")
     p.add_argument("--readme", help="write the tables between this file's baseline-table markers")
+    p.add_argument("--block", help="with --readme: the named markers <!-- baseline-table:BLOCK ... "
+                                   "<!-- /baseline-table:BLOCK --> instead of the unnamed ones")
     args = p.parse_args(argv)
     storage = SweepStorage(options.storage_location(args.storage_path))
     try:
         text = args.preamble + "\n".join(write_tables(storage, args.tracking_uri or options.default_tracking_uri(), n)
                                          for n in args.names or ["baselines"])
         if args.readme:
-            Path(args.readme).write_text(into_readme(Path(args.readme).read_text(), text))
+            Path(args.readme).write_text(into_readme(Path(args.readme).read_text(), text, args.block))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -160,6 +160,23 @@ def test_comparison_table_reports_test_with_std_and_marks_partial_cells():
     assert "partial: 2 of 3 seeds" in bitfit
 
 
+def test_readme_blocks_are_written_only_between_their_own_markers():
+    """`baseline_table.py --readme --block NAME` rewrites its named block and leaves the unnamed one
+    (another comparison's tables) as it is; a missing block is a UserError naming its markers."""
+    from lora_diffusion.analysis import table
+    from lora_diffusion.core.errors import UserError
+
+    first, related = table.readme_markers(), table.readme_markers("related")
+    readme = f"intro\n{first[0]} -->\nold four\n{first[1]}\nmid\n{related[0]} -->\nold seven\n{related[1]}\nend\n"
+    out = table.into_readme(readme, "new seven\n", "related")
+    assert "old four" in out and "new seven" in out and "old seven" not in out
+    assert out.endswith(f"{related[1]}\nend\n") and out.startswith("intro\n")
+    out = table.into_readme(readme, "new four", None)
+    assert "new four" in out and "old four" not in out and "old seven" in out
+    with pytest.raises(UserError, match="baseline-table:other"):
+        table.into_readme(readme, "x", "other")
+
+
 def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_backbone_dir, synthetic_data_dir,
                                                                         tmp_path, monkeypatch):
     """The stage order (tune, final, unmatched tune, unmatched final) and the record the tables
