@@ -111,6 +111,57 @@ def test_sampler_fills_every_masked_position_and_keeps_the_prompt(remasking):
     assert diffusion.transfer_counts(1, 4, "linear") == [1, 0, 0, 0]
 
 
+def _context_denoise(V=30):
+    """Logits that depend on the position and on the whole input row, so the order in which tokens
+    are unmasked changes what later steps see (a sampler that reorders steps differs)."""
+    table = torch.randn(64, V, generator=torch.Generator().manual_seed(2))
+
+    def denoise(ids, attn, select, t):
+        rows, cols = select.nonzero().unbind(1)
+        return table[cols] + 0.01 * ids.sum(1)[rows, None].float() * table[(cols + 7) % 64]
+    return denoise
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_one_block_as_long_as_the_response_is_the_plain_sampler(remasking):
+    batch = _batch(resp=(2, 9))
+    runs = [diffusion.sample(_context_denoise(), batch, 0, 7, remasking, torch.Generator().manual_seed(0),
+                             "linear", block_length=b) for b in (None, 7, 12)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_blocks_decode_left_to_right_each_with_its_share_of_the_steps():
+    """5 response tokens in blocks of 2 (2, 2, then 1), 6 steps: 2 per block, one token each; the
+    last block is done after one step. Only the current block is predicted and unmasked, the
+    earlier ones already complete, the later ones still all masked; t is the global schedule's."""
+    batch = _batch(B=2, S=9, resp=(2, 7))
+    blocks = [[2, 3], [4, 5], [6]]
+    seen = []
+    denoise = _context_denoise()
+
+    def spy(ids, attn, select, t):
+        seen.append((ids.clone(), select.clone(), float(t[0])))
+        return denoise(ids, attn, select, t)
+
+    out = diffusion.sample(spy, batch, 0, 6, "low_confidence", torch.Generator().manual_seed(0),
+                           "linear", block_length=2)
+    assert [t for _, _, t in seen] == pytest.approx(diffusion.step_times(6)[:5])
+    current = [0, 0, 1, 1, 2]
+    for (ids, select, _), k in zip(seen, current):
+        predicted = sorted(set(select.nonzero()[:, 1].tolist()))
+        assert predicted == [p for p in blocks[k] if (ids[:, p] == 0).any()]
+        for j, block in enumerate(blocks):
+            masked = ids[:, block] == 0
+            if j < k:
+                assert not masked.any()
+            if j > k:
+                assert masked.all()
+    assert [int((ids[:, 2:7] == 0).sum()) for ids, _, _ in seen] == [10, 8, 6, 4, 2]  # one a row a step
+    assert not (out[batch.response_mask] == 0).any()
+    with pytest.raises(ValueError, match="3 blocks"):
+        diffusion.sample(spy, batch, 0, 4, "low_confidence", torch.Generator(), "linear", block_length=2)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "loglinear", "cosine"])
 def test_sampler_steps_follow_the_noise_schedule(schedule):
     """The state the sampler tells t has about L p(t) / p(1) tokens still masked: each step's

@@ -2,7 +2,10 @@
 end tokens, cut at the first end token), the sampler running each step with its own t, and
 xquad / xsum runs reporting generated-text scores beside the ELBO."""
 
+import math
+
 import pytest
+import torch
 
 from lora_diffusion.core import diffusion, generation
 from lora_diffusion.core.errors import UserError
@@ -53,6 +56,65 @@ def test_responses_are_padded_with_end_tokens_and_decoding_cuts_at_the_first(tin
     assert generation.cut_at_end([5, 6], end) == [5, 6]
 
 
+def _padded_batch(pad_tokens=(3, 3)):
+    """One row [CLS] prompt | a b END <pad_tokens>, the response 5 tokens; END = 3, [MASK] = 0."""
+    ids = torch.tensor([[5, 6, 1, 2, 3, *pad_tokens]])
+    response = torch.tensor([[False, False, True, True, True, True, True]])
+    return diffusion.Batch(ids, torch.ones_like(ids), response, torch.zeros_like(response))
+
+
+def _loss(batch, weight, t_min=1e-3, V=8):
+    """The loss under a denoiser that ignores context: uniform logits (CE log 8 = 3 log 2), except
+    at positions whose clean token is END = 3, where p(END) = 1/2 (CE log 2)."""
+    def denoise(ids, attn, select, t):
+        logits = torch.zeros(int(select.sum()), V)
+        logits[batch.input_ids[select] == 3, 3] = math.log(V - 1)
+        return logits
+
+    weights = None if weight is None else generation.token_weights(batch, 3, weight)
+    return diffusion.diffusion_loss(denoise, batch, 0, "linear", t_min, torch.Generator().manual_seed(0),
+                                    weights)[0]
+
+
+def test_end_token_weight_weighs_the_padding_after_the_first_end_token():
+    batch = _padded_batch()
+    assert generation.token_weights(batch, 3, 0.25).tolist() == [[1, 1, 1, 1, 1, 0.25, 0.25]]
+    # t = 1 masks everything and w(1) = 1: answer 2 x 3 log 2, first END log 2, padding 2 w log 2,
+    # over the weighted count 3 + 2 w
+    for w, expected in ((0.5, 8 / 4), (1.0, 9 / 5), (0.0, 7 / 3)):
+        assert float(_loss(batch, w, t_min=1.0)) == pytest.approx(expected * math.log(2))
+    # weight 1 is exactly the loss without weights
+    assert torch.equal(_loss(batch, 1.0), _loss(batch, None))
+    # weight 0: what the padding positions hold no longer matters (with weight 1 it does)
+    other = _padded_batch(pad_tokens=(1, 4))
+    assert generation.token_weights(other, 3, 0.0).tolist() == generation.token_weights(batch, 3, 0.0).tolist()
+    assert torch.equal(_loss(other, 0.0), _loss(batch, 0.0))
+    assert not torch.equal(_loss(other, 1.0), _loss(batch, 1.0))
+    no_end = diffusion.Batch(*(x[:, :4] for x in (batch.input_ids, batch.attention_mask,
+                                                   batch.response_mask, batch.prompt_mask)))
+    assert generation.token_weights(no_end, 3, 0.0).tolist() == [[1, 1, 1, 1]]  # answer cut: no padding
+
+
+def test_training_uses_the_end_token_weight_and_the_elbo_does_not(tiny_config, monkeypatch):
+    """The training loss gets the weights; the reported ELBO stays the bound on the whole padded
+    reference (the same number, before training, whatever the weight)."""
+    seen, elbos, loss = [], [], diffusion.diffusion_loss
+    monkeypatch.setattr(diffusion, "diffusion_loss",
+                        lambda *a: seen.append((a[1], a[6])) or loss(*a))
+    times = diffusion.stratified_times([0, 0.5, 1], 2, 1e-3)
+    for weight in (1.0, 0.0):
+        recipe = Recipe(tiny_config(task="xquad", **GENERATION_SETS,
+                                    **{"generation.end_token_weight": weight}))
+        elbos.append(generation.reference_elbo(recipe, recipe.validation_examples[:4], times, 8,
+                                               diffusion_generator()))
+        recipe.train_step()
+    assert elbos[0] == elbos[1]
+    (_, default), (batch, weights) = seen
+    assert default is None  # weight 1: today's loss, untouched
+    assert torch.equal(weights, generation.token_weights(batch, generation.end_token_id(recipe.tokenizer), 0.0))
+    assert (weights == 0).any() and (weights[batch.response_mask] == 1).any()
+
+
 def test_generated_prompt_spans_keep_the_prompt_spelling(tiny_backbone_dir):
     """WordPiece decoding spaces out punctuation ("1, 857"); a run of the prompt's tokens takes the
     prompt's characters, so a copied answer can match exactly; other tokens are decoded."""
@@ -85,6 +147,42 @@ def test_sampler_runs_each_step_with_its_own_t(tiny_config):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert diffusion.step_times(3)[:3] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert seen == [pytest.approx([t, t]) for t in diffusion.step_times(3)[:3]]
+
+
+def test_generation_decodes_in_blocks_of_block_length(tiny_config):
+    """6 response tokens in blocks of 3, 6 steps: the first 3 steps predict only the first block's
+    slots, the last 3 only the second's."""
+    recipe = Recipe(tiny_config(task="xquad", method="trajectory", **GENERATION_SETS,
+                                **{"diffusion.block_length": 3}))
+    seen, denoiser = [], recipe.denoiser
+
+    def spy(batch):
+        def denoise(ids, attn, select, t):
+            slot = batch.response_mask.long().cumsum(1) - 1  # 0..5 along the response
+            seen.append(sorted(set(slot[select].tolist())))
+            return denoiser(batch)(ids, attn, select, t)
+        return denoise
+
+    recipe.denoiser = spy
+    generation.generate(recipe, recipe.validation_examples[:2], 8, diffusion_generator())
+    assert len(seen) == 6
+    assert all(max(s) < 3 for s in seen[:3]) and all(min(s) >= 3 for s in seen[3:])
+
+
+def test_block_length_and_end_token_weight_are_validated(tiny_config):
+    default = tiny_config(task="xquad")
+    assert (default.diffusion.block_length, default.generation.end_token_weight) == (None, 1.0)
+    for block in (4, 5, 16, 40):  # 16 tokens: 4 blocks (of 4; of 5, the last 1), then 1 block
+        assert tiny_config(task="xquad", **{"diffusion.block_length": block}).diffusion.block_length == block
+    bad_blocks = [{"diffusion.block_length": b} for b in (0, -2, 1.5, "four")]
+    bad_blocks.append({"diffusion.block_length": 4, "diffusion.sampler_steps": 6})  # 4 blocks
+    for sets in bad_blocks:
+        with pytest.raises(UserError, match="diffusion.block_length"):
+            tiny_config(task="xquad", **sets)
+    assert tiny_config(task="xquad", **{"generation.end_token_weight": 0}).generation.end_token_weight == 0.0
+    for weight in (-0.1, 1.5, float("nan"), "half"):
+        with pytest.raises(UserError, match="generation.end_token_weight"):
+            tiny_config(task="xquad", **{"generation.end_token_weight": weight})
 
 
 def diffusion_generator():

@@ -36,6 +36,10 @@ class DiffusionConfig:
     # classification, generation.response_tokens (one token per step) for generation tasks
     sampler_steps: int | None = None
     remasking: str = "low_confidence"
+    # generation decoding in blocks of this many response tokens, left to right (LLaDA's
+    # semi-autoregressive sampler; the last block shorter); sampler_steps must be a multiple of
+    # the number of blocks. None: one block, the whole response (diffusion.sample)
+    block_length: int | None = None
     eval_t_points: int = 4  # t values for ELBO scoring, stratified over the method's phases
 
 
@@ -45,6 +49,10 @@ class GenerationConfig:
     `response_tokens`, then end tokens up to it; decoding cuts at the first end token."""
 
     response_tokens: int | None = None  # None: the task's (xquad 16, xsum 32); unused by classification
+    # loss weight in [0, 1] of each training response's end tokens after the first (the padding;
+    # the first end token, where the answer stops, keeps weight 1); 1: LLaDA's SFT loss, 0: the
+    # padding is not counted (generation.token_weights)
+    end_token_weight: float = 1.0
 
 
 @dataclass
@@ -278,10 +286,7 @@ def validate(config: Config) -> None:
     check_one_of(d.remasking, REMASKING, "diffusion.remasking")
     check(0 < d.t_min < 1, "diffusion.t_min", "must lie in (0, 1)")
     check(d.sampler_steps >= 1, "diffusion.sampler_steps", "must be >= 1")
-    n = config.generation.response_tokens
-    if TASKS[config.task].kind == "generation":  # [CLS], at least one prompt token, [SEP]
-        check(1 <= n <= config.max_length - 3, "generation.response_tokens",
-              f"must lie in [1, max_length - 3 = {config.max_length - 3}] for {config.task}")
+    validate_generation(config)
     check(d.eval_t_points >= 1, "diffusion.eval_t_points", "must be >= 1")
     for name in ("steps", "batch_size", "eval_every"):
         check(getattr(tr, name) >= 1, f"train.{name}", "must be >= 1")
@@ -301,3 +306,21 @@ def validate(config: Config) -> None:
     for spec in registry.specs():  # every section, whichever method runs: a bad value is an error
         if spec.validate is not None:
             spec.validate(getattr(config, spec.name))
+
+
+def validate_generation(config: Config) -> None:
+    """The response length, the end tokens' loss weight and the decoding blocks."""
+    d, g, n = config.diffusion, config.generation, config.generation.response_tokens
+    if TASKS[config.task].kind == "generation":  # [CLS], at least one prompt token, [SEP]
+        check(1 <= n <= config.max_length - 3, "generation.response_tokens",
+              f"must lie in [1, max_length - 3 = {config.max_length - 3}] for {config.task}")
+    check(0 <= g.end_token_weight <= 1, "generation.end_token_weight",
+          f"must be a number in [0, 1], got {g.end_token_weight}")  # NaN fails both comparisons
+    if d.block_length is None:
+        return
+    check(d.block_length >= 1, "diffusion.block_length", "must be >= 1 (or null: one block)")
+    if n is not None:
+        blocks = math.ceil(n / d.block_length)
+        check(d.sampler_steps % blocks == 0, "diffusion.block_length",
+              f"{n} response tokens make {blocks} blocks of {d.block_length}: diffusion.sampler_steps "
+              f"({d.sampler_steps}) must be a multiple of {blocks}")

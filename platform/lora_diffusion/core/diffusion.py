@@ -7,6 +7,10 @@ timestep-dependent (our trajectory modules) is handed t by the caller through `d
 `denoise(input_ids, attention_mask, select, t) -> logits[N, V]` returns logits only at the
 positions in `select` (bool [B, S]): computing the 30k-word output at every position dominates
 CPU time, so nothing here ever asks for more.
+
+Two opt-in departures from the plain objective and sampler, both off by default: per-token loss
+weights (`diffusion_loss(token_weight=...)`, which generation tasks use to weigh down padding end
+tokens) and LLaDA's block-wise semi-autoregressive decoding (`sample(block_length=...)`).
 """
 
 from __future__ import annotations
@@ -150,12 +154,19 @@ def elbo_factor(t: torch.Tensor, length: torch.Tensor, schedule: str) -> torch.T
 
 
 def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, t_min: float,
-                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                   generator: torch.Generator, token_weight: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Conditional ELBO: E_t[w(t) * sum of CE over masked response tokens] / response length.
 
     Masks are drawn conditioned on at least one masked token and reweighted (`elbo_factor`): an
     unbiased estimator of the same bound that wastes no sample (with one-token answers a plain
-    draw leaves the answer unmasked, and the sample useless, with probability 1 - t)."""
+    draw leaves the answer unmasked, and the sample useless, with probability 1 - t).
+
+    `token_weight` ([B, S], None = 1 everywhere) weights each response token's CE by a_i, and a
+    row's sum is divided by its weighted count sum_i a_i instead of its length: the loss stays
+    nats per counted response token, comparable across weights, and all-ones weights give
+    exactly the unweighted loss. Masking (and so `elbo_factor`) still covers every response
+    token. Generation tasks set it to weigh down padding (`generation.token_weights`)."""
     B = batch.input_ids.shape[0]
     t = sample_times(B, t_min, generator)
     noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
@@ -164,7 +175,12 @@ def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, 
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     row = masked.nonzero()[:, 0]
     resp_len = batch.response_mask.sum(1).clamp(min=1).float()
-    weight = (elbo_factor(t, resp_len, schedule) / resp_len)[row]
+    if token_weight is None:
+        weight = (elbo_factor(t, resp_len, schedule) / resp_len)[row]
+    else:
+        counted = (token_weight * batch.response_mask).sum(1).float()
+        counted = torch.where(counted > 0, counted, torch.ones_like(counted))
+        weight = (elbo_factor(t, resp_len, schedule) / counted)[row] * token_weight[masked]
     loss = (weight * ce).sum() / B
     stats = {
         "masked_tokens": float(masked.sum()),
@@ -249,36 +265,66 @@ def transfer_counts(length: int, steps: int, schedule: str) -> list[int]:
     return counts.tolist()
 
 
+def block_masks(response_mask: torch.Tensor, block_length: int | None) -> list[torch.Tensor]:
+    """The decoding blocks, each a [B, S] bool mask: the k-th run of `block_length` response
+    positions of every row, the last one shorter (a row with a shorter response has empty later
+    blocks). None: one block, the whole response."""
+    if block_length is None:
+        return [response_mask]
+    rank = response_mask.long().cumsum(1) - 1  # 0 .. L-1 along each row's response
+    n = max(1, math.ceil(int(response_mask.sum(1).max()) / block_length))
+    return [response_mask & (rank // block_length == k) for k in range(n)]
+
+
 @torch.no_grad()
 def sample(denoise: Denoise, batch: Batch, mask_id: int, steps: int, remasking: str,
-           generator: torch.Generator, schedule: str) -> torch.Tensor:
+           generator: torch.Generator, schedule: str, block_length: int | None = None) -> torch.Tensor:
     """Reverse process from an all-masked response: T steps at `step_times`, each unmasking its
     `transfer_counts` share of tokens under `schedule`, chosen by confidence (low_confidence) or
     at random. Returns the ids [B, S] with the response filled in; rows may have different
-    response lengths."""
+    response lengths.
+
+    `block_length` (None: one block) is LLaDA's semi-autoregressive decoding: the response is
+    decoded in blocks of that many tokens, left to right, the last one shorter. The T steps are
+    split evenly over the blocks (T must be a multiple of their count, else ValueError); each
+    block spreads its tokens over its T / blocks steps by `transfer_counts`, and only its masked
+    positions are predicted and unmasked, later blocks staying [MASK] in the input (LLaDA's
+    generate.py). The t handed to `denoise` stays the global schedule's: the g-th of the T steps
+    is told `step_times(T)[g]` whichever block it is in, so each of the T steps (each per_step
+    module) runs once, as without blocks; for the linear schedule that t is also the fraction of
+    the whole response still masked. One block of the response's length is the plain sampler."""
     ids = torch.where(batch.response_mask, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
-    B = ids.shape[0]
-    lengths = batch.response_mask.sum(1).tolist()
-    plans = [transfer_counts(int(n), steps, schedule) for n in lengths]
-    times = step_times(steps)
-    for s in range(steps):
-        still = ids == mask_id
-        still &= batch.response_mask
-        if not still.any():
-            break
-        t = torch.full((B,), times[s])
-        logits = denoise(ids, batch.attention_mask, still, t).float()
-        logits[:, mask_id] = float("-inf")  # the reverse process never emits [MASK] itself
-        probs = logits.softmax(-1)
-        conf, pred = probs.max(-1)
-        if remasking == "random":
-            conf = torch.rand(conf.shape, generator=generator)
-        rows = still.nonzero()
-        for b in range(B):
-            take = plans[b][s]
-            sel = (rows[:, 0] == b).nonzero()[:, 0]
-            if take == 0 or len(sel) == 0:
-                continue
-            best = sel[conf[sel].topk(min(take, len(sel))).indices]
-            ids[b, rows[best, 1]] = pred[best]
+    blocks = block_masks(batch.response_mask, block_length)
+    if steps % len(blocks):
+        raise ValueError(f"{steps} sampler steps do not split evenly over {len(blocks)} blocks")
+    per_block, times = steps // len(blocks), step_times(steps)
+    for k, block in enumerate(blocks):
+        plans = [transfer_counts(int(n), per_block, schedule) for n in block.sum(1).tolist()]
+        for s in range(per_block):
+            still = (ids == mask_id) & block
+            if not still.any():
+                break
+            t = torch.full((ids.shape[0],), times[k * per_block + s])
+            unmask_step(denoise, ids, batch.attention_mask, still, t, [plan[s] for plan in plans],
+                        mask_id, remasking, generator)
     return ids
+
+
+def unmask_step(denoise: Denoise, ids: torch.Tensor, attention_mask: torch.Tensor, still: torch.Tensor,
+                t: torch.Tensor, takes: list[int], mask_id: int, remasking: str,
+                generator: torch.Generator) -> None:
+    """One reverse step, in place: predict the `still` positions and unmask, in each row b, the
+    takes[b] of them with the most confident predictions (or random ones)."""
+    logits = denoise(ids, attention_mask, still, t).float()
+    logits[:, mask_id] = float("-inf")  # the reverse process never emits [MASK] itself
+    probs = logits.softmax(-1)
+    conf, pred = probs.max(-1)
+    if remasking == "random":
+        conf = torch.rand(conf.shape, generator=generator)
+    rows = still.nonzero()
+    for b, take in enumerate(takes):
+        sel = (rows[:, 0] == b).nonzero()[:, 0]
+        if take == 0 or len(sel) == 0:
+            continue
+        best = sel[conf[sel].topk(min(take, len(sel))).indices]
+        ids[b, rows[best, 1]] = pred[best]

@@ -7,12 +7,20 @@ to `generation.response_tokens`) followed by end tokens up to that length, and t
 the end tokens too, so the model learns where an answer ends. At inference the response is
 `response_tokens` masks, and decoding cuts at the first end token. The end token is the
 tokenizer's EOS, else its SEP ([SEP] for BERT-family backbones, the token that closes every
-encoded row).
+encoded row). `generation.end_token_weight` (default 1, LLaDA's loss) weighs the end tokens after
+the first: the first always counts fully, it teaches where the answer stops, but the padding
+after it is most of a short answer's response (XQuAD: about 3 answer WordPieces, 13 end tokens)
+and near-free to predict, so it can drown the answer tokens; 0 leaves it out of the loss. The
+loss stays nats per counted token (divided by the weighted count, `diffusion.diffusion_loss`).
+The ELBO reported for evaluation does not change meaning with it: it stays the bound on the whole
+padded reference, every token weighted 1, so runs with different weights compare on one scale.
 
 Decoding. `diffusion.sample` runs `diffusion.sampler_steps` reverse steps (by default one
 token per step). Each step hands its own t to the method (`Recipe.denoise` sets the Context),
 so each step runs the module of its t. `diffusion.remasking` picks which predictions each step
-keeps: low_confidence (LLaDA's) or random.
+keeps: low_confidence (LLaDA's) or random. `diffusion.block_length` (default None: one block)
+decodes in blocks of that many tokens, left to right, as LLaDA's semi-autoregressive sampler:
+each block gets sampler_steps / blocks steps, still each told its global t.
 
 Scores. xquad: SQuAD exact match and F1, the best over the gold answers; xsum: ROUGE-1/2/L F1
 (core/metrics.py). Beside them, for every method, the ELBO bound on the reference response (the
@@ -46,6 +54,23 @@ def response_ids(tokenizer, text: str, length: int) -> list[int]:
     return ids + [end_token_id(tokenizer)] * (length - len(ids))
 
 
+def token_weights(batch: diffusion.Batch, end_id: int, end_weight: float) -> torch.Tensor:
+    """Loss weights [B, S]: `end_weight` at the response positions after each row's first end
+    token (the padding `response_ids` appends), 1 elsewhere. Found by position, not by token, so
+    whatever those positions hold is weighed the same; a response with no end token (an answer
+    cut to length, a classification label word) keeps weight 1 throughout."""
+    is_end = batch.response_mask & (batch.input_ids == end_id)
+    after_first = batch.response_mask & ((is_end.long().cumsum(1) - is_end.long()) > 0)
+    return torch.ones(after_first.shape, device=after_first.device).masked_fill(after_first, end_weight)
+
+
+def train_weights(recipe, batch: diffusion.Batch) -> torch.Tensor | None:
+    """The training loss's token weights: None (all 1, the loss unchanged) unless
+    generation.end_token_weight < 1."""
+    weight = recipe.config.generation.end_token_weight
+    return None if weight == 1.0 else token_weights(batch, end_token_id(recipe.tokenizer), weight)
+
+
 def cut_at_end(ids: list[int], end_id: int) -> list[int]:
     """The generated tokens before the first end token (all of them if there is none)."""
     return ids[:ids.index(end_id)] if end_id in ids else list(ids)
@@ -74,7 +99,8 @@ def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> l
         chunk = examples[i:i + batch_size]
         batch = recipe.encode(chunk, [slots] * len(chunk))
         ids = diffusion.sample(recipe.denoiser(batch), batch, mask_id, c.diffusion.sampler_steps,
-                               c.diffusion.remasking, generator, c.diffusion.noise_schedule)
+                               c.diffusion.remasking, generator, c.diffusion.noise_schedule,
+                               c.diffusion.block_length)
         for example, row, response in zip(chunk, ids, batch.response_mask):
             kept = cut_at_end(row[response].tolist(), end_id)
             texts.append(surface_text(tokenizer, kept, example.prompt))
@@ -83,7 +109,8 @@ def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> l
 
 @torch.no_grad()
 def reference_elbo(recipe, examples, times, batch_size: int, generator: torch.Generator) -> float:
-    """Held-out ELBO bound of the reference responses, nats per response token."""
+    """Held-out ELBO bound of the reference responses, nats per response token: the whole padded
+    reference, every token weighted 1 whatever generation.end_token_weight (module docstring)."""
     c = recipe.config
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):

@@ -236,7 +236,8 @@ class Recipe:
         torch.manual_seed(int(torch.randint(2**62, (), generator=seeded(c.train.seed, self.step, self.rank, 2))))
         # ^ dropout draws from the global generator: seeding it per step makes resume exact
         loss, stats = diffusion.diffusion_loss(self.denoiser(batch), batch, self.backbone.mask_token_id,
-                                               c.diffusion.noise_schedule, c.diffusion.t_min, gen)
+                                               c.diffusion.noise_schedule, c.diffusion.t_min, gen,
+                                               generation.train_weights(self, batch))
         self._check_finite(loss, "loss")
         try:
             reg, reg_logs = self.method.regularization()
