@@ -1,6 +1,7 @@
 """What the methods cost, measured on a cluster node: `lora-diffusion bench` run as one Ray task
 with the resources it asks for (a GPU node: --gpus 1), its JSON, plots and MLflow run written
-where this driver runs; the sweep section runs a small sweep on the cluster itself.
+where this driver runs; the sections that start Ray (a small sweep, the data-parallel scaling
+runs) run from this driver on the cluster itself.
 
     python jobs/benchmark.py --size small                       # local Ray, this machine's CPUs
     ray submit cluster.yaml jobs/benchmark.py -- --size full --gpus 1 --out runs/bench/gpu.json
@@ -14,14 +15,14 @@ import sys
 from pathlib import Path
 
 from lora_diffusion.analysis import bench_report
-from lora_diffusion.analysis.benchmark import SECTIONS, log_to_mlflow, run_benchmark
+from lora_diffusion.analysis.benchmark import RAY_SECTIONS, SECTIONS, log_to_mlflow, run_benchmark
 from lora_diffusion.engine.options import default_tracking_uri
 from lora_diffusion.engine.tuner import init_ray, ray_address
 
 
 def measure_on_node(size: str, sections: list[str], data_dir: str | None) -> dict:
     """Runs inside the Ray task: the node's own measurement, returned to the driver."""
-    return run_benchmark(size, [s for s in sections if s != "sweep"], data_dir, out=None, log=print)
+    return run_benchmark(size, [s for s in sections if s not in RAY_SECTIONS], data_dir, out=None, log=print)
 
 
 def main() -> int:
@@ -42,8 +43,9 @@ def main() -> int:
     task = ray.remote(num_cpus=args.cpus, num_gpus=args.gpus)(measure_on_node)
     result = ray.get(task.remote(args.size, sections, args.data_dir))
     ray.shutdown()
-    if "sweep" in sections:  # the sweep runs on the cluster from here, as a user's would
-        result = run_benchmark(args.size, ["sweep"], args.data_dir, args.out, previous=result)
+    on_cluster = [s for s in sections if s in RAY_SECTIONS]
+    if on_cluster:  # a sweep and Train runs go to the cluster from here, as a user's would
+        result = run_benchmark(args.size, on_cluster, args.data_dir, args.out, previous=result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

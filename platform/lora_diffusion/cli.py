@@ -160,10 +160,11 @@ ALLOW_OVERLAP_HELP = ("evaluate even if more than 1%% of an evaluation set's row
 
 
 def _add_bench_parsers(sub) -> None:
-    m = sub.add_parser("bench", help="what the methods cost: training, memory, inference, the sweep engine")
+    m = sub.add_parser("bench", help="what the methods cost: training, memory, inference, the sweep engine, "
+                                     "data-parallel scaling")
     m.add_argument("--size", default="small", help="smoke (tiny model, seconds) | small (this 2-core machine, "
                                                   "about half an hour) | full (the issue's grid)")
-    m.add_argument("--sections", default="train,memory,infer", help="comma-separated: train,memory,infer,sweep")
+    m.add_argument("--sections", default="train,memory,infer", help="comma-separated: train,memory,infer,sweep,scaling")
     m.add_argument("--out", default="runs/bench/bench.json",
                    help="the JSON; sections not measured keep their figures from an existing file")
     m.add_argument("--fresh", action="store_true", help="ignore an existing --out file")

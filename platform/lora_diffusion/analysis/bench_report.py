@@ -126,6 +126,22 @@ def sweep_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(result: dict) -> str:
+    sc = result["scaling"]
+    lines = [f"Trajectory LoRA on {sc['backbone']}, global batch {sc['batch']} SST-2 rows (max_length "
+             f"{sc['max_length']}), the same batches in every run; throughput over {sc['measured_steps']} steps "
+             f"after {sc['warmup_steps']} warm-up steps, from rank 0's `timing/*`; {sc['cores']} cores.", "",
+             "| workers x threads | cores used | run wall s | start-up s | measured training s | examples/s | "
+             f"tokens/s | x {sc['reference']} | x 1 worker, same cores |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sc["rows"]:
+        same = f"{r['ratio_same_cores']:.2f}" if "ratio_same_cores" in r else "-"
+        over = " (more than the machine's cores)" if r["oversubscribed"] else ""
+        lines.append(f"| {r['run']}{over} | {r['cores_used']} | {r['fit_wall_s']:.0f} | "
+                     f"{r['startup_s']:.0f} | {r['measured_s']:.1f} | {r['examples_per_s']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['ratio_to_reference']:.2f} | {same} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- targets
 
 
@@ -164,6 +180,7 @@ def targets(result: dict) -> list[tuple[str, str, bool | None]]:
                         f"{r:.2f} x ({mem[MID]['train_mb']:.0f} vs {mem[ref]['train_mb']:.0f} MB above the "
                         f"loaded model)", r <= 0.6))
     out += _sweep_targets(result.get("sweep"))
+    out += _scaling_targets(result.get("scaling"))
     return out
 
 
@@ -182,6 +199,20 @@ def _sweep_targets(sw: dict | None) -> list[tuple[str, str, bool | None]]:
             ("evaluation <= 15% of a trial's time", f"{sw['eval_share_of_trial']:.1%}", sw["eval_share_of_trial"] <= 0.15),
             ("no worker-group start-up timeout", f"{sw['startup_timeouts']} in the sweep's log",
              sw["startup_timeouts"] == 0)]
+
+
+def _scaling_targets(sc: dict | None) -> list[tuple[str, str, bool | None]]:
+    """2 workers x 1 thread against 1 x 1; not judged ('-') where the machine has fewer cores
+    than workers (the figure is still shown, beside the same-cores ratio)."""
+    two = next((r for r in (sc or {}).get("rows", []) if (r["workers"], r["threads_per_worker"]) == (2, 1)), None)
+    if two is None:
+        return []
+    same = (f"; x 1 worker x 2 threads, the same cores: {two['ratio_same_cores']:.2f}"
+            if "ratio_same_cores" in two else "")
+    measured = (f"{two['ratio_to_reference']:.2f} x (2 workers x 1 thread vs {sc['reference']}; "
+                f"machine cores: {sc['cores']}{same})")
+    holds = None if two["oversubscribed"] else two["ratio_to_reference"] >= 1.6
+    return [("2 Train workers >= 1.6 x one worker's throughput", measured, holds)]
 
 
 def targets_table(result: dict) -> str:
@@ -248,6 +279,9 @@ def table(result: dict, plot_dir: str | None = None, relative_to: Path | None = 
     parts += ["", "Growth (log-log exponent: 0 flat, 1 linear):", "", growth_table(result)]
     if "sweep" in result:
         parts += ["", "Sweep engine:", "", sweep_table(result)]
+    if "scaling" in result:
+        parts += ["", "Data-parallel scaling (Ray Train workers, gloo all-reduce; `engine/trial.py`'s Train run "
+                  "without Tune):", "", scaling_table(result)]
     parts += ["", "Targets of issue 18 these figures speak to:", "", targets_table(result)]
     if plot_dir:
         base = Path(plot_dir)

@@ -35,6 +35,12 @@ class BenchSize:
     step_repeats: int = 3  # rounds of the one-step inference timing (cheap: more beat the noise)
     memory_variants: tuple[str, ...] | None = None  # None: every training variant
     threads: int = 1
+    # the scaling section (bench_scaling): Ray Train runs of (workers, torch threads per worker)
+    # at one global (batch, sequence), warm-up steps then measured steps, `scaling_rounds` of them
+    scaling_runs: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 1))
+    scaling_shape: tuple[int, int] = (32, 64)
+    scaling_steps: tuple[int, int] = (5, 30)
+    scaling_rounds: int = 1
 
 
 SIZES = {
@@ -43,19 +49,22 @@ SIZES = {
                        memory_shapes=((4, 32),),
                        growth_shape=(2, 16), infer_shape=(2, 32), gen_steps=(2, 4), gen_batch=1,
                        phases=(1, 2, 4), modules=(2, 4), repeats=2,
-                       memory_variants=("trajectory-mid", "lora-attn")),
+                       memory_variants=("trajectory-mid", "lora-attn"),
+                       scaling_shape=(4, 16), scaling_steps=(2, 4)),
     # the committed run on a shared 2-core CPU: fewer shapes, memory of the main variants only
     "small": BenchSize(backbone="minilm", train_shapes=((8, 64),),
                        growth_shapes=((8, 32), (8, 128), (1, 64), (16, 64)),
                        memory_shapes=((32, 128),), growth_shape=(8, 64), infer_shape=(8, 128),
                        gen_steps=(8, 32), gen_batch=1, repeats=3, step_repeats=9,
                        memory_variants=("floor (no-grad forward)", "trajectory-mid", "trajectory-every",
-                                        "lora-attn", "adapter", "full")),
+                                        "lora-attn", "adapter", "full"), scaling_rounds=2),
     # the issue's grid, for a machine with the cores (or a GPU) for it
     "full": BenchSize(backbone="minilm", train_shapes=tuple((b, s) for b in (1, 8, 32, 64)
                                                             for s in (32, 64, 128, 256, 512)), growth_shapes=(),
                       memory_shapes=((32, 128), (64, 512)), growth_shape=(32, 128), infer_shape=(32, 128),
-                      gen_steps=(8, 32, 128), gen_batch=8, repeats=5),
+                      gen_steps=(8, 32, 128), gen_batch=8, repeats=5,
+                      scaling_runs=((1, 1), (1, 2), (2, 1), (4, 1)), scaling_shape=(32, 128),
+                      scaling_steps=(5, 50), scaling_rounds=3),
 }
 
 
@@ -85,8 +94,12 @@ class Workbench:
         return Recipe(config, backbone=copy.deepcopy(self.backbone) if copy_backbone else self.backbone)
 
     def mid_layer(self) -> int:
-        """The default injection point scaled to this backbone (after layer 3 of MiniLM's 6)."""
-        return max(0, self.num_layers // 2 - 1)
+        return mid_layer(self.num_layers)
+
+
+def mid_layer(num_layers: int) -> int:
+    """The default injection point scaled to a backbone (after layer 3 of MiniLM's 6)."""
+    return max(0, num_layers // 2 - 1)
 
 
 def filler_examples(n: int, seq_len: int) -> list[Example]:

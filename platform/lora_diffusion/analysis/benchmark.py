@@ -1,7 +1,8 @@
 """Side-by-side measurements. `compare_variants`: several config variants trained in one process,
 one after another, with accuracy and step time as a ratio to the first (jobs/calibrate_injection.py).
 `run_benchmark`: what the method costs (`lora-diffusion bench`): training (bench_train), memory,
-inference (bench_infer) and the sweep engine (bench_sweep), every section's variants interleaved
+inference (bench_infer), the sweep engine (bench_sweep) and data-parallel scaling over Ray Train
+workers (bench_scaling), every section's variants interleaved
 in one process and reported as ratios to a named reference; the JSON, an MLflow run, and the
 README's table and plots from the JSON (bench_report). These machines are noisy: only ratios
 taken in one run are comparable."""
@@ -63,7 +64,8 @@ def write_markdown(path: str | Path, base: dict, rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- `lora-diffusion bench`
 
-SECTIONS = ("train", "memory", "infer", "sweep")
+SECTIONS = ("train", "memory", "infer", "sweep", "scaling")
+RAY_SECTIONS = ("sweep", "scaling")  # start Ray themselves: run from a driver, never inside a Ray task
 
 
 def machine() -> dict:
@@ -121,6 +123,12 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
 
         workdir = Path(out).parent / "sweep" if out else Path("runs") / "bench" / "sweep"
         result["sweep"] = run_sweep(sweep_args or [], workdir, log)
+        save()
+    if "scaling" in sections:
+        from . import bench_scaling
+
+        workdir = Path(out).parent / "scaling" if out else Path("runs") / "bench" / "scaling"
+        result["scaling"] = bench_scaling.run(size, data_dir, workdir, log)
         save()
     return result
 

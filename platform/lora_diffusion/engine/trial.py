@@ -49,32 +49,36 @@ class TrialPlan:
 def run_trial(params: dict, plan: TrialPlan) -> None:
     """Tune function trainable: resolve the trial's config and fit a TorchTrainer on it."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()  # the trial's actor is running: Tune's share of start-up ends here
     trial_id = tune.get_context().get_trial_id()
     config = config_lib.from_dict({}, {**plan.fixed, **space_lib.overrides(params)})
+    # name: deterministic, so a restored trial finds its own Train run and checkpoint
+    make_trainer(config.to_dict(), plan, trial_id, started, [TuneReportCallback()]).fit()
+
+
+def make_trainer(config: dict, plan: TrialPlan, name: str, started: float, callbacks: list,
+                 keep: int | None = 2):
+    """The TorchTrainer of one Train run: `plan.workers` workers running `train_loop` on
+    `config` (a Config as a dict), its run `name` under `plan.train_storage`, `keep` checkpoints
+    (None: all). A sweep trial fits it under Tune; the benchmark's scaling section fits it alone."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     per_worker = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         per_worker["GPU"] = plan.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "threads": max(1, int(plan.cpus_per_worker)),
-                           "trial_started": started},
+        train_loop_config={"config": config, "threads": max(1, int(plan.cpus_per_worker)), "trial_started": started},
         torch_config=TorchConfig(backend="nccl" if plan.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=bool(plan.gpus_per_worker),
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(
-            name=trial_id,  # deterministic: a restored trial finds its own Train run and checkpoint
-            storage_path=plan.train_storage,
-            failure_config=FailureConfig(max_failures=plan.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
-        ),
+        run_config=RunConfig(name=name, storage_path=plan.train_storage,
+                             failure_config=FailureConfig(max_failures=plan.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks),
     )
-    trainer.fit()
 
 
 # ----------------------------------------------------------------------------- the Train worker
@@ -163,8 +167,9 @@ class Timing:
     """Where a trial's time goes, reported with every evaluation as `timing/*` (seconds, or unix
     times `*_at`): start-up split into Tune (trial scheduled -> its actor runs: not seen here),
     the Train worker group (actor -> worker loop) and set-up (data, backbone, method); then
-    training steps, evaluation, checkpointing and the hand-off to Tune (`ray.train.report`, which
-    waits for the driver to take the previous result), each summed over this Train run. The
+    training steps (and `train_tokens`, the tokens they trained on, as the recipe counts them),
+    evaluation, checkpointing and the hand-off to Tune (`ray.train.report`, which waits for the
+    driver to take the previous result), each summed over this Train run. The
     figures of one report cover the phases before it (its own checkpoint and hand-off go in the
     next)."""
 
@@ -176,6 +181,7 @@ class Timing:
         self.marks = {"trial_started_at": trial_started, "worker_started_at": worker_started,
                       "ready_at": time.time()}
         self.train0 = recipe.train_time  # a resumed run counts only its own steps
+        self.tokens0 = recipe.train_tokens
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -195,6 +201,7 @@ class Timing:
         return {**{f"timing/{k}": v for k, v in self.marks.items()}, "timing/reported_at": now,
                 "timing/worker_startup_s": self.marks["worker_started_at"] - self.marks["trial_started_at"],
                 "timing/setup_s": self.marks["ready_at"] - self.marks["worker_started_at"],
-                "timing/train_s": train, "timing/checkpoint_s": spent["checkpoint"], "timing/report_s": spent["report"],
+                "timing/train_s": train, "timing/train_tokens": recipe.train_tokens - self.tokens0,
+                "timing/checkpoint_s": spent["checkpoint"], "timing/report_s": spent["report"],
                 "timing/final_eval_s": spent["final_eval"],
                 "timing/eval_s": busy - train - spent["checkpoint"] - spent["report"]}
