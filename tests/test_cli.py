@@ -59,3 +59,18 @@ def test_console_script_exits_2_on_bad_config(tmp_path):
                            str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.yaml'}"]
+
+
+def test_printed_result_puts_each_per_bin_series_on_one_line_in_index_order(capsys):
+    from lora_diffusion.cli import _print_result
+    result = {"validation/per_t/bound_bin1": 2.0, "validation/per_t/bound_bin0": 1.0,
+              "validation/per_t/backbone_bound_bin0": 5.0, "validation/per_t/backbone_bound_bin1": 6.0,
+              "test/phase_gain_metric": "accuracy", "test/phase_gain/0": 0.25, "test/phase_gain/1": -0.5,
+              "test/f1": 0.125}
+    _print_result(result)
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["validation/per_t/bound", "[0..1]", "1.0000", "2.0000"] in lines
+    assert ["validation/per_t/backbone_bound", "[0..1]", "5.0000", "6.0000"] in lines
+    assert ["test/phase_gain", "[0..1]", "0.2500", "-0.5000"] in lines
+    assert ["test/phase_gain_metric", "accuracy"] in lines and ["test/f1", "0.1250"] in lines
+    assert len(lines) == 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,11 +17,31 @@ from .core import checkpoint, config as config_lib
 from .core.errors import TrainingDiverged, UserError
 
 
+# per-bin and per-phase figures (`<split>/per_t/bound_bin3`, `<split>/phase_gain/2`): one line
+# per series, values in index order, instead of one line per figure
+SERIES = re.compile(r"^(.+/per_t/\w+?)_bin(\d+)$|^(.+/phase_gain)/(\d+)$")
+
+
+def _series(key: str) -> tuple[str, int] | None:
+    m = SERIES.match(key)
+    return None if m is None else (m.group(1) or m.group(3), int(m.group(2) or m.group(4)))
+
+
 def _print_result(result: dict) -> None:
     keys = [k for k in result if "/" in k or k.endswith("_s") or k.startswith("peak")]
+    series: dict[str, list] = {}
     for k in keys:
-        v = result[k]
-        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+        if _series(k) and isinstance(result[k], float):
+            name, index = _series(k)
+            series.setdefault(name, []).append((index, result[k]))
+    for k in keys:
+        s, v = _series(k), result[k]
+        if s and s[0] in series:
+            values = sorted(series.pop(s[0]))
+            label = s[0] + f" [{values[0][0]}..{values[-1][0]}]"
+            print(f"  {label:28s} " + " ".join(f"{x:.4f}" for _, x in values))
+        elif not (s and isinstance(v, float)):
+            print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
     acc = result.get("accounting")
     if acc:
         print(f"  {'trainable_params':28s} {acc['trainable_params']} "
