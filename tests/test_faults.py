@@ -287,3 +287,18 @@ def test_the_soak_starts_again_a_driver_that_died_in_rays_node_start(tmp_path, m
     assert plan.start_retries == soak.MAX_START_RETRIES and starts[0] == (True, 4)
     log.write_text("Traceback ...\nValueError: something else\n")
     assert not soak.ray_start_failed(died, log)
+
+
+def test_a_grid_files_data_dir_wins_over_the_environment_and_set_over_both(tmp_path, synthetic_data_dir,
+                                                                            monkeypatch):
+    """$LORA_DIFFUSION_DATA_DIR is a default, as for `lora-diffusion train`; not an override."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(elsewhere))
+    grid = tmp_path / "grid_x.yaml"
+    grid.write_text(f"fixed: {{data_dir: {synthetic_data_dir}}}\ngrid:\n  trajectory.rank: [2]\n")
+    assert spec_lib.prepare(_args(tmp_path / "a", "--space", str(grid))).fixed["data_dir"] == str(synthetic_data_dir)
+    grid.write_text("grid:\n  trajectory.rank: [2]\n")
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    assert spec_lib.prepare(_args(tmp_path / "b", "--space", str(grid))).fixed["data_dir"] == str(
+        synthetic_data_dir.resolve())

@@ -170,7 +170,7 @@ def _resume(args, storage: SweepStorage) -> SweepSpec:
 def _new(args, storage: SweepStorage) -> SweepSpec:
     path = space_lib.resolve_path(args.space, repo_root())
     raw = config_lib.read_yaml(path, "search space") if path.is_file() else None
-    base = _base_overrides(args)
+    base = _base_overrides(args, raw)
     name = _sweep_name(args, path)
     if storage.is_nonempty_dir(name) and started(storage, name):
         raise UserError(f"sweep {name!r} already exists in {storage.join(name)}: pass --resume to "
@@ -238,11 +238,15 @@ def _sweep_name(args, path: Path) -> str:
     return name
 
 
-def _base_overrides(args) -> dict:
-    """--smoke's overrides, the data directory of $LORA_DIFFUSION_DATA_DIR, then --set."""
+def _base_overrides(args, raw) -> dict:
+    """--smoke's overrides, the data directory of $LORA_DIFFUSION_DATA_DIR, then --set. The
+    variable is a default, as in `lora-diffusion train`: a `data_dir` in the file's `fixed`
+    (`raw`) wins over it, --set over both. It is resolved here, on the driver, so workers on
+    other nodes need not have it."""
     base = dict(SMOKE_OVERRIDES) if args.smoke else {}
     data_env = os.environ.get("LORA_DIFFUSION_DATA_DIR")
-    if data_env:
+    in_file = isinstance(raw, dict) and isinstance(raw.get("fixed"), dict) and "data_dir" in raw["fixed"]
+    if data_env and not in_file:
         base["data_dir"] = str(Path(data_env).resolve())
     sets = config_lib.parse_sets(args.set)
     base.update(sets)
