@@ -173,3 +173,19 @@ def test_the_tuner_and_the_runs_view_minimise_the_bound(monkeypatch, tmp_path):
     tracker.save_runs_view(tracker.parent_run(), ["lora.rank"], ["final/" + ELBO])
     view = [v for k, v in tracker.client.get_experiment(tracker.experiment_id).tags.items() if "elbo-0" in k]
     assert '\\"orderByAsc\\": true' in view[0]
+
+
+def test_an_xquad_grid_run_elbo_only_is_a_sweep_on_the_bound(tmp_path, monkeypatch, synthetic_data_dir):
+    """What the grid headers say to run: `--set generation.text_scores=false` on a generative grid
+    (here --smoke, its tiny backbone) gives a sweep minimising the bound, and --resume keeps it."""
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.spec import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    args = build_parser("grid_rank_schedule").parse_args(
+        ["--grid", "grid_xquad_sharing", "--smoke", "--set", "generation.text_scores=false",
+         "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    spec = prepare(args)
+    assert (spec.metric, spec.mode) == (ELBO, "min") and spec.fixed["generation.text_scores"] is False
+    assert SweepSpec.from_json(spec.to_json(), "sweep.json").mode == "min"
