@@ -189,3 +189,11 @@ def test_an_xquad_grid_run_elbo_only_is_a_sweep_on_the_bound(tmp_path, monkeypat
     spec = prepare(args)
     assert (spec.metric, spec.mode) == (ELBO, "min") and spec.fixed["generation.text_scores"] is False
     assert SweepSpec.from_json(spec.to_json(), "sweep.json").mode == "min"
+
+
+def test_a_search_space_sampling_text_scores_is_refused():
+    from lora_diffusion.engine.spec import _refuse_sampled_sets
+
+    space = SimpleNamespace(params=[SimpleNamespace(field="generation.text_scores")])
+    with pytest.raises(UserError, match="generation.text_scores"):
+        _refuse_sampled_sets(SimpleNamespace(set=[]), space, "space.yaml")
