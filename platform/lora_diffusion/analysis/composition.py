@@ -3,7 +3,7 @@
 1. `<name>-modules-<task>` (a grid sweep per task: the engine selects one metric per sweep):
    one module per method (trajectory; lora for PEFT's merge) x learning rate x seed, task i's
    modules with `trajectory.task_id` i. Per (task, method) the rate with the best mean final
-   validation score over the seeds is selected; its trials (one per seed) are the task modules.
+   validation score over the seeds (the lowest bound, ELBO-only: metric_mode) is selected; its trials (one per seed) are the task modules.
 2. `<name>-router` (grid sweep): the trained router per seed, over that seed's trajectory
    modules, on the mixture of every task's training rows (`router.train_tasks`). A grid cell
    cannot set `train.seed`, so each seed's router is a cell with the grid's one seed 0: the
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.methods import registry
+from ..core.task_specs import oriented
 from .trials import final_column, load_trials, metric_of_task
 
 METHODS = ("trajectory", "lora")  # the router's experts; PEFT merge's experts
@@ -60,7 +61,8 @@ class CompositionSpec:
         return self.tasks.index(task)
 
     def metric(self, task: str) -> str:
-        return metric_of_task(task)
+        sets = {**self.sets, **self.task_sets.get(task, {})}
+        return metric_of_task(task, sets.get("generation.text_scores", True))
 
 
 def record_file(name: str) -> str:
@@ -92,7 +94,7 @@ def select_modules(spec: CompositionSpec, df) -> dict[tuple[str, str], dict]:
                 if len(rows) < len(spec.seeds) or any(math.isnan(v) for v in scores):
                     continue
                 mean = sum(scores) / len(scores)
-                if best is None or mean > best["validation"]:
+                if best is None or oriented(column, mean) > oriented(column, best["validation"]):
                     best = {"lr": lr, "validation": mean,
                             "trials": {int(r["seed"]): r["trial_id"] for _, r in rows.iterrows()}}
             if best is not None:

@@ -20,6 +20,7 @@ import time
 
 from ..core import config as config_lib
 from ..core.checkpoint_files import read_files
+from ..core.task_specs import run_metric
 
 KINDS = ("module", "composition")
 
@@ -63,7 +64,7 @@ def score(config) -> dict:
         method.routing_counts = [0, 0]
     t0 = time.perf_counter()
     scores = recipe.evaluate(recipe.test_examples, "test", sampler=False)
-    metric = recipe.spec.metric
+    metric = run_metric(recipe.config.task, recipe.config.generation.text_scores)
     out = {"metric": metric, "value": scores.get(f"test/{metric}"), "eval_s": time.perf_counter() - t0,
            "scores": {k: v for k, v in scores.items() if isinstance(v, (int, float))},
            "accounting": {k: v for k, v in account(method).items() if k != "per_module"}}

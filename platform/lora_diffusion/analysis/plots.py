@@ -9,6 +9,7 @@ import itertools
 import math
 from pathlib import Path
 
+from ..core.task_specs import direction, metric_mode
 from .trials import VALIDATION_METRIC, is_missing, sort_key, value_key
 
 
@@ -63,7 +64,7 @@ def plot_heatmaps(df, axes: list[str], metric: str, out_dir: Path) -> list[Path]
                 if failed[i][j]:
                     text += f"\n{failed[i][j]} failed"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="w")
-        fig.colorbar(im, ax=ax, label=metric)
+        fig.colorbar(im, ax=ax, label=f"{metric} ({direction(metric)})")
         ax.set_title(f"{metric}\n{a} x {b} (other axes pooled)", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"heatmap_{a}__{b}.png"
@@ -73,13 +74,16 @@ def plot_heatmaps(df, axes: list[str], metric: str, out_dir: Path) -> list[Path]
     return paths
 
 
-def _pareto_front(t) -> list[tuple[float, float]]:
-    """The cells no other cell beats with as few or fewer trainable parameters, left to right."""
+def _pareto_front(t, mode: str = "max") -> list[tuple[float, float]]:
+    """The cells no other cell beats with as few or fewer trainable parameters, left to right
+    (beats: a higher mean, a lower one for a metric of mode "min", the ELBO bound)."""
+    sign = -1.0 if mode == "min" else 1.0
     front, best = [], -math.inf
-    for _, r in t.sort_values(["trainable_params", "mean"], ascending=[True, False]).iterrows():
-        if r["mean"] > best:
+    for _, r in t.assign(_score=sign * t["mean"]).sort_values(["trainable_params", "_score"],
+                                                               ascending=[True, False]).iterrows():
+        if r["_score"] > best:
             front.append((r["trainable_params"], r["mean"]))
-            best = r["mean"]
+            best = r["_score"]
     return front
 
 
@@ -95,11 +99,11 @@ def plot_pareto(table, axes: list[str], out_dir: Path) -> Path:
         for _, r in t.iterrows():
             ax.annotate(_cell_label(r, axes), (r["trainable_params"], r["mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-        ax.plot(*zip(*_pareto_front(t)), "--", color="grey", label="Pareto front")
+        ax.plot(*zip(*_pareto_front(t, metric_mode(metric))), "--", color="grey", label="Pareto front")
         ax.legend()
         ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
-    ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    ax.set_ylabel(f"{metric} (mean, 95% CI; {direction(metric)})")
     ax.set_title(f"{metric.rsplit('/', 1)[-1]} vs trainable parameters")
     fig.tight_layout()
     path = out_dir / "pareto.png"
@@ -171,7 +175,7 @@ def study_from_trials(df, axes: list[str], metric: str):
     done = df[(df["status"] == "FINISHED") & df[metric].notna()]
     dists = {a: _distribution(list(done[a])) for a in axes}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
+    study = optuna.create_study(direction="minimize" if metric_mode(metric) == "min" else "maximize")
     for _, r in done.iterrows():
         params = {}
         for a, d in dists.items():

@@ -15,10 +15,16 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import UserError
+from ..core.task_specs import ELBO_METRIC, direction, metric_mode
 from ..engine.options import repo_root
 from .plots import plot_heatmaps, plot_optuna, plot_pareto, plot_per_t, study_from_trials
 from .statistics import aggregate
 from .trials import final_column, infer_axes, load_trials, mlflow_client, task_metric
+
+# beside every table on the ELBO bound (issue 21: a backbone that cannot produce usable answers)
+ELBO_NOTE = ("**ELBO-only**: selected on the ELBO bound on the reference response (nats per token, "
+             "lower is better); no generated text was scored (generation.text_scores false: for a "
+             "backbone whose answers score 0 whatever the method, e.g. the prepared MiniLM on XQuAD).")
 
 
 def _arrow_safe(df):
@@ -89,19 +95,27 @@ def _summary(sweep: str, df, table, axes: list[str], reference: dict | None, met
     """summary.md: what was aggregated and how, warnings, the table, the skipped plots."""
     n_status = df["status"].value_counts().to_dict()
     lines = [f"# Ablation of sweep `{sweep}`", "",
-             f"metric: `{metric}`; axes: {', '.join(f'`{a}`' for a in axes)}; "
+             f"metric: `{metric}` ({direction(metric)}); axes: {', '.join(f'`{a}`' for a in axes)}; "
              f"trials: {len(df)} ({', '.join(f'{k} {v}' for k, v in sorted(n_status.items()))})",
              "mean, std (ddof=1) and the 95% t interval are over seeds; "
              "a seed without a finished run counts in n_failed (or n_running)."]
+    if metric.endswith(ELBO_METRIC):
+        lines.append(ELBO_NOTE)
     if reference:
         lines.append("diff_mean / p_value: paired by seed against the reference cell "
-                     + ", ".join(f"`{k}={v}`" for k, v in reference.items()) + " (paired t test).")
+                     + ", ".join(f"`{k}={v}`" for k, v in reference.items()) + " (paired t test); "
+                     f"diff_mean is cell - reference in the metric's units: {_better_side(metric)} "
+                     "is better than the reference.")
     if not table["accounting_consistent"].all():
         lines.append("**warning**: some cells report different trainable_params / bytes_saved across seeds.")
     if int(table["n_failed"].sum()):
         lines.append(f"**{int(table['n_failed'].sum())} failed cell-seed(s)**: see n_failed.")
     lines += ["", markdown_table(table), ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _better_side(metric: str) -> str:
+    return "above 0" if metric_mode(metric) == "max" else "below 0"
 
 
 def _log_on_parent(tracking_uri: str, parent_id: str, files: dict[str, Path], table, axes: list[str]) -> None:

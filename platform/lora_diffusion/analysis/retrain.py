@@ -14,6 +14,7 @@ import json
 import math
 import sys
 
+from ..core.task_specs import metric_mode
 from ..engine.spec import SPEC_FILE
 from .trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 
@@ -40,7 +41,8 @@ def retrain_grid(best: dict, seeds: list[int], search: str) -> dict:
 
 
 def summarise(df) -> dict:
-    """Test and validation of the task's metric (`test/accuracy`, `test/f1`, ...) over the
+    """Test and validation of the task's metric (`test/accuracy`, `test/f1`, the ELBO bound
+    `test/elbo_nats_per_token` for ELBO-only generation trials: trials.task_metric) over the
     stage's FINISHED trials: mean, std (ddof=1), n, values (None where undefined: best.json
     stays valid JSON); `metric` names the figure."""
     done = df[df["status"] == "FINISHED"] if len(df) else df
@@ -65,7 +67,8 @@ def line(summary: dict) -> str:
         s = summary[k]
         return f"{s['mean']:.4f} ± {s['std']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f} (n=1, no std)"
     test, validation = _figures(summary)
-    return (f"{test} {fmt(test)} over {summary[test]['n']} fresh seed(s) "
+    better = "" if metric_mode(test) == "max" else " (lower is better)"
+    return (f"{test}{better} {fmt(test)} over {summary[test]['n']} fresh seed(s) "
             f"{summary['seeds']} ({validation} {fmt(validation)})")
 
 

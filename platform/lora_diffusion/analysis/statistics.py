@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ..core.errors import UserError
+from ..core.task_specs import metric_mode
 from .trials import (ACCOUNTING_COLUMNS, STEP_TIME, final_column, is_missing, sort_key, task_metric,
                      value_key)
 
@@ -117,7 +118,8 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | 
     """One row per cell (combination of the axes' values, as found in the trials).
 
     `metric` defaults to the trials' task's validation figure (`final/validation/accuracy`,
-    `final/validation/f1`, ...). Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t
+    `final/validation/f1`, `final/validation/elbo_nats_per_token` for ELBO-only generation
+    trials, lower is better: `attrs["mode"]` is "min"; trials.task_metric). Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t
     distribution), the metric's validation/test mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
     `accounting_consistent` False if a cell disagrees), step_time_s (if logged), n_failed,
     n_running, seeds; with a reference, the paired (by seed) difference to the reference cell:
@@ -146,5 +148,5 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | 
             row.update(_paired_difference(key, _reference_key(key, axes, reference), summaries, metric))
         out.append(row)
     table = pd.DataFrame(out)
-    table.attrs["metric"] = metric
+    table.attrs["metric"], table.attrs["mode"] = metric, metric_mode(metric)
     return table

@@ -12,7 +12,8 @@ import json
 import math
 
 from ..core.errors import UserError
-from .trials import final_column, load_trials, metric_of_task
+from ..core.task_specs import metric_mode
+from .trials import final_column, load_trials, metric_of_task, task_metric
 
 TASK_LABELS = {"sst2": "SST-2", "ag_news": "AG News (cuts)",  # its splits are cuts of its one file (tasks.py)
                "xquad": "XQuAD", "xsum": "XSum"}
@@ -51,8 +52,8 @@ def stage_rows(stage: dict, trials_of, n_seeds: int) -> list[dict]:
         df = trials_of(cell["final_sweep"])
         runs = df[(df["task"] == cell["task"]) & (df["method"] == cell["method"])
                   & (df["status"] == "FINISHED")] if len(df) else df
-        metric = metric_of_task(cell["task"])
-        rows.append({"task": cell["task"], "method": cell["method"], "config": _knobs(cell),
+        metric = task_metric(runs) if len(runs) else metric_of_task(cell["task"])  # ELBO-only or not
+        rows.append({"task": cell["task"], "method": cell["method"], "config": _knobs(cell), "metric": metric,
                      "n": len(runs), "partial": len(runs) < n_seeds,
                      "test": _mean_std([float(v) for v in runs.get(final_column("test", metric), [])]),
                      "validation": _mean_std([float(v) for v in runs.get(final_column("validation", metric), [])]),
@@ -68,8 +69,9 @@ def markdown(record: dict, stage_key: str, trials_of) -> str:
     head = ["method"]
     for t in tasks:
         label = TASK_LABELS.get(t, t)
-        metric = metric_of_task(t)
-        head += [f"{label} test {metric} (± std)", f"{label} validation", f"{label} params", f"{label} tuned on validation"]
+        metric = next(r["metric"] for r in rows if r["task"] == t)
+        better = "" if metric_mode(metric) == "max" else ", lower is better"
+        head += [f"{label} test {metric} (± std{better})", f"{label} validation", f"{label} params", f"{label} tuned on validation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in record["methods"]:
         cells = [method]

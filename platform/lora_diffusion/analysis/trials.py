@@ -13,10 +13,12 @@ import math
 from ..core.errors import UserError
 
 # A trial's final figures are `final/<split>/<metric>`, where the metric is its task's
-# (TaskSpec.metric: accuracy for classification, f1 for XQuAD, rougeL for XSum).
+# (TaskSpec.metric: accuracy for classification, f1 for XQuAD, rougeL for XSum), or the ELBO bound
+# elbo_nats_per_token (lower is better) for a generation run with generation.text_scores false.
 VALIDATION_METRIC = "final/validation/accuracy"  # the classification tasks' columns
 TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
+TEXT_SCORES = "generation.text_scores"
 STEP_TIME = "final/step_time_s"
 ACCOUNTING_COLUMNS = ("trainable_params", "bytes_saved", "trained_params")
 
@@ -29,20 +31,29 @@ def final_column(split: str, metric: str) -> str:
     return f"final/{split}/{metric}"
 
 
-def metric_of_task(task) -> str:
-    from ..core.task_specs import TASKS
+def metric_of_task(task, text_scores=True) -> str:
+    """The figure a run of `task` is selected on (task_specs.run_metric); "accuracy" for none."""
+    from ..core.task_specs import TASKS, run_metric
 
-    return TASKS[task].metric if task in TASKS else "accuracy"
+    return run_metric(task, str(text_scores) != "False") if task in TASKS else "accuracy"
+
+
+def text_scores_of(row) -> bool:
+    """A trial row's generation.text_scores: True unless it says false (False, numpy's, the
+    param's text); older runs have no such param (NaN, None): they scored text."""
+    return str(row.get(TEXT_SCORES)) != "False"
 
 
 def task_metric(df) -> str:
-    """The metric the frame's trials are scored by: their task's (TaskSpec.metric). Trials of
-    tasks with different metrics have no column in common, so that is refused naming them."""
-    tasks = sorted({t for t in df.get("task", []) if isinstance(t, str)})
-    metrics = sorted({metric_of_task(t) for t in tasks})
+    """The metric the frame's trials are scored by: their task's (TaskSpec.metric), the ELBO bound
+    for generation trials run with generation.text_scores false. Trials selected on different
+    metrics have no column in common, so that is refused naming them."""
+    rows = [r for _, r in df.iterrows() if isinstance(r.get("task"), str)] if len(df) else []
+    tasks = sorted({r["task"] for r in rows})
+    metrics = sorted({metric_of_task(r["task"], text_scores_of(r)) for r in rows})
     if len(metrics) > 1:
-        raise UserError(f"--metric: the trials' tasks {', '.join(tasks)} are scored by different "
-                        f"metrics ({', '.join(metrics)}); name one with --metric")
+        raise UserError(f"--metric: the trials' tasks {', '.join(tasks)} (and their {TEXT_SCORES}) are "
+                        f"scored by different metrics ({', '.join(metrics)}); name one with --metric")
     return metrics[0] if metrics else "accuracy"
 
 
@@ -154,7 +165,7 @@ def _trial_row(trial_id: str, group: list) -> dict:
     for col in ("trainable_params", "bytes_saved"):
         row[col] = metrics.get(f"accounting/{col}", parse_param(params.get(f"accounting.{col}", "")))
     row["trained_params"] = metrics.get("accounting/trained_params", math.nan)  # older runs: none
-    metric = metric_of_task(tags.get("task"))
+    metric = metric_of_task(tags.get("task"), parse_param(params.get(TEXT_SCORES, "True")))
     for k in (final_column("validation", metric), final_column("test", metric)):
         row.setdefault(k, math.nan)
     return row

@@ -19,8 +19,9 @@ import random
 from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
+from ..core.task_specs import oriented
 from .budget import knob_of, match_budget
-from .trials import final_column, metric_of_task, value_key
+from .trials import final_column, metric_of_task, text_scores_of, value_key
 
 # LoRA on attention + MLP of MiniLM moves in steps of 41,472 parameters per rank: rank 2 is
 # 82,944 (+12.5% over the 73,728 budget), rank 1 is 56% under. The tables show every count.
@@ -91,14 +92,16 @@ def matching_rows(cell: dict, trials) -> list:
 
 
 def choose(cells: list[dict], trials) -> dict[tuple[str, str], dict]:
-    """(task, method) -> the stage-1 cell that scored best on validation (the task's metric) among FINISHED trials
+    """(task, method) -> the stage-1 cell that scored best on validation (the task's metric, or
+    the lowest ELBO bound for ELBO-only generation trials: metric_mode) among FINISHED trials
     (ties: the smaller rate, then the earlier cell). Trials are matched to cells on every key."""
     best: dict[tuple[str, str], tuple] = {}
     for i, cell in enumerate(cells):
         key = (cell["task"], cell["method"])
         for r in matching_rows(cell, trials):
-            score = float(r[final_column("validation", metric_of_task(cell["task"]))])
-            rank = (score, -float(cell[LR]), -i)
+            metric = metric_of_task(cell["task"], text_scores_of(r))
+            score = float(r[final_column("validation", metric)])
+            rank = (oriented(metric, score), -float(cell[LR]), -i)
             if not math.isnan(score) and (key not in best or rank > best[key][0]):
                 best[key] = (rank, cell)
     missing = sorted({(c["task"], c["method"]) for c in cells} - set(best))

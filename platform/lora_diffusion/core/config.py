@@ -53,6 +53,11 @@ class GenerationConfig:
     # the first end token, where the answer stops, keeps weight 1); 1: LLaDA's SFT loss, 0: the
     # padding is not counted (generation.token_weights)
     end_token_weight: float = 1.0
+    # false: evaluation runs no sampler, a split reports the ELBO bound only (no exact_match, f1,
+    # rouge*, samples) and sweeps select on validation/elbo_nats_per_token, lower is better
+    # (task_specs.run_metric); for a backbone whose answers score 0 whatever the method, where
+    # the sampler's 1-3 CPU s per example buy nothing. Classification ignores it.
+    text_scores: bool = True
 
 
 @dataclass

@@ -26,6 +26,10 @@ Scores. xquad: SQuAD exact match and F1, the best over the gold answers; xsum: R
 (core/metrics.py). Beside them, for every method, the ELBO bound on the reference response (the
 padded one the model trains on, end tokens included), `<split>/elbo_nats_per_token`. The train
 split (the train-accuracy subset) gets the ELBO only: generating its 512 rows would take minutes.
+`generation.text_scores: false` makes every split ELBO-only: the sampler never runs (no scores of
+text, no generation_s_per_example, no samples), and sweeps select on
+`validation/elbo_nats_per_token`, lower is better (task_specs.run_metric, metric_mode): for a
+backbone whose generated answers score 0 whatever the method. Classification ignores it.
 """
 
 from __future__ import annotations
@@ -124,10 +128,11 @@ def reference_elbo(recipe, examples, times, batch_size: int, generator: torch.Ge
 
 def evaluate(recipe, examples, split: str, times, batch_size: int, elbo_generator: torch.Generator,
              sample_generator: torch.Generator) -> dict:
-    """`<split>/elbo_nats_per_token`, and except on train the task's scores of generated text
-    (exact_match, f1 or rouge1, rouge2, rougeL) with the sampler's seconds per example."""
+    """`<split>/elbo_nats_per_token`, and except on train (or with generation.text_scores false)
+    the task's scores of generated text (exact_match, f1 or rouge1, rouge2, rougeL) with the
+    sampler's seconds per example."""
     out = {f"{split}/elbo_nats_per_token": reference_elbo(recipe, examples, times, batch_size, elbo_generator)}
-    if split == "train":
+    if split == "train" or not recipe.config.generation.text_scores:
         return out
     t0 = time.perf_counter()
     predictions = generate(recipe, examples, batch_size, sample_generator)

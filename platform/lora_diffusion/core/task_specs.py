@@ -103,6 +103,37 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
+# ----------------------------------------------------------------------------- what runs are selected on
+
+# a generation task's ELBO bound on the reference response (core/generation.py): nats per token
+ELBO_METRIC = "elbo_nats_per_token"
+LOWER_IS_BETTER = (ELBO_METRIC, "loss")  # every other figure a run is selected or sorted on is a score
+
+
+def run_metric(task: str, text_scores: bool = True) -> str:
+    """What a run of `task` is selected on (`validation/<it>`): the task's metric (TaskSpec.metric),
+    or the ELBO bound for a generation task run with generation.text_scores false (no generated
+    text to score). Classification ignores text_scores."""
+    spec = get_task(task)
+    return ELBO_METRIC if spec.kind == "generation" and not text_scores else spec.metric
+
+
+def metric_mode(metric: str) -> str:
+    """"min" for a metric where lower is better (the ELBO bound, a loss), "max" for a score; the
+    one place that says so. `metric` may carry its prefixes (`final/validation/f1`)."""
+    return "min" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "max"
+
+
+def oriented(metric: str, value: float) -> float:
+    """`value` turned so that larger is better whatever `metric_mode` says: a key for max()."""
+    return value if metric_mode(metric) == "max" else -value
+
+
+def direction(metric: str) -> str:
+    """The words a table or summary puts beside `metric`."""
+    return "higher is better" if metric_mode(metric) == "max" else "lower is better"
+
+
 def sst2_example(ex_id: str, sentence: str, label: int) -> Example:
     spec = TASKS["sst2"]
     sentence = sentence.strip()

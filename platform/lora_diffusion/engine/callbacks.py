@@ -20,6 +20,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from ..core import config as config_lib
+from ..core.task_specs import metric_mode
 from . import search_space as space_lib
 from .grid import SEED_FIELD
 from .spec import METRIC
@@ -316,9 +317,11 @@ def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: di
     if run is not None:
         m = run.data.metrics
         score = m.get(f"final/{metric}", best["selection"]["score"])
+        lower = ", lower is better" if metric_mode(metric) == "min" else ""
         lines += [f"Selected on validation: **{run.info.run_name}** (trial `{best['trial_id']}`, tagged "
-                  f"`{BEST_TAG}`): selection score ({metric}) {score:.4f}, the best of the search, so "
-                  "optimistic; its test figure is the retrain's (fresh seeds), below when it has run.", ""]
+                  f"`{BEST_TAG}`): selection score ({metric}{lower}) {score:.4f}, the best "
+                  "of the search, so optimistic; its test figure is the retrain's (fresh seeds), below "
+                  "when it has run.", ""]
     else:
         lines += [f"Best trial: none ({'no trial reported ' + metric if ended else 'the sweep is running, or was interrupted'}).", ""]
     if resume:

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..core import config as config_lib
 from ..core import tasks
 from ..core.errors import UserError
+from ..core.task_specs import metric_mode, run_metric
 from . import preflight
 from . import search_space as space_lib
 from .grid import parse_grid
@@ -28,16 +29,18 @@ from .options import default_tracking_uri, repo_root, storage_location
 from .storage import SweepStorage
 from .tracking import DEFAULT_EXPERIMENT
 
-METRIC, MODE = "validation/accuracy", "max"  # classification's; every task's: selection_metric
+METRIC = "validation/accuracy"  # classification's; every run's: selection_metric, its mode: metric_mode
 SPEC_FILE = "sweep.json"
 TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
+TEXT_SCORES = "generation.text_scores"
 
 
-
-def selection_metric(task: str) -> str:
+def selection_metric(task: str, text_scores: bool = True) -> str:
     """What a sweep on `task` selects on (Tune, ASHA, the best trial): validation/accuracy for
-    classification, validation/f1 for xquad, validation/rougeL for xsum (task_specs.py)."""
-    return f"validation/{tasks.get_task(task).metric}"
+    classification, validation/f1 for xquad, validation/rougeL for xsum, and for a generation
+    task run with generation.text_scores false validation/elbo_nats_per_token, lower is better
+    (task_specs.run_metric, metric_mode)."""
+    return f"validation/{run_metric(task, text_scores)}"
 
 
 # --smoke: the tiny random backbone (built in the sweep directory) and a few steps per trial
@@ -113,7 +116,13 @@ class SweepSpec:
     @property
     def metric(self) -> str:
         fixed_task = self.fixed.get("task", config_lib.RunSettings.task)
-        return selection_metric(min(run_tasks(fixed_task, self.grid)))  # one metric: _check_data
+        # one metric (_check_data); a sweep.json of older code has no text_scores: true
+        return min(selection_metrics(fixed_task, self.fixed.get(TEXT_SCORES, True), self.grid))
+
+    @property
+    def mode(self) -> str:
+        """Tune's, Optuna's and ASHA's mode: "max", or "min" for the ELBO bound."""
+        return metric_mode(self.metric)
 
     def parse_space(self):
         """The space (or grid) file's content, validated with the sweep's overrides."""
@@ -200,6 +209,9 @@ def _refuse_sampled_sets(args, space, path: Path) -> None:
     """A --set of a knob the space samples would be overridden in every trial while the parent
     run records the user's value: refuse it."""
     sampled = {p.field for p in space.params if p.field}
+    if TEXT_SCORES in sampled:  # its trials would be selected on two metrics, of opposite modes
+        raise UserError(f"{path}: {TEXT_SCORES}: a search space may not sample it (text scores and the "
+                        "ELBO bound are different selection metrics); fix it in the space's fixed section")
     clash = [k for k in config_lib.parse_sets(args.set) if k in sampled]
     if clash:
         raise UserError(f"--set {clash[0]}: the search space {path} samples this knob; drop the --set, "
@@ -287,6 +299,22 @@ def _check_data(fixed_cfg, grid: GridSpec | None) -> None:
     if len({selection_metric(t) for t in names}) > 1:
         raise UserError(f"cells: tasks {', '.join(sorted(names))} are selected "
                         "on different metrics; run one sweep per task")
+    metrics = selection_metrics(fixed_cfg.task, fixed_cfg.generation.text_scores, grid)
+    if len(metrics) > 1:
+        raise UserError(f"{TEXT_SCORES}: the sweep's runs mix text scores and ELBO-only evaluation, "
+                        f"selected on different metrics ({', '.join(sorted(metrics))}); give every "
+                        "run the same value")
+
+
+def selection_metrics(fixed_task: str, fixed_text_scores: bool, grid: GridSpec | None) -> set[str]:
+    """The selection metrics of a sweep's runs: each run's task with its generation.text_scores
+    (a grid's axes or cells, else the fixed value)."""
+    if grid is not None and grid.cells:
+        return {selection_metric(c.get("task", fixed_task), c.get(TEXT_SCORES, fixed_text_scores))
+                for c in grid.cells}
+    axes = grid.axes if grid is not None else {}
+    return {selection_metric(t, s) for t in run_tasks(fixed_task, grid)
+            for s in axes.get(TEXT_SCORES, [fixed_text_scores])}
 
 
 def run_tasks(fixed_task: str, grid: GridSpec | None) -> set[str]:

@@ -11,14 +11,16 @@ Shape (Ray 2.60, Train V2):
   GPUs checked before anything is written (a sweep that still dies before Tune saved its state
   reruns under its name, with or without --resume);
 - the best trial (printed, tagged on the parent run, best.json) is a trial that did not fail
-  with a finite validation/accuracy; when there is none the sweep fails, saying why;
+  with a finite selection metric, the highest, or the lowest for the ELBO bound of an ELBO-only
+  generation sweep (generation.text_scores false; spec.mode); when there is none the sweep
+  fails, saying why;
 - a trial (trial.py) is a Tune function trainable that builds and fits a TorchTrainer with N
   workers; `TuneReportCallback` forwards each evaluation's report to Tune; the Train run is named
   by the trial id under `<sweep>/train/`, so a restored trial's Train run finds its own latest
   checkpoint; `FailureConfig` restarts failed workers from it;
 - tuner.py: OptunaSearch (seeded TPE) samples the search space define-by-run (conditional
   parameters) and ASHA stops weak trials on the task's validation metric (accuracy, f1 for
-  xquad, rougeL for xsum: spec.selection_metric) at rungs of the recipe's step counter;
+  xquad, rougeL for xsum, elbo_nats_per_token ELBO-only: spec.selection_metric) at rungs of the recipe's step counter;
   a grid file (search_spaces/grid_*.yaml, see grid.py) runs every cell x seed once instead
   (Tune's grid search, no early stopping);
 - callbacks.py: one MLflow parent run per sweep and one child run per trial (tracking.py),
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import UserError
+from ..core.task_specs import direction, oriented
 from . import preflight, tracking
 from . import tuner as tuner_lib
 from .grid import SEED_FIELD
@@ -185,9 +188,10 @@ def _select(results, spec: SweepSpec) -> dict | None:
     rows = [(r, config) for r, config in rows if (r.metrics.get("step") or 0) >= config["train.steps"]]
     if not rows:
         return None
-    b, config = max(rows, key=lambda rc: rc[0].metrics[metric])
+    b, config = max(rows, key=lambda rc: oriented(metric, rc[0].metrics[metric]))
     return {"trial_id": b.metrics.get("trial_id"), "step": b.metrics.get("step"), "params": b.config,
-            "selection": {"metric": metric, "score": b.metrics[metric], "completed_trials": len(rows),
+            "selection": {"metric": metric, "mode": spec.mode, "score": b.metrics[metric],
+                          "completed_trials": len(rows),
                           "note": "the best validation score of the search: what the configuration was "
                                   "selected by, optimistic; the result is retrain's test"},
             "config": {k: v for k, v in config.items() if not k.startswith("sampled.")}}
@@ -209,7 +213,7 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
         print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
         return 1
     print(f"selected trial {best['trial_id']}: selection score {spec.metric} {best['selection']['score']:.4f} "
-          f"(the best of {best['selection']['completed_trials']} completed trials on validation: "
+          f"({direction(spec.metric)}; the best of {best['selection']['completed_trials']} completed trials on validation: "
           "optimistic, not a result)")
     for k, v in best["params"].items():
         print(f"  {k} = {v}")
@@ -226,6 +230,7 @@ def _usable(r, metric: str = METRIC) -> bool:
 
 
 def best_result(results, metric: str = METRIC):
-    """The usable trial with the highest final `metric`; None if there is none."""
+    """The usable trial with the best final `metric` (the highest, the lowest for the ELBO bound:
+    metric_mode); None if there is none."""
     rows = [r for r in results if _usable(r, metric)]
-    return max(rows, key=lambda r: r.metrics[metric]) if rows else None
+    return max(rows, key=lambda r: oriented(metric, r.metrics[metric])) if rows else None

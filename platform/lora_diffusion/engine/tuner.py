@@ -1,6 +1,7 @@
 """Ray and the Tune tuner of a sweep: the cluster to join, the resources a trial's workers reserve,
 and the tuner: Tune's grid search for a grid file (BasicVariantGenerator, every trial to the end),
-seeded Optuna TPE with ASHA for a search space, or the saved tuner of a sweep to resume.
+seeded Optuna TPE with ASHA for a search space, or the saved tuner of a sweep to resume. Every
+one of them maximises the selection metric, or minimises it for the ELBO bound (`spec.mode`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from . import search_space as space_lib
 from .grid import SEED_FIELD
-from .spec import MODE, GridSpec, SweepSpec
+from .spec import GridSpec, SweepSpec
 
 TRIAL_CPUS = 0.01  # the trial's own actor only starts the TorchTrainer: its workers reserve the CPUs
 
@@ -114,7 +115,7 @@ def _grid_tuner(spec: SweepSpec, trainable, run_config):
     return tune.Tuner(
         trainable, param_space=grid_param_space(spec.grid),
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=MODE, num_samples=1,
+            metric=spec.metric, mode=spec.mode, num_samples=1,
             # FIFO (no scheduler): every run to the end; the generator limits concurrency
             search_alg=BasicVariantGenerator(max_concurrent=spec.sweep.max_concurrent)),
         run_config=run_config)
@@ -129,14 +130,14 @@ def _optuna_tuner(spec: SweepSpec, trainable, run_config):
 
     options = spec.sweep
     space = spec.parse_space()
-    searcher = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=MODE,
+    searcher = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
                             sampler=optuna.samplers.TPESampler(seed=options.seed))
     searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)
     scheduler = ASHAScheduler(time_attr="step", max_t=spec.steps + 1, grace_period=options.grace_period,
                               reduction_factor=options.reduction_factor)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=options.num_samples,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=searcher,
+                                    scheduler=scheduler, num_samples=options.num_samples,
                                     max_concurrent_trials=options.max_concurrent),
         run_config=run_config)
