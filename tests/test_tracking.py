@@ -222,3 +222,22 @@ def test_trial_names_say_what_was_tried_and_are_unique_in_the_sweep(uri):
     assert t.client.get_run(b).info.run_name == "lora seed1 (2)"
     assert t.client.get_run(b).data.tags["trial_id"] == "t2"
     assert SweepTracker(uri, "s1").trial_run("t2", run_name="other") == b  # re-attached, name kept
+
+
+def test_a_trials_final_line_shows_only_figures_its_task_has(capsys):
+    """A generation run has no sampler accuracy or train accuracy: no `nan` columns for them."""
+    import json
+    from types import SimpleNamespace
+
+    from lora_diffusion.engine.callbacks import ProgressLines
+
+    trial = SimpleNamespace(trial_id="t1", config={})
+    generation = {"steps": 4, "validation/f1": 0.25, "test/f1": 0.5, "accounting": {"trainable_params": 8}}
+    ProgressLines("validation/f1").on_trial_result(0, [], trial, {"step": 4, "result_json": json.dumps(generation)})
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert "validation/f1 0.2500" in final and "nan" not in final and "test/" not in final
+    classification = {"steps": 4, "validation/accuracy": 0.75, "validation/accuracy_sampler": 0.5,
+                      "train/accuracy": 1.0, "accounting": {"trainable_params": 8}}
+    ProgressLines().on_trial_result(0, [], trial, {"step": 4, "result_json": json.dumps(classification)})
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert "validation/accuracy_sampler 0.5000" in final and "train/accuracy 1.0000" in final

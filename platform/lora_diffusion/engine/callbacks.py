@@ -130,11 +130,13 @@ class ProgressLines(Callback):
         if result.get("result_json"):
             r = json.loads(result["result_json"])
             acc = r.get("accounting", {})
+            # beside the selection metric, the figures a classification run has (a generation run
+            # has neither); never test, which no choice may see
+            extra = [k for k in ("validation/accuracy_sampler", "train/accuracy") if k in r]
             print(f"[trial {trial.trial_id}] final  step {r.get('steps')}  "
                   f"{self.metric} {r.get(self.metric, float('nan')):.4f}  "
-                  f"validation/accuracy_sampler {r.get('validation/accuracy_sampler', float('nan')):.4f}  "
-                  f"train/accuracy {r.get('train/accuracy', float('nan')):.4f}  "
-                  f"params {acc.get('trainable_params')}", flush=True)
+                  + "".join(f"{k} {r[k]:.4f}  " for k in extra if isinstance(r[k], float))
+                  + f"params {acc.get('trainable_params')}", flush=True)
 
     def _step_line(self, trial, result):
         print(f"[trial {trial.trial_id}] step {int(result.get('step', 0)):5d}  "
