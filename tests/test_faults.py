@@ -302,3 +302,56 @@ def test_a_grid_files_data_dir_wins_over_the_environment_and_set_over_both(tmp_p
     monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
     assert spec_lib.prepare(_args(tmp_path / "b", "--space", str(grid))).fixed["data_dir"] == str(
         synthetic_data_dir.resolve())
+
+
+def test_a_local_ray_start_that_times_out_is_started_again_and_other_errors_are_not(monkeypatch, capsys):
+    import ray
+
+    from lora_diffusion.engine import tuner
+
+    calls, stopped = [], []
+    def flaky_init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception(tuner.RAY_START_TIMEOUT + ". This could happen because ...")
+    monkeypatch.setattr(ray, "init", flaky_init)
+    monkeypatch.setattr(tuner, "stop_half_started_ray", lambda: stopped.append(1))
+    tuner.init_ray("local")
+    assert len(calls) == 2 and stopped == [1] and "starting it again" in capsys.readouterr().err
+
+    def broken_init(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("something else")
+    calls.clear()
+    monkeypatch.setattr(ray, "init", broken_init)
+    with pytest.raises(RuntimeError, match="something else"):
+        tuner.init_ray("local")
+    assert len(calls) == 1
+
+    def always_late(**kwargs):
+        calls.append(kwargs)
+        raise Exception(tuner.RAY_START_TIMEOUT)
+    calls.clear()
+    monkeypatch.setattr(ray, "init", always_late)
+    with pytest.raises(Exception, match="timed out during startup"):
+        tuner.init_ray("local")
+    assert len(calls) == tuner.LOCAL_START_ATTEMPTS
+
+
+def test_a_half_started_rays_processes_are_killed_and_nothing_else():
+    import subprocess
+    import sys
+
+    from lora_diffusion.engine import tuner
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ray_like = subprocess.Popen(sleep + ["/venv/lib/site-packages/ray/dashboard/dashboard.py"])
+    other = subprocess.Popen(sleep + ["/home/ray/an-unrelated-child"])  # "ray" in a path is not Ray
+    try:
+        tuner.stop_half_started_ray()
+        assert ray_like.wait(timeout=10) is not None
+        assert other.poll() is None
+    finally:
+        for p in (ray_like, other):
+            p.kill()
+            p.wait()

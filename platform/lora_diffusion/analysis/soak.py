@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..engine.tuner import RAY_START_TIMEOUT
 from . import fault_matrix as fm
 
 SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ctrl-C)", "Train worker killed"
@@ -40,9 +41,9 @@ DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--ma
                "--set", "train.steps=300", "--set", "train.eval_every=10"]  # long enough for 10 kills
 POLL_S = 0.3
 # Ray's local node start waits 30 s for the raylet (hard-coded in ray/_private/node.py) and fails
-# on a loaded machine. That is not a fault of the sweep (nothing has started: engine/sweep.py),
-# so the soak starts the driver again, up to MAX_START_RETRIES times, and counts the restarts.
-RAY_START_TIMEOUT = "The current node timed out during startup"
+# on a loaded machine. That is not a fault of the sweep (nothing has started: engine/sweep.py);
+# the driver itself tries 3 times (tuner.init_ray), and should all fail the soak starts the driver
+# again, up to MAX_START_RETRIES times, and counts the restarts.
 MAX_START_RETRIES = 3
 
 

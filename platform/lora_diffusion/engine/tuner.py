@@ -6,9 +6,11 @@ one of them maximises the selection metric, or minimises it for the ELBO bound (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,11 @@ from . import search_space as space_lib
 from .grid import SEED_FIELD
 from .spec import GridSpec, SweepSpec
 
+# Ray's local node start waits 30 s for its raylet (hard-coded in ray/_private/node.py) and then
+# raises this; on a loaded machine that is a slow start, not a fault, and nothing of the sweep has
+# started yet (engine/sweep.py), so init_ray starts the node again
+RAY_START_TIMEOUT = "The current node timed out during startup"
+LOCAL_START_ATTEMPTS = 3
 TRIAL_CPUS = 0.01  # the trial's own actor only starts the TorchTrainer: its workers reserve the CPUs
 
 
@@ -41,12 +48,47 @@ def init_ray(address: str, log_to_driver: bool = True) -> None:
         # active Ray instances" beside another Ray; no address without one) and kills its
         # monitor thread; so this cluster's dashboard is named to every worker, which inherits
         # the environment of the raylet started here.
-        port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", include_dashboard=True, dashboard_port=port, log_to_driver=log_to_driver,
-                 configure_logging=True, logging_level="WARNING")
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+            port = free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(address="local", include_dashboard=True, dashboard_port=port,
+                         log_to_driver=log_to_driver, configure_logging=True, logging_level="WARNING")
+                return
+            except Exception as exc:  # Ray raises a bare Exception for it
+                if RAY_START_TIMEOUT not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
+                    raise
+            stop_half_started_ray()
+            print(f"Ray's local node start timed out (attempt {attempt} of {LOCAL_START_ATTEMPTS}); "
+                  "starting it again", file=sys.stderr, flush=True)
     else:
         ray.init(address=address, log_to_driver=log_to_driver)
+
+
+def stop_half_started_ray() -> None:
+    """After a failed local node start: Ray's state reset and the processes it had spawned (GCS,
+    raylet, dashboard: children of this process whose command line runs Ray) killed, so the next
+    attempt starts clean and nothing is left behind."""
+    import psutil
+    import ray
+
+    ray.shutdown()
+    children = [c for c in psutil.Process().children(recursive=True) if _runs_ray(c)]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
+
+
+def _runs_ray(proc) -> bool:
+    """A Ray process: its binaries (gcs_server, raylet), a script of the installed package
+    (dashboard, log monitor, agents) or a worker (`ray::IDLE`); not merely a path with "ray" in it."""
+    try:
+        parts = proc.cmdline()
+    except Exception:  # psutil.Error: gone already, or not ours to read
+        return False
+    return any(p.startswith("ray::") or "packages/ray/" in p or Path(p).name in ("gcs_server", "raylet")
+               for p in parts)
 
 
 def free_port() -> int:
