@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from ..core.errors import UserError
+from ..core.task_specs import TEXT_SCORES
 
 # A trial's final figures are `final/<split>/<metric>`, where the metric is its task's
 # (TaskSpec.metric: accuracy for classification, f1 for XQuAD, rougeL for XSum), or the ELBO bound
@@ -18,7 +19,6 @@ from ..core.errors import UserError
 VALIDATION_METRIC = "final/validation/accuracy"  # the classification tasks' columns
 TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
-TEXT_SCORES = "generation.text_scores"
 STEP_TIME = "final/step_time_s"
 ACCOUNTING_COLUMNS = ("trainable_params", "bytes_saved", "trained_params")
 

@@ -108,6 +108,7 @@ def get_task(name: str) -> TaskSpec:
 # a generation task's ELBO bound on the reference response (core/generation.py): nats per token
 ELBO_METRIC = "elbo_nats_per_token"
 LOWER_IS_BETTER = (ELBO_METRIC, "loss")  # every other figure a run is selected or sorted on is a score
+TEXT_SCORES = "generation.text_scores"  # the config key that makes a generation run ELBO-only
 
 
 def run_metric(task: str, text_scores: bool = True) -> str:

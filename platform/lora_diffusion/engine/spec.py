@@ -21,7 +21,7 @@ from pathlib import Path
 from ..core import config as config_lib
 from ..core import tasks
 from ..core.errors import UserError
-from ..core.task_specs import metric_mode, run_metric
+from ..core.task_specs import TEXT_SCORES, metric_mode, run_metric
 from . import preflight
 from . import search_space as space_lib
 from .grid import parse_grid
@@ -32,7 +32,6 @@ from .tracking import DEFAULT_EXPERIMENT
 METRIC = "validation/accuracy"  # classification's; every run's: selection_metric, its mode: metric_mode
 SPEC_FILE = "sweep.json"
 TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
-TEXT_SCORES = "generation.text_scores"
 
 
 def selection_metric(task: str, text_scores: bool = True) -> str:
