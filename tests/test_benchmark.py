@@ -82,6 +82,15 @@ def test_sweep_breakdown_adds_up_to_the_slots():
     assert out["startup_share_of_300_steps"] == pytest.approx(10 / (300 * 0.3))
 
 
+def test_the_sweep_section_times_the_search_alone():
+    """`sweep` retrains the selected configuration after the search by default: a second sweep
+    whose trials are not in the search's timings, so its minutes counted as idle wall time."""
+    from lora_diffusion.engine.options import build_parser
+
+    args = build_parser("rank_schedule").parse_args(bench_sweep.DEFAULT_ARGS)
+    assert args.retrain_seeds == 0 and args.max_concurrent == 2
+
+
 def test_bench_refuses_an_unknown_section(capsys):
     from lora_diffusion.cli import main
 
