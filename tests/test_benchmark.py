@@ -29,6 +29,7 @@ def smoke_result(synthetic_data_dir, tmp_path_factory):
 def test_the_json_holds_every_variant_and_section(smoke_result):
     result, out = smoke_result
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # what was written is the result
+    assert result["machine_end"]["date"] >= result["machine"]["date"]
     variants = {r["variant"] for r in result["train"]["rows"]}
     methods = set(registry.names()) - {"router", "lora_merge", "trajectory", "lora"}  # compositions; two named variants
     assert methods <= variants
@@ -65,6 +66,7 @@ def test_table_plots_and_mlflow_run_come_from_the_json(smoke_result, tmp_path):
     text = readme.read_text()
     assert text.count(bench_report.BEGIN) == 1 and "before" in text  # replaced, not appended twice
     assert "| trajectory-mid |" in text and "| router n=2 |" in text and "![sequence](docs/bench-sequence.png)" in text
+    assert "load average at the end" in text  # stamped after the last section, not when the run started
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -266,10 +266,13 @@ _TITLES = {"sequence": "training step vs sequence length (fitted exponent)",
 def table(result: dict, plot_dir: str | None = None, relative_to: Path | None = None) -> str:
     """The whole performance section: machine, command, tables, targets, plots."""
     m = result["machine"]
+    # a JSON written before machine_end existed has only the stamp taken when its last call started
+    end, when = (result["machine_end"], "at the end") if "machine_end" in result else (m, "when its last call started")
     parts = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m.get('gpu') else ''}; "
-             f"torch {m['torch']}, {result['settings']['threads']} thread; load average at the end "
-             f"{m['load_average'][0]:.1f}: the machine was shared, so seconds are inflated and only the ratios, "
-             f"taken side by side in one process, compare), size `{result['size']}`."]
+             f"torch {m['torch']}, {result['settings']['threads']} thread; load average {when} "
+             f"{end['load_average'][0]:.1f}, the benchmark's own processes included: seconds move with the "
+             f"machine's load, the ratios, taken side by side in one process, are what compares), "
+             f"size `{result['size']}`."]
     if "train" in result:
         parts += ["", "Training (`Recipe.train_step`; ratios to PEFT LoRA on attention; memory measured per "
                   "variant in its own process, peak resident set above the loaded model):", "", train_table(result)]

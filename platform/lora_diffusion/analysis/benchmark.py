@@ -98,6 +98,7 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
     wb = Workbench(size, data_dir=data_dir) if set(sections) & {"train", "memory", "infer"} else None
 
     def save():
+        result["machine_end"] = machine()  # the load the last section left (the header's "at the end")
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(result, indent=1))
