@@ -200,6 +200,31 @@ def test_the_report_pairs_the_gap_to_the_oracle_by_seed_and_counts_what_composit
     assert "## Interference matrix" in files["summary"].read_text()
 
 
+def test_an_elbo_only_engine_set_selects_generation_modules_on_the_lower_bound():
+    """`--set generation.text_scores=false` reaches every trial over the grid's settings; the
+    selection must then read the bound (lower is better), not a ROUGE column that was never made."""
+    import pandas as pd
+
+    from lora_diffusion.analysis import composition
+
+    spec = composition.CompositionSpec(tasks=["sst2", "xsum"], seeds=[0], lrs={"trajectory": [1e-3, 5e-3],
+                                                                              "lora": [1e-3]})
+    assert spec.metric("xsum") == "rougeL"
+    composition.apply_engine_sets(spec, ["generation.text_scores=false"])
+    assert spec.metric("xsum") == "elbo_nats_per_token" and spec.metric("sst2") == "accuracy"
+    rows = [("sst2", m, lr, "validation/accuracy", 0.6) for m, lr in
+            [("trajectory", 1e-3), ("trajectory", 5e-3), ("lora", 1e-3)]]
+    rows += [("xsum", "trajectory", 1e-3, "validation/elbo_nats_per_token", 5.0),
+             ("xsum", "trajectory", 5e-3, "validation/elbo_nats_per_token", 4.0),
+             ("xsum", "lora", 1e-3, "validation/elbo_nats_per_token", 4.5)]
+    df = pd.DataFrame([{"task": t, "method": m, "train.lr": lr, "status": "FINISHED", "seed": 0,
+                        "trial_id": f"{t}-{m}-{lr}", col: v} for t, m, lr, col, v in rows])
+    df = df.rename(columns={c: composition.final_column(c.split("/")[0], c.split("/")[1])
+                            for c in df.columns if "/" in c})
+    chosen = composition.select_modules(spec, df)
+    assert chosen[("xsum", "trajectory")]["lr"] == 5e-3  # the lower bound wins
+
+
 @pytest.mark.slow
 def test_the_composition_job_smoke_runs_end_to_end_and_resumes(synthetic_data_dir, tmp_path):
     """jobs/composition.py --smoke on Ray (a few minutes on 2 shared cores), then again: every

@@ -65,6 +65,15 @@ class CompositionSpec:
         return metric_of_task(task, sets.get("generation.text_scores", True))
 
 
+def apply_engine_sets(spec: CompositionSpec, sets: list[str]) -> None:
+    """The engine's --set wins over the grid's fixed settings in every trial, so the spec must
+    see it too: `--set generation.text_scores=false` makes the generation tasks ELBO-only, and
+    their modules must then be selected (and reported) on the bound, not on a score never made."""
+    from ..core import config as config_lib
+
+    spec.sets.update(config_lib.parse_sets(sets))
+
+
 def record_file(name: str) -> str:
     return f"{name}.composition.json"
 
@@ -186,6 +195,7 @@ def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path,
     from .comparison import _StageRunner
 
     opts = options.build_parser("").parse_known_args(engine_args)[0]
+    apply_engine_sets(spec, opts.set)
     storage = SweepStorage(options.storage_location(opts.storage_path))
     uri = opts.tracking_uri or options.default_tracking_uri()
     runner = _StageRunner(storage, uri, engine_args, workdir, log)
