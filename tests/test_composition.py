@@ -169,12 +169,12 @@ def _record():
                 value = own if a == task else other
                 evals[f"module|trajectory:{a}|{seed}|{task}"] = {
                     "kind": "module", "name": f"trajectory:{a}", "seed": seed, "task": task, "value": value,
-                    "accounting": {"trainable_params": 100, "bytes_saved": 500}}
+                    "eval_s": 2.0, "accounting": {"trainable_params": 100, "bytes_saved": 500}}
             for name, value, params in (("router-oracle", oracle, 0), ("router-uniform", uniform, 0),
                                         ("router-trained", uniform, 66)):
                 evals[f"composition|{name}|{seed}|{task}"] = {
                     "kind": "composition", "name": name, "seed": seed, "task": task, "value": value,
-                    "routing_accuracy": 0.75, "accounting": {"trainable_params": params, "bytes_saved": 4 * params}}
+                    "eval_s": 3.0 + seed * 2.0, "routing_accuracy": 0.75, "accounting": {"trainable_params": params, "bytes_saved": 4 * params}}
     return {"name": "t", "tasks": list(TASKS), "seeds": [0, 1], "metrics": {t: "accuracy" for t in TASKS},
             "evaluations": evals}
 
@@ -195,9 +195,13 @@ def test_the_report_pairs_the_gap_to_the_oracle_by_seed_and_counts_what_composit
     assert table.loc["router-uniform", ["params added", "bytes at inference"]].tolist() == [0, 1000]
     assert table.loc["router-trained", "routing accuracy"] == "0.750"
     assert table.loc["router-oracle", "routing accuracy"] == "—"  # one-hot on the truth: not a measurement
+    # evaluation seconds over the own module's on the same seed and task: (3/2 + 5/2) / 2
+    assert table.loc["router-uniform", "eval time vs own module"] == "2.00x"
+    assert table.loc["own trajectory module", "eval time vs own module"] == "1.00x"
     files = composition_report.write_files(data, tmp_path)
     assert {"heatmap_module__task", "heatmap_composition__task", "summary"} <= set(files)
     assert "## Interference matrix" in files["summary"].read_text()
+    assert "sst2 accuracy (higher is better)" in files["summary"].read_text()
 
 
 def test_an_elbo_only_engine_set_selects_generation_modules_on_the_lower_bound():

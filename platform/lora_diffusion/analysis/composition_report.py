@@ -9,7 +9,8 @@ stage=composition) under `composition/`.
   the routing accuracy (argmax weight on the sample's task's expert, trained and energy modes);
   and what each costs: parameters and bytes it adds beyond the task modules, and what it keeps
   at inference beyond the backbone (the router keeps every module; a PEFT merge only the merged
-  adapter), both from core/accounting.py's `account`, per task too.
+  adapter), both from core/accounting.py's `account`, per task too; and the time it takes, as
+  its evaluation seconds over the task's own module's (same rows, same process).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ..core.task_specs import direction
 from .plots import plot_heatmaps
 from .report import _arrow_safe, markdown_table
 
@@ -82,6 +84,18 @@ def _gap(data: dict, name: str, task: str) -> str:
     return "—" if not n else f"{mean:+.3f}"
 
 
+def _time_ratio(data: dict, kind: str, name_of: str) -> str:
+    """Mean over (seed, task) of a row's evaluation seconds over its task's own trajectory module's
+    on the same test rows, both timed in the job's one process: a ratio, as the machine is shared."""
+    ratios = []
+    for t in data["tasks"]:
+        own = _entries(data, "module", f"trajectory:{t}", t)
+        for seed, e in _entries(data, kind, name_of.format(t=t), t).items():
+            if e.get("eval_s") and own.get(seed, {}).get("eval_s"):
+                ratios.append(e["eval_s"] / own[seed]["eval_s"])
+    return f"{statistics.fmean(ratios):.2f}x" if ratios else "—"
+
+
 def composition_table(data: dict):
     """One row per composition and per single-task reference; columns per task."""
     import pandas as pd
@@ -94,7 +108,8 @@ def composition_table(data: dict):
         sizes = [e["accounting"] for by_seed in own.values() for e in by_seed.values() if "accounting" in e]
         per_task = (max((a["trainable_params"] for a in sizes), default=0), max((a["bytes_saved"] for a in sizes), default=0))
         row.update({"params added": 0, "bytes added": 0, "params at inference": per_task[0],  # one task's module
-                    "bytes at inference": per_task[1], "params per task": per_task[0]})
+                    "bytes at inference": per_task[1], "params per task": per_task[0],
+                    "eval time vs own module": _time_ratio(data, "module", name_of)})
         rows.append(row)
     for name in _names(data):
         row = {"composition": name}
@@ -108,7 +123,8 @@ def composition_table(data: dict):
         costs = [_cost(data, name, s) for s in data["seeds"]]
         added_p, added_b, kept_p, kept_b = (max(c[i] for c in costs) for i in range(4))
         row.update({"params added": added_p, "bytes added": added_b, "params at inference": kept_p,
-                    "bytes at inference": kept_b, "params per task": kept_p // max(1, len(tasks))})
+                    "bytes at inference": kept_b, "params per task": kept_p // max(1, len(tasks)),
+                    "eval time vs own module": _time_ratio(data, "composition", name)})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -139,17 +155,21 @@ def write_files(data: dict, out: Path) -> dict[str, Path]:
 
 
 def summary(data: dict, matrix, comps) -> str:
+    metrics = ", ".join(f"{t} {m} ({direction(m)})" for t, m in data["metrics"].items())
     selected = ", ".join(f"{s['task']} {s['method']} lr {s['lr']}" for s in data.get("selected", []))
     lines = [f"# Composition `{data['name']}`", "",
-             f"Tasks {', '.join(data['tasks'])}; seeds {data['seeds']}; test metric per task "
-             f"{data['metrics']}; rates selected on validation: {selected}.", "",
+             f"Tasks {', '.join(data['tasks'])}; seeds {data['seeds']}; test metric per task: {metrics}; "
+             f"rates selected on validation: {selected}. A gap is the composition minus the oracle: "
+             "read it in its metric's direction.", "",
              "## Interference matrix (test, mean ± std over seeds)", "", markdown_table(matrix), "",
              "## Compositions (test, mean ± std; gap to the oracle router paired by seed)", "",
              markdown_table(comps), "",
              "Params/bytes added: beyond the task modules (the trained router's W and b, a merged "
              "adapter); at inference: everything kept beyond the backbone (every trajectory module "
              "for a router; only the merged adapter for a PEFT merge; one task's module for the "
-             "`own` rows, which are told the task)."]
+             "`own` rows, which are told the task). Eval time: seconds of each test evaluation over "
+             "those of the task's own trajectory module on the same rows and seed, both timed in the "
+             "job's one process, averaged over tasks and seeds."]
     return "\n".join(lines) + "\n"
 
 
