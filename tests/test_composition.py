@@ -66,6 +66,9 @@ def test_the_oracle_equals_the_single_task_module_on_its_task(tiny_config, exper
     rows = recipe.test_examples
     assert torch.equal(_logits(recipe, rows, t=0.9), _logits(single, rows, t=0.9))
     assert recipe.method.routing_accuracy() == 1.0
+    # and its figures: evaluation stratifies t over the expert's phases, as the expert's own does
+    assert recipe.method.phase_boundaries() == single.method.phase_boundaries() != [0.0, 1.0]
+    assert recipe.evaluate(rows, "test", sampler=False) == single.evaluate(rows, "test", sampler=False)
     # and it is not the other task's module (the experts differ on these rows)
     other = Recipe.from_checkpoint(experts[1 - TASKS.index(task)], {"task": task})
     assert not torch.equal(_logits(recipe, rows, t=0.9), _logits(other, rows, t=0.9))

@@ -98,6 +98,7 @@ class TrajectoryRouter(Method):
         self.mode, self.temperature = rc.mode, rc.energy_temperature
         self.experts = nn.ModuleList()
         self.edges: list[torch.Tensor] = []
+        self.boundaries: list[float] = [0.0, 1.0]  # every expert's phase edges (phase_boundaries)
         self.task_ids: list[int | None] = []  # the id each expert runs with (None: not conditioned)
         self.expert_task_ids: list[int] = []  # each expert's saved trajectory.task_id: its task
         self.task_id_by_task: dict[str, int] = {}  # rows of an expert's task carry its id (recipe)
@@ -124,6 +125,7 @@ class TrajectoryRouter(Method):
             modules.requires_grad_(False)  # experts stay frozen; only the router trains
             self.experts.append(modules)
             self.edges.append(torch.tensor(bounds[1:-1]))
+            self.boundaries = sorted(set(self.boundaries) | {float(b) for b in bounds})
             self.task_ids.append(tc.task_id if tc.num_tasks else None)
             self.expert_task_ids.append(tc.task_id)
             self.task_id_by_task.setdefault(task, tc.task_id)
@@ -131,6 +133,12 @@ class TrajectoryRouter(Method):
         if len(layer_sets) != 1:
             raise UserError("field router.checkpoints: the experts inject at different layers")
         self.layers = list(layer_sets.pop())
+
+    def phase_boundaries(self) -> list[float]:
+        """The union of the experts' phase edges: evaluation stratifies t over them, so each expert
+        is scored at the t its own evaluation uses (experts of equal phases: exactly those t, and
+        the oracle's figures are its expert's)."""
+        return list(self.boundaries)
 
     def _prompt_mask(self, h: torch.Tensor) -> torch.Tensor:
         mask = self.context.prompt_mask
