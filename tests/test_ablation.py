@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lora_diffusion.analysis.report import write_report
-from lora_diffusion.analysis.statistics import aggregate
+from lora_diffusion.analysis.statistics import aggregate, phase_gain_table
 from lora_diffusion.analysis.trials import load_trials
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.errors import UserError
@@ -233,3 +233,19 @@ def test_aggregate_defaults_to_the_tasks_metric_and_refuses_mixed_metrics():
     assert table.iloc[0]["test_rougeL"] == pytest.approx(0.15)
     with pytest.raises(UserError, match="different metrics"):
         task_metric(pd.DataFrame([{"task": "sst2"}, {"task": "xquad"}]))
+
+
+def test_phase_gain_table_is_mean_and_std_per_phase_over_finished_seeds():
+    """Per cell with K > 1, each phase's test gain over the newest finished run of each seed; a
+    failed rerun and a K = 1 cell (no gains logged) do not count."""
+    def row(i, k, seed, status, gains):
+        return {"trial_id": f"t{i}", "status": status, "seed": seed, "trajectory.num_phases": k,
+                **{f"final/test/phase_gain/{p}": g for p, g in enumerate(gains)}}
+
+    df = pd.DataFrame([row(0, 2, 0, "FINISHED", [0.1, 0.3]), row(1, 2, 1, "FINISHED", [0.2, 0.5]),
+                       row(2, 2, 1, "FAILED", [9.0, 9.0]), row(3, 1, 0, "FINISHED", [])])
+    table = phase_gain_table(df, ["trajectory.num_phases"])
+    assert table["trajectory.num_phases"].tolist() == [2]  # K = 1 logged no gain: no row
+    # phase 0: mean 0.15, std sqrt(0.005) = 0.0707; phase 1: mean 0.4, std 0.1414
+    assert table.iloc[0]["phase 0"] == "0.1500 ± 0.0707" and table.iloc[0]["phase 1"] == "0.4000 ± 0.1414"
+    assert phase_gain_table(df.drop(columns=[c for c in df if "phase_gain" in c]), ["trajectory.num_phases"]) is None

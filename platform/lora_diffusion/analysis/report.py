@@ -18,7 +18,7 @@ from ..core.errors import UserError
 from ..core.task_specs import ELBO_METRIC, direction, metric_mode
 from ..engine.options import repo_root
 from .plots import plot_heatmaps, plot_optuna, plot_pareto, plot_per_t, study_from_trials
-from .statistics import aggregate
+from .statistics import aggregate, phase_gain_table
 from .trials import final_column, infer_axes, load_trials, mlflow_client, task_metric
 
 # beside every table on the ELBO bound (issue 21: a backbone that cannot produce usable answers)
@@ -110,8 +110,19 @@ def _summary(sweep: str, df, table, axes: list[str], reference: dict | None, met
         lines.append("**warning**: some cells report different trainable_params / bytes_saved across seeds.")
     if int(table["n_failed"].sum()):
         lines.append(f"**{int(table['n_failed'].sum())} failed cell-seed(s)**: see n_failed.")
-    lines += ["", markdown_table(table), ""] + [f"- {n}" for n in notes]
+    lines += ["", markdown_table(table), ""] + [f"- {n}" for n in notes] + _phase_gain_section(df, axes)
     return "\n".join(lines) + "\n"
+
+
+def _phase_gain_section(df, axes: list[str]) -> list[str]:
+    """The per-phase attribution of the cells with K > 1 (test), when the trials logged it."""
+    gains = phase_gain_table(df, axes)
+    if gains is None:
+        return []
+    return ["", "## Per-phase attribution (test)", "",
+            "Each phase module's gain: the test metric with every module against the metric with that "
+            "phase's module switched off at evaluation (the others kept); above 0, the module helps "
+            "(ELBO: nats per token saved). Mean ± std over seeds.", "", markdown_table(gains), ""]
 
 
 def _better_side(metric: str) -> str:

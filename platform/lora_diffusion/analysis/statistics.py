@@ -150,3 +150,28 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | 
     table = pd.DataFrame(out)
     table.attrs["metric"], table.attrs["mode"] = metric, metric_mode(metric)
     return table
+
+
+def phase_gain_table(df, axes: list[str]):
+    """Per-phase attribution (issue 21): per cell with K > 1, each phase module's test gain, mean
+    and std over the finished seeds, `phase k` = "mean ± std". A gain is the test metric with all
+    modules against the metric with phase k's module switched off (core/diagnostics.py), signed
+    so that above 0 means the module helps. None when no trial logged one."""
+    import pandas as pd
+
+    cols = {int(c.rsplit("/", 1)[1]): c for c in df.columns if c.startswith("final/test/phase_gain/")}
+    if not cols:
+        return None
+    rows = []
+    for key, cell in sorted(_group_by_cell(df, axes).items(), key=lambda kv: [sort_key(x) for x in kv[0]]):
+        done = [fin[-1] for fin in ([r for r in rs if r["status"] == "FINISHED"] for rs in cell["seeds"].values())
+                if fin]  # the newest finished run per seed, as the grid table counts
+        row, any_gain = dict(cell["values"]), False
+        for k in sorted(cols):
+            vals = [float(r[cols[k]]) for r in done if not is_missing(r.get(cols[k]))]
+            mean, std, _, _ = t_interval(vals)
+            row[f"phase {k}"] = "—" if not vals else f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+            any_gain |= bool(vals)
+        if any_gain:
+            rows.append(row)
+    return pd.DataFrame(rows) if rows else None
