@@ -195,12 +195,17 @@ def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, 
 def stratified_times(boundaries: list[float], points: int, t_min: float) -> list[tuple[float, float]]:
     """(t, weight) pairs: each phase gets points in proportion to its length (at least one),
     at the midpoints of equal sub-intervals; weights sum to 1."""
+    return [(t, w) for t, w, _ in stratified_points(boundaries, points, t_min)]
+
+
+def stratified_points(boundaries: list[float], points: int, t_min: float) -> list[tuple[float, float, int]]:
+    """`stratified_times` with each point's phase (its interval of `boundaries`)."""
     out = []
-    for lo, hi in zip(boundaries, boundaries[1:]):
+    for k, (lo, hi) in enumerate(zip(boundaries, boundaries[1:])):
         n = max(1, round(points * (hi - lo)))
         for j in range(n):
             t = lo + (j + 0.5) * (hi - lo) / n
-            out.append((max(t, t_min), (hi - lo) / n))
+            out.append((max(t, t_min), (hi - lo) / n, k))
     return out
 
 
@@ -210,18 +215,26 @@ def score_candidates(denoise: Denoise, batch: Batch, mask_id: int, schedule: str
     """ELBO estimate of log p(response | prompt) per row, t stratified over `times`: at each t a
     mask conditioned on at least one masked token, weighted by `elbo_factor`. For a one-token
     response and the linear schedule this is exactly sum_t weight * log p(answer | masked, t)."""
+    return score_points(denoise, batch, mask_id, schedule, times, generator).sum(0)
+
+
+@torch.no_grad()
+def score_points(denoise: Denoise, batch: Batch, mask_id: int, schedule: str,
+                 times: list[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
+    """`score_candidates` before the sum over t: [len(times), rows], each t's weighted term,
+    the masks drawn in the same order (so the sum is the same figure)."""
     B = batch.input_ids.shape[0]
     resp_len = batch.response_mask.sum(1).float()
-    total = torch.zeros(B)
-    for t_value, weight in times:
+    terms = torch.zeros(len(times), B)
+    for i, (t_value, weight) in enumerate(times):
         t = torch.full((B,), t_value)
         noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
         logp = F.log_softmax(denoise(noisy, batch.attention_mask, masked, t).float(), -1)
         token_logp = logp.gather(1, batch.input_ids[masked][:, None])[:, 0]
         row = masked.nonzero()[:, 0]
         per_row = torch.zeros(B).index_add_(0, row, token_logp)
-        total += weight * elbo_factor(t, resp_len, schedule) * per_row
-    return total
+        terms[i] = weight * elbo_factor(t, resp_len, schedule) * per_row
+    return terms
 
 
 @torch.no_grad()

@@ -115,13 +115,20 @@ def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> l
 def reference_elbo(recipe, examples, times, batch_size: int, generator: torch.Generator) -> float:
     """Held-out ELBO bound of the reference responses, nats per response token: the whole padded
     reference, every token weighted 1 whatever generation.end_token_weight (module docstring)."""
+    return float(reference_elbo_by_point(recipe, examples, times, batch_size, generator).sum())
+
+
+@torch.no_grad()
+def reference_elbo_by_point(recipe, examples, times, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """`reference_elbo` per t of `times` before the sum over t: [len(times)] nats per response
+    token, float64 (core/diagnostics.py's phase gains split it by phase)."""
     c = recipe.config
-    total, tokens = 0.0, 0
+    total, tokens = torch.zeros(len(times), dtype=torch.float64), 0
     for i in range(0, len(examples), batch_size):
         batch = recipe.encode(examples[i:i + batch_size])
-        scores = diffusion.score_candidates(recipe.denoiser(batch), batch, recipe.backbone.mask_token_id,
-                                            c.diffusion.noise_schedule, times, generator)
-        total += float(scores.sum())
+        terms = diffusion.score_points(recipe.denoiser(batch), batch, recipe.backbone.mask_token_id,
+                                       c.diffusion.noise_schedule, times, generator)
+        total += terms.double().sum(1)
         tokens += int(batch.response_mask.sum())
     return -total / max(tokens, 1)
 
