@@ -123,3 +123,25 @@ def test_spec_reads_back_from_sweep_json(space, monkeypatch, tmp_path, real_data
     del saved["sweep_id"]
     with pytest.raises(UserError, match="x/sweep.json: missing sweep_id"):
         spec_lib.SweepSpec.from_json(json.dumps(saved), "x/sweep.json")
+
+
+def test_resume_survives_tunes_truncated_copy_of_sweep_json(tmp_path, synthetic_data_dir, monkeypatch):
+    """Tune copies the top-level sweep.json back at every snapshot after a restore; a driver
+    killed mid-copy leaves it empty. --resume reads the kept copy; a sweep of older code (top
+    level only) still resumes, and an empty one without a kept copy is one error naming it."""
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    where = ["--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    spec = spec_lib.prepare(_args("--smoke", "--name", "k", *where))
+    storage = SweepStorage(tmp_path / "sweeps")
+    storage.write_kept("k/sweep.json", spec.to_json())
+    storage.write_text("k/experiment_state-2026-01-01_00-00-00.json", "{}")
+    assert (tmp_path / "sweeps" / "k" / ".kept" / "sweep.json").read_text() == spec.to_json()
+    (tmp_path / "sweeps" / "k" / "sweep.json").write_text("")  # Tune's copy, killed
+    assert spec_lib.prepare(_args("--name", "k", "--resume", *where)).sweep_id == spec.sweep_id
+
+    (tmp_path / "sweeps" / "k" / "sweep.json").write_text(spec.to_json())
+    (tmp_path / "sweeps" / "k" / ".kept" / "sweep.json").unlink()  # written by older code
+    assert spec_lib.prepare(_args("--name", "k", "--resume", *where)).sweep_id == spec.sweep_id
+    (tmp_path / "sweeps" / "k" / "sweep.json").write_text("")
+    with pytest.raises(UserError, match=r"k/sweep.json is not a readable sweep spec"):
+        spec_lib.prepare(_args("--name", "k", "--resume", *where))

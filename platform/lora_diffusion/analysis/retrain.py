@@ -83,10 +83,10 @@ def run(args, log=print) -> int:
     n = args.retrain_seeds if args.retrain_seeds is not None else (SMOKE_SEEDS if args.smoke else DEFAULT_SEEDS)
     name = sweep_name(args)
     storage = SweepStorage(options.storage_location(args.storage_path))
-    best = json.loads(storage.read_text(f"{name}/best.json")) if storage.exists(f"{name}/best.json") else {}
+    best = json.loads(storage.read_kept(f"{name}/best.json")) if storage.exists(f"{name}/best.json") else {}
     if n < 1 or not best.get("config"):
         return 0
-    saved = json.loads(storage.read_text(f"{name}/{SPEC_FILE}"))
+    saved = json.loads(storage.read_kept(f"{name}/{SPEC_FILE}"))
     uri = args.tracking_uri or saved["tracking_uri"]
     stage = f"{name}-retrain"
     if storage.exists(f"{stage}/best.json"):
@@ -134,7 +134,7 @@ def _record(storage, uri: str, name: str, stage: str, best: dict, summary: dict)
     best["retrain"] = {"sweep": stage, **summary}
     for key in _figures(summary):
         best[key] = {k: summary[key][k] for k in ("mean", "std", "n")}
-    storage.write_text(f"{name}/best.json", json.dumps(best, indent=2, default=str))
+    storage.write_kept(f"{name}/best.json", json.dumps(best, indent=2, default=str))
     client = mlflow_client(uri)
     search_run, stage_run = find_parent(uri, name).info.run_id, find_parent(uri, stage).info.run_id
     metrics = {f"{k}_{stat}": summary[k][stat] for k in _figures(summary)

@@ -163,7 +163,7 @@ def _resume(args, storage: SweepStorage) -> SweepSpec:
         raise UserError(f"--resume: no sweep named {name!r} in {storage.join()} (expected "
                         f"{storage.join(name, SPEC_FILE)}); start it without --resume")
     try:
-        spec = SweepSpec.from_json(storage.read_text(f"{name}/{SPEC_FILE}"), storage.join(name, SPEC_FILE))
+        spec = SweepSpec.from_json(storage.read_kept(f"{name}/{SPEC_FILE}"), storage.join(name, SPEC_FILE))
     except (ValueError, TypeError) as exc:  # truncated or edited by hand
         raise UserError(f"--resume: {storage.join(name, SPEC_FILE)} is not a readable sweep spec "
                         f"({exc})".splitlines()[0]) from None

@@ -101,6 +101,28 @@ class SweepStorage:
         with self.fs.open_output_stream(path) as f:
             f.write(text.encode())
 
+    # Tune owns the top level of a sweep's directory: on a restore it copies every top-level
+    # *.json and *.pkl into its driver staging directory and copies the staging directory back
+    # at every experiment snapshot, file by file and not atomically (Ray 2.60,
+    # tune/execution/experiment_state.py: sync_down_experiment_state / sync_up). A driver killed
+    # in that copy leaves our sweep.json truncated (seen: the soak test, 2026-12-05). So our
+    # files are also kept one level down, where Tune never copies, and read from there first;
+    # the top-level copy stays where users (and sweeps of older code) have it.
+    KEPT = ".kept"
+
+    def write_kept(self, rel: str, text: str) -> None:
+        """`rel` (e.g. "my-sweep/sweep.json") and its kept copy ("my-sweep/.kept/sweep.json")."""
+        self.write_text(self._kept(rel), text)
+        self.write_text(rel, text)
+
+    def read_kept(self, rel: str) -> str:
+        """The kept copy of `rel` if there is one (sweeps of older code have none), else `rel`."""
+        return self.read_text(self._kept(rel) if self.exists(self._kept(rel)) else rel)
+
+    def _kept(self, rel: str) -> str:
+        head, _, name = rel.strip("/").rpartition("/")
+        return f"{head}/{self.KEPT}/{name}" if head else f"{self.KEPT}/{name}"
+
     def check_writable(self) -> None:
         """Fail now, with the location in the message, rather than after Ray has started."""
         probe = ".lora-diffusion-write-test"

@@ -78,7 +78,7 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         print(f"note: {smoke_note(spec)}", file=sys.stderr)
     if not args.resume:
         storage.check_writable()
-        storage.write_text(f"{spec.name}/{SPEC_FILE}", spec.to_json())
+        storage.write_kept(f"{spec.name}/{SPEC_FILE}", spec.to_json())
 
     import ray
 
@@ -217,7 +217,7 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
           "optimistic, not a result)")
     for k, v in best["params"].items():
         print(f"  {k} = {v}")
-    SweepStorage(spec.storage).write_text(f"{spec.name}/best.json",
+    SweepStorage(spec.storage).write_kept(f"{spec.name}/best.json",
                                           json.dumps({**best, "wall_s": wall}, indent=2, default=str))
     return 0 if not errors else 1
 
