@@ -135,20 +135,23 @@ def test_a_zero_phase_module_gains_nothing(tiny_config, sets):
 @pytest.mark.parametrize("sharing", ["per_phase", "shared"])
 def test_generative_phase_gains_equal_switching_each_phase_off_in_turn(tiny_config, sharing):
     """The two-pass phase gains are the definition's K passes: the reference ELBO with phase k's
-    module off minus the ELBO with all on, the same masks."""
-    from lora_diffusion.core import diffusion, generation
+    module off minus the ELBO with all on, the same masks; and "all on" is the split's reported
+    ELBO (Recipe.evaluate), so a gain reads against the number in the table."""
+    from lora_diffusion.core import diffusion, evaluation, generation
     from lora_diffusion.core.diffusion import seeded
 
     recipe = trained_like(Recipe(tiny_config(**{"trajectory.num_phases": 4, "trajectory.sharing": sharing,
-                                                **GENERATION_SETS})))
+                                                "generation.text_scores": False, **GENERATION_SETS})))
     c, rows = recipe.config, recipe.test_examples
     times = diffusion.stratified_times(recipe.method.phase_boundaries(), c.diffusion.eval_t_points, c.diffusion.t_min)
 
     def elbo():
-        return generation.reference_elbo(recipe, rows, times, 64, seeded(c.train.seed, 7))
+        return generation.reference_elbo(recipe, rows, times, evaluation.EVAL_BATCH_SIZE, seeded(c.train.seed, 7))
 
     gains = recipe.diagnostics.phase_gains(rows, "test", {})
     all_on = elbo()
+    reported = recipe.evaluate(rows, "test", sampler=False)
+    assert reported["test/elbo_nats_per_token"] == pytest.approx(all_on, abs=1e-6)
     for k in range(4):
         with recipe.method.switched_off(phases={k}):
             assert gains[f"test/phase_gain/{k}"] == pytest.approx(elbo() - all_on, abs=1e-5)

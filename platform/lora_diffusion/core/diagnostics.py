@@ -44,7 +44,8 @@ def bin_times(n: int, t_min: float) -> list[float]:
 
 
 @torch.no_grad()
-def bound_by_bin(recipe, examples, n_bins: int, batch_size: int = 64) -> list[float]:
+def bound_by_bin(recipe, examples, n_bins: int,
+                 batch_size: int = evaluation.EVAL_BATCH_SIZE) -> list[float]:
     """Nats per response token at each bin's midpoint t: -(ELBO integrand), masks seeded per bin."""
     c, mask_id = recipe.config, recipe.backbone.mask_token_id
     recipe.method.eval()
@@ -117,7 +118,8 @@ class Diagnostics:
         times = [(t, w) for t, w, _ in points]
 
         def by_point():
-            return generation.reference_elbo_by_point(r, examples, times, 64, seeded(c.train.seed, 7))
+            return generation.reference_elbo_by_point(r, examples, times, evaluation.EVAL_BATCH_SIZE,
+                                                     seeded(c.train.seed, 7))
 
         on = by_point()
         with r.method.switched_off(phases=set(phases)):
@@ -126,7 +128,7 @@ class Diagnostics:
                 for k in phases}
 
     @torch.no_grad()
-    def _metric(self, examples, batch_size: int = 64) -> float:
+    def _metric(self, examples, batch_size: int = evaluation.EVAL_BATCH_SIZE) -> float:
         """The split's ELBO accuracy (classification), drawn as Recipe.evaluate draws it."""
         r, c = self.recipe, self.recipe.config
         r.method.eval()

@@ -25,6 +25,11 @@ import torch
 from . import diffusion, tasks
 from .diffusion import seeded
 
+# Rows per evaluation batch, everywhere a split is scored (Recipe.evaluate, the diagnostics):
+# one constant so the phase gains draw their masks exactly as the test ELBO they are read
+# against (the masks are drawn per batch).
+EVAL_BATCH_SIZE = 64
+
 
 class SharedForward:
     """A `Denoise` for the forwards of one batch at several t. A forward whose ids, attention and
