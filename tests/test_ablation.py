@@ -38,7 +38,8 @@ def _log_trial(tracker: SweepTracker, cell, finish: bool = True) -> None:
     flat.update({f"sampled.{k}": v for k, v in sampled.items()})
     tid = f"t_{rank}_{sched}_{seed}"
     run = tracker.trial_run(tid, params=flat, tags={"method": "trajectory", "seed": seed, "task": "sst2"})
-    tracker.log_step(run, {"train/loss": 1.0, "validation/accuracy": 0.5}, 10)
+    tracker.log_step(run, {"train/loss": 1.0, "validation/accuracy": 0.5, "train/reg_nuclear": 99.0}, 5)
+    tracker.log_step(run, {"train/loss": 1.0, "validation/accuracy": 0.5, "train/reg_nuclear": rank + seed}, 10)
     if not finish:
         return
     if cell == FAILED:
@@ -109,6 +110,7 @@ def test_aggregate_matches_hand_computation(store):
     assert c["test_accuracy"] == pytest.approx(mean - 0.02)
     assert c["validation_accuracy"] == pytest.approx(mean)
     assert c["trainable_params"] == 401 and c["accounting_consistent"]
+    assert c["reg_nuclear"] == pytest.approx(4.5)  # the last logged penalty (4 + seed), mean over seeds
     # paired by seed against (4, constant): d_s = x_s - ref_s; t = mean(d) / (sd(d) / sqrt 2);
     # with 1 degree of freedom (Cauchy) the two-sided p = 1 - 2 atan(|t|) / pi
     d = [DEV[(4, "reversed", s)] - DEV[(4, "constant", s)] for s in SEEDS]
@@ -123,6 +125,7 @@ def test_aggregate_matches_hand_computation(store):
     assert failed["mean"] == pytest.approx(0.75) and math.isnan(failed["std"])
     assert math.isnan(failed["ci95_low"]) and math.isnan(failed["p_value"])  # < 2 pairs
     assert failed["diff_mean"] == pytest.approx(0.75 - 0.61)  # seed 0 only
+    assert failed["reg_nuclear"] == pytest.approx(8.0)  # the failed seed's penalty does not count
     refrow = cells[(4, "constant")]
     assert refrow["is_reference"] and refrow["diff_mean"] == 0 and math.isnan(refrow["p_value"])
 
@@ -161,6 +164,7 @@ def test_write_report_files_and_parent_artifacts(store, tmp_path):
     assert len(pd.read_parquet(files["trials"])) == 8
     summary = files["summary"].read_text()
     assert "n_failed" in summary and "1 failed" in summary
+    assert "reg_nuclear" in summary and "reg_*: what each regulariser penalises" in summary
     assert any(k.startswith("optuna_") for k in files)  # sampled.* params: an Optuna sweep
 
     tracker = SweepTracker(store, "whole", sweep_id="whole-0001")

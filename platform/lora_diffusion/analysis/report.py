@@ -106,6 +106,9 @@ def _summary(sweep: str, df, table, axes: list[str], reference: dict | None, met
                      + ", ".join(f"`{k}={v}`" for k, v in reference.items()) + " (paired t test); "
                      f"diff_mean is cell - reference in the metric's units: {_better_side(metric)} "
                      "is better than the reference.")
+    if any(c.startswith("reg_") for c in table.columns):
+        lines.append("reg_*: what each regulariser penalises, as last logged in training (mean over seeds), "
+                     "logged whatever the regulariser's weight: did a weight move what it penalises.")
     if not table["accounting_consistent"].all():
         lines.append("**warning**: some cells report different trainable_params / bytes_saved across seeds.")
     if int(table["n_failed"].sum()):

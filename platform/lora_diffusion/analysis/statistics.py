@@ -12,8 +12,8 @@ import math
 
 from ..core.errors import UserError
 from ..core.task_specs import metric_mode
-from .trials import (ACCOUNTING_COLUMNS, STEP_TIME, final_column, is_missing, sort_key, task_metric,
-                     value_key)
+from .trials import (ACCOUNTING_COLUMNS, PENALTY_PREFIX, STEP_TIME, final_column, is_missing, sort_key,
+                     task_metric, value_key)
 
 
 def t_interval(values) -> tuple[float, float, float, float]:
@@ -69,10 +69,11 @@ def _count_seeds(cell: dict, metric: str) -> dict:
     return {"cell": cell, "done": done, "n_failed": n_failed, "n_running": n_running}
 
 
-def _cell_statistics(done: dict, metric: str, with_step_time: bool) -> dict:
+def _cell_statistics(done: dict, metric: str, with_step_time: bool, penalties: list[str]) -> dict:
     """n, mean, std, the t interval; the metric's validation and test figures side by side
     (`validation_f1`, `test_f1`, ... named by the metric's last part); the accounting (the first,
-    `accounting_consistent` False if the seeds disagree); the mean step time."""
+    `accounting_consistent` False if the seeds disagree); the mean step time; the mean of each
+    penalised quantity (`reg_nuclear`, ... from the `penalties` columns)."""
     vals = [float(r[metric]) for r in done.values()]
     mean, std, lo, hi = t_interval(vals)
     row = {"n": len(vals), "mean": mean, "std": std, "ci95_low": lo, "ci95_high": hi}
@@ -91,6 +92,9 @@ def _cell_statistics(done: dict, metric: str, with_step_time: bool) -> dict:
     if with_step_time:  # the trials' own step time (seconds), mean over seeds
         v = [float(r[STEP_TIME]) for r in done.values() if not is_missing(r.get(STEP_TIME))]
         row["step_time_s"] = sum(v) / len(v) if v else math.nan
+    for col in penalties:  # the last logged value of what a regulariser penalises, mean over seeds
+        v = [float(r[col]) for r in done.values() if not is_missing(r.get(col))]
+        row[col.rsplit("/", 1)[-1]] = sum(v) / len(v) if v else math.nan
     return row
 
 
@@ -121,7 +125,8 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | 
     `final/validation/f1`, `final/validation/elbo_nats_per_token` for ELBO-only generation
     trials, lower is better: `attrs["mode"]` is "min"; trials.task_metric). Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t
     distribution), the metric's validation/test mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
-    `accounting_consistent` False if a cell disagrees), step_time_s (if logged), n_failed,
+    `accounting_consistent` False if a cell disagrees), step_time_s (if logged), reg_nuclear,
+    reg_orth, ... (the mean last logged penalty, if logged: trials.PENALTY_PREFIX), n_failed,
     n_running, seeds; with a reference, the paired (by seed) difference to the reference cell:
     is_reference, n_pairs, diff_mean, p_value (paired t test; NaN with < 2 pairs)."""
     import pandas as pd
@@ -141,7 +146,8 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | 
     for key in sorted(cells, key=lambda k: [sort_key(x) for x in k]):
         s = summaries[key]
         row = {a: s["cell"]["values"][a] for a in axes}
-        row.update(_cell_statistics(s["done"], metric, with_step_time=STEP_TIME in df.columns))
+        row.update(_cell_statistics(s["done"], metric, with_step_time=STEP_TIME in df.columns,
+                                    penalties=sorted(c for c in df.columns if c.startswith(PENALTY_PREFIX))))
         row["n_failed"], row["n_running"] = s["n_failed"], s["n_running"]
         row["seeds"] = ",".join(sorted(s["done"], key=sort_key))
         if reference:

@@ -21,6 +21,10 @@ TEST_METRIC = "final/test/accuracy"
 SEED_FIELD = "train.seed"
 STEP_TIME = "final/step_time_s"
 ACCOUNTING_COLUMNS = ("trainable_params", "bytes_saved", "trained_params")
+# What the regularisers penalise (trajectory's nuclear norm and orthogonality, AdaLoRA's
+# orthogonality), as last logged in training, whatever their weights: a regulariser grid shows
+# whether a weight moved the quantity it penalises, beside whether it moved the metric.
+PENALTY_PREFIX = "train/reg_"
 
 
 # ----------------------------------------------------------------------------- the task's metric
@@ -160,7 +164,7 @@ def _trial_row(trial_id: str, group: list) -> dict:
            "stopped_early": tags.get("stopped_early") == "true", "n_runs": len(group),
            "start_time": run.info.start_time, "end_time": run.info.end_time}
     row.update({k: parse_param(v) for k, v in params.items() if not k.startswith("accounting.")})
-    row.update({k: v for k, v in metrics.items() if k.startswith(("final/", "accounting/"))})
+    row.update({k: v for k, v in metrics.items() if k.startswith(("final/", "accounting/", PENALTY_PREFIX))})
     # the accounting was logged as params by older trials, as metrics since
     for col in ("trainable_params", "bytes_saved"):
         row[col] = metrics.get(f"accounting/{col}", parse_param(params.get(f"accounting.{col}", "")))
@@ -173,7 +177,8 @@ def _trial_row(trial_id: str, group: list) -> dict:
 
 def load_trials(tracking_uri: str, sweep: str):
     """One row per trial of the sweep, read from MLflow by tag: trial_id, status, seed, every
-    param (config.flat() keys, sampled.*), every final/* and accounting/* metric, and the
+    param (config.flat() keys, sampled.*), every final/* and accounting/* metric, the last
+    train/reg_* (PENALTY_PREFIX), and the
     convenience columns trainable_params / bytes_saved / trained_params. The parent run's id and
     tags and the sweep_id are in the frame's `attrs`."""
     import pandas as pd
