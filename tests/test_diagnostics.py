@@ -158,6 +158,26 @@ def test_generative_phase_gains_equal_switching_each_phase_off_in_turn(tiny_conf
     assert all(gains[f"test/phase_gain/{k}"] != 0.0 for k in range(4))
 
 
+def test_generative_phase_gains_reuse_the_test_evaluations_pass(tiny_config, monkeypatch):
+    """After the test split's evaluation at this state, the phase gains run one ELBO pass (all
+    phase modules off), not two: the all-on pass is the evaluation's; a step later it is not."""
+    from lora_diffusion.core import generation
+
+    recipe = trained_like(Recipe(tiny_config(**{"trajectory.num_phases": 4, "generation.text_scores": False,
+                                                "train.steps": 2, **GENERATION_SETS})))
+    passes = []
+    by_point = generation.reference_elbo_by_point
+    monkeypatch.setattr(generation, "reference_elbo_by_point", lambda *a, **k: passes.append(1) or by_point(*a, **k))
+    rows = recipe.test_examples
+    recipe.evaluate(rows, "test", sampler=False)
+    assert len(passes) == 1
+    recipe.diagnostics.phase_gains(rows, "test", {})
+    assert len(passes) == 2
+    recipe.train_step()
+    recipe.diagnostics.phase_gains(rows, "test", {})
+    assert len(passes) == 4
+
+
 def test_one_phase_has_no_phase_gains(tiny_config):
     recipe = Recipe(tiny_config(**{"trajectory.num_phases": 1}))
     assert recipe.diagnostics.phase_gains(recipe.test_examples, "test", {"test/accuracy": 0.5}) == {}

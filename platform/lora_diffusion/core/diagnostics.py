@@ -20,7 +20,8 @@ the phases as in evaluation). Generation: the ELBO on the reference, nats per to
 more sampler runs of `sampler_steps` forwards per batch; the same masks as `elbo_nats_per_token`.
 The bound is a sum over t and a phase module acts only at its own t, so two passes (all on, all
 phase modules off) give every phase's gain (measured, grid_xquad_sharing's per_step cell, K = 16:
-the K passes made a 14-minute run 40 minutes long on 2 cores; two passes take about 4 minutes).
+the K passes made a 14-minute run 40 minutes long on 2 cores; two passes take about 4 minutes),
+and the all-on pass is the test evaluation's own (Recipe.reference_elbo_terms): one more pass.
 """
 
 from __future__ import annotations
@@ -110,20 +111,18 @@ class Diagnostics:
         """Two ELBO passes, not K: phase k's module acts only on rows whose t lies in phase k, so
         with every phase module off each t's term is the term with its own phase's module off,
         and phase k's gain is the sum over phase k's points of (off - all), in nats per token.
-        The masks are `elbo_nats_per_token`'s (one generator, seeded alike, in both passes)."""
+        The masks are `elbo_nats_per_token`'s (one generator, seeded alike, in both passes); after
+        the split's evaluation at this state, the all-on pass is its terms, kept by the recipe."""
         r, c = self.recipe, self.recipe.config
         r.method.eval()
         points = diffusion.stratified_points(r.method.phase_boundaries(), c.diffusion.eval_t_points,
                                              c.diffusion.t_min)
         times = [(t, w) for t, w, _ in points]
 
-        def by_point():
-            return generation.reference_elbo_by_point(r, examples, times, evaluation.EVAL_BATCH_SIZE,
-                                                     seeded(c.train.seed, 7))
-
-        on = by_point()
+        on = r.reference_elbo_terms(examples, times)  # the split's reported ELBO's own terms
         with r.method.switched_off(phases=set(phases)):
-            off = by_point()
+            off = generation.reference_elbo_by_point(r, examples, times, evaluation.EVAL_BATCH_SIZE,
+                                                     seeded(c.train.seed, 7))
         return {f"{split}/phase_gain/{k}": float(sum(off[i] - on[i] for i, p in enumerate(points) if p[2] == k))
                 for k in phases}
 

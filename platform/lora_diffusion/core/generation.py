@@ -133,12 +133,12 @@ def reference_elbo_by_point(recipe, examples, times, batch_size: int, generator:
     return -total / max(tokens, 1)
 
 
-def evaluate(recipe, examples, split: str, times, batch_size: int, elbo_generator: torch.Generator,
-             sample_generator: torch.Generator) -> dict:
-    """`<split>/elbo_nats_per_token`, and except on train (or with generation.text_scores false)
-    the task's scores of generated text (exact_match, f1 or rouge1, rouge2, rougeL) with the
-    sampler's seconds per example."""
-    out = {f"{split}/elbo_nats_per_token": reference_elbo(recipe, examples, times, batch_size, elbo_generator)}
+def evaluate(recipe, examples, split: str, times, batch_size: int, sample_generator: torch.Generator) -> dict:
+    """`<split>/elbo_nats_per_token` (Recipe.reference_elbo_terms, summed), and except on train
+    (or with generation.text_scores false) the task's scores of generated text (exact_match, f1
+    or rouge1, rouge2, rougeL) with the sampler's seconds per example."""
+    terms = recipe.reference_elbo_terms(examples, times, batch_size)
+    out = {f"{split}/elbo_nats_per_token": float(terms.sum())}
     if split == "train" or not recipe.config.generation.text_scores:
         return out
     t0 = time.perf_counter()

@@ -91,6 +91,7 @@ class Recipe:
         self.last_loss = float("nan")
         self._final: tuple[int, dict] | None = None  # (step, result) of `final_result`
         self._evaluated: dict[str, tuple] = {}  # split -> (key, out) of its last `evaluate`
+        self._elbo_terms: tuple = (None, None)  # (key, terms) of the last `reference_elbo_terms`
 
     @classmethod
     def from_checkpoint(cls, directory, overrides: dict | None = None) -> "Recipe":
@@ -299,12 +300,23 @@ class Recipe:
             out = evaluation.classification(self, examples, split, times, sampler, batch_size, known)
         else:  # generation tasks: the reference's ELBO and scores of generated text
             out = dict(known) or generation.evaluate(self, examples, split, times, batch_size,
-                                                     seeded(c.train.seed, 7), seeded(c.train.seed, 13))
+                                                     seeded(c.train.seed, 13))
         out[f"{split}/examples"] = len(examples)
         if split in self.overlap:
             out[f"{split}/overlap"] = self.overlap[split]
         self._evaluated[split] = (key, out)
         return out
+
+    def reference_elbo_terms(self, examples, times, batch_size: int = evaluation.EVAL_BATCH_SIZE):
+        """Generation: the reference ELBO per t of `times` before the sum (nats per response
+        token, generation.reference_elbo_by_point) under evaluation's masks, seeded(train.seed,
+        7), with every module on. Kept for the last state and rows asked: the test ELBO's terms
+        are the phase gains' all-on pass (core/diagnostics.py), not a second one."""
+        key = (self.state_key(examples), tuple(times), batch_size)
+        if self._elbo_terms[0] != key:
+            self._elbo_terms = (key, generation.reference_elbo_by_point(
+                self, examples, times, batch_size, seeded(self.config.train.seed, 7)))
+        return self._elbo_terms[1]
 
     def state_key(self, examples) -> tuple:
         """What an evaluation's figures depend on: the step, the rows, and the version counters
