@@ -112,16 +112,11 @@ def generate(recipe, examples, batch_size: int, generator: torch.Generator) -> l
 
 
 @torch.no_grad()
-def reference_elbo(recipe, examples, times, batch_size: int, generator: torch.Generator) -> float:
-    """Held-out ELBO bound of the reference responses, nats per response token: the whole padded
-    reference, every token weighted 1 whatever generation.end_token_weight (module docstring)."""
-    return float(reference_elbo_by_point(recipe, examples, times, batch_size, generator).sum())
-
-
-@torch.no_grad()
 def reference_elbo_by_point(recipe, examples, times, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """`reference_elbo` per t of `times` before the sum over t: [len(times)] nats per response
-    token, float64 (core/diagnostics.py's phase gains split it by phase)."""
+    """Held-out ELBO bound of the reference responses per t of `times`, before the sum over t:
+    [len(times)] nats per response token, float64; the whole padded reference, every token
+    weighted 1 whatever generation.end_token_weight (module docstring). Its sum is
+    `elbo_nats_per_token`; core/diagnostics.py's phase gains split it by phase."""
     c = recipe.config
     total, tokens = torch.zeros(len(times), dtype=torch.float64), 0
     for i in range(0, len(examples), batch_size):
