@@ -5,6 +5,7 @@ sweep whose backbone directory is missing stops before Ray with one line naming 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,49 @@ def test_sweep_spec_carries_the_absolute_backbone_and_smoke_fits_xsum(tmp_path, 
     config = config_lib.from_dict({}, smoke.fixed)
     assert smoke.metric == "validation/rougeL" and config.backbone == "tiny-random"
     assert config.generation.response_tokens <= config.max_length - 3
+
+
+def test_only_runs_a_slice_of_the_rank_schedule_grid_keeping_the_reference_and_resumes_it(
+        tmp_path, monkeypatch, synthetic_data_dir):
+    """--only trajectory.num_phases=1,4: the K = 1 reference and the five K = 4 cells, x 3 seeds, as
+    a sweep named after the slice; --resume with the same command finds it and keeps its cells."""
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.spec import SPEC_FILE, prepare
+    from lora_diffusion.engine.storage import SweepStorage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    argv = ["--grid", "grid_xquad_rank_schedule", "--smoke", "--only", "trajectory.num_phases=1,4",
+            *_sweep_args(tmp_path)]
+    spec = prepare(build_parser("rank_schedule").parse_args(argv))
+    assert spec.name == "grid_xquad_rank_schedule-num_phases-1-4-smoke"
+    phases = [(c["trajectory.rank_schedule"], c["trajectory.num_phases"]) for c in spec.grid.cells]
+    assert phases == [("constant", 1)] + [(s, 4) for s in ("constant", "linear", "cosine", "step", "reversed")]
+    assert spec.grid.axes["trajectory.num_phases"] == [1, 4] and spec.sweep.num_samples == 6 * 2  # smoke: 2 seeds
+    assert spec.grid.only == {"trajectory.num_phases": [1, 4]}
+    SweepStorage(str(tmp_path / "sweeps")).write_text(f"{spec.name}/{SPEC_FILE}", spec.to_json())
+    resumed = prepare(build_parser("rank_schedule").parse_args([*argv, "--resume"]))
+    assert resumed.sweep_id == spec.sweep_id and resumed.grid.cells == spec.grid.cells
+
+
+@pytest.mark.parametrize("only, problem", [
+    ("trajectory.num_phases=4", "leaves out the reference cell"),
+    ("trajectory.num_phases=3", "3 is not one of its values"),
+    ("trajectory.rank=96", "not an axis"),
+    ("trajectory.num_phases", "expects axis=value"),
+])
+def test_a_bad_slice_is_one_error_naming_only(only, problem, tmp_path, monkeypatch, capsys, synthetic_data_dir):
+    import ray
+
+    from lora_diffusion.engine import sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    argv = ["--grid", "grid_xquad_rank_schedule", "--smoke", "--only", only, *_sweep_args(tmp_path)]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(f"--only.*{problem}", err), err
+    assert not ray.is_initialized() and not (tmp_path / "sweeps").exists()
 
 
 def test_a_grid_whose_cells_all_name_a_task_is_checked_on_those_tasks_only(synthetic_data_dir):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..core import config as config_lib
@@ -104,6 +104,38 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
                 explicit_cells=[dict(c) for c in cells] if cells is not None else None)
     _check_cells(grid, source)
     return grid
+
+
+def only_cells(grid: Grid, where: dict[str, list], source: str) -> Grid:
+    """The slice of a grid whose cells take one of the given values on each named axis (--only):
+    a grid too long for one sitting runs as slices, each its own sweep and report. Every slice
+    keeps the reference cell, since its paired differences are to it (and a run is determined
+    by its config and seed, so the reference repeated in each slice is the same run)."""
+    for key, values in where.items():
+        if key not in grid.axes:
+            raise UserError(f"--only {key}: not an axis of {source} (axes: {', '.join(grid.axes)})")
+        unknown = [v for v in values if v not in grid.axes[key]]
+        if unknown:
+            raise UserError(f"--only {key}: {unknown[0]!r} is not one of its values {grid.axes[key]}")
+    cells = [c for c in grid.cells() if all(c.get(k) in values for k, values in where.items())]
+    if not cells:
+        raise UserError(f"--only: no cell of {source} has these values {where}")
+    if not any(all(c.get(k) == v for k, v in grid.reference.items()) for c in cells):
+        raise UserError(f"--only: the slice leaves out the reference cell {grid.reference} of {source}; "
+                        "keep its values (the paired differences are to it)")
+    axes = {k: [v for v in values if any(c.get(k) == v for c in cells)] for k, values in grid.axes.items()}
+    return replace(grid, axes=axes, explicit_cells=cells)
+
+
+def parse_only(items: list[str]) -> dict[str, list]:
+    """--only KEY=V1,V2 (repeatable) as {key: [values]}; values are read as YAML, like --set's."""
+    where = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if not key.strip() or not raw.strip():
+            raise UserError(f"--only expects axis=value[,value...], got {item!r}")
+        where[key.strip()] = [config_lib.parse_sets([f"v={v}"])["v"] for v in raw.split(",")]
+    return where
 
 
 def _check_fixed(fixed: dict, source: str) -> None:

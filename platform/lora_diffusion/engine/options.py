@@ -40,6 +40,9 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
                    "s3://bucket/sweeps (default: $LORA_DIFFUSION_STORAGE, else <repo>/runs/sweeps)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: lora-diffusion-sweeps)")
+    p.add_argument("--only", action="append", metavar="AXIS=V1,V2",
+                   help="run the slice of a grid whose cells take these values on this axis (repeatable); "
+                        "it must keep the reference cell. Named after the slice: grid_x-num_phases-1-4")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name where it stopped")
     p.add_argument("--name", help="sweep name (default: the space's name, plus -smoke with --smoke)")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial")

@@ -24,7 +24,7 @@ from ..core.errors import UserError
 from ..core.task_specs import TEXT_SCORES, metric_mode, run_metric
 from . import preflight
 from . import search_space as space_lib
-from .grid import parse_grid
+from .grid import only_cells, parse_grid, parse_only
 from .options import default_tracking_uri, repo_root, storage_location
 from .storage import SweepStorage
 from .tracking import DEFAULT_EXPERIMENT
@@ -72,6 +72,7 @@ class GridSpec:
     seeds: list
     reference: dict
     cells: list | None  # the listed cells of a `cells` grid; None: the product of the axes
+    only: dict | None = None  # --only: the slice of the grid file this sweep runs (its cells above)
 
 
 @dataclass
@@ -146,8 +147,11 @@ def prepare(args) -> SweepSpec:
 
 
 def sweep_name(args) -> str:
-    """The sweep's name: --name, else the space's file name (plus -smoke with --smoke)."""
-    return args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem
+    """The sweep's name: --name, else the space's file name, plus each --only axis and its values
+    (grid_x-num_phases-1-4), plus -smoke with --smoke."""
+    only = "".join(f"-{key.rsplit('.', 1)[-1]}-" + "-".join(map(str, values))
+                   for key, values in parse_only(getattr(args, "only", None) or []).items())
+    return args.name or (Path(space_lib.resolve_path(args.space, repo_root())).stem + only
                          + ("-smoke" if args.smoke else ""))
 
 
@@ -189,6 +193,8 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
         space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
         _refuse_sampled_sets(args, space, path)
         kind, fixed, options, grid = "optuna", space.fixed, _options(args, space.sweep), None
+        if args.only:
+            raise UserError(f"--only: slices a grid file's cells; {path} is a search space")
     fixed_cfg = config_lib.from_dict({}, fixed)
     _check_data(fixed_cfg, grid)
     if not (grid and ("backbone" in grid.axes or any("backbone" in c for c in grid.cells or []))):
@@ -280,13 +286,17 @@ def _grid_part(args, raw, path: Path, base: dict):
         raw = smoke_grid(raw)
     # validates file, keys, every cell x seed; UserError names file and key
     grid = _parse_grid(raw, str(path), base, sets=config_lib.parse_sets(args.set))
+    only = parse_only(args.only or [])
+    if only:
+        grid = only_cells(grid, only, str(path))
     if args.num_samples is not None:
         raise UserError("--num-samples: a grid runs every cell x seed once; edit the grid file's "
                         "axes or seeds instead")
     base = {k: v for k, v in base.items() if k not in grid.axes}
     options = _options(args, grid.sweep)
     options.num_samples = len(grid.runs())
-    spec = GridSpec(axes=grid.axes, seeds=grid.seeds, reference=grid.reference, cells=grid.explicit_cells)
+    spec = GridSpec(axes=grid.axes, seeds=grid.seeds, reference=grid.reference, cells=grid.explicit_cells,
+                    only=only or None)
     return grid.fixed, base, options, spec
 
 

@@ -151,6 +151,8 @@ def _log_parent(mlflow_cb, spec: SweepSpec) -> str:
     if spec.kind == "grid":
         tracker.client.set_tag(parent, "ablation.axes", ",".join(spec.grid.axes))
         tracker.client.set_tag(parent, "ablation.reference", json.dumps(spec.grid.reference))
+        if spec.grid.only:
+            tracker.client.set_tag(parent, "ablation.only", json.dumps(spec.grid.only))
     return mlflow_cb.describe_parent(_knobs(spec), _resume_command(spec))
 
 
