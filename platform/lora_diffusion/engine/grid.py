@@ -109,8 +109,8 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
 def only_cells(grid: Grid, where: dict[str, list], source: str) -> Grid:
     """The slice of a grid whose cells take one of the given values on each named axis (--only):
     a grid too long for one sitting runs as slices, each its own sweep and report. Every slice
-    keeps the reference cell, since its paired differences are to it (and a run is determined
-    by its config and seed, so the reference repeated in each slice is the same run)."""
+    keeps the reference cell, since its paired differences are to it (on one machine and code a
+    run is determined by its config and seed: the reference repeated in each slice is the same run)."""
     for key, values in where.items():
         if key not in grid.axes:
             raise UserError(f"--only {key}: not an axis of {source} (axes: {', '.join(grid.axes)})")
