@@ -137,7 +137,7 @@ def test_generative_phase_gains_equal_switching_each_phase_off_in_turn(tiny_conf
     """The two-pass phase gains are the definition's K passes: the reference ELBO with phase k's
     module off minus the ELBO with all on, the same masks; and "all on" is the split's reported
     ELBO (Recipe.evaluate), so a gain reads against the number in the table."""
-    from lora_diffusion.core import diffusion, evaluation, generation
+    from lora_diffusion.core import diffusion, generation
     from lora_diffusion.core.diffusion import seeded
 
     recipe = trained_like(Recipe(tiny_config(**{"trajectory.num_phases": 4, "trajectory.sharing": sharing,
@@ -146,7 +146,7 @@ def test_generative_phase_gains_equal_switching_each_phase_off_in_turn(tiny_conf
     times = diffusion.stratified_times(recipe.method.phase_boundaries(), c.diffusion.eval_t_points, c.diffusion.t_min)
 
     def elbo():
-        return float(generation.reference_elbo_by_point(recipe, rows, times, evaluation.EVAL_BATCH_SIZE,
+        return float(generation.reference_elbo_by_point(recipe, rows, times, recipe.config.evaluation.batch_size,
                                                         seeded(c.train.seed, 7)).sum())
 
     gains = recipe.diagnostics.phase_gains(rows, "test", {})

@@ -22,6 +22,7 @@ import yaml
 from . import families
 from .errors import UserError, check, check_one_of
 from .methods import registry
+from .precision import PRECISIONS
 from .task_specs import TASKS
 
 NOISE_SCHEDULES = ("linear", "loglinear", "cosine")
@@ -72,6 +73,25 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch's default
     group_by_length: bool = False  # batches of similar length (less padding); see Recipe._grouped
+    # Precision policy (core/precision.py): auto | fp32 | bf16-mixed | bf16. auto is bf16-mixed
+    # on a GPU that supports bf16, fp32 on a CPU.
+    precision: str = "auto"
+    # Memory controls (core/activations.py): recompute each backbone block in backward instead of
+    # keeping its activations; run the batch in micro-batches of this many rows, accumulating
+    # gradients to the same update (None: the whole batch at once); apply the output head to at
+    # most this many masked positions at a time.
+    gradient_checkpointing: bool = False
+    micro_batch_size: int | None = None
+    logits_chunk_rows: int = 2048
+
+
+@dataclass
+class EvaluationConfig:
+    """How splits are scored (core/evaluation.py, generation.py, diagnostics.py)."""
+
+    # Rows per forward when a split is scored or sampled. The masks of multi-token scoring are
+    # drawn per batch, so figures compare across runs at the same batch size.
+    batch_size: int = 64
 
 
 @dataclass
@@ -133,7 +153,8 @@ Config = dataclasses.make_dataclass(
     "Config",
     [*(_section(s.name, s.section) for s in registry.specs() if s.section is not None),
      _section("diffusion", DiffusionConfig), _section("generation", GenerationConfig),
-     _section("train", TrainConfig), _section("diagnostics", DiagnosticsConfig),
+     _section("train", TrainConfig), _section("evaluation", EvaluationConfig),
+     _section("diagnostics", DiagnosticsConfig),
      ("output_dir", str, field(default="runs/train"))],
     bases=(RunSettings,))
 Config.__module__ = __name__  # pickled by name (Ray ships configs to workers)
@@ -302,6 +323,7 @@ def validate(config: Config) -> None:
     check(math.isfinite(tr.grad_clip) and tr.grad_clip >= 0, "train.grad_clip",
           f"must be >= 0 (0 turns clipping off), got {tr.grad_clip}")
     check(tr.threads is None or tr.threads >= 1, "train.threads", "must be >= 1 (or null: torch's default)")
+    validate_memory(config)
     check_one_of(config.task, tuple(sorted(TASKS)), "task")
     for name in ("max_train_examples", "max_eval_examples"):
         check(getattr(config, name) is None or getattr(config, name) >= 1, name, "must be >= 1 (or null: all)")
@@ -311,6 +333,17 @@ def validate(config: Config) -> None:
     for spec in registry.specs():  # every section, whichever method runs: a bad value is an error
         if spec.validate is not None:
             spec.validate(getattr(config, spec.name))
+
+
+def validate_memory(config: Config) -> None:
+    """The precision policy, micro-batches, logits chunks and the evaluation batch."""
+    tr = config.train
+    check_one_of(tr.precision, PRECISIONS, "train.precision")
+    check(tr.micro_batch_size is None or 1 <= tr.micro_batch_size <= tr.batch_size, "train.micro_batch_size",
+          f"must lie in [1, train.batch_size = {tr.batch_size}] (or null: the whole batch), "
+          f"got {tr.micro_batch_size}")
+    check(tr.logits_chunk_rows >= 1, "train.logits_chunk_rows", "must be >= 1")
+    check(config.evaluation.batch_size >= 1, "evaluation.batch_size", "must be >= 1")
 
 
 def validate_generation(config: Config) -> None:

@@ -45,10 +45,10 @@ def bin_times(n: int, t_min: float) -> list[float]:
 
 
 @torch.no_grad()
-def bound_by_bin(recipe, examples, n_bins: int,
-                 batch_size: int = evaluation.EVAL_BATCH_SIZE) -> list[float]:
+def bound_by_bin(recipe, examples, n_bins: int) -> list[float]:
     """Nats per response token at each bin's midpoint t: -(ELBO integrand), masks seeded per bin."""
     c, mask_id = recipe.config, recipe.backbone.mask_token_id
+    batch_size = c.evaluation.batch_size
     recipe.method.eval()
     batches = [recipe.encode(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
     tokens = sum(int(b.response_mask.sum()) for b in batches)
@@ -121,17 +121,18 @@ class Diagnostics:
 
         on = r.reference_elbo_terms(examples, times)  # the split's reported ELBO's own terms
         with r.method.switched_off(phases=set(phases)):
-            off = generation.reference_elbo_by_point(r, examples, times, evaluation.EVAL_BATCH_SIZE,
+            off = generation.reference_elbo_by_point(r, examples, times, c.evaluation.batch_size,
                                                      seeded(c.train.seed, 7))
         return {f"{split}/phase_gain/{k}": float(sum(off[i] - on[i] for i, p in enumerate(points) if p[2] == k))
                 for k in phases}
 
     @torch.no_grad()
-    def _metric(self, examples, batch_size: int = evaluation.EVAL_BATCH_SIZE) -> float:
+    def _metric(self, examples) -> float:
         """The split's ELBO accuracy (classification), drawn as Recipe.evaluate draws it."""
         r, c = self.recipe, self.recipe.config
         r.method.eval()
         times = diffusion.stratified_times(r.method.phase_boundaries(), c.diffusion.eval_t_points,
                                            c.diffusion.t_min)
-        by_elbo, _ = evaluation.classify(r, examples, times, elbo=True, sampler=False, batch_size=batch_size)
+        by_elbo, _ = evaluation.classify(r, examples, times, elbo=True, sampler=False,
+                                         batch_size=c.evaluation.batch_size)
         return tasks.accuracy(by_elbo, examples)

@@ -50,17 +50,27 @@ def elbo_weight(t: torch.Tensor, schedule: str) -> torch.Tensor:
 
 
 def seeded(*parts: int) -> torch.Generator:
-    """A generator seeded from integers (seed, step, ...): every draw is a function of them."""
+    """A generator seeded from integers (seed, step, ...): every draw is a function of them.
+
+    A CPU generator, whatever device the batch is on: every draw is made here and moved to the
+    batch's device (`draw`). The same seed then gives the same masks on a CPU and on a GPU (a
+    CUDA generator is a different stream), and the draws are a few floats per token, nothing
+    next to the forward they feed."""
     g = torch.Generator()
     g.manual_seed(hash(tuple(parts)) % (2**63))
     return g
 
 
-def sample_times(batch_size: int, t_min: float, generator: torch.Generator) -> torch.Tensor:
+def draw(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniforms in [0, 1) drawn from the (CPU) generator and moved to `device` (see `seeded`)."""
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def sample_times(batch_size: int, t_min: float, generator: torch.Generator, device=None) -> torch.Tensor:
     """Low-discrepancy t in [t_min, 1] (MDLM): one uniform offset, evenly spaced across the batch."""
     offset = torch.rand((), generator=generator)
     u = (offset + torch.arange(batch_size) / batch_size) % 1.0
-    return t_min + (1 - t_min) * u
+    return (t_min + (1 - t_min) * u).to(device or "cpu")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -124,8 +134,9 @@ def apply_mask(batch: Batch, t: torch.Tensor, mask_id: int, schedule: str,
     With `nonempty`, rows are drawn from the law conditioned on at least one masked token:
     the first masked token j has P(j) = (1-p)^(j-1) p / (1-(1-p)^L), later tokens are masked
     independently with probability p. `elbo_factor` carries the matching weight."""
-    p = mask_prob(t, schedule)[:, None]
-    u = torch.rand(batch.input_ids.shape, generator=generator)
+    device = batch.input_ids.device
+    p = mask_prob(t.to(device), schedule)[:, None]
+    u = draw(batch.input_ids.shape, generator, device)
     masked = batch.response_mask & (u < p)
     if nonempty:
         empty = ~masked.any(1)
@@ -133,10 +144,10 @@ def apply_mask(batch: Batch, t: torch.Tensor, mask_id: int, schedule: str,
             rank = batch.response_mask.cumsum(1)  # 1..L on response positions
             L = batch.response_mask.sum(1, keepdim=True)
             cdf = (1 - (1 - p) ** rank) / (1 - (1 - p) ** L).clamp(min=1e-12)
-            v = torch.rand((batch.input_ids.shape[0], 1), generator=generator)
+            v = draw((batch.input_ids.shape[0], 1), generator, device)
             first = (batch.response_mask & (cdf >= v)).float().argmax(1, keepdim=True)
-            u2 = torch.rand(batch.input_ids.shape, generator=generator)
-            pos = torch.arange(batch.input_ids.shape[1])[None, :]
+            u2 = draw(batch.input_ids.shape, generator, device)
+            pos = torch.arange(batch.input_ids.shape[1], device=device)[None, :]
             redraw = batch.response_mask & ((pos == first) | ((pos > first) & (u2 < p)))
             masked = torch.where(empty[:, None], redraw, masked)
     noisy = torch.where(masked, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
@@ -151,6 +162,45 @@ def elbo_factor(t: torch.Tensor, length: torch.Tensor, schedule: str) -> torch.T
 
 
 # ----------------------------------------------------------------------------- loss
+
+
+@dataclass
+class Noise:
+    """One training step's draws for a batch: each row's t, the noisy ids, the masked positions."""
+
+    t: torch.Tensor  # [B]
+    noisy: torch.Tensor  # [B, S] long
+    masked: torch.Tensor  # [B, S] bool
+
+
+def draw_noise(batch: Batch, mask_id: int, schedule: str, t_min: float, generator: torch.Generator) -> Noise:
+    """t and masks for every row of the batch, conditioned on at least one masked token
+    (`apply_mask(nonempty=True)`), on the batch's device."""
+    t = sample_times(batch.input_ids.shape[0], t_min, generator, batch.input_ids.device)
+    noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
+    return Noise(t, noisy, masked)
+
+
+def token_loss_weights(batch: Batch, noise: Noise, schedule: str,
+                       token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of each masked token's cross-entropy in the loss, [N] in row-major order of
+    `noise.masked`: the loss is sum(weight * CE) / B (`diffusion_loss`, whose docstring says what
+    the weights are). Computed for the whole batch, so micro-batches add up to the same loss."""
+    row = noise.masked.nonzero()[:, 0]
+    resp_len = batch.response_mask.sum(1).clamp(min=1).float()
+    if token_weight is None:
+        return (elbo_factor(noise.t, resp_len, schedule) / resp_len)[row]
+    counted = (token_weight * batch.response_mask).sum(1).float()
+    counted = torch.where(counted > 0, counted, torch.ones_like(counted))
+    return (elbo_factor(noise.t, resp_len, schedule) / counted)[row] * token_weight[noise.masked]
+
+
+def micro_batch(batch: Batch, noise: Noise, lo: int, hi: int) -> tuple[Batch, Noise]:
+    """Rows lo:hi of a batch and its draws (a micro-batch), padding kept: families that take no
+    attention mask (MDLM) see the padding, so cutting it would change their output."""
+    part = Batch(*(None if x is None else x[lo:hi] for x in (
+        batch.input_ids, batch.attention_mask, batch.response_mask, batch.prompt_mask, batch.task_ids)))
+    return part, Noise(noise.t[lo:hi], noise.noisy[lo:hi], noise.masked[lo:hi])
 
 
 def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, t_min: float,
@@ -168,22 +218,13 @@ def diffusion_loss(denoise: Denoise, batch: Batch, mask_id: int, schedule: str, 
     exactly the unweighted loss. Masking (and so `elbo_factor`) still covers every response
     token. Generation tasks set it to weigh down padding (`generation.token_weights`)."""
     B = batch.input_ids.shape[0]
-    t = sample_times(B, t_min, generator)
-    noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
-    logits = denoise(noisy, batch.attention_mask, masked, t)  # [N, V]
-    targets = batch.input_ids[masked]
+    noise = draw_noise(batch, mask_id, schedule, t_min, generator)
+    logits = denoise(noise.noisy, batch.attention_mask, noise.masked, noise.t)  # [N, V]
+    targets = batch.input_ids[noise.masked]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    row = masked.nonzero()[:, 0]
-    resp_len = batch.response_mask.sum(1).clamp(min=1).float()
-    if token_weight is None:
-        weight = (elbo_factor(t, resp_len, schedule) / resp_len)[row]
-    else:
-        counted = (token_weight * batch.response_mask).sum(1).float()
-        counted = torch.where(counted > 0, counted, torch.ones_like(counted))
-        weight = (elbo_factor(t, resp_len, schedule) / counted)[row] * token_weight[masked]
-    loss = (weight * ce).sum() / B
+    loss = (token_loss_weights(batch, noise, schedule, token_weight) * ce).sum() / B
     stats = {
-        "masked_tokens": float(masked.sum()),
+        "masked_tokens": float(noise.masked.sum()),
         "masked_accuracy": float((logits.argmax(-1) == targets).float().mean()),
     }
     return loss, stats
@@ -223,16 +264,16 @@ def score_points(denoise: Denoise, batch: Batch, mask_id: int, schedule: str,
                  times: list[tuple[float, float]], generator: torch.Generator) -> torch.Tensor:
     """`score_candidates` before the sum over t: [len(times), rows], each t's weighted term,
     the masks drawn in the same order (so the sum is the same figure)."""
-    B = batch.input_ids.shape[0]
+    B, device = batch.input_ids.shape[0], batch.input_ids.device
     resp_len = batch.response_mask.sum(1).float()
-    terms = torch.zeros(len(times), B)
+    terms = torch.zeros(len(times), B, device=device)
     for i, (t_value, weight) in enumerate(times):
-        t = torch.full((B,), t_value)
+        t = torch.full((B,), t_value, device=device)
         noisy, masked = apply_mask(batch, t, mask_id, schedule, generator, nonempty=True)
         logp = F.log_softmax(denoise(noisy, batch.attention_mask, masked, t).float(), -1)
         token_logp = logp.gather(1, batch.input_ids[masked][:, None])[:, 0]
         row = masked.nonzero()[:, 0]
-        per_row = torch.zeros(B).index_add_(0, row, token_logp)
+        per_row = torch.zeros(B, device=device).index_add_(0, row, token_logp)
         terms[i] = weight * elbo_factor(t, resp_len, schedule) * per_row
     return terms
 
@@ -242,14 +283,14 @@ def score_label_words(denoise: Denoise, batch: Batch, label_ids: list[int], sche
                       times: list[tuple[float, float]], mask_id: int) -> torch.Tensor:
     """Fast path for one-token label words: one forward per t scores every label at once.
     `batch` holds each prompt with a one-token answer slot. Returns [B, num_labels]."""
-    B = batch.input_ids.shape[0]
+    B, device = batch.input_ids.shape[0], batch.input_ids.device
     slot = batch.response_mask
     noisy = torch.where(slot, torch.full_like(batch.input_ids, mask_id), batch.input_ids)
-    scores = torch.zeros(B, len(label_ids))
+    scores = torch.zeros(B, len(label_ids), device=device)
     for t_value, weight in times:
-        t = torch.full((B,), t_value)
+        t = torch.full((B,), t_value, device=device)
         logp = F.log_softmax(denoise(noisy, batch.attention_mask, slot, t).float(), -1)
-        scores += weight * elbo_factor(t, torch.ones(B), schedule)[:, None] * logp[:, label_ids]
+        scores += weight * elbo_factor(t, torch.ones(B, device=device), schedule)[:, None] * logp[:, label_ids]
     return scores
 
 
@@ -317,7 +358,7 @@ def sample(denoise: Denoise, batch: Batch, mask_id: int, steps: int, remasking: 
             still = (ids == mask_id) & block
             if not still.any():
                 break
-            t = torch.full((ids.shape[0],), times[k * per_block + s])
+            t = torch.full((ids.shape[0],), times[k * per_block + s], device=ids.device)
             unmask_step(denoise, ids, batch.attention_mask, still, t, [plan[s] for plan in plans],
                         mask_id, remasking, generator)
     return ids
@@ -333,7 +374,7 @@ def unmask_step(denoise: Denoise, ids: torch.Tensor, attention_mask: torch.Tenso
     probs = logits.softmax(-1)
     conf, pred = probs.max(-1)
     if remasking == "random":
-        conf = torch.rand(conf.shape, generator=generator)
+        conf = draw(conf.shape, generator, conf.device)
     rows = still.nonzero()
     for b, take in enumerate(takes):
         sel = (rows[:, 0] == b).nonzero()[:, 0]

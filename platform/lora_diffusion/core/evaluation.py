@@ -25,10 +25,9 @@ import torch
 from . import diffusion, tasks
 from .diffusion import seeded
 
-# Rows per evaluation batch, everywhere a split is scored (Recipe.evaluate, the diagnostics):
-# one constant so the phase gains draw their masks exactly as the test ELBO they are read
-# against (the masks are drawn per batch).
-EVAL_BATCH_SIZE = 64
+# Rows per evaluation batch: `evaluation.batch_size` (config.py), everywhere a split is scored
+# (Recipe.evaluate, the diagnostics), so the phase gains draw their masks exactly as the test
+# ELBO they are read against (the masks are drawn per batch).
 
 
 class SharedForward:
@@ -72,13 +71,17 @@ class SharedForward:
         return record
 
     def _replayed(self, ids, attention_mask, select, t):
+        own = [block.__dict__.get("forward") for block in self.blocks]  # activation checkpointing's
         for block, output in zip(self.blocks, self.saved):
             block.forward = _returning(output)  # an instance attribute: hooks still run around it
         try:
             return self.denoise(ids, attention_mask, select, t)
         finally:
-            for block in self.blocks:
-                del block.forward  # back to the class's forward
+            for block, forward in zip(self.blocks, own):
+                if forward is None:
+                    del block.forward  # back to the class's forward
+                else:
+                    block.forward = forward
 
 
 def shareable_depth(recipe) -> int | None:

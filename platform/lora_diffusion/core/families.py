@@ -65,6 +65,10 @@ class BackboneFamily:
     # full forward runs and the selected positions are taken from its logits.
     body: str | None = None
     head: tuple[str, ...] | None = None
+    # The last module of a full forward that is the output head (LLaDA's untied `ff_out`, which
+    # its forward calls inside, after ln_f): skipped during the forward and applied to the
+    # selected positions only. None (or absent, as with LLaDA's tied embeddings): no such module.
+    final_head: str | None = None
     mask_token_id: int | None = None  # None: the tokenizer's mask token
     mask_is_last_id: bool = False  # MDLM: [MASK] is appended as the last vocabulary entry
     shifted: bool = False  # logits at i - 1 predict token i (Dream)
@@ -118,6 +122,7 @@ FAMILIES: dict[str, BackboneFamily] = {f.name: f for f in (
     BackboneFamily("llada", ("llada",), "model.transformer.blocks",
                    attention=r"q_proj|k_proj|v_proj|attn_out", mlp=r"ff_proj|up_proj|ff_out",
                    ffn_output="ff_out", attention_output="attn_out", mask_token_id=126336,
+                   final_head="model.transformer.ff_out",
                    auto_class="AutoModel", remote_code=True,
                    hidden_size_keys=("d_model", "hidden_size")),
     BackboneFamily("dream", ("dream",), "model.layers", body="model", head=("lm_head",),

@@ -123,7 +123,7 @@ def reference_elbo_by_point(recipe, examples, times, batch_size: int, generator:
         batch = recipe.encode(examples[i:i + batch_size])
         terms = diffusion.score_points(recipe.denoiser(batch), batch, recipe.backbone.mask_token_id,
                                        c.diffusion.noise_schedule, times, generator)
-        total += terms.double().sum(1)
+        total += terms.sum(1).cpu().double()  # on the CPU: float64 is not on every device
         tokens += int(batch.response_mask.sum())
     return -total / max(tokens, 1)
 

@@ -13,25 +13,30 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from . import diagnostics, diffusion, evaluation, generation, overlap, splits, tasks
+from . import activations, diagnostics, diffusion, evaluation, generation, precision, tasks
 from .accounting import account
-from .task_specs import TASKS, run_metric
+from .task_specs import run_metric
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
 from .diffusion import seeded
 from .errors import TrainingDiverged, UserError, check
 from .config import Config
 from .methods import Context, build_method
-
-LENGTH_GROUP = 50  # batches per length-sorted mega-batch (HF Trainer's group_by_length uses 50)
+from .recipe_data import RecipeData, task_of
 
 Report = Callable[[dict, "Recipe"], None]
+
+
+def default_device() -> torch.device:
+    """The GPU where there is one (Ray Train hands a worker its GPU as cuda:0 of its visible
+    devices; engine/trial.py passes `ray.train.torch.get_device()`), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -41,25 +46,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def task_of(example) -> str:
-    """An example's task: its id starts with it ("<task>/...", task_specs.Example)."""
-    return example.id.split("/", 1)[0]
-
-
-@dataclass
-class EncodedSplit:
-    name: str
-    examples: list  # tasks.Example
-    responses: list[list[int]]  # response token ids
-
-
-class Recipe:
-    def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1, backbone=None):
+class Recipe(RecipeData):
+    def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1, backbone=None, device=None):
         self.config, self.rank, self.world_size = config, rank, world_size
         tr = config.train
         if tr.threads:
             torch.set_num_threads(tr.threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.precision = precision.resolve(tr.precision, self.device)
         # data first: a bad data path fails before any model is loaded
         self.spec = tasks.get_task(config.task)
         self.train_examples = self._load_train()
@@ -74,13 +68,17 @@ class Recipe:
                                                   allow_hub=config.allow_hub, family=config.backbone_family)
         positions = getattr(self.backbone.config, "max_position_embeddings", None) or config.max_length
         check(config.max_length <= positions, "max_length", f"exceeds the backbone's {positions} positions")
-        self.fingerprint = backbone_fingerprint(self.backbone)
+        self.fingerprint = backbone_fingerprint(self.backbone)  # of the weights as stored
+        precision.cast_backbone(self.backbone.model, self.precision)
         self.tokenizer = self.backbone.tokenizer
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
                           if self.spec.kind == "classification" else None)
         torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
         self.method = build_method(config, self.backbone).to(self.device)
         self.params = list(self.method.trainable().values())
+        precision.cast_trainable(self.params, self.precision)  # fp32 (bf16: bf16), optimizer state alike
+        if tr.gradient_checkpointing:
+            activations.checkpoint_blocks(self.backbone.layers, self.method)
         self.diagnostics = diagnostics.Diagnostics(self)  # per-t bound, phase gains
         # a method with nothing to train (a training-free router mode) has no optimizer and runs no steps
         self.optimizer = (torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
@@ -106,112 +104,18 @@ class Recipe:
             raise UserError(f"checkpoint {directory}: {exc}") from None
         return recipe
 
-    # ------------------------------------------------------------------------- data
-    def _load(self, split: str, data_file: str | None = None, max_examples: int | None = None,
-              task: str | None = None):
-        c = self.config
-        # evaluation subsets are drawn with the fixed split seed: every seed and trial is scored
-        # on the same rows, so seed variance is the model's, not the data's
-        seed = c.train.seed if split == "train" else splits.SPLIT_SEED
-        return tasks.load_split(task or c.task, split, c.data_dir, data_file=data_file,
-                                max_examples=max_examples, seed=seed, allow_hub=c.allow_hub)
-
-    def _load_train(self) -> list:
-        """The run's task's training rows, or a router's task mixture (`router.train_tasks`):
-        each listed task's rows (up to max_train_examples each), shuffled together by the epoch
-        permutation; every row keeps its own task's response form and task id."""
-        c = self.config
-        self.train_tasks = (c.router.train_tasks if c.method == "router" else []) or [c.task]
-        return [e for task in self.train_tasks
-                for e in self._load("train", max_examples=c.max_train_examples, task=task)]
-
-    def _check_overlap(self) -> dict[str, float]:
-        """Each evaluation set's fraction of rows overlapping this run's training rows; above 1%
-        a UserError naming the set, unless allow_overlap."""
-        c = self.config
-        training = overlap.TrainingText(e.text for e in self.train_examples)
-        return {split: overlap.check_overlap(name, examples, training, c.allow_overlap)
-                for split, name, examples in (
-                    ("validation", f"{c.task} validation split", self.validation_examples),
-                    ("test", f"test_file {c.test_file}" if c.test_file else f"{c.task} test split",
-                     self.test_examples))}
-
-    def response_ids(self, example) -> list[int]:
-        task = task_of(example)
-        if task != self.config.task and task in self.train_tasks:  # a mixture's row: its task's form
-            return self._mixture_response(task, example)
-        if self.label_ids is not None:
-            return self.label_ids[example.label]
-        return generation.response_ids(self.tokenizer, example.response,
-                                       self.config.generation.response_tokens)
-
-    def _mixture_response(self, task: str, example) -> list[int]:
-        spec = tasks.get_task(task)
-        if spec.kind == "classification":
-            cache = self.__dict__.setdefault("_mixture_label_ids", {})
-            if task not in cache:
-                cache[task] = tasks.label_word_token_ids(spec, self.tokenizer)
-            return cache[task][example.label]
-        return generation.response_ids(self.tokenizer, example.response, spec.response_tokens)
-
-    def encode(self, examples, responses=None) -> diffusion.Batch:
-        responses = responses or [self.response_ids(e) for e in examples]
-        b = diffusion.encode(self.tokenizer, [e.prompt for e in examples], responses,
-                             self.config.max_length,
-                             [TASKS.get(task_of(e), self.spec).prompt_tail for e in examples])
-        # each row's task id, which conditioned modules read: the run's trajectory.task_id, or
-        # for a task the method knows an id of (a router's experts' tasks) that id
-        known, default = self.method.task_id_by_task, self.config.trajectory.task_id
-        task_ids = torch.tensor([known.get(task_of(e), default) for e in examples], dtype=torch.long)
-        return diffusion.Batch(*(x.to(self.device) for x in
-                                 (b.input_ids, b.attention_mask, b.response_mask, b.prompt_mask, task_ids)))
-
-    def train_batch(self, step: int):
-        """The examples of global step `step` for this worker: a seeded permutation per epoch,
-        each worker taking its strided share of the global batch."""
-        B, N = self.config.train.batch_size, len(self.train_examples)
-        start = step * B
-        idx = []
-        for pos in range(start, start + B):
-            epoch, offset = divmod(pos, N)
-            perm = self._perm(epoch)
-            idx.append(int(perm[offset]))
-        return [self.train_examples[i] for i in idx[self.rank::self.world_size]]
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
-            gen = seeded(self.config.train.seed, epoch)
-            perm = torch.randperm(len(self.train_examples), generator=gen)
-            if self.config.train.group_by_length:
-                perm = self._grouped(perm, gen)
-            self._perm_cache = (epoch, perm)
-        return self._perm_cache[1]
-
-    def _grouped(self, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """HF's `group_by_length`: cut the shuffled epoch into mega-batches of LENGTH_GROUP
-        batches, sort each by prompt length, and shuffle the order of its batches. Batches are
-        padded to their longest row, so this removes most padding (SST-2: a random batch of 32
-        phrases is mostly padding) while every example is still seen once per epoch. Batches
-        start at multiples of batch_size from step 0; when the epoch length is not a multiple,
-        later epochs' batches straddle two sorted chunks (still correct, less uniform)."""
-        if not hasattr(self, "_lengths"):
-            prompts = [e.prompt for e in self.train_examples]
-            self._lengths = torch.tensor([len(ids) for ids in self.tokenizer(
-                prompts, add_special_tokens=False)["input_ids"]])
-        B = self.config.train.batch_size
-        out = []
-        for mega in perm.split(B * LENGTH_GROUP):
-            mega = mega[torch.argsort(self._lengths[mega], descending=True, stable=True)]
-            batches = list(mega.split(B))
-            out += [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        return torch.cat(out)
-
     # ------------------------------------------------------------------------- model
-    def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None, task_ids=None):
-        self.method.set_context(Context(t=t.to(self.device), prompt_mask=prompt_mask, task_ids=task_ids))
+    def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None, task_ids=None,
+                hidden: bool = False):
+        """Logits [N, V] at the `select` positions, the method told t (and the rows' prompt
+        positions and task ids); with `hidden`, the hidden states the head reads ([N, H], a
+        separable head only), for the loss to apply the head in chunks."""
+        t = t.to(self.device)
+        self.method.set_context(Context(t=t, prompt_mask=prompt_mask, task_ids=task_ids))
         try:
-            return self.backbone.logits(input_ids, attention_mask, select, t.to(self.device))
+            with precision.autocast(self.precision, self.device):
+                run = self.backbone.hidden_at if hidden else self.backbone.logits
+                return run(input_ids, attention_mask, select, t)
         finally:
             self.method.set_context(None)
 
@@ -236,20 +140,22 @@ class Recipe:
         gen = seeded(c.train.seed, self.step, self.rank, 1)
         torch.manual_seed(int(torch.randint(2**62, (), generator=seeded(c.train.seed, self.step, self.rank, 2))))
         # ^ dropout draws from the global generator: seeding it per step makes resume exact
-        loss, stats = diffusion.diffusion_loss(self.denoiser(batch), batch, self.backbone.mask_token_id,
-                                               c.diffusion.noise_schedule, c.diffusion.t_min, gen,
+        noise = diffusion.draw_noise(batch, self.backbone.mask_token_id, c.diffusion.noise_schedule,
+                                     c.diffusion.t_min, gen)
+        weights = diffusion.token_loss_weights(batch, noise, c.diffusion.noise_schedule,
                                                generation.train_weights(self, batch))
+        self.optimizer.zero_grad(set_to_none=False)
+        loss, accuracy = self._loss_backward(batch, noise, weights)
         self._check_finite(loss, "loss")
         try:
             reg, reg_logs = self.method.regularization()
         except torch.linalg.LinAlgError:  # an SVD of non-finite parameters (a NaN gradient before)
             raise TrainingDiverged(f"training diverged at step {self.step + 1}: non-finite parameters") from None
         self._check_finite(reg, "regularizer")
-        total = loss + reg.to(loss.device)
+        if reg.requires_grad:
+            reg.backward()
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=False)
-        total.backward()
         self._sync_gradients()
         if c.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, c.train.grad_clip)
@@ -258,9 +164,40 @@ class Recipe:
         self.method.after_step(self.step)
         self.train_time += time.perf_counter() - t0
         self.train_tokens += int(batch.attention_mask.sum()) * self.world_size
-        self.last_loss = float(loss.detach())
-        return {"train/loss": self.last_loss, "train/masked_accuracy": stats["masked_accuracy"],
+        self.last_loss = float(loss)
+        return {"train/loss": self.last_loss, "train/masked_accuracy": accuracy,
                 **{f"train/{k}": v for k, v in reg_logs.items()}}
+
+    def _loss_backward(self, batch, noise, weights) -> tuple[torch.Tensor, float]:
+        """The step's loss, sum(weight * CE) / B over the masked tokens, backpropagated one
+        micro-batch (`train.micro_batch_size` rows) at a time: the draws and weights are the
+        whole batch's, so the accumulated gradient is the whole batch's. Returns the loss and
+        the masked-token accuracy."""
+        B = batch.input_ids.shape[0]
+        size = self.config.train.micro_batch_size or B
+        ends = [0, *noise.masked.sum(1).cumsum(0).tolist()]  # masked tokens before each row
+        loss, right = torch.zeros((), device=self.device), 0
+        for lo in range(0, B, size):
+            hi = min(lo + size, B)
+            part, part_noise = diffusion.micro_batch(batch, noise, lo, hi)
+            ce, ok = self._masked_cross_entropy(part, part_noise)
+            part_loss = (weights[ends[lo]:ends[hi]] * ce).sum() / B
+            part_loss.backward()
+            loss, right = loss + part_loss.detach(), right + ok
+        return loss, float(right) / max(ends[-1], 1)
+
+    def _masked_cross_entropy(self, batch, noise) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token CE at the masked positions and the count predicted right; the head in
+        chunks of `train.logits_chunk_rows` where it is separable (core/activations.py)."""
+        targets = batch.input_ids[noise.masked]
+        args = (noise.noisy, batch.attention_mask, noise.masked, noise.t, batch.prompt_mask, batch.task_ids)
+        if not self.backbone.head_separable:  # MDLM: the output layer needs the time embedding
+            logits = self.denoise(*args).float()
+            return F.cross_entropy(logits, targets, reduction="none"), (logits.argmax(-1) == targets).sum()
+        hidden = self.denoise(*args, hidden=True)
+        with precision.autocast(self.precision, self.device):
+            return activations.cross_entropy_at(self.backbone.head, hidden, targets,
+                                                self.config.train.logits_chunk_rows)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
         """The divergence guard: one line naming the step and the value, before the optimizer sees it."""
@@ -281,8 +218,7 @@ class Recipe:
 
     # ------------------------------------------------------------------------- evaluate
     @torch.no_grad()
-    def evaluate(self, examples, split: str, sampler: bool = True,
-                 batch_size: int = evaluation.EVAL_BATCH_SIZE) -> dict:
+    def evaluate(self, examples, split: str, sampler: bool = True, batch_size: int | None = None) -> dict:
         """Classification: accuracy, label words scored by the ELBO (averaged over t,
         stratified by phase; label words of several tokens compare their ELBO per token) and,
         when `sampler`, generated by the reverse sampler, with a note of the times it
@@ -292,6 +228,7 @@ class Recipe:
         last periodic validation, which the final result repeats) is not computed again."""
         self.method.eval()
         c = self.config
+        batch_size = batch_size or c.evaluation.batch_size
         times = diffusion.stratified_times(self.method.phase_boundaries(), c.diffusion.eval_t_points,
                                            c.diffusion.t_min)
         key = self.state_key(examples)
@@ -307,11 +244,12 @@ class Recipe:
         self._evaluated[split] = (key, out)
         return out
 
-    def reference_elbo_terms(self, examples, times, batch_size: int = evaluation.EVAL_BATCH_SIZE):
+    def reference_elbo_terms(self, examples, times, batch_size: int | None = None):
         """Generation: the reference ELBO per t of `times` before the sum (nats per response
         token, generation.reference_elbo_by_point) under evaluation's masks, seeded(train.seed,
         7), with every module on. Kept for the last state and rows asked: the test ELBO's terms
         are the phase gains' all-on pass (core/diagnostics.py), not a second one."""
+        batch_size = batch_size or self.config.evaluation.batch_size
         key = (self.state_key(examples), tuple(times), batch_size)
         if self._elbo_terms[0] != key:
             self._elbo_terms = (key, generation.reference_elbo_by_point(
