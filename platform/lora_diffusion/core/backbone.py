@@ -64,6 +64,11 @@ class Backbone:
         return self.model.config
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are: inputs of a forward a method runs while it is built go there."""
+        return next(self.model.parameters()).device
+
+    @property
     def hidden_size(self) -> int:
         return families.hidden_size(self.family, self.model.config)
 

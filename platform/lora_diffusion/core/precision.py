@@ -47,13 +47,23 @@ def cast_backbone(model: torch.nn.Module, policy: str) -> None:
         model.to(torch.bfloat16)
 
 
-def cast_trainable(params, policy: str) -> None:
+def cast_trainable(method: torch.nn.Module, policy: str) -> None:
     """Trainable parameters in fp32 (bf16 under `bf16`), whatever the backbone's dtype: PEFT
     makes its adapters in the base layer's dtype, and full fine-tuning trains the backbone's own
-    tensors. `.data` is swapped so the Parameter objects (hooks, the optimizer) stay the same."""
+    tensors. A module computes in one dtype, so where a method trains part of a module (BitFit's
+    biases of a bf16 Linear or LayerNorm), that module's frozen tensors join the trainable dtype:
+    the only frozen weights not left in the checkpoint's dtype. `.data` is swapped so the
+    Parameter objects (hooks, the optimizer) stay the same."""
     dtype = torch.bfloat16 if policy == "bf16" else torch.float32
-    for p in params:
-        if p.dtype != dtype:
+    owners: dict[int, list[bool]] = {}  # tensor -> whether each module holding it trains a tensor
+    for module in method.modules():
+        own = list(module.parameters(recurse=False))
+        for p in own:
+            owners.setdefault(id(p), []).append(any(q.requires_grad for q in own))
+    for p in method.parameters():
+        # a tied tensor (BERT's decoder weight is the input embedding) keeps its dtype unless
+        # every module holding it trains: the embedding's output must stay what its norm expects
+        if p.is_floating_point() and p.dtype != dtype and (p.requires_grad or all(owners[id(p)])):
             p.data = p.data.to(dtype)
 
 

@@ -74,9 +74,11 @@ class Recipe(RecipeData):
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
                           if self.spec.kind == "classification" else None)
         torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
-        self.method = build_method(config, self.backbone).to(self.device)
+        self.backbone.model.to(self.device)  # a method's set-up may run the backbone (GeLoRA)
+        with precision.autocast(self.precision, self.device):  # as every forward of the run
+            self.method = build_method(config, self.backbone).to(self.device)
+        precision.cast_trainable(self.method, self.precision)  # fp32 (bf16: bf16), optimizer state alike
         self.params = list(self.method.trainable().values())
-        precision.cast_trainable(self.params, self.precision)  # fp32 (bf16: bf16), optimizer state alike
         if tr.gradient_checkpointing:
             activations.checkpoint_blocks(self.backbone.layers, self.method)
         self.diagnostics = diagnostics.Diagnostics(self)  # per-t bound, phase gains

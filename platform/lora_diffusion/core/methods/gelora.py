@@ -89,7 +89,9 @@ def hidden_state_dims(config: Config, backbone: Backbone) -> list[float]:
                                  max_length=config.max_length, return_tensors="pt")
         was_training = backbone.model.training
         backbone.model.eval()
-        states = backbone.block_states(enc["input_ids"], enc["attention_mask"])  # the family's blocks
+        states = backbone.block_states(enc["input_ids"].to(backbone.device),
+                                       enc["attention_mask"].to(backbone.device))  # the family's blocks
+        states = [h.float().cpu() for h in states]  # TwoNN on the CPU, in fp32
         backbone.model.train(was_training)
         weights = enc["attention_mask"].unsqueeze(-1).float()
         pooled = [(h * weights).sum(1) / weights.sum(1) for h in states]

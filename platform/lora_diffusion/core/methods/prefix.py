@@ -110,7 +110,7 @@ def _word_activations(backbone: Backbone, attns: list[nn.Module], n: int, gen: t
     layer, a small change; projecting raw embeddings with deep layers' weights instead gives keys
     far outside those layers' distribution, and the prefix swamps the attention (measured: MLM loss
     8.7 over the first 50 steps on SST-2 with MiniLM, against 3.4 now)."""
-    ids = _word_token_ids(backbone.tokenizer, n, gen)[None]
+    ids = _word_token_ids(backbone.tokenizer, n, gen)[None].to(backbone.device)
     keys, values, hooks = [], [], []
     for attn in attns:
         hooks.append(attn.key.register_forward_hook(lambda _m, _i, out: keys.append(out[0])))
@@ -164,6 +164,12 @@ class PrefixMethod(Method):
         self.n_prefix, self.n_layers = pc.length, len(backbone.layers)
         gen = torch.Generator().manual_seed(config.train.seed)
         attns = _bert_attentions(backbone)  # None: the family's attention is an sdpa call
+        if attns is None and config.train.gradient_checkpointing:
+            # the swap of the attention call happens in each block's hooks, around its forward;
+            # a checkpointed block's recomputation in backward runs the forward alone
+            raise UserError(f"field train.gradient_checkpointing: prefix tuning on the {backbone.family.name} "
+                            "backbone swaps its attention call around each block's forward, which a "
+                            "recomputed block does not repeat; set it to false (or use the bert family)")
         if attns is None:
             words = _word_token_ids(backbone.tokenizer, pc.length, gen)[None]
             keys, values = prefix_sdpa.probe(backbone, words)

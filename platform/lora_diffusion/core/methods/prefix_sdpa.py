@@ -75,6 +75,7 @@ def probe(backbone, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the backbone reads `ids` [1, n]. UserError if a block makes no sdpa call (another attention
     implementation, e.g. eager or flash-attn)."""
     seen: dict[int, tuple] = {}
+    ids = ids.to(backbone.device)
 
     def recorder(i):
         def sdpa(q, k, v, *args, **kwargs):
