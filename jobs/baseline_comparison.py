@@ -12,7 +12,7 @@ both without the budget (the second table). All are grid sweeps (Ray Tune trials
 run) logged to MLflow; `python jobs/baseline_table.py --name NAME` writes the tables.
 Interrupted? Run the same command again: a finished stage is skipped and an unfinished one resumed. Arguments not listed here go to the sweep engine
 (--storage-path, --tracking-uri, --address, --max-concurrent, --workers, ...: see
-`lora-diffusion sweep --help`). The logic lives in lora_diffusion.analysis.comparison.
+`lora-diffusion sweep --help`). The logic lives in lora_diffusion.experiments.comparison.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_diffusion.analysis import comparison
+from lora_diffusion.experiments import comparison
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.errors import UserError
 

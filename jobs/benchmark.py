@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from lora_diffusion.analysis import bench_report
-from lora_diffusion.analysis.benchmark import RAY_SECTIONS, SECTIONS, log_to_mlflow, run_benchmark
+from lora_diffusion.experiments.bench import report as bench_report
+from lora_diffusion.experiments.bench.benchmark import RAY_SECTIONS, SECTIONS, log_to_mlflow, run_benchmark
 from lora_diffusion.engine.options import default_tracking_uri
 from lora_diffusion.engine.tuner import init_ray, ray_address
 

@@ -9,7 +9,7 @@ comparison isolates depth (add --set trajectory.num_phases=4 to repeat it with p
 import argparse
 import sys
 
-from lora_diffusion.analysis.benchmark import compare_variants, markdown, write_markdown
+from lora_diffusion.experiments.bench.benchmark import compare_variants, markdown, write_markdown
 from lora_diffusion.core.config import parse_sets
 
 VARIANTS = {

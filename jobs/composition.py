@@ -12,7 +12,7 @@ linear / cat / TIES merge) on every task, test with std over seeds, gap to the o
 parameters and bytes: `NAME.composition.json` beside the sweeps, the tables and heatmaps on the
 MLflow run NAME. Interrupted? Run the same command again. Other arguments go to the sweep engine
 (--storage-path, --tracking-uri, --max-concurrent, --set, ...). The logic lives in
-lora_diffusion.analysis.composition.
+lora_diffusion.experiments.composition.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_diffusion.analysis import composition
+from lora_diffusion.experiments.composition import stages as composition
 from lora_diffusion.core.errors import UserError
 
 # --smoke: the tiny random backbone, short contexts and answers, a few steps (not the engine's

@@ -5,12 +5,12 @@
 
 Prints the fault matrix (fault, times injected, trials lost, runs duplicated, runs left RUNNING,
 metrics lost) as markdown and writes it as JSON; exit 0 when every fault was injected and nothing
-was lost, duplicated or left RUNNING. See lora_diffusion/analysis/soak.py.
+was lost, duplicated or left RUNNING. See lora_diffusion/experiments/soak.py.
 """
 
 import sys
 
-from lora_diffusion.analysis.soak import main
+from lora_diffusion.experiments.soak import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -183,7 +183,7 @@ def _record():
 
 
 def test_the_report_pairs_the_gap_to_the_oracle_by_seed_and_counts_what_composition_keeps(tmp_path):
-    from lora_diffusion.analysis import composition_report
+    from lora_diffusion.experiments.composition import report as composition_report
 
     data = _record()
     matrix = composition_report.matrix_table(data).set_index("module (trained on)")
@@ -212,7 +212,7 @@ def test_an_elbo_only_engine_set_selects_generation_modules_on_the_lower_bound()
     selection must then read the bound (lower is better), not a ROUGE column that was never made."""
     import pandas as pd
 
-    from lora_diffusion.analysis import composition
+    from lora_diffusion.experiments.composition import stages as composition
 
     spec = composition.CompositionSpec(tasks=["sst2", "xsum"], seeds=[0], lrs={"trajectory": [1e-3, 5e-3],
                                                                               "lora": [1e-3]})

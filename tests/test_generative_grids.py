@@ -90,7 +90,7 @@ def _minilm_shaped_backbone():
 def test_method_grids_meet_the_budget_on_minilm():
     """Each method's size knob, counted by the accounting on MiniLM's shapes, lands within budget
     matching's 10% of the comparison's budget; both tasks run the same cells."""
-    from lora_diffusion.analysis.budget import count_params
+    from lora_diffusion.experiments.budget import count_params
 
     grids = {task: load_grid(SPACES / f"grid_{task}_methods.yaml") for task in METRIC}
     assert grids["xquad"].cells() == grids["xsum"].cells()

@@ -18,7 +18,7 @@ PLATFORM = REPO / "platform"  # holds the package; never itself a package (it wo
 PACKAGE = "lora_diffusion"
 # A module may import its own layer and those before it. The root __init__ is loaded by every
 # import of the package, so it counts as core; top-level modules (cli.py) are the top.
-LAYERS = ("core", "engine", "analysis", "top")
+LAYERS = ("core", "engine", "analysis", "experiments", "top")
 HEAVY = ("ray", "mlflow", "optuna")  # the engine's dependencies, never loaded by core
 MAX_FUNCTION_LINES = 59  # def line through last line
 MAX_MODULE_LINES = 400
@@ -88,7 +88,7 @@ def layer(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 1:
         return "core"
-    return parts[1] if parts[1] in LAYERS[:3] else "top"
+    return parts[1] if parts[1] in LAYERS[:-1] else "top"
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:

@@ -1,7 +1,7 @@
 """A sweep's follow-up stage: the selected configuration retrained with fresh seeds, reported on test.
 
 The search selects on validation; its best validation score is only the selection score. The
-retrain stage (analysis/retrain.py, run by cli.sweep_main) must use seeds the search never used,
+retrain stage (experiments/retrain.py, run by cli.sweep_main) must use seeds the search never used,
 report test as mean ± std over them with validation beside it (best.json, the search's MLflow
 parent run), and a rerun must not train it again.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lora_diffusion.analysis import retrain
+from lora_diffusion.experiments import retrain
 from lora_diffusion.analysis.trials import TEST_METRIC, VALIDATION_METRIC
 from lora_diffusion.engine import grid as grid_lib
 

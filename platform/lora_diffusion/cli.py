@@ -129,8 +129,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .analysis.bench_setup import SIZES
-    from .analysis.benchmark import SECTIONS, log_to_mlflow, run_benchmark
+    from .experiments.bench.workbench import SIZES
+    from .experiments.bench.benchmark import SECTIONS, log_to_mlflow, run_benchmark
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -140,7 +140,7 @@ def cmd_bench(args) -> int:
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
     result = run_benchmark(args.size, sections, args.data_dir, out, previous, args.sweep_arg or [])
-    from .analysis import bench_report  # imported when measuring is done
+    from .experiments.bench import report as bench_report  # imported when measuring is done
 
     files = [out, *bench_report.write_plots(result, out.parent)]
     if not args.no_mlflow:
@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_report(args) -> int:
-    from .analysis import bench_report
+    from .experiments.bench import report as bench_report
 
     if not Path(args.json).is_file():
         raise UserError(f"json: {args.json} not found (run lora-diffusion bench first)")
@@ -162,7 +162,7 @@ def cmd_bench_report(args) -> int:
     plots = bench_report.write_plots(result, Path(args.plots))
     text = bench_report.table(result, plot_dir=args.plots, relative_to=Path(args.readme).parent if args.readme else None)
     if args.mlflow:
-        from .analysis.benchmark import log_to_mlflow
+        from .experiments.bench.benchmark import log_to_mlflow
         from .engine.options import default_tracking_uri
 
         uri = default_tracking_uri() if args.mlflow == "default" else args.mlflow
@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
     """The sweep jobs' entry point: the engine runs the sweep, then the analysis layer writes
     its ablation report on the parent run and retrains the selected configuration with fresh
-    seeds on test (analysis/retrain.py; the engine itself never imports analysis)."""
-    from .analysis import retrain
+    seeds on test (experiments/retrain.py; the engine itself never imports analysis or experiments)."""
+    from .experiments import retrain
     from .analysis.report import report_sweep
     from .engine.options import build_parser
     from .engine.sweep import main as engine_main

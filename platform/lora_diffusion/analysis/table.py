@@ -1,6 +1,6 @@
 """The baseline comparison's tables as markdown, generated from its record and MLflow.
 
-`comparison.run` writes `<name>.comparison.json` beside its sweeps: the stages, and for each (task,
+`experiments.comparison.run` writes `<name>.comparison.json` beside its sweeps: the stages, and for each (task,
 method) the candidate stage 1 chose on validation and the sweep its seeds ran in. Here every
 figure is read back from those sweeps' trial runs: test mean ± std over the seeds (the report),
 validation beside it, the counted parameters, the chosen configuration. Nothing is chosen here.
@@ -20,9 +20,13 @@ TASK_LABELS = {"sst2": "SST-2", "ag_news": "AG News (cuts)",  # its splits are c
 HIDDEN_KEYS = ("task", "method", "final_sweep")
 
 
-def read_record(storage, name: str) -> dict:
-    from .comparison import record_file
+def record_file(name: str) -> str:
+    """The comparison's record, beside its sweeps (not in a sweep's directory: the engine starts
+    a sweep only in an empty one); experiments/comparison.py writes it."""
+    return f"{name}.comparison.json"
 
+
+def read_record(storage, name: str) -> dict:
     if not storage.exists(record_file(name)):
         raise UserError(f"comparison {name!r}: no {storage.join(record_file(name))} (run "
                         "jobs/baseline_comparison.py with this --name first)")

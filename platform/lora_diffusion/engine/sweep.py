@@ -29,7 +29,7 @@ Shape (Ray 2.60, Train V2):
   heatmaps, Pareto plot) on the parent run: the analysis layer passes it in;
 - best.json holds the selected configuration (best validation among completed trials) and its
   selection score, never a test figure: cli.sweep_main then retrains it with fresh seeds as the
-  grid sweep `<name>-retrain` and adds test ± std (analysis/retrain.py).
+  grid sweep `<name>-retrain` and adds test ± std (experiments/retrain.py).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def _interrupted(results, spec: SweepSpec, ends) -> bool:
 def _select(results, spec: SweepSpec) -> dict | None:
     """The configuration the sweep selects: the best validation score among COMPLETED trials (run
     to their last step; a trial ASHA stopped early was scored at another step count). Its score
-    is the selection score, not a result: `analysis.retrain` reports test with fresh seeds."""
+    is the selection score, not a result: `experiments.retrain` reports test with fresh seeds."""
     from .callbacks import TrialResolver
 
     resolve = TrialResolver(spec.fixed, "")

@@ -1,10 +1,10 @@
 """Side-by-side measurements. `compare_variants`: several config variants trained in one process,
 one after another, with accuracy and step time as a ratio to the first (jobs/calibrate_injection.py).
-`run_benchmark`: what the method costs (`lora-diffusion bench`): training (bench_train), memory,
-inference (bench_infer), the sweep engine (bench_sweep) and data-parallel scaling over Ray Train
-workers (bench_scaling), every section's variants interleaved
+`run_benchmark`: what the method costs (`lora-diffusion bench`): training (train.py), memory,
+inference (infer.py), the sweep engine (sweep.py) and data-parallel scaling over Ray Train
+workers (scaling.py), every section's variants interleaved
 in one process and reported as ratios to a named reference; the JSON, an MLflow run, and the
-README's table and plots from the JSON (bench_report). These machines are noisy: only ratios
+README's table and plots from the JSON (report.py). These machines are noisy: only ratios
 taken in one run are comparable."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import json
 import time
 from pathlib import Path
 
-from ..core import config as config_lib
+from ...core import config as config_lib
 
 
 def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[dict]:
     """Train `base` overridden by each variant's settings (name -> {key: value}), in order; one
     row per variant: accuracies, trainable params, step time and its ratio to the first."""
-    from ..core.recipe import Recipe
+    from ...core.recipe import Recipe
 
     rows = []
     for name, sets in variants.items():
@@ -89,8 +89,8 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
     `previous` (so sections can run one at a time). Written to `out` after each section."""
     import torch
 
-    from . import bench_infer, bench_train
-    from .bench_setup import SIZES, Workbench
+    from . import infer as bench_infer, train as bench_train
+    from .workbench import SIZES, Workbench
 
     size = SIZES[size_name]
     torch.set_num_threads(size.threads)
@@ -120,13 +120,13 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
         result["memory"] = {"reference": bench_train.REFERENCE, "rows": rows}
         save()
     if "sweep" in sections:
-        from .bench_sweep import run_sweep
+        from .sweep import run_sweep
 
         workdir = Path(out).parent / "sweep" if out else Path("runs") / "bench" / "sweep"
         result["sweep"] = run_sweep(sweep_args or [], workdir, log)
         save()
     if "scaling" in sections:
-        from . import bench_scaling
+        from . import scaling as bench_scaling
 
         workdir = Path(out).parent / "scaling" if out else Path("runs") / "bench" / "scaling"
         result["scaling"] = bench_scaling.run(size, data_dir, workdir, log)
@@ -139,7 +139,7 @@ def log_to_mlflow(result: dict, tracking_uri: str, files: list[Path]) -> str:
     figure as a metric, the JSON and the plots as artifacts. Returns the run id."""
     import mlflow
 
-    from ..engine.tracking import prepare_uri
+    from ...engine.tracking import prepare_uri
 
     client = mlflow.MlflowClient(prepare_uri(tracking_uri))
     exp = client.get_experiment_by_name("lora-diffusion-bench")

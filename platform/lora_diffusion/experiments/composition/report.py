@@ -1,4 +1,4 @@
-"""The composition job's report, from its record (composition_eval.py): two tables, two
+"""The composition job's report, from its record (evaluate.py): two tables, two
 heatmaps and a summary, on the job's MLflow parent run (tags sweep=<name>, role=sweep,
 stage=composition) under `composition/`.
 
@@ -19,9 +19,9 @@ import math
 import statistics
 from pathlib import Path
 
-from ..core.task_specs import direction
-from .plots import plot_heatmaps
-from .report import _arrow_safe, markdown_table
+from ...core.task_specs import direction
+from ...analysis.plots import plot_heatmaps
+from ...analysis.report import _arrow_safe, markdown_table
 
 ORACLE = "router-oracle"
 
@@ -175,7 +175,7 @@ def summary(data: dict, matrix, comps) -> str:
 
 def report(spec, data: dict, name: str, tracking_uri: str, out_dir: Path, log=print) -> dict[str, Path]:
     """Write the files and log them, the tables and headline metrics on the job's parent run."""
-    from ..engine.tracking import SweepTracker
+    from ...engine.tracking import SweepTracker
 
     files = write_files(data, Path(out_dir))
     tracker = SweepTracker(tracking_uri, name, tags={"stage": "composition"})

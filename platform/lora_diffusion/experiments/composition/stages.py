@@ -8,13 +8,13 @@
    modules, on the mixture of every task's training rows (`router.train_tasks`). A grid cell
    cannot set `train.seed`, so each seed's router is a cell with the grid's one seed 0: the
    variation over seeds is the experts' (and the router's rows are drawn in one order).
-3. Evaluations, in this process (composition_eval.py): the interference matrix (each seed's
+3. Evaluations, in this process (evaluate.py): the interference matrix (each seed's
    trajectory module of task A on task B's test split) and every composition on every task
    (router trained / uniform / oracle / energy; lora_merge linear / cat / ties). The training-free
    ones have no steps to run, so they are not trials: each is a Recipe built and evaluated.
    Every finished evaluation is written to `<name>.composition.json` beside the sweeps at once,
    so a rerun skips it.
-4. The report (composition_report.py): tables and heatmaps on the job's own MLflow parent run
+4. The report (report.py): tables and heatmaps on the job's own MLflow parent run
    (tags sweep=<name>, role=sweep, stage=composition).
 
 Run the same command again after an interruption: a finished sweep is skipped, an unfinished
@@ -28,9 +28,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.methods import registry
-from ..core.task_specs import oriented
-from .trials import final_column, load_trials, metric_of_task
+from ...core.methods import registry
+from ...core.task_specs import oriented
+from ...analysis.trials import final_column, load_trials, metric_of_task
 
 METHODS = ("trajectory", "lora")  # the router's experts; PEFT merge's experts
 ROUTER_MODES = ("trained", "uniform", "oracle", "energy")
@@ -69,7 +69,7 @@ def apply_engine_sets(spec: CompositionSpec, sets: list[str]) -> None:
     """The engine's --set wins over the grid's fixed settings in every trial, so the spec must
     see it too: `--set generation.text_scores=false` makes the generation tasks ELBO-only, and
     their modules must then be selected (and reported) on the bound, not on a score never made."""
-    from ..core import config as config_lib
+    from ...core import config as config_lib
 
     spec.sets.update(config_lib.parse_sets(sets))
 
@@ -189,10 +189,10 @@ def train_modules(spec: CompositionSpec, name: str, runner, log) -> dict | None:
 def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path, log=print) -> int:
     """Every stage (module docstring); `engine_args` go to every sweep (--storage-path,
     --tracking-uri, --smoke, --max-concurrent, ...)."""
-    from ..engine import options
-    from ..engine.storage import SweepStorage
-    from . import composition_eval, composition_report
-    from .comparison import _StageRunner
+    from ...engine import options
+    from ...engine.storage import SweepStorage
+    from . import evaluate, report
+    from ..comparison import _StageRunner
 
     opts = options.build_parser("").parse_known_args(engine_args)[0]
     apply_engine_sets(spec, opts.set)
@@ -209,7 +209,7 @@ def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path,
         return rc
     routers = router_paths(load_trials(uri, f"{name}-router"), experts, storage,
                                             f"{name}-router", workdir)
-    record = composition_eval.Record(storage, record_file(name), name, spec, chosen)
-    composition_eval.evaluate_all(spec, record, paths, routers, log)
-    composition_report.report(spec, record.data, name, uri, workdir / "report", log)
+    record = evaluate.Record(storage, record_file(name), name, spec, chosen)
+    evaluate.evaluate_all(spec, record, paths, routers, log)
+    report.report(spec, record.data, name, uri, workdir / "report", log)
     return 0

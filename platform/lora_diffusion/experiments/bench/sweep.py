@@ -58,7 +58,7 @@ def _arg(args: list[str], flag: str, default: int) -> int:
 
 def trial_timings(uri: str, sweep: str) -> list[dict]:
     """Each trial's last `timing/*` figures and step count, from its MLflow run."""
-    from .trials import find_parent, mlflow_client
+    from ...analysis.trials import find_parent, mlflow_client
 
     parent = find_parent(uri, sweep)
     sweep_id = parent.data.tags.get("sweep_id", sweep)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from ..analysis.table import record_file
 from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
@@ -144,15 +145,9 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
     return grid
 
 
-def record_file(name: str) -> str:
-    """The comparison's record, beside its sweeps (not in a sweep's directory: the engine starts
-    a sweep only in an empty one)."""
-    return f"{name}.comparison.json"
-
-
 def write_grid(grid: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.analysis.comparison)\n"
+    path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.experiments.comparison)\n"
                     + yaml.safe_dump(grid, sort_keys=False))
     return path
 
@@ -201,7 +196,7 @@ class _StageRunner:
     def stage(self, grid: dict, sweep_name: str) -> int:
         from ..engine import sweep
         from ..engine.spec import SPEC_FILE
-        from .report import report_sweep
+        from ..analysis.report import report_sweep
 
         if self.storage.exists(f"{sweep_name}/best.json"):
             self.log(f"{sweep_name}: finished earlier, skipped")
@@ -219,7 +214,7 @@ class _StageRunner:
         already ran (same cell) are read from it, not run again."""
         import pandas as pd
 
-        from .trials import load_trials
+        from ..analysis.trials import load_trials
 
         cells = stage_cells(spec, self.log)
         if spec.trials_per_method == 1:  # one candidate each: nothing to choose

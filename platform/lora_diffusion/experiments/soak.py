@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..engine.tuner import RAY_START_TIMEOUT
-from . import fault_matrix as fm
+from ..analysis import fault_matrix as fm
 
 SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ctrl-C)", "Train worker killed"
 DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--max-concurrent", "2", "--verbose", "0",

@@ -84,7 +84,7 @@ def growth_table(result: dict) -> str:
 
 def growth_curves(result: dict) -> list[tuple[str, dict]]:
     """(label, {x, step_s, exponent}) of every growth curve the result holds."""
-    from .bench_timing import fit_exponent
+    from .timing import fit_exponent
 
     out = []
     tr = result.get("train")
