@@ -215,22 +215,16 @@ def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_b
 
 
 def test_the_comparison_jobs_set_fixes_a_knob_stage_1_would_tune(monkeypatch):
-    """`jobs/baseline_comparison.py --set trajectory.num_phases=4` puts the value in every run's
+    """`lora-diffusion compare --set trajectory.num_phases=4` puts the value in every run's
     settings, so stage 1 does not tune it (as an engine --set it lost to each cell's own value)."""
-    import importlib.util
-    from pathlib import Path
-
+    from lora_diffusion.cli import main
     from lora_diffusion.experiments import comparison
 
-    path = Path(__file__).resolve().parents[1] / "jobs" / "baseline_comparison.py"
-    job_spec = importlib.util.spec_from_file_location("baseline_comparison_job", path)
-    job = importlib.util.module_from_spec(job_spec)
-    job_spec.loader.exec_module(job)
     seen = {}
     monkeypatch.setattr(comparison, "run", lambda spec, name, engine_args, workdir: seen.update(
         spec=spec, engine_args=engine_args) or 0)
-    assert job.main(["--tasks", "xquad", "--set", "trajectory.num_phases=4", "--set", "max_length=256",
-                     "--max-concurrent", "2"]) == 0
+    assert main(["compare", "--tasks", "xquad", "--set", "trajectory.num_phases=4", "--set", "max_length=256",
+                 "--max-concurrent", "2"]) == 0
     assert seen["spec"].sets["trajectory.num_phases"] == 4 and seen["spec"].sets["max_length"] == 256
     assert seen["engine_args"] == ["--max-concurrent", "2"]
     assert "trajectory.num_phases" not in comparison.tuning.tuned_knobs("trajectory", 73728, seen["spec"].sets)

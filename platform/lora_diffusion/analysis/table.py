@@ -29,7 +29,7 @@ def record_file(name: str) -> str:
 def read_record(storage, name: str) -> dict:
     if not storage.exists(record_file(name)):
         raise UserError(f"comparison {name!r}: no {storage.join(record_file(name))} (run "
-                        "jobs/baseline_comparison.py with this --name first)")
+                        "lora-diffusion compare with this --name first)")
     return json.loads(storage.read_text(record_file(name)))
 
 
@@ -129,3 +129,46 @@ def write_tables(storage, tracking_uri: str, name: str) -> str:
         if key in record["stages"]:
             parts += [f"#### {titles[key]}", "", markdown(record, key, trials_of), ""]
     return "\n".join(parts)
+
+
+USAGE = """The baseline comparison's tables as markdown, from its record (NAME.comparison.json) and MLflow.
+
+    lora-diffusion compare-table --name baselines                  # to stdout
+    lora-diffusion compare-table --name baselines --storage-path DIR --tracking-uri URI --out table.md
+    lora-diffusion compare-table --name base-sst2 --name base-agnews --readme README.md
+
+Test (mean ± std over the seeds) is the reported figure, validation beside it, and the
+configuration stage 1 chose on validation.
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion compare-table`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    import argparse
+    from pathlib import Path
+
+    from ..engine import options
+    from ..engine.storage import SweepStorage
+
+    p = argparse.ArgumentParser(prog=prog, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--storage-path", help="as given to the comparison (default: the engine's)")
+    p.add_argument("--tracking-uri", help="as given to the comparison (default: the engine's)")
+    p.add_argument("--name", action="append", dest="names", metavar="NAME",
+                   help="the comparison's --name (repeatable: e.g. one per task, tables one after another; "
+                        "default: baselines)")
+    p.add_argument("--preamble", default="", help="markdown put before the tables (what ran, the command)")
+    p.add_argument("--out", help="write the markdown here (default: stdout)")
+    p.add_argument("--readme", help="write the tables between this file's baseline-table markers")
+    p.add_argument("--block", help="with --readme: the named markers <!-- baseline-table:BLOCK ... "
+                                   "<!-- /baseline-table:BLOCK --> instead of the unnamed ones")
+    args = p.parse_args(argv)
+    storage = SweepStorage(options.storage_location(args.storage_path))
+    uri = args.tracking_uri or options.default_tracking_uri()
+    text = args.preamble + "\n".join(write_tables(storage, uri, n) for n in args.names or ["baselines"])
+    if args.readme:
+        Path(args.readme).write_text(into_readme(Path(args.readme).read_text(), text, args.block))
+    if args.out:
+        Path(args.out).write_text(text)
+    elif not args.readme:
+        print(text)
+    return 0

@@ -109,8 +109,7 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
             mlflow_cb.finish(None, "FAILED", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
             raise
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
-        print(f"compare its trials: mlflow ui --backend-store-uri {spec.tracking_uri}, then open "
-              f"http://127.0.0.1:5000/{link}")
+        print(tracking.compare_line(spec.tracking_uri, link))
         if report is not None and not _interrupted(results, spec, ends):  # failed cells included
             report(spec.to_dict())
         return rc

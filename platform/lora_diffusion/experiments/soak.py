@@ -1,7 +1,7 @@
 """The soak: one sweep whose driver is killed again and again, resumed each time, then its fault matrix.
 
-    python jobs/soak.py --kills 10                     # the default sweep: a smoke grid, 8 trials
-    python jobs/soak.py --kills 3 -- jobs/rank_schedule_sweep.py --smoke --num-samples 6
+    lora-diffusion soak --kills 10                     # the default sweep: a smoke grid, 8 trials
+    lora-diffusion soak --kills 3 -- jobs/rank_schedule_sweep.py --smoke --num-samples 6
 
 The sweep's job runs as a driver in a process session of its own, with a local Ray (as on a
 preemptible machine: the driver, Ray and the trials go down together). Faults, in order:
@@ -284,11 +284,11 @@ def run_soak(plan: SoakPlan) -> dict:
 # ----------------------------------------------------------------------------- the job
 
 
-def build_parser():
+def build_parser(prog: str | None = None):
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="soak", description="Kill a sweep's driver at random moments, resume it each time, then print "
+        prog=prog, description="Kill a sweep's driver at random moments, resume it each time, then print "
         "its fault matrix. The sweep's job and options go after `--` (default: " + " ".join(DEFAULT_JOB) + ").")
     p.add_argument("--kills", type=int, default=10, help="driver SIGKILLs (default 10)")
     p.add_argument("--interrupts", type=int, default=1, help="Ctrl-C (SIGINT) while the last trials run (default 1)")
@@ -304,10 +304,10 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..core.errors import UserError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.kills < 0 or args.interrupts < 0 or args.max_delay < 0:
         print("error: --kills, --interrupts and --max-delay must be >= 0", file=sys.stderr)
         return 2

@@ -179,3 +179,85 @@ def _row_key(index: int, row) -> str:
     if isinstance(row, dict) and "steps" in row and "variants" in row:
         return f"T={row['steps']}"
     return str(index)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def build_parser(prog: str | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description="What the methods cost: training, memory, inference, "
+                                "the sweep engine, data-parallel scaling; a JSON, growth plots and an MLflow run.")
+    p.add_argument("--size", default="small", help="smoke (tiny model, seconds) | small (this 2-core machine, "
+                                                  "about half an hour) | full (the issue's grid)")
+    p.add_argument("--sections", default="train,memory,infer", help="comma-separated: " + ",".join(SECTIONS))
+    p.add_argument("--out", default="runs/bench/bench.json",
+                   help="the JSON; sections not measured keep their figures from an existing file")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
+    p.add_argument("--data-dir")
+    p.add_argument("--sweep-arg", action="append", metavar="ARG",
+                   help="extra argument for the measured sweep (e.g. --sweep-arg=--num-samples=4)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion bench`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    from ...core.errors import UserError
+    from .workbench import SIZES
+
+    args = build_parser(prog).parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or args.size not in SIZES:
+        raise UserError(f"sections: {bad[0]} is not one of {', '.join(SECTIONS)}" if bad else
+                        f"size: {args.size} is not one of {', '.join(SIZES)}")
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+    result = run_benchmark(args.size, sections, args.data_dir, out, previous, args.sweep_arg or [])
+    from . import report  # imported when measuring is done
+
+    files = [out, *report.write_plots(result, out.parent)]
+    if not args.no_mlflow:
+        from ...engine.options import default_tracking_uri
+
+        run_id = log_to_mlflow(result, args.tracking_uri or default_tracking_uri(), files)
+        print(f"mlflow run {run_id}")
+    print(report.table(result))
+    print(f"{out} and {len(files) - 1} plots written")
+    return 0
+
+
+def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion bench-report`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    import argparse
+
+    from ...core.errors import UserError
+    from .report import replace_section, table, write_plots
+
+    p = argparse.ArgumentParser(prog=prog, description="The README's performance table and growth plots, "
+                                "generated from a bench JSON (`lora-diffusion bench`).")
+    p.add_argument("--json", default="runs/bench/bench.json")
+    p.add_argument("--readme", help="replace the section between the bench markers of this file")
+    p.add_argument("--plots", default="docs/bench", help="folder of the growth plots (PNG)")
+    p.add_argument("--mlflow", nargs="?", const="default", metavar="TRACKING_URI",
+                   help="also log the JSON and plots as an MLflow run (default store: runs/mlflow.db)")
+    args = p.parse_args(argv)
+    if not Path(args.json).is_file():
+        raise UserError(f"json: {args.json} not found (run lora-diffusion bench first)")
+    result = json.loads(Path(args.json).read_text())
+    plots = write_plots(result, Path(args.plots))
+    text = table(result, plot_dir=args.plots, relative_to=Path(args.readme).parent if args.readme else None)
+    if args.mlflow:
+        from ...engine.options import default_tracking_uri
+
+        uri = default_tracking_uri() if args.mlflow == "default" else args.mlflow
+        print(f"mlflow run {log_to_mlflow(result, uri, [Path(args.json), *plots])} in {uri}")
+    if args.readme:
+        replace_section(Path(args.readme), text)
+        print(f"{args.readme}: performance section replaced; {len(plots)} plots in {args.plots}")
+    else:
+        print(text)
+    return 0

@@ -302,3 +302,4 @@ def replace_section(readme: Path, text: str) -> None:
     else:
         body = body.rstrip("\n") + "\n\n" + block + "\n"
     readme.write_text(body)
+
