@@ -1,6 +1,6 @@
 """Baselines at a matched parameter budget: `lora-diffusion compare` (see its --help).
 
-    python jobs/baseline_comparison.py                                  # SST-2 + AG News, every compared method, 3 seeds
+    python jobs/baseline_comparison.py                       # SST-2 + AG News, every compared method, 3 seeds
     python jobs/baseline_comparison.py --tasks sst2 --name baselines-sst2
     python jobs/baseline_comparison.py --smoke                          # tiny backbone, 2 methods, seconds per trial
 

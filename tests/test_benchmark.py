@@ -12,11 +12,11 @@ import math
 
 import pytest
 
-from lora_diffusion.experiments.bench import report as bench_report, scaling as bench_scaling, sweep as bench_sweep
-from lora_diffusion.experiments.bench.workbench import SIZES
-from lora_diffusion.experiments.bench.train import FLOOR, REFERENCE
-from lora_diffusion.experiments.bench.benchmark import flat_figures, log_to_mlflow, run_benchmark
 from lora_diffusion.core.methods import registry
+from lora_diffusion.experiments.bench import report as bench_report, scaling as bench_scaling, sweep as bench_sweep
+from lora_diffusion.experiments.bench.benchmark import flat_figures, log_to_mlflow, run_benchmark
+from lora_diffusion.experiments.bench.train import FLOOR, REFERENCE
+from lora_diffusion.experiments.bench.workbench import SIZES
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import torch
 
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.backbone import load_backbone
-from lora_diffusion.experiments.budget import count_params, knob_of, match_budget
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.methods import registry
 from lora_diffusion.engine import grid as grid_lib
+from lora_diffusion.experiments.budget import count_params, knob_of, match_budget
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbo
     and a valid stage-2 grid file."""
     import pandas as pd
 
-    from lora_diffusion.experiments import comparison
     from lora_diffusion.analysis.trials import VALIDATION_METRIC
+    from lora_diffusion.experiments import comparison
 
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
@@ -185,9 +185,9 @@ def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_b
     import pandas as pd
 
     from lora_diffusion.analysis import table, trials
-    from lora_diffusion.experiments import comparison
     from lora_diffusion.analysis.trials import VALIDATION_METRIC
     from lora_diffusion.engine.storage import SweepStorage
+    from lora_diffusion.experiments import comparison
 
     ran: dict[str, list[dict]] = {}
 

@@ -93,8 +93,8 @@ def _result(bound: float, tid: str):
 
 
 def test_best_result_and_the_selection_pick_the_lowest_bound():
-    from lora_diffusion.experiments import retrain
     from lora_diffusion.engine import sweep
+    from lora_diffusion.experiments import retrain
 
     results = [_result(2.3, "high"), _result(1.9, "low"), _result(math.nan, "nan")]
     assert sweep.best_result(results, ELBO).metrics["trial_id"] == "low"

@@ -12,16 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support.procs import kill_session
 
 from lora_diffusion.core.errors import TrainingDiverged
-from lora_diffusion.engine import spec as spec_lib
-from lora_diffusion.engine import sweep
+from lora_diffusion.engine import spec as spec_lib, sweep
 from lora_diffusion.engine.callbacks import FAILURE_TAG, MlflowSweepCallback, failure_reason
 from lora_diffusion.engine.options import build_parser
 from lora_diffusion.engine.spec import METRIC
 from lora_diffusion.engine.storage import SweepStorage
 from lora_diffusion.engine.tracking import SweepTracker
+from support.procs import kill_session
 
 
 def test_a_nan_loss_stops_training_with_one_line_naming_step_and_loss(tiny_config):

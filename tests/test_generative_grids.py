@@ -13,8 +13,7 @@ import pytest
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.methods.trajectory import phase_boundaries, rank_schedule
-from lora_diffusion.engine import preflight
-from lora_diffusion.engine import search_space as ss
+from lora_diffusion.engine import preflight, search_space as ss
 from lora_diffusion.engine.grid import load_grid
 from lora_diffusion.engine.spec import selection_metric
 
@@ -236,7 +235,8 @@ def test_a_sweep_of_generative_cells_selects_on_their_metric_not_on_fixeds_defau
 
     spec = SweepSpec(**{f.name: None for f in fields(SweepSpec)})
     spec.fixed = {"train.steps": 4}
-    spec.grid = GridSpec(axes={}, seeds=[0], reference={}, cells=[{"task": "xquad", "method": m} for m in ("lora", "trajectory")])
+    spec.grid = GridSpec(axes={}, seeds=[0], reference={},
+                         cells=[{"task": "xquad", "method": m} for m in ("lora", "trajectory")])
     assert spec.metric == "validation/f1"
     spec.grid = GridSpec(axes={"task": ["xsum"]}, seeds=[0], reference={}, cells=None)
     assert spec.metric == "validation/rougeL"

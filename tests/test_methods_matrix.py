@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint, checkpoint_files
-from lora_diffusion.core import config as config_lib
+from lora_diffusion.core import checkpoint, checkpoint_files, config as config_lib
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.backbone import load_backbone
 from lora_diffusion.core.errors import UserError

@@ -19,11 +19,11 @@ from lora_diffusion.analysis import fault_matrix as fm
 from lora_diffusion.experiments.soak import SoakPlan, run_soak
 
 
-
 @pytest.fixture
 def other_ray(tmp_path):
     """Another Ray instance on the machine, as beside other users' sweeps."""
-    code = "import ray, time; ray.init(address='local', include_dashboard=False); print('up', flush=True); time.sleep(600)"
+    code = ("import ray, time; ray.init(address='local', include_dashboard=False); print('up', flush=True); "
+            "time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "up"
     yield

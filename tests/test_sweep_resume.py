@@ -66,7 +66,8 @@ def _direct_accuracies(grid_path) -> dict[tuple, float]:
     out = {}
     for run in grid_lib.load_grid(grid_path).runs():
         result = Recipe(config_lib.from_dict({}, run)).run()
-        out[(run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])] = result["validation/accuracy"]
+        key = (run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])
+        out[key] = result["validation/accuracy"]
     return out
 
 

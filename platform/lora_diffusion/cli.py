@@ -29,7 +29,6 @@ from pathlib import Path
 from .core import checkpoint, config as config_lib
 from .core.errors import TrainingDiverged, UserError
 
-
 # per-bin and per-phase figures (`<split>/per_t/bound_bin3`, `<split>/phase_gain/2`): one line
 # per series, values in index order, instead of one line per figure
 SERIES = re.compile(r"^(.+/per_t/\w+?)_bin(\d+)$|^(.+/phase_gain)/(\d+)$")
@@ -194,7 +193,8 @@ def _add_prepare_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__, epilog="each verb: lora-diffusion VERB --help",
+    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__,
+                                epilog="each verb: lora-diffusion VERB --help",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -331,10 +331,10 @@ def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_sche
     """The sweep jobs' entry point: the engine runs the sweep, then the analysis layer writes
     its ablation report on the parent run and retrains the selected configuration with fresh
     seeds on test (experiments/retrain.py; the engine itself never imports analysis or experiments)."""
-    from .experiments import retrain
     from .analysis.report import report_sweep
     from .engine.options import build_parser
     from .engine.sweep import main as engine_main
+    from .experiments import retrain
 
     rc = engine_main(argv, default_space=default_space, report=report_sweep)
     if rc == 2:  # a user error: nothing ran

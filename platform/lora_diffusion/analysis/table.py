@@ -75,7 +75,8 @@ def markdown(record: dict, stage_key: str, trials_of) -> str:
         label = TASK_LABELS.get(t, t)
         metric = next(r["metric"] for r in rows if r["task"] == t)
         better = "" if metric_mode(metric) == "max" else ", lower is better"
-        head += [f"{label} test {metric} (± std{better})", f"{label} validation", f"{label} params", f"{label} tuned on validation"]
+        head += [f"{label} test {metric} (± std{better})", f"{label} validation", f"{label} params",
+                 f"{label} tuned on validation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in record["methods"]:
         cells = [method]

@@ -141,7 +141,7 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
     sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
     # every key must be a config field and every cell a valid config
     _check_fixed(fixed, source)
-    for key, value in (base_overrides or {}).items():
+    for key in base_overrides or {}:
         if key in axes or key == SEED_FIELD:
             err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
     fixed = {**fixed, **(base_overrides or {})}

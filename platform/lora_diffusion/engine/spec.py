@@ -18,12 +18,10 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..core import config as config_lib
-from ..core import tasks
+from ..core import config as config_lib, tasks
 from ..core.errors import UserError
 from ..core.task_specs import TEXT_SCORES, metric_mode, run_metric
-from . import preflight
-from . import search_space as space_lib
+from . import preflight, search_space as space_lib
 from .grid import only_cells, parse_grid, parse_only, read_with_extends
 from .options import default_tracking_uri, repo_root, storage_location
 from .storage import SweepStorage
@@ -102,7 +100,7 @@ class SweepSpec:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "SweepSpec":
+    def from_json(cls, text: str, where: str) -> SweepSpec:
         data = json.loads(text)
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in data]

@@ -39,13 +39,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..core.errors import UserError
 from ..core.task_specs import direction, oriented
-from . import preflight, tracking
-from . import tuner as tuner_lib
+from . import preflight, tracking, tuner as tuner_lib
 from .grid import SEED_FIELD
 from .options import build_parser, repo_root
 from .spec import METRIC, SPEC_FILE, SweepSpec, prepare, smoke_note, started
@@ -99,7 +98,8 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version),
                                                 spec.metric)
         ends = callbacks.TrialEnds()
-        run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(spec.metric), ends])
+        run_callbacks = callbacks.for_this_driver(spec.sweep_id,
+                                                  [mlflow_cb, callbacks.ProgressLines(spec.metric), ends])
         tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=restore,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
@@ -214,8 +214,8 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
         print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
         return 1
     print(f"selected trial {best['trial_id']}: selection score {spec.metric} {best['selection']['score']:.4f} "
-          f"({direction(spec.metric)}; the best of {best['selection']['completed_trials']} completed trials on validation: "
-          "optimistic, not a result)")
+          f"({direction(spec.metric)}; the best of {best['selection']['completed_trials']} completed trials "
+          "on validation: optimistic, not a result)")
     for k, v in best["params"].items():
         print(f"  {k} = {v}")
     SweepStorage(spec.storage).write_kept(f"{spec.name}/best.json",

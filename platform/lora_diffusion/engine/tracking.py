@@ -251,8 +251,8 @@ class SweepTracker:
     def save_runs_view(self, parent_id: str, knobs: list[str], metrics: list[str]) -> str:
         """Store a view of the sweep's runs table on the experiment (the UI's saved views): this
         sweep's runs only, sorted by `metrics[0]` (best first: ascending for the ELBO bound,
-        metric_mode), with the knobs and `metrics` as columns. Returns the link that opens it (after `http://HOST:PORT/`), also kept on the
-        parent run as `RUNS_VIEW_TAG`."""
+        metric_mode), with the knobs and `metrics` as columns. Returns the link that opens it
+        (after `http://HOST:PORT/`), also kept on the parent run as `RUNS_VIEW_TAG`."""
         state = {"searchFilter": f"tags.sweep_id = '{self.sweep_id}'",
                  "orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": metric_mode(metrics[0]) == "min",
                  "selectedColumns": [f"params.`{k}`" for k in knobs] + [f"metrics.`{m}`" for m in metrics]}

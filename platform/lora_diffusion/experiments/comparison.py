@@ -194,9 +194,9 @@ class _StageRunner:
         self.storage, self.uri, self.engine_args, self.workdir, self.log = storage, uri, engine_args, workdir, log
 
     def stage(self, grid: dict, sweep_name: str) -> int:
+        from ..analysis.report import report_sweep
         from ..engine import sweep
         from ..engine.spec import SPEC_FILE
-        from ..analysis.report import report_sweep
 
         if self.storage.exists(f"{sweep_name}/best.json"):
             self.log(f"{sweep_name}: finished earlier, skipped")

@@ -14,9 +14,9 @@ import json
 import math
 import sys
 
+from ..analysis.trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 from ..core.task_specs import metric_mode
 from ..engine.spec import SPEC_FILE
-from ..analysis.trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 
 DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
 # the search's options that the retrain stage runs under too (where and how, not what)

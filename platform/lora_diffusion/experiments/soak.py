@@ -29,12 +29,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from ..engine.tuner import RAY_START_TIMEOUT
 from ..analysis import fault_matrix as fm
+from ..engine.tuner import RAY_START_TIMEOUT
 
 SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ctrl-C)", "Train worker killed"
 DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--max-concurrent", "2", "--verbose", "0",
@@ -278,7 +278,8 @@ def run_soak(plan: SoakPlan) -> dict:
             "ray_start_retries": plan.start_retries,
             "wall_s": round(time.time() - t0, 1), "trials": per_trial, "matrix": rows,
             "reports_seen": {t: len(seen["rows"]) for t, seen in plan.seen.items()},
-            "resumed_from_seen": {t: sorted(x for x in seen["resumed"] if x is not None) for t, seen in plan.seen.items()}}
+            "resumed_from_seen": {t: sorted(x for x in seen["resumed"] if x is not None)
+                                  for t, seen in plan.seen.items()}}
 
 
 # ----------------------------------------------------------------------------- the job

@@ -30,7 +30,8 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
         result = recipe.run(log=log)
         rows.append({
             "variant": name, "sets": sets,
-            "validation/accuracy": result["validation/accuracy"], "validation/accuracy_sampler": result["validation/accuracy_sampler"],
+            "validation/accuracy": result["validation/accuracy"],
+            "validation/accuracy_sampler": result["validation/accuracy_sampler"],
             "validation/examples": result["validation/examples"], "train/accuracy": result["train/accuracy"],
             "trainable_params": result["accounting"]["trainable_params"],
             "step_time_s": result["step_time_s"], "tokens_per_s": result["tokens_per_s"],
@@ -46,7 +47,8 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table, one line per variant."""
-    lines = ["| variant | trainable params | validation acc (ELBO) | validation acc (sampler) | train acc | step time s | ratio |",
+    lines = ["| variant | trainable params | validation acc (ELBO) | validation acc (sampler) | train acc "
+             "| step time s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['validation/accuracy']:.3f} | "

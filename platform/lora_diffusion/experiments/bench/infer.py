@@ -15,8 +15,8 @@ import tempfile
 import torch
 
 from ...core import checkpoint, diffusion
-from .workbench import Workbench, filler_examples
 from .timing import fit_exponent, interleave, summarise
+from .workbench import Workbench, filler_examples
 
 BASE = "base"
 

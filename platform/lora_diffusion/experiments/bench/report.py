@@ -195,8 +195,10 @@ def _sweep_targets(sw: dict | None) -> list[tuple[str, str, bool | None]]:
     return [("sweep wall <= 1.15 x trials' training time / concurrency", f"{sw['wall_over_train']:.2f} x",
              sw["wall_over_train"] <= 1.15),
             ("trial start-up < 5% of a 300-step trial", f"{sw['startup_share_of_300_steps']:.1%} "
-             f"({sw['startup_s_median']:.0f} s vs 300 x {sw['step_s']:.2f} s)", sw["startup_share_of_300_steps"] < 0.05),
-            ("evaluation <= 15% of a trial's time", f"{sw['eval_share_of_trial']:.1%}", sw["eval_share_of_trial"] <= 0.15),
+             f"({sw['startup_s_median']:.0f} s vs 300 x {sw['step_s']:.2f} s)",
+             sw["startup_share_of_300_steps"] < 0.05),
+            ("evaluation <= 15% of a trial's time", f"{sw['eval_share_of_trial']:.1%}",
+             sw["eval_share_of_trial"] <= 0.15),
             ("no worker-group start-up timeout", f"{sw['startup_timeouts']} in the sweep's log",
              sw["startup_timeouts"] == 0)]
 

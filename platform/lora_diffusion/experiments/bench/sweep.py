@@ -99,6 +99,7 @@ def breakdown(trials: list[dict], wall: float, t0: float, concurrency: int, inte
         "wall_over_trial_spans": wall / (spans / concurrency) if spans else float("nan"),
         "step_s": step_s,
         "startup_s_median": sorted(startup)[len(startup) // 2] if startup else float("nan"),
-        "startup_share_of_300_steps": (sorted(startup)[len(startup) // 2] / (300 * step_s)) if startup else float("nan"),
+        "startup_share_of_300_steps": (sorted(startup)[len(startup) // 2] / (300 * step_s)) if startup
+        else float("nan"),
         "eval_share_of_trial": parts["eval_s"] / spans if spans else float("nan"),
     }

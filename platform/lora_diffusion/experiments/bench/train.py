@@ -19,8 +19,8 @@ import torch
 
 from ...core import diffusion
 from ...core.methods import registry
-from .workbench import SIZES, Workbench, set_shape
 from .timing import fit_exponent, interleave, peak_rss_mb, reset_peak, rss_mb, summarise
+from .workbench import SIZES, Workbench, set_shape
 
 FLOOR = "floor (no-grad forward)"
 REFERENCE = "lora-attn"  # PEFT LoRA on attention: what trajectory LoRA is measured against

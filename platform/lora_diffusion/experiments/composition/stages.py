@@ -3,7 +3,8 @@
 1. `<name>-modules-<task>` (a grid sweep per task: the engine selects one metric per sweep):
    one module per method (trajectory; lora for PEFT's merge) x learning rate x seed, task i's
    modules with `trajectory.task_id` i. Per (task, method) the rate with the best mean final
-   validation score over the seeds (the lowest bound, ELBO-only: metric_mode) is selected; its trials (one per seed) are the task modules.
+   validation score over the seeds (the lowest bound, ELBO-only: metric_mode) is selected; its
+   trials (one per seed) are the task modules.
 2. `<name>-router` (grid sweep): the trained router per seed, over that seed's trajectory
    modules, on the mixture of every task's training rows (`router.train_tasks`). A grid cell
    cannot set `train.seed`, so each seed's router is a cell with the grid's one seed 0: the
@@ -28,9 +29,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...analysis.trials import final_column, load_trials, metric_of_task
 from ...core.methods import registry
 from ...core.task_specs import oriented
-from ...analysis.trials import final_column, load_trials, metric_of_task
 
 METHODS = ("trajectory", "lora")  # the router's experts; PEFT merge's experts
 ROUTER_MODES = ("trained", "uniform", "oracle", "energy")
@@ -191,8 +192,8 @@ def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path,
     --tracking-uri, --smoke, --max-concurrent, ...)."""
     from ...engine import options
     from ...engine.storage import SweepStorage
-    from . import evaluate, report
     from ..comparison import _StageRunner
+    from . import evaluate, report
 
     opts = options.build_parser("").parse_known_args(engine_args)[0]
     apply_engine_sets(spec, opts.set)
