@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export LORA_DIFFUSION_DATA_DIR ?= $(abspath ../shared/data)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup sweep train test
+.PHONY: setup sweep train test lint
 
 $(BIN)/lora-diffusion: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,6 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=8 $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check platform tests jobs

@@ -1,38 +1,14 @@
-"""Measure where trajectory modules should be injected: accuracy and step-time ratios side by side.
+"""Where trajectory modules should be injected: `lora-diffusion calibrate-injection` (see its --help).
 
     python jobs/calibrate_injection.py --steps 400 --out runs/calibrate_injection.md
 
-Variants: last hidden state only, after the 3rd of 6 layers, after every layer; one phase so the
-comparison isolates depth (add --set trajectory.num_phases=4 to repeat it with phases).
+A thin wrapper of `lora-diffusion calibrate-injection` that imports only the installed package, so
+`ray submit cluster.yaml jobs/calibrate_injection.py` can copy this file alone.
 """
 
-import argparse
 import sys
 
-from lora_diffusion.analysis.benchmark import compare_variants, markdown, write_markdown
-from lora_diffusion.core.config import parse_sets
-
-VARIANTS = {
-    "after layer 3 of 6": {"trajectory.injection_layers": [2]},
-    "last hidden state": {"trajectory.injection_layers": [-1]},
-    "after every layer": {"trajectory.injection_layers": [0, 1, 2, 3, 4, 5]},
-}
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--eval-examples", type=int, default=None, help="validation subset (default: all 861)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default="runs/calibrate_injection.md")
-    args = p.parse_args()
-    base = {"trajectory.num_phases": 1, "train.steps": args.steps, "train.eval_every": args.steps,
-            "max_eval_examples": args.eval_examples, **parse_sets(args.set)}
-    rows = compare_variants(base, VARIANTS)
-    print(markdown(rows))
-    write_markdown(args.out, base, rows)
-    return 0
-
+from lora_diffusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(['calibrate-injection', *sys.argv[1:]]))

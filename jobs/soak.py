@@ -5,12 +5,15 @@
 
 Prints the fault matrix (fault, times injected, trials lost, runs duplicated, runs left RUNNING,
 metrics lost) as markdown and writes it as JSON; exit 0 when every fault was injected and nothing
-was lost, duplicated or left RUNNING. See lora_diffusion/analysis/soak.py.
+was lost, duplicated or left RUNNING. `lora-diffusion soak` (lora_diffusion/experiments/soak.py).
+
+A thin wrapper of `lora-diffusion soak` that imports only the installed package, so
+`ray submit cluster.yaml jobs/soak.py` can copy this file alone.
 """
 
 import sys
 
-from lora_diffusion.analysis.soak import main
+from lora_diffusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(['soak', *sys.argv[1:]]))

@@ -210,6 +210,41 @@ def test_grid_file_bad_key_names_file_and_key(tmp_path):
         grid_lib.load_grid(bad)
 
 
+def test_a_grid_extends_another_merging_fixed_and_replacing_the_rest(tmp_path):
+    (tmp_path / "grid_base.yaml").write_text(
+        "description: base\nfixed: {method: trajectory, train.steps: 3}\n"
+        "grid:\n  trajectory.rank: [4, 8]\nseeds: [0, 1]\nsweep: {max_concurrent: 2, workers: 1}\n")
+    (tmp_path / "grid_mid.yaml").write_text("extends: grid_base\nfixed: {train.steps: 5}\nsweep: {workers: 2}\n")
+    (tmp_path / "grid_leaf.yaml").write_text(
+        "extends: grid_mid.yaml\ndescription: leaf\ncells:\n  - {trajectory.rank: 2}\n  - {trajectory.rank: 6}\n"
+        "axes: [trajectory.rank]\nseeds: [3, 4]\n")
+    mid = grid_lib.load_grid(tmp_path / "grid_mid.yaml")
+    assert mid.name == "grid_mid" and mid.description == "base"
+    assert mid.fixed == {"method": "trajectory", "train.steps": 5} and mid.sweep == {"max_concurrent": 2, "workers": 2}
+    assert mid.axes == {"trajectory.rank": [4, 8]} and mid.seeds == [0, 1]
+    leaf = grid_lib.load_grid(tmp_path / "grid_leaf.yaml")  # `cells` replaces the parent's `grid`
+    assert [c["trajectory.rank"] for c in leaf.cells()] == [2, 6] and leaf.seeds == [3, 4]
+    assert leaf.description == "leaf" and leaf.fixed["train.steps"] == 5
+
+
+def test_a_missing_or_circular_parent_is_one_error_naming_the_file(tmp_path):
+    child = tmp_path / "grid_child.yaml"
+    child.write_text("extends: grid_nowhere\nfixed: {task: xsum}\n")
+    with pytest.raises(UserError, match=r"grid_child\.yaml: extends: no grid file .*grid_nowhere\.yaml"):
+        grid_lib.load_grid(child)
+    child.write_text("extends: [grid_a]\n")
+    with pytest.raises(UserError, match=r"grid_child\.yaml: extends: expected the name of a grid file"):
+        grid_lib.load_grid(child)
+    (tmp_path / "grid_a.yaml").write_text("extends: grid_b\n")
+    (tmp_path / "grid_b.yaml").write_text("extends: grid_a\n")
+    circle = r"grid_b\.yaml: extends: circular \(grid_a\.yaml -> grid_b\.yaml -> grid_a\.yaml\)"
+    with pytest.raises(UserError, match=circle):
+        grid_lib.load_grid(tmp_path / "grid_a.yaml")
+    (tmp_path / "grid_self.yaml").write_text("extends: grid_self\n")
+    with pytest.raises(UserError, match=r"grid_self\.yaml: extends: circular"):
+        grid_lib.load_grid(tmp_path / "grid_self.yaml")
+
+
 def test_aggregate_flags_accounting_mismatch_and_running_seeds():
     rows = [{"trial_id": f"t{i}", "status": st, "seed": seed, "a": "x", "final/validation/accuracy": acc,
              "final/test/accuracy": acc, "trainable_params": tp, "bytes_saved": 10}

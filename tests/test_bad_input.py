@@ -65,8 +65,7 @@ def _checkpoints(d: Path, backbone: Path, data: Path) -> None:
     recipe = Recipe(config)
     good = checkpoint.save(d / "ckpt_good", recipe.method, config, recipe.fingerprint, recipe.backbone.source)
     (d / "ckpt_empty").mkdir()
-    for name, broken in (("ckpt_json", "config.json"), ("ckpt_truncated", "method.safetensors"),
-                         ("ckpt_foreign", "config.json"), ("ckpt_shapes", "config.json")):
+    for name in ("ckpt_json", "ckpt_truncated", "ckpt_foreign", "ckpt_shapes"):
         shutil.copytree(good, d / name)
     (d / "ckpt_json" / "config.json").write_text("{not json")
     weights = d / "ckpt_truncated" / "method.safetensors"

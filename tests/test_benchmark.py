@@ -12,11 +12,11 @@ import math
 
 import pytest
 
-from lora_diffusion.analysis import bench_report, bench_scaling, bench_sweep
-from lora_diffusion.analysis.bench_setup import SIZES
-from lora_diffusion.analysis.bench_train import FLOOR, REFERENCE
-from lora_diffusion.analysis.benchmark import flat_figures, log_to_mlflow, run_benchmark
 from lora_diffusion.core.methods import registry
+from lora_diffusion.experiments.bench import report as bench_report, scaling as bench_scaling, sweep as bench_sweep
+from lora_diffusion.experiments.bench.benchmark import flat_figures, log_to_mlflow, run_benchmark
+from lora_diffusion.experiments.bench.train import FLOOR, REFERENCE
+from lora_diffusion.experiments.bench.workbench import SIZES
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_scaling_ratios_are_to_one_worker_and_to_one_worker_on_the_same_cores():
 
 
 def test_scaling_table_and_target_come_from_the_json():
-    from lora_diffusion.analysis.benchmark import machine
+    from lora_diffusion.experiments.bench.benchmark import machine
 
     result = {"size": "smoke", "settings": {"threads": 1}, "machine": machine()}  # the scaling section alone
 

@@ -5,10 +5,10 @@ import torch
 
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.backbone import load_backbone
-from lora_diffusion.analysis.budget import count_params, knob_of, match_budget
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.methods import registry
 from lora_diffusion.engine import grid as grid_lib
+from lora_diffusion.experiments.budget import count_params, knob_of, match_budget
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbo
     and a valid stage-2 grid file."""
     import pandas as pd
 
-    from lora_diffusion.analysis import comparison
     from lora_diffusion.analysis.trials import VALIDATION_METRIC
+    from lora_diffusion.experiments import comparison
 
     spec = comparison.ComparisonSpec(
         methods=["lora", "bitfit", "trajectory"], tasks=["sst2"], seeds=[0, 1], steps=4, budget=2500,
@@ -107,7 +107,7 @@ def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbo
 
 
 def test_unmatched_candidates_tune_the_size_knob_and_draw_a_seeded_subset():
-    from lora_diffusion.analysis import tuning
+    from lora_diffusion.experiments import tuning
 
     free = tuning.candidates("lora", 4, None, [1e-3, 3e-3], {})
     assert len(free) == 4 and all({"lora.rank", "lora.targets", "train.lr"} == set(c) for c in free)
@@ -126,7 +126,7 @@ def test_cells_grid_rejects_indistinguishable_cells():
 
 
 def test_lr_grid_override_parses_and_names_the_bad_item():
-    from lora_diffusion.analysis import comparison
+    from lora_diffusion.experiments import comparison
 
     assert comparison.parse_lr_grids(["lora=3e-3,1e-3", "full=5e-5"]) == {"lora": [1e-3, 3e-3], "full": [5e-5]}
     for bad, named in [("lorax=1e-3", "unknown method 'lorax'"), ("lora=fast", "expected METHOD=LR"),
@@ -184,9 +184,10 @@ def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_b
     neither tuned nor run again: its row of the second table comes from the first."""
     import pandas as pd
 
-    from lora_diffusion.analysis import comparison, table, trials
+    from lora_diffusion.analysis import table, trials
     from lora_diffusion.analysis.trials import VALIDATION_METRIC
     from lora_diffusion.engine.storage import SweepStorage
+    from lora_diffusion.experiments import comparison
 
     ran: dict[str, list[dict]] = {}
 
@@ -214,22 +215,16 @@ def test_comparison_stages_and_the_unmatched_table_reuse_what_already_ran(tiny_b
 
 
 def test_the_comparison_jobs_set_fixes_a_knob_stage_1_would_tune(monkeypatch):
-    """`jobs/baseline_comparison.py --set trajectory.num_phases=4` puts the value in every run's
+    """`lora-diffusion compare --set trajectory.num_phases=4` puts the value in every run's
     settings, so stage 1 does not tune it (as an engine --set it lost to each cell's own value)."""
-    import importlib.util
-    from pathlib import Path
+    from lora_diffusion.cli import main
+    from lora_diffusion.experiments import comparison
 
-    from lora_diffusion.analysis import comparison
-
-    path = Path(__file__).resolve().parents[1] / "jobs" / "baseline_comparison.py"
-    job_spec = importlib.util.spec_from_file_location("baseline_comparison_job", path)
-    job = importlib.util.module_from_spec(job_spec)
-    job_spec.loader.exec_module(job)
     seen = {}
     monkeypatch.setattr(comparison, "run", lambda spec, name, engine_args, workdir: seen.update(
         spec=spec, engine_args=engine_args) or 0)
-    assert job.main(["--tasks", "xquad", "--set", "trajectory.num_phases=4", "--set", "max_length=256",
-                     "--max-concurrent", "2"]) == 0
+    assert main(["compare", "--tasks", "xquad", "--set", "trajectory.num_phases=4", "--set", "max_length=256",
+                 "--max-concurrent", "2"]) == 0
     assert seen["spec"].sets["trajectory.num_phases"] == 4 and seen["spec"].sets["max_length"] == 256
     assert seen["engine_args"] == ["--max-concurrent", "2"]
     assert "trajectory.num_phases" not in comparison.tuning.tuned_knobs("trajectory", 73728, seen["spec"].sets)

@@ -74,3 +74,47 @@ def test_printed_result_puts_each_per_bin_series_on_one_line_in_index_order(caps
     assert ["test/phase_gain", "[0..1]", "0.2500", "-0.5000"] in lines
     assert ["test/phase_gain_metric", "accuracy"] in lines and ["test/f1", "0.1250"] in lines
     assert len(lines) == 5
+
+
+def _verbs() -> list[str]:
+    from lora_diffusion.cli import build_parser
+
+    (subparsers,) = [a for a in build_parser()._actions if a.dest == "command"]
+    return list(subparsers.choices)
+
+
+def test_every_verb_answers_help_with_exit_0_and_a_text(capsys):
+    verbs = _verbs()
+    assert {"train", "sweep", "grid", "compare", "compose", "soak", "bench", "overlap"} <= set(verbs)
+    for verb in verbs:
+        with pytest.raises(SystemExit) as exit_:
+            main([verb, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and "usage:" in out and len(out.splitlines()) > 3, verb
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(verb in listing for verb in verbs)
+
+
+def test_every_job_is_a_thin_wrapper_of_a_verb():
+    """jobs/*.py stay what `ray submit` copies: a docstring, and main([verb, ...] + sys.argv[1:])."""
+    import ast
+    from pathlib import Path
+
+    verbs = set(_verbs())
+    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.py"))
+    assert len(jobs) >= 10
+    for job in jobs:
+        tree = ast.parse(job.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], job.name
+        (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "main"]
+        first = call.args[0].elts[0]
+        assert isinstance(first, ast.Constant) and first.value in verbs, job.name
+        assert isinstance(call.args[0].elts[-1], ast.Starred), job.name  # the job's own arguments follow
+
+
+def test_a_delegated_verb_prints_bad_input_as_one_line_and_exits_2(capsys):
+    assert main(["compare", "--trials-per-method", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --trials-per-method: must be >= 1, got 0"]

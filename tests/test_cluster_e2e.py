@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from support import loopback
-
 from lora_diffusion.engine import cluster
+from support import loopback
 
 pytestmark = pytest.mark.slow
 

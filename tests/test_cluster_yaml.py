@@ -128,15 +128,15 @@ def test_every_field_a_user_edits_has_a_comment():
     fields = ["cluster_name", "max_workers", "idle_timeout_minutes", "region", "availability_zone",
               "ssh_user", "InstanceType", "ImageId", "min_workers", "VolumeSize"]
     for field in fields:
-        hits = [i for i, l in enumerate(lines) if re.match(rf"\s*(- )?{field}:|.*\b{field}:", l)
-                and not l.lstrip().startswith("#")]
+        hits = [i for i, line in enumerate(lines) if re.match(rf"\s*(- )?{field}:|.*\b{field}:", line)
+                and not line.lstrip().startswith("#")]
         assert hits, field
         for i in hits:
             assert "#" in lines[i] or lines[i - 1].lstrip().startswith("#"), f"no comment on: {lines[i]}"
     # the placeholders a user replaces: the bucket (setup_commands) and the workers' instance profile
     for placeholder in ("LORA_DIFFUSION_BUCKET=s3://", "instance-profile/"):
-        i = next(i for i, l in enumerate(lines) if placeholder in l)
-        assert any("EDIT" in l for l in lines[max(0, i - 4):i + 1]), placeholder
+        i = next(i for i, line in enumerate(lines) if placeholder in line)
+        assert any("EDIT" in line for line in lines[max(0, i - 4):i + 1]), placeholder
 
 
 def test_sweeps_live_in_the_object_store_named_in_the_file():

@@ -167,7 +167,7 @@ def _record():
     """A hand-made record: 2 tasks, 2 seeds, the oracle and uniform routers, one module each."""
     evals = {}
     for seed, (own, other, oracle, uniform) in enumerate([(0.9, 0.5, 0.9, 0.7), (0.8, 0.4, 0.85, 0.6)]):
-        for i, task in enumerate(TASKS):
+        for task in TASKS:
             for a in TASKS:
                 value = own if a == task else other
                 evals[f"module|trajectory:{a}|{seed}|{task}"] = {
@@ -177,13 +177,14 @@ def _record():
                                         ("router-trained", uniform, 66)):
                 evals[f"composition|{name}|{seed}|{task}"] = {
                     "kind": "composition", "name": name, "seed": seed, "task": task, "value": value,
-                    "eval_s": 3.0 + seed * 2.0, "routing_accuracy": 0.75, "accounting": {"trainable_params": params, "bytes_saved": 4 * params}}
-    return {"name": "t", "tasks": list(TASKS), "seeds": [0, 1], "metrics": {t: "accuracy" for t in TASKS},
+                    "eval_s": 3.0 + seed * 2.0, "routing_accuracy": 0.75,
+                    "accounting": {"trainable_params": params, "bytes_saved": 4 * params}}
+    return {"name": "t", "tasks": list(TASKS), "seeds": [0, 1], "metrics": dict.fromkeys(TASKS, "accuracy"),
             "evaluations": evals}
 
 
 def test_the_report_pairs_the_gap_to_the_oracle_by_seed_and_counts_what_composition_keeps(tmp_path):
-    from lora_diffusion.analysis import composition_report
+    from lora_diffusion.experiments.composition import report as composition_report
 
     data = _record()
     matrix = composition_report.matrix_table(data).set_index("module (trained on)")
@@ -212,7 +213,7 @@ def test_an_elbo_only_engine_set_selects_generation_modules_on_the_lower_bound()
     selection must then read the bound (lower is better), not a ROUGE column that was never made."""
     import pandas as pd
 
-    from lora_diffusion.analysis import composition
+    from lora_diffusion.experiments.composition import stages as composition
 
     spec = composition.CompositionSpec(tasks=["sst2", "xsum"], seeds=[0], lrs={"trajectory": [1e-3, 5e-3],
                                                                               "lora": [1e-3]})
@@ -257,7 +258,7 @@ def test_the_composition_job_smoke_runs_end_to_end_and_resumes(synthetic_data_di
     assert {e["name"] for e in evals if e["kind"] == "composition"} == {
         "router-trained", "router-uniform", "router-oracle", "router-energy", "lora-linear", "lora-cat", "lora-ties"}
     assert len(record["evaluations"]) == 2 * (2 * 2 + 2 + 7 * 2)  # seeds x (matrix + lora refs + compositions x tasks)
-    for key, e in record["evaluations"].items():  # the oracle is its task's own module, end to end
+    for e in record["evaluations"].values():  # the oracle is its task's own module, end to end
         if e["name"] == "router-oracle":
             own = record["evaluations"][f"module|trajectory:{e['task']}|{e['seed']}|{e['task']}"]
             assert e["value"] == own["value"] and e["routing_accuracy"] == 1.0
@@ -267,7 +268,8 @@ def test_the_composition_job_smoke_runs_end_to_end_and_resumes(synthetic_data_di
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("lora-diffusion-sweeps")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep = 'composition-smoke' and tags.stage = 'composition'")
+    (parent,) = client.search_runs([exp.experiment_id],
+                                   "tags.sweep = 'composition-smoke' and tags.stage = 'composition'")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "composition")}
     assert {"composition/summary.md", "composition/heatmap_module__task.png"} <= artifacts
     assert "Interference matrix" in parent.data.tags["mlflow.note.content"]

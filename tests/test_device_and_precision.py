@@ -19,16 +19,15 @@ import shutil
 
 import pytest
 import torch
+
+from lora_diffusion.core import config as config_lib, recipe as recipe_lib
+from lora_diffusion.core.backbone import Backbone, load_backbone
+from lora_diffusion.core.errors import UserError
+from lora_diffusion.core.recipe import Recipe
 from support import tiny_families
 from support.fake_device import DEVICE, FakeDevice
 from test_families import MATRIX, NOT_APPLICABLE, SMALL
 from test_methods_matrix import CASES
-
-from lora_diffusion.core import config as config_lib
-from lora_diffusion.core import recipe as recipe_lib
-from lora_diffusion.core.backbone import Backbone, load_backbone
-from lora_diffusion.core.errors import UserError
-from lora_diffusion.core.recipe import Recipe
 
 FAMILIES = tiny_families.FAMILIES
 MEMORY_CONTROLS = {"train.gradient_checkpointing": True, "train.micro_batch_size": 2, "train.logits_chunk_rows": 1}
@@ -173,7 +172,7 @@ def test_checkpointing_micro_batches_and_chunked_head_change_no_gradient(fp32_fa
     saving = _gradients(directory, method, synthetic_data_dir, tmp_path, monkeypatch, pristine, **MEMORY_CONTROLS)
     assert plain.keys() == saving.keys()
     for name, grad in plain.items():
-        torch.testing.assert_close(saving[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(saving[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_recomputed_block_sees_the_forward_t(fp32_families, synthetic_data_dir, tmp_path, monkeypatch):

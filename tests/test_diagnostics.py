@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from lora_diffusion.core import config as config_lib
-from lora_diffusion.core import diagnostics
+from lora_diffusion.core import config as config_lib, diagnostics
 from lora_diffusion.core.backbone import load_backbone
 from lora_diffusion.core.methods import Context, build_method, registry
 from lora_diffusion.core.recipe import Recipe
@@ -195,7 +194,7 @@ def test_the_figures_reach_mlflow_and_the_grid_plot(tiny_config, tmp_path):
         config = tiny_config(**{"trajectory.rank_schedule": schedule, "trajectory.min_rank": 1})
         run = tracker.trial_run(schedule, params=config.flat(), tags={"task": "sst2", "seed": 0})
         recipe = Recipe(config)
-        result = recipe.run(report=lambda metrics, rec: tracker.log_step(run, metrics, rec.step), log=None)
+        result = recipe.run(report=lambda metrics, rec, run=run: tracker.log_step(run, metrics, rec.step), log=None)
         tracker.log_final(run, result, recipe.step)
         tracker.end_run(run)
     history = tracker.client.get_metric_history(run, "validation/per_t/bound_bin9")

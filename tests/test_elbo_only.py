@@ -93,8 +93,8 @@ def _result(bound: float, tid: str):
 
 
 def test_best_result_and_the_selection_pick_the_lowest_bound():
-    from lora_diffusion.analysis import retrain
     from lora_diffusion.engine import sweep
+    from lora_diffusion.experiments import retrain
 
     results = [_result(2.3, "high"), _result(1.9, "low"), _result(math.nan, "nan")]
     assert sweep.best_result(results, ELBO).metrics["trial_id"] == "low"
@@ -115,7 +115,7 @@ def _elbo_rows(values: dict) -> list[dict]:
 
 
 def test_retrain_summary_and_line_report_the_bound_saying_lower_is_better():
-    from lora_diffusion.analysis import retrain
+    from lora_diffusion.experiments import retrain
 
     s = retrain.summarise(pd.DataFrame(_elbo_rows({("x", 3): 2.0, ("x", 4): 2.2})))
     assert s["metric"] == "elbo_nats_per_token" and s["test/elbo_nats_per_token"]["mean"] == pytest.approx(2.2)
@@ -123,7 +123,7 @@ def test_retrain_summary_and_line_report_the_bound_saying_lower_is_better():
 
 
 def test_comparison_stage_one_chooses_the_lowest_bound():
-    from lora_diffusion.analysis import tuning
+    from lora_diffusion.experiments import tuning
 
     cells = [{"task": "xquad", "method": "lora", "train.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]
     rows = [{**c, "status": "FINISHED", "generation.text_scores": False, "final/" + ELBO: v}

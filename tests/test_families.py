@@ -14,16 +14,14 @@ import math
 
 import pytest
 import torch
-from support import tiny_families
-from test_methods_matrix import MATRIX, NOT_IN_MATRIX
 
-from lora_diffusion.core import checkpoint, diffusion, families
-from lora_diffusion.core import config as config_lib
-from lora_diffusion.core import recipe as recipe_lib
+from lora_diffusion.core import checkpoint, config as config_lib, diffusion, families, recipe as recipe_lib
 from lora_diffusion.core.backbone import Backbone, backbone_fingerprint, load_backbone
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.methods import registry
 from lora_diffusion.core.recipe import Recipe
+from support import tiny_families
+from test_methods_matrix import MATRIX, NOT_IN_MATRIX
 
 FAMILIES = tiny_families.FAMILIES
 # Methods that cannot apply to a family, and the words their one UserError must name.

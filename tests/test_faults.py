@@ -12,16 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support.procs import kill_session
 
 from lora_diffusion.core.errors import TrainingDiverged
-from lora_diffusion.engine import spec as spec_lib
-from lora_diffusion.engine import sweep
+from lora_diffusion.engine import spec as spec_lib, sweep
 from lora_diffusion.engine.callbacks import FAILURE_TAG, MlflowSweepCallback, failure_reason
 from lora_diffusion.engine.options import build_parser
 from lora_diffusion.engine.spec import METRIC
 from lora_diffusion.engine.storage import SweepStorage
 from lora_diffusion.engine.tracking import SweepTracker
+from support.procs import kill_session
 
 
 def test_a_nan_loss_stops_training_with_one_line_naming_step_and_loss(tiny_config):
@@ -255,7 +254,7 @@ def test_the_fault_matrix_counts_lost_duplicated_running_and_missing(tmp_path):
 
 def test_the_soak_keeps_reports_a_resume_rewrites(tmp_path):
     """A resumed driver starts a restarted trial's result.json afresh: the reports seen before stay counted."""
-    from lora_diffusion.analysis.soak import SoakPlan, observe
+    from lora_diffusion.experiments.soak import SoakPlan, observe
 
     plan = SoakPlan(job=[], name="s", storage=tmp_path, tracking_uri="sqlite:///unused.db")
     _tune_trial(tmp_path / "s", "a", [2, 4], final=False)
@@ -271,7 +270,7 @@ def test_the_soak_starts_again_a_driver_that_died_in_rays_node_start(tmp_path, m
     """Ray's 30 s node-start wait fails on a loaded machine before anything of the sweep starts:
     the soak resumes that start (counted), up to its limit; a driver that failed otherwise, or
     still runs, is left alone."""
-    from lora_diffusion.analysis import soak
+    from lora_diffusion.experiments import soak
 
     plan = soak.SoakPlan(job=[], name="s", storage=tmp_path, tracking_uri="sqlite:///unused.db")
     log = tmp_path / "start.log"

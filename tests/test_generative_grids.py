@@ -13,8 +13,7 @@ import pytest
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.core.methods.trajectory import phase_boundaries, rank_schedule
-from lora_diffusion.engine import preflight
-from lora_diffusion.engine import search_space as ss
+from lora_diffusion.engine import preflight, search_space as ss
 from lora_diffusion.engine.grid import load_grid
 from lora_diffusion.engine.spec import selection_metric
 
@@ -90,7 +89,7 @@ def _minilm_shaped_backbone():
 def test_method_grids_meet_the_budget_on_minilm():
     """Each method's size knob, counted by the accounting on MiniLM's shapes, lands within budget
     matching's 10% of the comparison's budget; both tasks run the same cells."""
-    from lora_diffusion.analysis.budget import count_params
+    from lora_diffusion.experiments.budget import count_params
 
     grids = {task: load_grid(SPACES / f"grid_{task}_methods.yaml") for task in METRIC}
     assert grids["xquad"].cells() == grids["xsum"].cells()
@@ -236,10 +235,49 @@ def test_a_sweep_of_generative_cells_selects_on_their_metric_not_on_fixeds_defau
 
     spec = SweepSpec(**{f.name: None for f in fields(SweepSpec)})
     spec.fixed = {"train.steps": 4}
-    spec.grid = GridSpec(axes={}, seeds=[0], reference={}, cells=[{"task": "xquad", "method": m} for m in ("lora", "trajectory")])
+    spec.grid = GridSpec(axes={}, seeds=[0], reference={},
+                         cells=[{"task": "xquad", "method": m} for m in ("lora", "trajectory")])
     assert spec.metric == "validation/f1"
     spec.grid = GridSpec(axes={"task": ["xsum"]}, seeds=[0], reference={}, cells=None)
     assert spec.metric == "validation/rougeL"
     spec.grid, spec.fixed = None, {"task": "xquad"}
     assert spec.metric == "validation/f1"
     assert run_tasks("sst2", GridSpec(axes={"lora.rank": [2]}, seeds=[0], reference={}, cells=None)) == {"sst2"}
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_each_xsum_grid_extends_its_xquad_twin_and_states_only_what_differs(question):
+    """The XSum file holds `extends`, its description and `fixed.task`; the rest is the twin's."""
+    from lora_diffusion.core.config import read_yaml
+
+    raw = read_yaml(SPACES / f"grid_xsum_{question}.yaml", "grid file")
+    assert raw == {"extends": f"grid_xquad_{question}", "description": raw["description"],
+                   "fixed": {"task": "xsum"}}
+    xsum, xquad = (load_grid(SPACES / f"grid_{t}_{question}.yaml") for t in ("xsum", "xquad"))
+    assert xsum.fixed == {**xquad.fixed, "task": "xsum"} and xsum.name == f"grid_xsum_{question}"
+    assert (xsum.cells(), xsum.seeds, xsum.reference, xsum.sweep) == (
+        xquad.cells(), xquad.seeds, xquad.reference, xquad.sweep)
+
+
+def test_grid_files_hold_no_dated_measurements():
+    """Measurements live in the reports (README, docs/results); a grid file keeps cost estimates."""
+    dated = [f"{p.name}:{i}" for p in sorted(SPACES.glob("*.yaml"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\b20\d\d-\d\d-\d\d\b", line)]
+    assert not dated, dated
+
+
+def test_a_sweep_of_an_extending_grid_runs_the_merged_grid(tmp_path, monkeypatch, synthetic_data_dir):
+    """The engine reads `extends` too: the sweep is named after the child and its saved spec
+    holds the merged grid, so --resume needs no parent."""
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.spec import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    args = build_parser("grid_rank_schedule").parse_args(
+        ["--grid", str(SPACES / "grid_xsum_sharing.yaml"), "--smoke", "--set", "generation.text_scores=false",
+         "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    spec = prepare(args)
+    assert spec.name == "grid_xsum_sharing-smoke" and spec.fixed["task"] == "xsum"
+    assert "extends" not in spec.space_yaml and spec.space_yaml["fixed"]["task"] == "xsum"
+    assert spec.parse_space().fixed["task"] == "xsum"

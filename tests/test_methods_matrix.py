@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_diffusion.core import checkpoint, checkpoint_files
-from lora_diffusion.core import config as config_lib
+from lora_diffusion.core import checkpoint, checkpoint_files, config as config_lib
 from lora_diffusion.core.accounting import account
 from lora_diffusion.core.backbone import load_backbone
 from lora_diffusion.core.errors import UserError
@@ -256,7 +255,8 @@ def test_every_counted_parameter_gets_gradient_across_the_t_range(tiny_config, m
 
     method, sets = CASES[case]
     recipe = Recipe(tiny_config(method=method, **sets, **COVERAGE_SETS.get(method, {})))
-    monkeypatch.setattr(diffusion, "sample_times", lambda B, t_min, gen, device=None: torch.linspace(t_min, 1.0, B, device=device))
+    monkeypatch.setattr(diffusion, "sample_times",
+                        lambda B, t_min, gen, device=None: torch.linspace(t_min, 1.0, B, device=device))
     params = recipe.method.trainable()
     touched = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
     for _ in range(COVERAGE_STEPS):

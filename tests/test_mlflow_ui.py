@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from support.loopback import free_port
 from support.procs import kill_session
 

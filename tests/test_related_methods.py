@@ -181,7 +181,7 @@ def test_selora_grows_through_the_loop_and_reloads_its_ranks(tiny_config, tmp_pa
     assert recipe.method.regularization()[1]["active_params"] == 8 * 3 * (32 + 32)  # logged per step
     checkpoint.save(tmp_path / "ckpt", recipe.method, config, recipe.fingerprint, recipe.backbone.source)
     loaded = Recipe.from_checkpoint(tmp_path / "ckpt")
-    assert loaded.method.active_ranks() == {k: 2 for k in ranks}  # the third has not trained yet
+    assert loaded.method.active_ranks() == dict.fromkeys(ranks, 2)  # the third has not trained yet
     assert account(loaded.method)["active_params"] == 8 * 2 * (32 + 32)
 
 

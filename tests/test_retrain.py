@@ -1,7 +1,7 @@
 """A sweep's follow-up stage: the selected configuration retrained with fresh seeds, reported on test.
 
 The search selects on validation; its best validation score is only the selection score. The
-retrain stage (analysis/retrain.py, run by cli.sweep_main) must use seeds the search never used,
+retrain stage (experiments/retrain.py, run by cli.sweep_main) must use seeds the search never used,
 report test as mean ± std over them with validation beside it (best.json, the search's MLflow
 parent run), and a rerun must not train it again.
 """
@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lora_diffusion.analysis import retrain
 from lora_diffusion.analysis.trials import TEST_METRIC, VALIDATION_METRIC
 from lora_diffusion.engine import grid as grid_lib
+from lora_diffusion.experiments import retrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,8 +147,8 @@ def test_sweep_retrains_its_selection_with_fresh_seeds_once(tiny_backbone_dir, s
 def test_summary_of_a_generation_task_is_its_own_metric_not_accuracy():
     """XQuAD is selected and reported on F1: the retrain summary, best.json's keys and the
     console line name test/f1, read from final/test/f1."""
-    df = pd.DataFrame([{"seed": 3, "task": "xquad", "status": "FINISHED", "final/test/f1": 0.4, "final/validation/f1": 0.5},
-                       {"seed": 4, "task": "xquad", "status": "FINISHED", "final/test/f1": 0.6, "final/validation/f1": 0.7}])
+    df = pd.DataFrame([{"seed": s, "task": "xquad", "status": "FINISHED", "final/test/f1": test,
+                        "final/validation/f1": val} for s, test, val in ((3, 0.4, 0.5), (4, 0.6, 0.7))])
     s = retrain.summarise(df)
     assert s["metric"] == "f1" and "test/accuracy" not in s
     assert s["test/f1"]["mean"] == pytest.approx(0.5) and s["validation/f1"]["mean"] == pytest.approx(0.6)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_diffusion.engine import search_space as ss
 from lora_diffusion.core.errors import UserError
+from lora_diffusion.engine import search_space as ss
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["rank_schedule", "regularizers", "module_count", "baselines"]

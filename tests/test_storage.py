@@ -12,11 +12,10 @@ import json
 
 import pytest
 
-from support.loopback import LoopbackS3
-
 from lora_diffusion.core.errors import UserError
 from lora_diffusion.engine import options, spec as spec_lib
 from lora_diffusion.engine.storage import SweepStorage, is_uri
+from support.loopback import LoopbackS3
 
 BUCKET = "storage-test"
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from lora_diffusion.analysis import fault_matrix as fm
-from lora_diffusion.analysis.soak import SoakPlan, run_soak
-
+from lora_diffusion.experiments.soak import SoakPlan, run_soak
 
 
 @pytest.fixture
 def other_ray(tmp_path):
     """Another Ray instance on the machine, as beside other users' sweeps."""
-    code = "import ray, time; ray.init(address='local', include_dashboard=False); print('up', flush=True); time.sleep(600)"
+    code = ("import ray, time; ray.init(address='local', include_dashboard=False); print('up', flush=True); "
+            "time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "up"
     yield
@@ -35,7 +35,7 @@ def other_ray(tmp_path):
 def test_asha_stopped_trials_free_their_workers_and_the_study_survives_a_kill(other_ray, tiny_backbone_dir,
                                                                             synthetic_data_dir, tmp_path):
     """The Optuna sweep (two Train workers a trial), its driver SIGKILLed once while a trial has ended
-    and another is midway, then resumed (analysis/soak.py): nothing lost or duplicated, and the
+    and another is midway, then resumed (experiments/soak.py): nothing lost or duplicated, and the
     study keeps the trials it had and knows all four at the end."""
     studies = []
     plan = SoakPlan(job=["jobs/rank_schedule_sweep.py", "--smoke", "--num-samples", "4", "--max-concurrent", "2",

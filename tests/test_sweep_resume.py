@@ -4,7 +4,7 @@ as an uninterrupted sweep would.
 
 One ablation grid (2 ranks x 2 schedules, one seed, tiny backbone, one Train worker a trial, so
 that the in-process reference below is the same computation) runs through jobs/ablation_grid.py
-under the soak's machinery (analysis/soak.py, which jobs/soak.py runs with more kills); the
+under the soak's machinery (experiments/soak.py, which jobs/soak.py runs with more kills); the
 worker's death is tests/support/faults' hook (the worker exits when it is about to report step
 DIE_AT, once). Two-worker trials under a driver kill: test_sweep_resources.py. Checked after the
 last resume:
@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from lora_diffusion.analysis import fault_matrix as fm
-from lora_diffusion.analysis.soak import SIGINT_FAULT, SIGKILL_FAULT, WORKER_FAULT, SoakPlan, run_soak
+from lora_diffusion.experiments.soak import SIGINT_FAULT, SIGKILL_FAULT, WORKER_FAULT, SoakPlan, run_soak
 
 AXES = {"trajectory.rank": [2, 4], "trajectory.rank_schedule": ["constant", "reversed"]}
 SEEDS = [0]  # 4 trials; the mean over seeds is test_ablation.py's (no Ray)
@@ -66,7 +66,8 @@ def _direct_accuracies(grid_path) -> dict[tuple, float]:
     out = {}
     for run in grid_lib.load_grid(grid_path).runs():
         result = Recipe(config_lib.from_dict({}, run)).run()
-        out[(run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])] = result["validation/accuracy"]
+        key = (run["trajectory.rank"], run["trajectory.rank_schedule"], run["train.seed"])
+        out[key] = result["validation/accuracy"]
     return out
 
 

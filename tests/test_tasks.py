@@ -109,8 +109,8 @@ def test_no_source_text_is_in_two_splits(task, task_data_dir):
 def test_ag_news_splits_are_stratified_cuts_labelled_as_cuts():
     sizes = {s: Counter(ex.label for ex in load_split("ag_news", s, str(DATA)))
              for s in ("train", "validation", "test")}
-    assert sizes == {"train": {c: 1187 for c in range(4)}, "validation": {c: 238 for c in range(4)},
-                     "test": {c: 475 for c in range(4)}}
+    assert sizes == {"train": dict.fromkeys(range(4), 1187), "validation": dict.fromkeys(range(4), 238),
+                     "test": dict.fromkeys(range(4), 475)}
     assert "cuts" in TASKS["ag_news"].split_note and "not the official" in TASKS["ag_news"].split_note
     examples = [ex for s in sizes for ex in load_split("ag_news", s, str(DATA))]
     assert all(ex.response == TASKS["ag_news"].label_words[ex.label] for ex in examples)
@@ -122,7 +122,7 @@ def test_max_examples_is_seeded_stable_and_stratified(task_data_dir):
     a, b, c = pick(1), pick(1), pick(2)
     assert [ex.id for ex in a] == [ex.id for ex in b]
     assert {ex.id for ex in a} != {ex.id for ex in c}
-    assert Counter(ex.label for ex in a) == {cls: 10 for cls in range(4)}
+    assert Counter(ex.label for ex in a) == dict.fromkeys(range(4), 10)
     validation = load_split("ag_news", "validation", str(task_data_dir))
     assert {ex.id for ex in a} <= {ex.id for ex in load_split("ag_news", "train", str(task_data_dir))}
     assert not {ex.id for ex in a} & {ex.id for ex in validation}

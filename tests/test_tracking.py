@@ -241,3 +241,18 @@ def test_a_trials_final_line_shows_only_figures_its_task_has(capsys):
     ProgressLines().on_trial_result(0, [], trial, {"step": 4, "result_json": json.dumps(classification)})
     final = capsys.readouterr().out.splitlines()[-1]
     assert "validation/accuracy_sampler 0.5000" in final and "train/accuracy 1.0000" in final
+
+
+def test_the_compare_line_opens_a_server_itself_and_starts_a_ui_on_a_local_store():
+    from lora_diffusion.engine.tracking import compare_line
+
+    link = "#/experiments/3/runs?viewStateShareKey=abc"
+    assert compare_line("http://127.0.0.1:5077", link) == (
+        "compare its trials: open http://127.0.0.1:5077/#/experiments/3/runs?viewStateShareKey=abc")
+    assert compare_line("https://mlflow.example.org/", link).startswith(
+        "compare its trials: open https://mlflow.example.org/#/experiments/3/")
+    assert compare_line("sqlite:////tmp/runs/mlflow.db", link) == (
+        "compare its trials: mlflow ui --backend-store-uri sqlite:////tmp/runs/mlflow.db, then open "
+        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=abc")
+    assert compare_line("file:///tmp/mlruns", link).startswith(
+        "compare its trials: mlflow ui --backend-store-uri file:///tmp/mlruns, then open http://127.0.0.1:5000/#")

@@ -6,10 +6,9 @@ import torch
 from lora_diffusion.core import config as config_lib
 from lora_diffusion.core.backbone import load_backbone
 from lora_diffusion.core.errors import UserError
-from lora_diffusion.core.recipe import Recipe
 from lora_diffusion.core.methods import Context, build_method
-from lora_diffusion.core.methods.trajectory import (TrajectoryConfig, nuclear_norm_lowrank, orthogonality,
-                                                    rank_schedule)
+from lora_diffusion.core.methods.trajectory import TrajectoryConfig, nuclear_norm_lowrank, orthogonality, rank_schedule
+from lora_diffusion.core.recipe import Recipe
 
 
 def _setup(tiny_backbone_dir, **sets):
@@ -154,7 +153,7 @@ def test_task_conditioning_gives_each_task_id_its_own_output(tiny_backbone_dir, 
                                                        "trajectory.sharing": sharing})
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # stands in for training: non-zero B, task gains apart
-        for name, p in method.trainable().items():
+        for p in method.trainable().values():
             p.add_(torch.randn(p.shape, generator=g))
     ids, attn, select = _inputs(backbone, B=1)
     ids, attn, select = ids.repeat(2, 1), attn.repeat(2, 1), select.repeat(2, 1)

@@ -1,4 +1,17 @@
-"""`lora-diffusion train | eval | prepare-backbone | report | bench | bench-report | sweep`.
+"""`lora-diffusion VERB`: the one front door; every job in jobs/ is one of these verbs.
+
+    train, eval                  one configuration; a checkpoint
+    prepare-backbone             an encoder turned into a masked diffusion LM
+    sweep, grid                  a search space / an ablation grid on the sweep engine (Ray Tune)
+    compare, compare-table       the baseline comparison at a matched budget; its tables
+    compose                      multi-task composition of task modules
+    soak                         a sweep's driver killed and resumed; its fault matrix
+    report                       a sweep's ablation report, rebuilt from MLflow
+    bench, bench-report          what the methods cost; the performance table from its JSON
+    bench-cluster                the benchmark as a Ray task on a cluster node
+    calibrate-injection          where trajectory modules go: placements side by side
+    overlap                      each task's split sizes and evaluation-set overlap
+    local-cluster                cluster.yaml's one-machine variant (and its loopback sshd)
 
 Bad input (a config field, a missing file, an unknown backbone) prints one line naming the field
 or file and exits with code 2, before anything is written.
@@ -15,7 +28,6 @@ from pathlib import Path
 
 from .core import checkpoint, config as config_lib
 from .core.errors import TrainingDiverged, UserError
-
 
 # per-bin and per-phase figures (`<split>/per_t/bound_bin3`, `<split>/phase_gain/2`): one line
 # per series, values in index order, instead of one line per figure
@@ -128,81 +140,30 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .analysis.bench_setup import SIZES
-    from .analysis.benchmark import SECTIONS, log_to_mlflow, run_benchmark
+def cmd_overlap(args) -> int:
+    """The sizes of each task's splits and each evaluation set's overlap with the whole train
+    split (the check a run makes before it evaluates, core/overlap.py), timed."""
+    from .core import overlap, tasks
+    from .core.task_specs import TASKS
 
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad or args.size not in SIZES:
-        raise UserError(f"sections: {bad[0]} is not one of {', '.join(SECTIONS)}" if bad else
-                        f"size: {args.size} is not one of {', '.join(SIZES)}")
-    out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
-    result = run_benchmark(args.size, sections, args.data_dir, out, previous, args.sweep_arg or [])
-    from .analysis import bench_report  # imported when measuring is done
-
-    files = [out, *bench_report.write_plots(result, out.parent)]
-    if not args.no_mlflow:
-        from .engine.options import default_tracking_uri
-
-        run_id = log_to_mlflow(result, args.tracking_uri or default_tracking_uri(), files)
-        print(f"mlflow run {run_id}")
-    print(bench_report.table(result))
-    print(f"{out} and {len(files) - 1} plots written")
-    return 0
-
-
-def cmd_bench_report(args) -> int:
-    from .analysis import bench_report
-
-    if not Path(args.json).is_file():
-        raise UserError(f"json: {args.json} not found (run lora-diffusion bench first)")
-    result = json.loads(Path(args.json).read_text())
-    plots = bench_report.write_plots(result, Path(args.plots))
-    text = bench_report.table(result, plot_dir=args.plots, relative_to=Path(args.readme).parent if args.readme else None)
-    if args.mlflow:
-        from .analysis.benchmark import log_to_mlflow
-        from .engine.options import default_tracking_uri
-
-        uri = default_tracking_uri() if args.mlflow == "default" else args.mlflow
-        print(f"mlflow run {log_to_mlflow(result, uri, [Path(args.json), *plots])} in {uri}")
-    if args.readme:
-        bench_report.replace_section(Path(args.readme), text)
-        print(f"{args.readme}: performance section replaced; {len(plots)} plots in {args.plots}")
-    else:
-        print(text)
+    for task in args.task or sorted(TASKS):
+        splits = {s: tasks.load_split(task, s, args.data_dir) for s in ("train", "validation", "test")}
+        if args.data_file:
+            splits[args.data_file] = tasks.load_split(task, "test", data_file=args.data_file)
+        train, t0 = splits.pop("train"), time.perf_counter()
+        training = overlap.TrainingText(e.text for e in train)
+        print(f"{task}: train {len(train)} rows, indexed in {time.perf_counter() - t0:.2f} s")
+        for name, examples in splits.items():
+            t0 = time.perf_counter()
+            n = round(overlap.overlap_fraction(examples, training) * len(examples))
+            print(f"  {name}: {len(examples)} rows, {n} overlap training ({n / len(examples):.1%}), "
+                  f"checked in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
 ALLOW_OVERLAP_HELP = ("evaluate even if more than 1%% of an evaluation set's rows overlap the "
                       "training rows (exact or containment); the fraction is reported as "
                       "<split>/overlap (config: allow_overlap)")
-
-
-def _add_bench_parsers(sub) -> None:
-    m = sub.add_parser("bench", help="what the methods cost: training, memory, inference, the sweep engine, "
-                                     "data-parallel scaling")
-    m.add_argument("--size", default="small", help="smoke (tiny model, seconds) | small (this 2-core machine, "
-                                                  "about half an hour) | full (the issue's grid)")
-    m.add_argument("--sections", default="train,memory,infer", help="comma-separated: train,memory,infer,sweep,scaling")
-    m.add_argument("--out", default="runs/bench/bench.json",
-                   help="the JSON; sections not measured keep their figures from an existing file")
-    m.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
-    m.add_argument("--data-dir")
-    m.add_argument("--sweep-arg", action="append", metavar="ARG",
-                   help="extra argument for the measured sweep (e.g. --sweep-arg=--num-samples=4)")
-    m.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
-    m.add_argument("--no-mlflow", action="store_true")
-    m.set_defaults(func=cmd_bench)
-
-    g = sub.add_parser("bench-report", help="the README's performance table and plots from a bench JSON")
-    g.add_argument("--json", default="runs/bench/bench.json")
-    g.add_argument("--readme", help="replace the section between the bench markers of this file")
-    g.add_argument("--plots", default="docs/bench", help="folder of the growth plots (PNG)")
-    g.add_argument("--mlflow", nargs="?", const="default", metavar="TRACKING_URI",
-                   help="also log the JSON and plots as an MLflow run (default store: runs/mlflow.db)")
-    g.set_defaults(func=cmd_bench_report)
 
 
 def _add_prepare_parser(sub) -> None:
@@ -232,7 +193,9 @@ def _add_prepare_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__)
+    p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__,
+                                epilog="each verb: lora-diffusion VERB --help",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one configuration")
@@ -265,22 +228,113 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: runs/reports/SWEEP)")
     r.set_defaults(func=cmd_report)
 
-    _add_bench_parsers(sub)
+    o = sub.add_parser("overlap", help="sizes of every task's splits and each evaluation set's overlap "
+                                       "with its training rows (core/overlap.py), timed")
+    o.add_argument("--task", action="append", help="default: every task")
+    o.add_argument("--data-file", help="also check this file (in the task's format)")
+    o.add_argument("--data-dir", help="default: $LORA_DIFFUSION_DATA_DIR")
+    o.set_defaults(func=cmd_overlap)
 
-    # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.engine.sweep
-    sub.add_parser("sweep", add_help=False,
-                   help="Ray Tune + Optuna sweep over a search space (lora-diffusion sweep --help)")
+    # listed for --help only: `main` hands everything after these verbs to their own parsers
+    for name, (text, _) in DELEGATED.items():
+        sub.add_parser(name, add_help=False, help=text)
     return p
+
+
+# ----------------------------------------------------------------------------- verbs with their own parser
+
+
+def _sweep(argv, prog):
+    return sweep_main(argv)
+
+
+def _grid(argv, prog):
+    return sweep_main(argv, default_space="grid_rank_schedule")
+
+
+def _bench(argv, prog):
+    from .experiments.bench import benchmark
+
+    return benchmark.main(argv, prog)
+
+
+def _bench_report(argv, prog):
+    from .experiments.bench import benchmark
+
+    return benchmark.report_main(argv, prog)
+
+
+def _compare(argv, prog):
+    from .experiments import comparison
+
+    return comparison.main(argv, prog)
+
+
+def _compare_table(argv, prog):
+    from .analysis import table
+
+    return table.main(argv, prog)
+
+
+def _compose(argv, prog):
+    from .experiments.composition import stages
+
+    return stages.main(argv, prog)
+
+
+def _soak(argv, prog):
+    from .experiments import soak
+
+    return soak.main(argv, prog)
+
+
+def _bench_cluster(argv, prog):
+    from .experiments.bench import cluster
+
+    return cluster.main(argv, prog)
+
+
+def _calibrate_injection(argv, prog):
+    from .experiments.bench import calibrate
+
+    return calibrate.main(argv, prog)
+
+
+def _local_cluster(argv, prog):
+    from .engine import local_cluster
+
+    return local_cluster.main(argv, prog)
+
+
+DELEGATED = {
+    "sweep": ("Ray Tune + Optuna sweep over a search space, then its selection retrained on test", _sweep),
+    "grid": ("an ablation grid (cells x seeds) on the sweep engine, with its report", _grid),
+    "compare": ("baselines at a matched parameter budget: tuned on validation, every seed on test", _compare),
+    "compare-table": ("the baseline comparison's tables as markdown, from its record and MLflow",
+                      _compare_table),
+    "compose": ("multi-task composition: task modules trained apart, composed, interference measured",
+                _compose),
+    "soak": ("a sweep's driver killed at random moments and resumed; its fault matrix", _soak),
+    "bench": ("what the methods cost: training, memory, inference, the sweep engine, data-parallel scaling",
+              _bench),
+    "bench-report": ("the README's performance table and plots from a bench JSON", _bench_report),
+    "bench-cluster": ("the benchmark as one Ray task on a cluster node (--gpus 1: a GPU node)",
+                      _bench_cluster),
+    "calibrate-injection": ("where trajectory modules go: accuracy and step time of three placements",
+                            _calibrate_injection),
+    "local-cluster": ("write cluster.yaml's one-machine variant; --sshd also serves its loopback sshd",
+                      _local_cluster),
+}
 
 
 def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_schedule") -> int:
     """The sweep jobs' entry point: the engine runs the sweep, then the analysis layer writes
     its ablation report on the parent run and retrains the selected configuration with fresh
-    seeds on test (analysis/retrain.py; the engine itself never imports analysis)."""
-    from .analysis import retrain
+    seeds on test (experiments/retrain.py; the engine itself never imports analysis or experiments)."""
     from .analysis.report import report_sweep
     from .engine.options import build_parser
     from .engine.sweep import main as engine_main
+    from .experiments import retrain
 
     rc = engine_main(argv, default_space=default_space, report=report_sweep)
     if rc == 2:  # a user error: nothing ran
@@ -291,10 +345,10 @@ def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_sche
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "sweep":
-        return sweep_main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in DELEGATED:
+            return DELEGATED[argv[0]][1](argv[1:], f"lora-diffusion {argv[0]}")
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

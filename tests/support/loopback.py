@@ -28,8 +28,6 @@ from pathlib import Path
 from lora_diffusion.engine.cluster import make_key
 
 
-
-
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -73,7 +71,7 @@ class LoopbackSshd:
         self.proc: subprocess.Popen | None = None
         self.log = self.workdir / "sshd.log"
 
-    def start(self, timeout: float = 20) -> "LoopbackSshd":
+    def start(self, timeout: float = 20) -> LoopbackSshd:
         if self.isolate and os.geteuid() != 0:
             raise RuntimeError("an isolated sshd needs root (unshare, mount)")
         if not port_free(self.port):
@@ -133,10 +131,10 @@ class LoopbackSshd:
         """`env` exported from HOME's .bashrc (earlier exports of other names kept), and the
         project link."""
         bashrc = self.home / ".bashrc"
-        kept = [l for l in (bashrc.read_text().splitlines() if bashrc.exists() else [])
-                if not l.startswith("export ") or l.split("=", 1)[0][7:] not in self.env]
+        kept = [line for line in (bashrc.read_text().splitlines() if bashrc.exists() else [])
+                if not line.startswith("export ") or line.split("=", 1)[0][7:] not in self.env]
         bashrc.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items())
-                          + "".join(l + "\n" for l in kept))
+                          + "".join(line + "\n" for line in kept))
         if self.project_link:
             name, target = self.project_link
             link = self.home / name
@@ -244,7 +242,7 @@ class LoopbackS3:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="loopback",
                             aws_secret_access_key="loopback", region_name="us-east-1")
 
-    def start(self, timeout: float = 30) -> "LoopbackS3":
+    def start(self, timeout: float = 30) -> LoopbackS3:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                       str(self.port)], stdout=out, stderr=subprocess.STDOUT,

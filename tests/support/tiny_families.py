@@ -66,8 +66,14 @@ def padded_tokenizer(out: Path, mask_token: str, mask_id: int):
 
 
 def _hf_model(family: str, tok):
-    from transformers import (BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM,
-                              RobertaConfig, RobertaForMaskedLM)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
 
     common = dict(vocab_size=tok.vocab_size, hidden_size=WIDTH["hidden"], num_hidden_layers=WIDTH["layers"],
                   num_attention_heads=WIDTH["heads"], intermediate_size=WIDTH["ffn"], pad_token_id=tok.pad_token_id)

@@ -1,2 +1,3 @@
-"""Reading trials back from MLflow, statistics, plots, reports, budget matching, the baseline
-comparison and benchmarks. Calls `engine` and `core`; nothing imports it but the CLI and jobs."""
+"""Reading back: a sweep's trials from MLflow, statistics, plots, the ablation report, the
+baseline comparison's tables and a sweep's fault matrix. Starts nothing (no Ray, no sweep):
+imports `engine` only to reach the MLflow store, and `core`; nothing here imports `experiments`."""

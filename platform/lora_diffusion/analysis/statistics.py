@@ -12,8 +12,16 @@ import math
 
 from ..core.errors import UserError
 from ..core.task_specs import metric_mode
-from .trials import (ACCOUNTING_COLUMNS, PENALTY_PREFIX, STEP_TIME, final_column, is_missing, sort_key,
-                     task_metric, value_key)
+from .trials import (
+    ACCOUNTING_COLUMNS,
+    PENALTY_PREFIX,
+    STEP_TIME,
+    final_column,
+    is_missing,
+    sort_key,
+    task_metric,
+    value_key,
+)
 
 
 def t_interval(values) -> tuple[float, float, float, float]:
@@ -123,8 +131,9 @@ def aggregate(df, axes: list[str], reference: dict | None = None, metric: str | 
 
     `metric` defaults to the trials' task's validation figure (`final/validation/accuracy`,
     `final/validation/f1`, `final/validation/elbo_nats_per_token` for ELBO-only generation
-    trials, lower is better: `attrs["mode"]` is "min"; trials.task_metric). Columns: the axes, n, mean, std (ddof=1), ci95_low/high (t
-    distribution), the metric's validation/test mean and std side by side, trainable_params, bytes_saved and trained_params (the first;
+    trials, lower is better: `attrs["mode"]` is "min"; trials.task_metric). Columns: the axes, n,
+    mean, std (ddof=1), ci95_low/high (t distribution), the metric's validation/test mean and std
+    side by side, trainable_params, bytes_saved and trained_params (the first;
     `accounting_consistent` False if a cell disagrees), step_time_s (if logged), reg_nuclear,
     reg_orth, ... (the mean last logged penalty, if logged: trials.PENALTY_PREFIX), n_failed,
     n_running, seeds; with a reference, the paired (by seed) difference to the reference cell:
@@ -169,7 +178,7 @@ def phase_gain_table(df, axes: list[str]):
     if not cols:
         return None
     rows = []
-    for key, cell in sorted(_group_by_cell(df, axes).items(), key=lambda kv: [sort_key(x) for x in kv[0]]):
+    for _key, cell in sorted(_group_by_cell(df, axes).items(), key=lambda kv: [sort_key(x) for x in kv[0]]):
         done = [fin[-1] for fin in ([r for r in rs if r["status"] == "FINISHED"] for rs in cell["seeds"].values())
                 if fin]  # the newest finished run per seed, as the grid table counts
         row, any_gain = dict(cell["values"]), False

@@ -1,6 +1,6 @@
 """The baseline comparison's tables as markdown, generated from its record and MLflow.
 
-`comparison.run` writes `<name>.comparison.json` beside its sweeps: the stages, and for each (task,
+`experiments.comparison.run` writes `<name>.comparison.json` beside its sweeps: the stages, and for each (task,
 method) the candidate stage 1 chose on validation and the sweep its seeds ran in. Here every
 figure is read back from those sweeps' trial runs: test mean ± std over the seeds (the report),
 validation beside it, the counted parameters, the chosen configuration. Nothing is chosen here.
@@ -20,12 +20,16 @@ TASK_LABELS = {"sst2": "SST-2", "ag_news": "AG News (cuts)",  # its splits are c
 HIDDEN_KEYS = ("task", "method", "final_sweep")
 
 
-def read_record(storage, name: str) -> dict:
-    from .comparison import record_file
+def record_file(name: str) -> str:
+    """The comparison's record, beside its sweeps (not in a sweep's directory: the engine starts
+    a sweep only in an empty one); experiments/comparison.py writes it."""
+    return f"{name}.comparison.json"
 
+
+def read_record(storage, name: str) -> dict:
     if not storage.exists(record_file(name)):
         raise UserError(f"comparison {name!r}: no {storage.join(record_file(name))} (run "
-                        "jobs/baseline_comparison.py with this --name first)")
+                        "lora-diffusion compare with this --name first)")
     return json.loads(storage.read_text(record_file(name)))
 
 
@@ -71,7 +75,8 @@ def markdown(record: dict, stage_key: str, trials_of) -> str:
         label = TASK_LABELS.get(t, t)
         metric = next(r["metric"] for r in rows if r["task"] == t)
         better = "" if metric_mode(metric) == "max" else ", lower is better"
-        head += [f"{label} test {metric} (± std{better})", f"{label} validation", f"{label} params", f"{label} tuned on validation"]
+        head += [f"{label} test {metric} (± std{better})", f"{label} validation", f"{label} params",
+                 f"{label} tuned on validation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in record["methods"]:
         cells = [method]
@@ -125,3 +130,46 @@ def write_tables(storage, tracking_uri: str, name: str) -> str:
         if key in record["stages"]:
             parts += [f"#### {titles[key]}", "", markdown(record, key, trials_of), ""]
     return "\n".join(parts)
+
+
+USAGE = """The baseline comparison's tables as markdown, from its record (NAME.comparison.json) and MLflow.
+
+    lora-diffusion compare-table --name baselines                  # to stdout
+    lora-diffusion compare-table --name baselines --storage-path DIR --tracking-uri URI --out table.md
+    lora-diffusion compare-table --name base-sst2 --name base-agnews --readme README.md
+
+Test (mean ± std over the seeds) is the reported figure, validation beside it, and the
+configuration stage 1 chose on validation.
+"""
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion compare-table`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    import argparse
+    from pathlib import Path
+
+    from ..engine import options
+    from ..engine.storage import SweepStorage
+
+    p = argparse.ArgumentParser(prog=prog, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--storage-path", help="as given to the comparison (default: the engine's)")
+    p.add_argument("--tracking-uri", help="as given to the comparison (default: the engine's)")
+    p.add_argument("--name", action="append", dest="names", metavar="NAME",
+                   help="the comparison's --name (repeatable: e.g. one per task, tables one after another; "
+                        "default: baselines)")
+    p.add_argument("--preamble", default="", help="markdown put before the tables (what ran, the command)")
+    p.add_argument("--out", help="write the markdown here (default: stdout)")
+    p.add_argument("--readme", help="write the tables between this file's baseline-table markers")
+    p.add_argument("--block", help="with --readme: the named markers <!-- baseline-table:BLOCK ... "
+                                   "<!-- /baseline-table:BLOCK --> instead of the unnamed ones")
+    args = p.parse_args(argv)
+    storage = SweepStorage(options.storage_location(args.storage_path))
+    uri = args.tracking_uri or options.default_tracking_uri()
+    text = args.preamble + "\n".join(write_tables(storage, uri, n) for n in args.names or ["baselines"])
+    if args.readme:
+        Path(args.readme).write_text(into_readme(Path(args.readme).read_text(), text, args.block))
+    if args.out:
+        Path(args.out).write_text(text)
+    elif not args.readme:
+        print(text)
+    return 0

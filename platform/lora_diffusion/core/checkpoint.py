@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from . import config as config_lib
-from .errors import UserError
 from .checkpoint_files import BACKBONE, CONFIG, TRAINING_STATE, WEIGHTS, read_files, serialize, write_atomic
+from .errors import UserError
 
 
 def save(directory: str | Path, method, config, fingerprint: str, source: str) -> Path:

@@ -15,8 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from .errors import UserError
 

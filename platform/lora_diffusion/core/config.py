@@ -4,8 +4,9 @@ A config comes from a YAML/JSON file plus `--set section.key=value` overrides. E
 validated here, before any model or data is touched, and every error names the field.
 Method-specific knobs live in their own section (`trajectory`, `lora`, ...) so that a flattened
 config (`trajectory.rank`) is a natural search-space key and MLflow parameter name. Each method
-declares its section and its checks in its own file (methods/registry.py): `Config` is the run
-settings below plus one section per registered method, then `diffusion` and `train`.
+declares its section and its checks in its own file (its `SPEC`, methods/registry.py); `Config`
+below lists the run settings, one field per method section (its dataclass imported from the
+method's file), then `diffusion`, `generation`, `train` and `diagnostics`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ import yaml
 from . import families
 from .errors import UserError, check, check_one_of
 from .methods import registry
+from .methods.adalora import AdaLoraConfig
+from .methods.adapter import AdapterConfig
+from .methods.foura import FouraConfig
+from .methods.gelora import GeloraConfig
+from .methods.lora import LoraConfig
+from .methods.lora_merge import LoraMergeConfig
+from .methods.prefix import PrefixConfig
+from .methods.router import RouterConfig
+from .methods.selora import SeloraConfig
+from .methods.solo import SoloConfig
+from .methods.tlora import TLoraConfig
+from .methods.trajectory import TrajectoryConfig
+from .methods.vera import VeraConfig
 from .precision import PRECISIONS
 from .task_specs import TASKS
 
@@ -144,20 +158,32 @@ class RunSettings:
         return flatten(self.to_dict())
 
 
-def _section(name: str, cls: type) -> tuple[str, type, dataclasses.Field]:
-    return name, cls, field(default_factory=cls)
+@dataclass
+class Config(RunSettings):
+    """A run's whole configuration: the settings above, then one section per method that has
+    one (a new method's section is one more line here; tests/test_config.py checks them against
+    the registry), then the diffusion, generation, training and diagnostics sections."""
 
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    tlora: TLoraConfig = field(default_factory=TLoraConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    adalora: AdaLoraConfig = field(default_factory=AdaLoraConfig)
+    vera: VeraConfig = field(default_factory=VeraConfig)
+    foura: FouraConfig = field(default_factory=FouraConfig)
+    selora: SeloraConfig = field(default_factory=SeloraConfig)
+    gelora: GeloraConfig = field(default_factory=GeloraConfig)
+    solo: SoloConfig = field(default_factory=SoloConfig)
+    lora_merge: LoraMergeConfig = field(default_factory=LoraMergeConfig)
 
-# RunSettings, then the methods' sections (trajectory.*, lora.*, ...), diffusion.*, train.*, diagnostics.*
-Config = dataclasses.make_dataclass(
-    "Config",
-    [*(_section(s.name, s.section) for s in registry.specs() if s.section is not None),
-     _section("diffusion", DiffusionConfig), _section("generation", GenerationConfig),
-     _section("train", TrainConfig), _section("evaluation", EvaluationConfig),
-     _section("diagnostics", DiagnosticsConfig),
-     ("output_dir", str, field(default="runs/train"))],
-    bases=(RunSettings,))
-Config.__module__ = __name__  # pickled by name (Ray ships configs to workers)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    output_dir: str = "runs/train"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -16,8 +16,8 @@ tokens) and LLaDA's block-wise semi-autoregressive decoding (`sample(block_lengt
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -41,7 +41,6 @@ import torch
 from . import diffusion, metrics
 from .errors import UserError
 
-
 SAMPLES_KEPT = 5  # generated texts kept beside a split's scores (`samples_<split>` in the result)
 
 

@@ -49,7 +49,7 @@ def cut(task: str, rows) -> dict[str, tuple]:
     else:  # group = article or id: a fraction of the groups to test, then validation
         groups = sorted(by_group, key=lambda g: stable_rank(str(g), SPLIT_SEED))
         for group, split in zip(groups, _labels(FRACTIONS[task], len(groups))):
-            split_of.update({i: split for i in by_group[group]})
+            split_of.update(dict.fromkeys(by_group[group], split))
     return {s: tuple(ex for ex, _ in rows if split_of[ex.id] == s) for s in SPLITS}
 
 

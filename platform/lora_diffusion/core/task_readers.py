@@ -10,8 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import UserError
-from .task_specs import (Example, ag_news_example, ag_news_text, sst2_example, xquad_example,
-                         xsum_example, clean_ag_news)
+from .task_specs import Example, ag_news_example, ag_news_text, clean_ag_news, sst2_example, xquad_example, xsum_example
 
 # Where each task's files live under the data directory, and its hub copy (id, config).
 FOLDERS = {"sst2": "sst2", "ag_news": "ag_news", "xquad": "xquad_en", "xsum": "xsum"}

@@ -325,7 +325,8 @@ def sweep_summary(tracker: SweepTracker, knobs: list[str], resume: str, best: di
                   "of the search, so optimistic; its test figure is the retrain's (fresh seeds), below "
                   "when it has run.", ""]
     else:
-        lines += [f"Best trial: none ({'no trial reported ' + metric if ended else 'the sweep is running, or was interrupted'}).", ""]
+        why = "no trial reported " + metric if ended else "the sweep is running, or was interrupted"
+        lines += [f"Best trial: none ({why}).", ""]
     if resume:
         lines += [f"Resume it after an interruption: `{resume}`"]
     return "\n".join(lines).strip() + "\n"

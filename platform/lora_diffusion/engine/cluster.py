@@ -10,7 +10,7 @@
 - `bucket_of(cluster_yaml)`: the bucket the cluster keeps its sweeps and MLflow artifacts in.
 
 The loopback sshd and S3 server that run this cluster on one machine are test infrastructure:
-tests/support/loopback.py (jobs/local_cluster.py --sshd uses them too).
+tests/support/loopback.py (`lora-diffusion local-cluster --sshd`, engine/local_cluster.py, uses them too).
 """
 
 from __future__ import annotations

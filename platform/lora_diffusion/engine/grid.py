@@ -21,6 +21,16 @@ table (default: every key of the cells):
       - {method: full, train.lr: 5.0e-5}
     axes: [method]
 
+A grid that differs from another in a few settings (the same grid on another task) states only
+those, under `extends` (a grid file's name in the same folder, or a path relative to it):
+
+    extends: grid_xquad_methods
+    description: ... on XSum
+    fixed: {task: xsum}         # `fixed` and `sweep` merge key by key over the parent's
+
+Any other key it states replaces the parent's (`grid` and `cells` replace each other). The
+parent may extend another; a missing or circular parent is one UserError naming the file.
+
 `load_grid` validates it (every cell x seed must give a valid config) and raises `UserError`
 naming the file and the key. The sweep engine runs one Tune trial per cell x seed (grid search,
 no early stopping); `analysis.ablation` turns the logged trials into the report.
@@ -70,7 +80,44 @@ def load_grid(path: str | Path) -> Grid:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"grid file not found: {path}")
-    return parse_grid(config_lib.read_yaml(p, "grid file"), str(path))
+    return parse_grid(read_with_extends(p), str(path))
+
+
+def read_with_extends(path: str | Path, what: str = "grid file", _chain: tuple = ()):
+    """A grid file's content with its `extends` resolved (module docstring); a file without
+    one is returned as read."""
+    path = Path(path)
+    data = config_lib.read_yaml(path, what)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    ref = data["extends"]
+    if not isinstance(ref, str) or not ref.strip():
+        raise UserError(f"{path}: extends: expected the name of a grid file, got {ref!r}")
+    parent = path.parent / (ref if Path(ref).suffix in (".yaml", ".yml") else f"{ref}.yaml")
+    if not parent.is_file():
+        raise UserError(f"{path}: extends: no grid file {parent}")
+    chain = (*_chain, path.resolve())
+    if parent.resolve() in chain:
+        raise UserError(f"{path}: extends: circular ({' -> '.join(p.name for p in chain)} -> {parent.name})")
+    base = read_with_extends(parent, what, chain)
+    if not isinstance(base, dict):
+        raise UserError(f"{parent}: (top level): expected a mapping (extended by {path})")
+    return merge_extended(base, data)
+
+
+def merge_extended(parent: dict, child: dict) -> dict:
+    """The child's keys over the parent's: `fixed` and `sweep` merged key by key, `grid` and
+    `cells` replacing each other, any other key replaced."""
+    out = dict(parent)
+    for key, value in child.items():
+        if key == "extends":
+            continue
+        if key in ("grid", "cells"):
+            out.pop("cells" if key == "grid" else "grid", None)
+        if key in ("fixed", "sweep") and isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = {**out[key], **value}
+        out[key] = value
+    return out
 
 
 def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
@@ -94,7 +141,7 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
     sweep = check_sweep_options(data.get("sweep"), GRID_SWEEP_KEYS, err)
     # every key must be a config field and every cell a valid config
     _check_fixed(fixed, source)
-    for key, value in (base_overrides or {}).items():
+    for key in base_overrides or {}:
         if key in axes or key == SEED_FIELD:
             err(f"--set {key}", "is an axis of the grid (or its seeds): edit the grid file instead")
     fixed = {**fixed, **(base_overrides or {})}

@@ -44,7 +44,8 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
                    help="run the slice of a grid whose cells take these values on this axis (repeatable); "
                         "it must keep the reference cell. Named after the slice: grid_x-num_phases-1-4")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name where it stopped")
-    p.add_argument("--name", help="sweep name (default: the space's name, plus the --only slice, plus -smoke with --smoke)")
+    p.add_argument("--name", help="sweep name (default: the space's name, plus the --only slice, "
+                                  "plus -smoke with --smoke)")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
     p.add_argument("--seed", type=int, help="Optuna sampler seed (trials' train.seed comes from --set)")

@@ -35,7 +35,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from ..core import config as config_lib
 from ..core.errors import UserError
 
@@ -107,7 +106,7 @@ class SearchSpace:
     params: list[Param] = field(default_factory=list)
     sweep: dict = field(default_factory=dict)
 
-    def define_by_run(self) -> "DefineByRun":
+    def define_by_run(self) -> DefineByRun:
         return DefineByRun(self.params)
 
     def sample(self, rng: random.Random) -> dict:

@@ -18,13 +18,11 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..core import config as config_lib
-from ..core import tasks
+from ..core import config as config_lib, tasks
 from ..core.errors import UserError
 from ..core.task_specs import TEXT_SCORES, metric_mode, run_metric
-from . import preflight
-from . import search_space as space_lib
-from .grid import only_cells, parse_grid, parse_only
+from . import preflight, search_space as space_lib
+from .grid import only_cells, parse_grid, parse_only, read_with_extends
 from .options import default_tracking_uri, repo_root, storage_location
 from .storage import SweepStorage
 from .tracking import DEFAULT_EXPERIMENT
@@ -102,7 +100,7 @@ class SweepSpec:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "SweepSpec":
+    def from_json(cls, text: str, where: str) -> SweepSpec:
         data = json.loads(text)
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in data]
@@ -181,7 +179,7 @@ def _resume(args, storage: SweepStorage) -> SweepSpec:
 
 def _new(args, storage: SweepStorage) -> SweepSpec:
     path = space_lib.resolve_path(args.space, repo_root())
-    raw = config_lib.read_yaml(path, "search space") if path.is_file() else None
+    raw = read_with_extends(path, "search space") if path.is_file() else None  # a grid's `extends` resolved
     base = _base_overrides(args, raw)
     name = _sweep_name(args, path)
     if storage.is_nonempty_dir(name) and started(storage, name):

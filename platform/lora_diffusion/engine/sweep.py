@@ -29,7 +29,7 @@ Shape (Ray 2.60, Train V2):
   heatmaps, Pareto plot) on the parent run: the analysis layer passes it in;
 - best.json holds the selected configuration (best validation among completed trials) and its
   selection score, never a test figure: cli.sweep_main then retrains it with fresh seeds as the
-  grid sweep `<name>-retrain` and adds test ± std (analysis/retrain.py).
+  grid sweep `<name>-retrain` and adds test ± std (experiments/retrain.py).
 """
 
 from __future__ import annotations
@@ -39,13 +39,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..core.errors import UserError
 from ..core.task_specs import direction, oriented
-from . import preflight, tracking
-from . import tuner as tuner_lib
+from . import preflight, tracking, tuner as tuner_lib
 from .grid import SEED_FIELD
 from .options import build_parser, repo_root
 from .spec import METRIC, SPEC_FILE, SweepSpec, prepare, smoke_note, started
@@ -99,7 +98,8 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         mlflow_cb = callbacks.MlflowSweepCallback(tracker, callbacks.TrialResolver(spec.fixed, version),
                                                 spec.metric)
         ends = callbacks.TrialEnds()
-        run_callbacks = callbacks.for_this_driver(spec.sweep_id, [mlflow_cb, callbacks.ProgressLines(spec.metric), ends])
+        run_callbacks = callbacks.for_this_driver(spec.sweep_id,
+                                                  [mlflow_cb, callbacks.ProgressLines(spec.metric), ends])
         tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=restore,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
@@ -109,8 +109,7 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
             mlflow_cb.finish(None, "FAILED", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
             raise
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
-        print(f"compare its trials: mlflow ui --backend-store-uri {spec.tracking_uri}, then open "
-              f"http://127.0.0.1:5000/{link}")
+        print(tracking.compare_line(spec.tracking_uri, link))
         if report is not None and not _interrupted(results, spec, ends):  # failed cells included
             report(spec.to_dict())
         return rc
@@ -181,7 +180,7 @@ def _interrupted(results, spec: SweepSpec, ends) -> bool:
 def _select(results, spec: SweepSpec) -> dict | None:
     """The configuration the sweep selects: the best validation score among COMPLETED trials (run
     to their last step; a trial ASHA stopped early was scored at another step count). Its score
-    is the selection score, not a result: `analysis.retrain` reports test with fresh seeds."""
+    is the selection score, not a result: `experiments.retrain` reports test with fresh seeds."""
     from .callbacks import TrialResolver
 
     resolve = TrialResolver(spec.fixed, "")
@@ -215,8 +214,8 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
         print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
         return 1
     print(f"selected trial {best['trial_id']}: selection score {spec.metric} {best['selection']['score']:.4f} "
-          f"({direction(spec.metric)}; the best of {best['selection']['completed_trials']} completed trials on validation: "
-          "optimistic, not a result)")
+          f"({direction(spec.metric)}; the best of {best['selection']['completed_trials']} completed trials "
+          "on validation: optimistic, not a result)")
     for k, v in best["params"].items():
         print(f"  {k} = {v}")
     SweepStorage(spec.storage).write_kept(f"{spec.name}/best.json",

@@ -54,6 +54,16 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
+def compare_line(tracking_uri: str, link: str) -> str:
+    """The line a sweep prints at its end to compare its trials in the MLflow UI. A server
+    (http/https) is its own UI: its address plus the link. A local store (sqlite, a folder,
+    file:) needs a UI started on it, which listens on mlflow's default 127.0.0.1:5000."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"compare its trials: open {tracking_uri.rstrip('/')}/{link}"
+    return (f"compare its trials: mlflow ui --backend-store-uri {tracking_uri}, then open "
+            f"http://127.0.0.1:5000/{link}")
+
+
 def prepare_uri(uri: str) -> str:
     """Create the directory of a sqlite store (MLflow does not); reject a malformed sqlite URI."""
     if uri.startswith("sqlite:"):
@@ -241,8 +251,8 @@ class SweepTracker:
     def save_runs_view(self, parent_id: str, knobs: list[str], metrics: list[str]) -> str:
         """Store a view of the sweep's runs table on the experiment (the UI's saved views): this
         sweep's runs only, sorted by `metrics[0]` (best first: ascending for the ELBO bound,
-        metric_mode), with the knobs and `metrics` as columns. Returns the link that opens it (after `http://HOST:PORT/`), also kept on the
-        parent run as `RUNS_VIEW_TAG`."""
+        metric_mode), with the knobs and `metrics` as columns. Returns the link that opens it
+        (after `http://HOST:PORT/`), also kept on the parent run as `RUNS_VIEW_TAG`."""
         state = {"searchFilter": f"tags.sweep_id = '{self.sweep_id}'",
                  "orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": metric_mode(metrics[0]) == "min",
                  "selectedColumns": [f"params.`{k}`" for k in knobs] + [f"metrics.`{m}`" for m in metrics]}

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import checkpoint
-from ..core import config as config_lib
+from ..core import checkpoint, config as config_lib
 from . import search_space as space_lib
 
 

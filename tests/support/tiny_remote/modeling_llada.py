@@ -6,7 +6,7 @@ attn_out, ff_proj, up_proj, ff_out, computes attention in its `attention` method
 `F.scaled_dot_product_attention` (no mask, bidirectional, as released) and returns (x, cache).
 Left out: rotary embeddings, caching, activation checkpointing, init schemes."""
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +75,8 @@ class LLaDALlamaBlock(nn.Module):
 
 class LLaDAOutput(NamedTuple):
     logits: torch.FloatTensor
-    attn_key_values: Optional[list]
-    hidden_states: Optional[tuple]
+    attn_key_values: list | None
+    hidden_states: tuple | None
 
 
 class LLaDAModel(nn.Module):
@@ -117,7 +117,7 @@ class LLaDAModelLM(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["LLaDABlock", "LLaDASequentialBlock", "LLaDALlamaBlock"]
 
-    def __init__(self, config: LLaDAConfig, model: Optional[LLaDAModel] = None, init_params: bool = False):
+    def __init__(self, config: LLaDAConfig, model: LLaDAModel | None = None, init_params: bool = False):
         super().__init__(config)
         self.model = model or LLaDAModel(config, init_params=init_params)
         self.post_init()

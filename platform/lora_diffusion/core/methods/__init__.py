@@ -1,19 +1,18 @@
 """Fine-tuning methods, one file each, behind the `Method` interface in base.py.
 
-Every module here that defines `SPEC` (a `registry.MethodSpec`) is a method: importing this
-package imports them all and registers their specs. Adding a method is adding one file.
-"""
+Every module here that defines `SPEC` (a `registry.MethodSpec`) is a method. Importing this
+package imports none of them: the registry imports them all the first time it is asked for a
+method (`registry.specs`, `names`, `spec_of`). Adding a method is:
 
-import importlib
-import pkgutil
+1. one file here, ending in its `SPEC`;
+2. if the method reads a config section of its own (`SPEC.section`, a dataclass in its file),
+   one line in core/config.py's `Config`, `name: NameConfig = field(default_factory=NameConfig)`,
+   with the dataclass imported from the method's file. tests/test_config.py checks that every
+   registered section has its field there and that every method field there is registered.
+"""
 
 from . import registry
 from .base import Context, Method
-
-for _info in pkgutil.iter_modules(__path__):
-    _module = importlib.import_module(f"{__name__}.{_info.name}")
-    if hasattr(_module, "SPEC"):
-        registry.register(_module.SPEC)
 
 
 def build_method(config, backbone) -> Method:

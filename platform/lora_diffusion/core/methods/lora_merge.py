@@ -29,8 +29,7 @@ from ..backbone import Backbone, backbone_fingerprint
 from ..checkpoint_files import read_files
 from ..errors import UserError, check, check_one_of
 from .base import Method
-from .lora import LoraConfig, attach_peft, peft_lora_config
-from .lora import validate as validate_lora
+from .lora import LoraConfig, attach_peft, peft_lora_config, validate as validate_lora
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import

@@ -1,14 +1,16 @@
 """The method registry: one `MethodSpec` per method, declared as `SPEC` in the method's own file.
 
-A leaf module: it imports nothing from the package, so config (which builds its method sections
-from here), the methods and the analysis layer can all read it without an import cycle. The
-methods package fills it when imported (`methods/__init__.py` registers every module's SPEC).
+Importing it imports no method: the methods import it (for `MethodSpec`), and config reads it
+to validate. It fills itself the first time it is asked for a method (`specs`, `names`,
+`spec_of`): it imports every module of the methods package and registers each one's `SPEC`.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,20 @@ class MethodSpec:
 
 
 _SPECS: dict[str, MethodSpec] = {}
+_loaded = False  # every method module imported and its SPEC registered
+
+
+def _load_methods() -> None:
+    """Import the methods package's modules once, registering each module's SPEC."""
+    global _loaded
+    if _loaded:
+        return
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        module = importlib.import_module(f"{package}.{info.name}")
+        if hasattr(module, "SPEC"):
+            register(module.SPEC)
+    _loaded = True
 
 
 def register(spec: MethodSpec) -> None:
@@ -53,6 +69,7 @@ def register(spec: MethodSpec) -> None:
 
 def specs() -> list[MethodSpec]:
     """Every registered method, in listing order."""
+    _load_methods()
     return sorted(_SPECS.values(), key=lambda s: s.order)
 
 
@@ -61,4 +78,5 @@ def names() -> list[str]:
 
 
 def spec_of(name: str) -> MethodSpec:
+    _load_methods()
     return _SPECS[name]

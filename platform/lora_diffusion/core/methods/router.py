@@ -32,14 +32,12 @@ from torch import nn
 
 from ..backbone import Backbone, backbone_fingerprint
 from ..checkpoint_files import read_files
-from ..errors import UserError
-from ..errors import check, check_one_of
+from ..errors import UserError, check, check_one_of
 from ..task_specs import TASKS
 from .base import Method
 from .registry import MethodSpec
 from .routing import MODES, energy_weights, oracle_weights, routed_correctly
-from .trajectory import TrajectoryConfig, _replace_hidden, build_injection
-from .trajectory import validate as validate_trajectory
+from .trajectory import TrajectoryConfig, _replace_hidden, build_injection, validate as validate_trajectory
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
     from ..config import Config

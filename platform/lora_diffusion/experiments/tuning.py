@@ -16,12 +16,12 @@ import itertools
 import math
 import random
 
+from ..analysis.trials import final_column, metric_of_task, text_scores_of, value_key
 from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
 from ..core.task_specs import oriented
 from .budget import knob_of, match_budget
-from .trials import final_column, metric_of_task, text_scores_of, value_key
 
 # LoRA on attention + MLP of MiniLM moves in steps of 41,472 parameters per rank: rank 2 is
 # 82,944 (+12.5% over the 73,728 budget), rank 1 is 56% under. The tables show every count.

@@ -2,7 +2,7 @@
 loop `lora-diffusion train` runs), the backbone's no-gradient forward as the floor, growth with
 the number of phases K and of injection layers, and peak memory per variant in a subprocess.
 
-    python -m lora_diffusion.analysis.bench_train --memory trajectory-mid --size small
+    python -m lora_diffusion.experiments.bench.train --memory trajectory-mid --size small
 
 prints one variant's memory as JSON (what `memory` runs for each variant).
 """
@@ -17,17 +17,17 @@ import sys
 
 import torch
 
-from ..core import diffusion
-from ..core.methods import registry
-from .bench_setup import SIZES, Workbench, set_shape
-from .bench_timing import fit_exponent, interleave, peak_rss_mb, reset_peak, rss_mb, summarise
+from ...core import diffusion
+from ...core.methods import registry
+from .timing import fit_exponent, interleave, peak_rss_mb, reset_peak, rss_mb, summarise
+from .workbench import SIZES, Workbench, set_shape
 
 FLOOR = "floor (no-grad forward)"
 REFERENCE = "lora-attn"  # PEFT LoRA on attention: what trajectory LoRA is measured against
 # Named variants, then every other method of the registry with its defaults. The first four and
 # lora-attn share one budget (73,728 trainable parameters on MiniLM: rank 48 x 2 phases at one
 # layer, PEFT rank 4 on Q/K/V/O), as in the baseline comparison.
-SKIP = {"router", "lora_merge"}  # compose trained experts: the router is measured at inference (bench_infer)
+SKIP = {"router", "lora_merge"}  # compose trained experts: the router is measured at inference (infer.py)
 GROWTH_VARIANTS = (FLOOR, "trajectory-mid", "trajectory-every", REFERENCE, "full")  # over growth_shapes
 
 

@@ -14,9 +14,9 @@ import tempfile
 
 import torch
 
-from ..core import checkpoint, diffusion
-from .bench_setup import Workbench, filler_examples
-from .bench_timing import fit_exponent, interleave, summarise
+from ...core import checkpoint, diffusion
+from .timing import fit_exponent, interleave, summarise
+from .workbench import Workbench, filler_examples
 
 BASE = "base"
 

@@ -3,18 +3,19 @@
 1. `<name>-modules-<task>` (a grid sweep per task: the engine selects one metric per sweep):
    one module per method (trajectory; lora for PEFT's merge) x learning rate x seed, task i's
    modules with `trajectory.task_id` i. Per (task, method) the rate with the best mean final
-   validation score over the seeds (the lowest bound, ELBO-only: metric_mode) is selected; its trials (one per seed) are the task modules.
+   validation score over the seeds (the lowest bound, ELBO-only: metric_mode) is selected; its
+   trials (one per seed) are the task modules.
 2. `<name>-router` (grid sweep): the trained router per seed, over that seed's trajectory
    modules, on the mixture of every task's training rows (`router.train_tasks`). A grid cell
    cannot set `train.seed`, so each seed's router is a cell with the grid's one seed 0: the
    variation over seeds is the experts' (and the router's rows are drawn in one order).
-3. Evaluations, in this process (composition_eval.py): the interference matrix (each seed's
+3. Evaluations, in this process (evaluate.py): the interference matrix (each seed's
    trajectory module of task A on task B's test split) and every composition on every task
    (router trained / uniform / oracle / energy; lora_merge linear / cat / ties). The training-free
    ones have no steps to run, so they are not trials: each is a Recipe built and evaluated.
    Every finished evaluation is written to `<name>.composition.json` beside the sweeps at once,
    so a rerun skips it.
-4. The report (composition_report.py): tables and heatmaps on the job's own MLflow parent run
+4. The report (report.py): tables and heatmaps on the job's own MLflow parent run
    (tags sweep=<name>, role=sweep, stage=composition).
 
 Run the same command again after an interruption: a finished sweep is skipped, an unfinished
@@ -28,9 +29,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.methods import registry
-from ..core.task_specs import oriented
-from .trials import final_column, load_trials, metric_of_task
+from ...analysis.trials import final_column, load_trials, metric_of_task
+from ...core.methods import registry
+from ...core.task_specs import oriented
 
 METHODS = ("trajectory", "lora")  # the router's experts; PEFT merge's experts
 ROUTER_MODES = ("trained", "uniform", "oracle", "energy")
@@ -69,7 +70,7 @@ def apply_engine_sets(spec: CompositionSpec, sets: list[str]) -> None:
     """The engine's --set wins over the grid's fixed settings in every trial, so the spec must
     see it too: `--set generation.text_scores=false` makes the generation tasks ELBO-only, and
     their modules must then be selected (and reported) on the bound, not on a score never made."""
-    from ..core import config as config_lib
+    from ...core import config as config_lib
 
     spec.sets.update(config_lib.parse_sets(sets))
 
@@ -189,10 +190,10 @@ def train_modules(spec: CompositionSpec, name: str, runner, log) -> dict | None:
 def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path, log=print) -> int:
     """Every stage (module docstring); `engine_args` go to every sweep (--storage-path,
     --tracking-uri, --smoke, --max-concurrent, ...)."""
-    from ..engine import options
-    from ..engine.storage import SweepStorage
-    from . import composition_eval, composition_report
-    from .comparison import _StageRunner
+    from ...engine import options
+    from ...engine.storage import SweepStorage
+    from ..comparison import _StageRunner
+    from . import evaluate, report
 
     opts = options.build_parser("").parse_known_args(engine_args)[0]
     apply_engine_sets(spec, opts.set)
@@ -209,7 +210,83 @@ def run(spec: CompositionSpec, name: str, engine_args: list[str], workdir: Path,
         return rc
     routers = router_paths(load_trials(uri, f"{name}-router"), experts, storage,
                                             f"{name}-router", workdir)
-    record = composition_eval.Record(storage, record_file(name), name, spec, chosen)
-    composition_eval.evaluate_all(spec, record, paths, routers, log)
-    composition_report.report(spec, record.data, name, uri, workdir / "report", log)
+    record = evaluate.Record(storage, record_file(name), name, spec, chosen)
+    evaluate.evaluate_all(spec, record, paths, routers, log)
+    report.report(spec, record.data, name, uri, workdir / "report", log)
     return 0
+
+
+# ----------------------------------------------------------------------------- the command line
+
+USAGE = """Multi-task composition: task modules trained apart, composed, interference measured.
+
+    lora-diffusion compose                                # SST-2, AG News, XQuAD, XSum; 3 seeds
+    lora-diffusion compose --set backbone=runs/backbones/minilm-mdlm --name compose-mdlm
+    lora-diffusion compose --smoke                        # tiny random backbone, 2 tasks, 2 seeds
+
+Stage 1 (`NAME-modules-TASK`, a grid sweep per task) trains a trajectory and a weight-LoRA module
+per task x rate x seed and selects each rate on validation; stage 2 (`NAME-router`) trains the
+router per seed on the task mixture; then every single-task module is scored on every task (the
+interference matrix) and every composition (router trained / uniform / oracle / energy, PEFT's
+linear / cat / TIES merge) on every task, test with std over seeds, gap to the oracle, cost in
+parameters and bytes: `NAME.composition.json` beside the sweeps, the tables and heatmaps on the
+MLflow run NAME. Interrupted? Run the same command again. Other arguments go to the sweep engine
+(--storage-path, --tracking-uri, --max-concurrent, --set, ...).
+"""
+# --smoke: the tiny random backbone, short contexts and answers, a few steps (not the engine's
+# --smoke, whose max_length would override each task's)
+SMOKE_SETS = {"backbone": "tiny-random", "max_train_examples": 48, "train_accuracy_examples": 8,
+              "train.batch_size": 8, "train.warmup_steps": 1, "trajectory.injection_layers": [0],
+              "diffusion.eval_t_points": 1, "lora.rank": 2, "train.threads": 1}
+SMOKE_TASK_SETS = {"sst2": {"max_length": 32}, "ag_news": {"max_length": 32},
+                   "xquad": {"max_length": 48, "generation.response_tokens": 3},
+                   "xsum": {"max_length": 48, "generation.response_tokens": 3}}
+
+
+def build_parser(prog: str | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="composition")
+    p.add_argument("--smoke", action="store_true", help="tiny random backbone, sst2 + xquad, 2 seeds, 2 steps")
+    p.add_argument("--tasks", nargs="+", default=list(TASK_SETS), choices=list(TASK_SETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300, help="steps of every task module")
+    p.add_argument("--router-steps", type=int, default=100, help="steps of the trained router")
+    p.add_argument("--eval-examples", type=int, default=64, help="fixed validation and test rows per task")
+    p.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="trajectory or lora rates to select from on validation (default: the method's grid)")
+    p.add_argument("--energy-temperature", type=float, default=1.0)
+    p.add_argument("--workdir", default="runs/composition", help="grid files, copied checkpoints, the report")
+    return p
+
+
+def spec_from_args(args) -> CompositionSpec:
+    from ...core.errors import UserError
+
+    spec = CompositionSpec(tasks=args.tasks, seeds=args.seeds, steps=args.steps,
+                           router_steps=args.router_steps, eval_examples=args.eval_examples,
+                           energy_temperature=args.energy_temperature)
+    for item in args.lrs:
+        method, _, rates = item.partition("=")
+        if method not in METHODS:
+            raise UserError(f"--lrs {item!r}: method must be one of {', '.join(METHODS)}")
+        try:
+            spec.lrs[method] = [float(r) for r in rates.split(",")]
+        except ValueError:
+            raise UserError(f"--lrs {item!r}: expected METHOD=LR[,LR...]") from None
+    if args.smoke:
+        spec.tasks = [t for t in args.tasks if t in ("sst2", "xquad")] or args.tasks[:2]
+        spec.seeds, spec.steps, spec.router_steps, spec.eval_examples = args.seeds[:2], 2, 2, 4
+        spec.lrs = {m: rates[:1] for m, rates in spec.lrs.items()}
+        spec.sets, spec.task_sets = dict(SMOKE_SETS), {t: dict(s) for t, s in SMOKE_TASK_SETS.items()}
+    if len(spec.tasks) < 2:
+        raise UserError("--tasks: composition needs at least two tasks")
+    return spec
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion compose`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    args, engine_args = build_parser(prog).parse_known_args(argv)
+    name = args.name + "-smoke" if args.smoke and args.name == "composition" else args.name
+    return run(spec_from_args(args), name, engine_args, Path(args.workdir) / name)

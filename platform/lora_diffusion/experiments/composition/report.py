@@ -1,4 +1,4 @@
-"""The composition job's report, from its record (composition_eval.py): two tables, two
+"""The composition job's report, from its record (evaluate.py): two tables, two
 heatmaps and a summary, on the job's MLflow parent run (tags sweep=<name>, role=sweep,
 stage=composition) under `composition/`.
 
@@ -19,9 +19,9 @@ import math
 import statistics
 from pathlib import Path
 
-from ..core.task_specs import direction
-from .plots import plot_heatmaps
-from .report import _arrow_safe, markdown_table
+from ...analysis.plots import plot_heatmaps
+from ...analysis.report import _arrow_safe, markdown_table
+from ...core.task_specs import direction
 
 ORACLE = "router-oracle"
 
@@ -53,7 +53,8 @@ def matrix_table(data: dict):
     for a in data["tasks"]:
         row = {"module (trained on)": a}
         for b in data["tasks"]:
-            row[f"{b} {data['metrics'][b]}"] = _cell([e["value"] for e in _entries(data, "module", f"trajectory:{a}", b).values()])
+            entries = _entries(data, "module", f"trajectory:{a}", b)
+            row[f"{b} {data['metrics'][b]}"] = _cell([e["value"] for e in entries.values()])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -106,7 +107,8 @@ def composition_table(data: dict):
         own = {t: _entries(data, "module", name_of.format(t=t), t) for t in tasks}
         row.update({t: _cell([e["value"] for e in own[t].values()]) for t in tasks})
         sizes = [e["accounting"] for by_seed in own.values() for e in by_seed.values() if "accounting" in e]
-        per_task = (max((a["trainable_params"] for a in sizes), default=0), max((a["bytes_saved"] for a in sizes), default=0))
+        per_task = (max((a["trainable_params"] for a in sizes), default=0),
+                    max((a["bytes_saved"] for a in sizes), default=0))
         row.update({"params added": 0, "bytes added": 0, "params at inference": per_task[0],  # one task's module
                     "bytes at inference": per_task[1], "params per task": per_task[0],
                     "eval time vs own module": _time_ratio(data, "module", name_of)})
@@ -175,7 +177,7 @@ def summary(data: dict, matrix, comps) -> str:
 
 def report(spec, data: dict, name: str, tracking_uri: str, out_dir: Path, log=print) -> dict[str, Path]:
     """Write the files and log them, the tables and headline metrics on the job's parent run."""
-    from ..engine.tracking import SweepTracker
+    from ...engine.tracking import SweepTracker
 
     files = write_files(data, Path(out_dir))
     tracker = SweepTracker(tracking_uri, name, tags={"stage": "composition"})

@@ -84,7 +84,7 @@ def growth_table(result: dict) -> str:
 
 def growth_curves(result: dict) -> list[tuple[str, dict]]:
     """(label, {x, step_s, exponent}) of every growth curve the result holds."""
-    from .bench_timing import fit_exponent
+    from .timing import fit_exponent
 
     out = []
     tr = result.get("train")
@@ -195,8 +195,10 @@ def _sweep_targets(sw: dict | None) -> list[tuple[str, str, bool | None]]:
     return [("sweep wall <= 1.15 x trials' training time / concurrency", f"{sw['wall_over_train']:.2f} x",
              sw["wall_over_train"] <= 1.15),
             ("trial start-up < 5% of a 300-step trial", f"{sw['startup_share_of_300_steps']:.1%} "
-             f"({sw['startup_s_median']:.0f} s vs 300 x {sw['step_s']:.2f} s)", sw["startup_share_of_300_steps"] < 0.05),
-            ("evaluation <= 15% of a trial's time", f"{sw['eval_share_of_trial']:.1%}", sw["eval_share_of_trial"] <= 0.15),
+             f"({sw['startup_s_median']:.0f} s vs 300 x {sw['step_s']:.2f} s)",
+             sw["startup_share_of_300_steps"] < 0.05),
+            ("evaluation <= 15% of a trial's time", f"{sw['eval_share_of_trial']:.1%}",
+             sw["eval_share_of_trial"] <= 0.15),
             ("no worker-group start-up timeout", f"{sw['startup_timeouts']} in the sweep's log",
              sw["startup_timeouts"] == 0)]
 
@@ -302,3 +304,4 @@ def replace_section(readme: Path, text: str) -> None:
     else:
         body = body.rstrip("\n") + "\n\n" + block + "\n"
     readme.write_text(body)
+

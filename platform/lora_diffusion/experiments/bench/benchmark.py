@@ -1,10 +1,10 @@
 """Side-by-side measurements. `compare_variants`: several config variants trained in one process,
 one after another, with accuracy and step time as a ratio to the first (jobs/calibrate_injection.py).
-`run_benchmark`: what the method costs (`lora-diffusion bench`): training (bench_train), memory,
-inference (bench_infer), the sweep engine (bench_sweep) and data-parallel scaling over Ray Train
-workers (bench_scaling), every section's variants interleaved
+`run_benchmark`: what the method costs (`lora-diffusion bench`): training (train.py), memory,
+inference (infer.py), the sweep engine (sweep.py) and data-parallel scaling over Ray Train
+workers (scaling.py), every section's variants interleaved
 in one process and reported as ratios to a named reference; the JSON, an MLflow run, and the
-README's table and plots from the JSON (bench_report). These machines are noisy: only ratios
+README's table and plots from the JSON (report.py). These machines are noisy: only ratios
 taken in one run are comparable."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import json
 import time
 from pathlib import Path
 
-from ..core import config as config_lib
+from ...core import config as config_lib
 
 
 def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[dict]:
     """Train `base` overridden by each variant's settings (name -> {key: value}), in order; one
     row per variant: accuracies, trainable params, step time and its ratio to the first."""
-    from ..core.recipe import Recipe
+    from ...core.recipe import Recipe
 
     rows = []
     for name, sets in variants.items():
@@ -30,7 +30,8 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
         result = recipe.run(log=log)
         rows.append({
             "variant": name, "sets": sets,
-            "validation/accuracy": result["validation/accuracy"], "validation/accuracy_sampler": result["validation/accuracy_sampler"],
+            "validation/accuracy": result["validation/accuracy"],
+            "validation/accuracy_sampler": result["validation/accuracy_sampler"],
             "validation/examples": result["validation/examples"], "train/accuracy": result["train/accuracy"],
             "trainable_params": result["accounting"]["trainable_params"],
             "step_time_s": result["step_time_s"], "tokens_per_s": result["tokens_per_s"],
@@ -46,7 +47,8 @@ def compare_variants(base: dict, variants: dict[str, dict], log=print) -> list[d
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table, one line per variant."""
-    lines = ["| variant | trainable params | validation acc (ELBO) | validation acc (sampler) | train acc | step time s | ratio |",
+    lines = ["| variant | trainable params | validation acc (ELBO) | validation acc (sampler) | train acc "
+             "| step time s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['trainable_params']} | {r['validation/accuracy']:.3f} | "
@@ -89,8 +91,8 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
     `previous` (so sections can run one at a time). Written to `out` after each section."""
     import torch
 
-    from . import bench_infer, bench_train
-    from .bench_setup import SIZES, Workbench
+    from . import infer as bench_infer, train as bench_train
+    from .workbench import SIZES, Workbench
 
     size = SIZES[size_name]
     torch.set_num_threads(size.threads)
@@ -120,13 +122,13 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
         result["memory"] = {"reference": bench_train.REFERENCE, "rows": rows}
         save()
     if "sweep" in sections:
-        from .bench_sweep import run_sweep
+        from .sweep import run_sweep
 
         workdir = Path(out).parent / "sweep" if out else Path("runs") / "bench" / "sweep"
         result["sweep"] = run_sweep(sweep_args or [], workdir, log)
         save()
     if "scaling" in sections:
-        from . import bench_scaling
+        from . import scaling as bench_scaling
 
         workdir = Path(out).parent / "scaling" if out else Path("runs") / "bench" / "scaling"
         result["scaling"] = bench_scaling.run(size, data_dir, workdir, log)
@@ -139,7 +141,7 @@ def log_to_mlflow(result: dict, tracking_uri: str, files: list[Path]) -> str:
     figure as a metric, the JSON and the plots as artifacts. Returns the run id."""
     import mlflow
 
-    from ..engine.tracking import prepare_uri
+    from ...engine.tracking import prepare_uri
 
     client = mlflow.MlflowClient(prepare_uri(tracking_uri))
     exp = client.get_experiment_by_name("lora-diffusion-bench")
@@ -179,3 +181,85 @@ def _row_key(index: int, row) -> str:
     if isinstance(row, dict) and "steps" in row and "variants" in row:
         return f"T={row['steps']}"
     return str(index)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def build_parser(prog: str | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description="What the methods cost: training, memory, inference, "
+                                "the sweep engine, data-parallel scaling; a JSON, growth plots and an MLflow run.")
+    p.add_argument("--size", default="small", help="smoke (tiny model, seconds) | small (this 2-core machine, "
+                                                  "about half an hour) | full (the issue's grid)")
+    p.add_argument("--sections", default="train,memory,infer", help="comma-separated: " + ",".join(SECTIONS))
+    p.add_argument("--out", default="runs/bench/bench.json",
+                   help="the JSON; sections not measured keep their figures from an existing file")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing --out file")
+    p.add_argument("--data-dir")
+    p.add_argument("--sweep-arg", action="append", metavar="ARG",
+                   help="extra argument for the measured sweep (e.g. --sweep-arg=--num-samples=4)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion bench`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    from ...core.errors import UserError
+    from .workbench import SIZES
+
+    args = build_parser(prog).parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or args.size not in SIZES:
+        raise UserError(f"sections: {bad[0]} is not one of {', '.join(SECTIONS)}" if bad else
+                        f"size: {args.size} is not one of {', '.join(SIZES)}")
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() and not args.fresh else None
+    result = run_benchmark(args.size, sections, args.data_dir, out, previous, args.sweep_arg or [])
+    from . import report  # imported when measuring is done
+
+    files = [out, *report.write_plots(result, out.parent)]
+    if not args.no_mlflow:
+        from ...engine.options import default_tracking_uri
+
+        run_id = log_to_mlflow(result, args.tracking_uri or default_tracking_uri(), files)
+        print(f"mlflow run {run_id}")
+    print(report.table(result))
+    print(f"{out} and {len(files) - 1} plots written")
+    return 0
+
+
+def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion bench-report`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    import argparse
+
+    from ...core.errors import UserError
+    from .report import replace_section, table, write_plots
+
+    p = argparse.ArgumentParser(prog=prog, description="The README's performance table and growth plots, "
+                                "generated from a bench JSON (`lora-diffusion bench`).")
+    p.add_argument("--json", default="runs/bench/bench.json")
+    p.add_argument("--readme", help="replace the section between the bench markers of this file")
+    p.add_argument("--plots", default="docs/bench", help="folder of the growth plots (PNG)")
+    p.add_argument("--mlflow", nargs="?", const="default", metavar="TRACKING_URI",
+                   help="also log the JSON and plots as an MLflow run (default store: runs/mlflow.db)")
+    args = p.parse_args(argv)
+    if not Path(args.json).is_file():
+        raise UserError(f"json: {args.json} not found (run lora-diffusion bench first)")
+    result = json.loads(Path(args.json).read_text())
+    plots = write_plots(result, Path(args.plots))
+    text = table(result, plot_dir=args.plots, relative_to=Path(args.readme).parent if args.readme else None)
+    if args.mlflow:
+        from ...engine.options import default_tracking_uri
+
+        uri = default_tracking_uri() if args.mlflow == "default" else args.mlflow
+        print(f"mlflow run {log_to_mlflow(result, uri, [Path(args.json), *plots])} in {uri}")
+    if args.readme:
+        replace_section(Path(args.readme), text)
+        print(f"{args.readme}: performance section replaced; {len(plots)} plots in {args.plots}")
+    else:
+        print(text)
+    return 0

@@ -58,7 +58,7 @@ def _arg(args: list[str], flag: str, default: int) -> int:
 
 def trial_timings(uri: str, sweep: str) -> list[dict]:
     """Each trial's last `timing/*` figures and step count, from its MLflow run."""
-    from .trials import find_parent, mlflow_client
+    from ...analysis.trials import find_parent, mlflow_client
 
     parent = find_parent(uri, sweep)
     sweep_id = parent.data.tags.get("sweep_id", sweep)
@@ -99,6 +99,7 @@ def breakdown(trials: list[dict], wall: float, t0: float, concurrency: int, inte
         "wall_over_trial_spans": wall / (spans / concurrency) if spans else float("nan"),
         "step_s": step_s,
         "startup_s_median": sorted(startup)[len(startup) // 2] if startup else float("nan"),
-        "startup_share_of_300_steps": (sorted(startup)[len(startup) // 2] / (300 * step_s)) if startup else float("nan"),
+        "startup_share_of_300_steps": (sorted(startup)[len(startup) // 2] / (300 * step_s)) if startup
+        else float("nan"),
         "eval_share_of_trial": parts["eval_s"] / spans if spans else float("nan"),
     }

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import time
 
-from ..core import config as config_lib
-from ..core.checkpoint_files import read_files
-from ..core.task_specs import run_metric
+from ...core import config as config_lib
+from ...core.checkpoint_files import read_files
+from ...core.task_specs import run_metric
 
 KINDS = ("module", "composition")
 
@@ -55,8 +55,8 @@ def eval_overrides(spec, task: str) -> dict:
 def score(config) -> dict:
     """Score test: `config` is a Config (a composition, built as is) or (checkpoint directory,
     overrides) (a trained module or router, loaded). Routing is counted over this evaluation only."""
-    from ..core.accounting import account
-    from ..core.recipe import Recipe
+    from ...core.accounting import account
+    from ...core.recipe import Recipe
 
     recipe = Recipe(config) if not isinstance(config, tuple) else Recipe.from_checkpoint(*config)
     method = recipe.method

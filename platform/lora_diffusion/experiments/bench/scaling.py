@@ -3,7 +3,7 @@ fitted as a Ray Train job with 1 and with 2 workers (DDP on CPU: gloo all-reduce
 gradients, engine/trial.py's `make_trainer` and `train_loop`, exactly as a sweep trial's Train
 run, without Tune), at the same global batch and number of steps, and its training throughput.
 
-Each run is a (workers, torch threads per worker) pair (bench_setup `scaling_runs`); every
+Each run is a (workers, torch threads per worker) pair (workbench.py `scaling_runs`); every
 worker reserves as many Ray CPUs as it runs threads. The runs, and why:
 - 1 worker x 1 thread: the reference, "one worker" of the issue's target;
 - 2 workers x 1 thread: data parallelism, a core per worker. Its ratio to the reference is the
@@ -36,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ..core import config as config_lib
+from ...core import config as config_lib
 
 FIGURES = ("fit_wall_s", "startup_s", "train_s", "measured_s", "examples_per_s", "tokens_per_s")
 
@@ -49,7 +49,7 @@ def run(size, data_dir: str | None, workdir: str | Path, log=print) -> dict:
     """Fit every run of the size, interleaved over its rounds; the summary of `summarise`."""
     import ray
 
-    from ..engine.tuner import init_ray, ray_address
+    from ...engine.tuner import init_ray, ray_address
 
     storage = Path(workdir).resolve() / "train"
     storage.mkdir(parents=True, exist_ok=True)
@@ -73,12 +73,12 @@ def run(size, data_dir: str | None, workdir: str | Path, log=print) -> dict:
 
 
 def scaling_config(size, data_dir: str | None) -> dict:
-    """The runs' config as a dict: trajectory LoRA at mid-depth (as bench_train's
+    """The runs' config as a dict: trajectory LoRA at mid-depth (as train.py
     trajectory-mid), reports at every `warm-up` steps (the first one closes the warm-up),
     evaluation cut to a few rows and no diagnostics (their time is not training, but it is wall
     time), torch threads left to the worker's reserved CPUs (train.threads unset)."""
-    from ..core.backbone import load_backbone
-    from .bench_setup import mid_layer
+    from ...core.backbone import load_backbone
+    from .workbench import mid_layer
 
     batch, max_length = size.scaling_shape
     warmup, steps = size.scaling_steps
@@ -93,7 +93,7 @@ def scaling_config(size, data_dir: str | None) -> dict:
 
 def train_run(config: dict, workers: int, threads: int, storage: Path) -> dict:
     """One Train run of `workers` workers x `threads` threads; its `measure`."""
-    from ..engine.trial import TrialPlan, make_trainer
+    from ...engine.trial import TrialPlan, make_trainer
 
     plan = TrialPlan(fixed={}, workers=workers, cpus_per_worker=float(threads), gpus_per_worker=0.0,
                      train_storage=str(storage), max_failures=0)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from ..core import config as config_lib
-from ..core.backbone import load_backbone
-from ..core.task_specs import Example
+from ...core import config as config_lib
+from ...core.backbone import load_backbone
+from ...core.task_specs import Example
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class BenchSize:
     step_repeats: int = 3  # rounds of the one-step inference timing (cheap: more beat the noise)
     memory_variants: tuple[str, ...] | None = None  # None: every training variant
     threads: int = 1
-    # the scaling section (bench_scaling): Ray Train runs of (workers, torch threads per worker)
+    # the scaling section (scaling.py): Ray Train runs of (workers, torch threads per worker)
     # at one global (batch, sequence), warm-up steps then measured steps, `scaling_rounds` of them
     scaling_runs: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 1))
     scaling_shape: tuple[int, int] = (32, 64)
@@ -88,7 +88,7 @@ class Workbench:
     def recipe(self, sets: dict, copy_backbone: bool = True):
         """A Recipe of `base` overridden by `sets`, on its own copy of the backbone (or on the
         loaded one itself, for a process that builds one variant)."""
-        from ..core.recipe import Recipe
+        from ...core.recipe import Recipe
 
         config = config_lib.from_dict({}, {**self.base, **sets})
         return Recipe(config, backbone=copy.deepcopy(self.backbone) if copy_backbone else self.backbone)

@@ -1,7 +1,7 @@
 """The soak: one sweep whose driver is killed again and again, resumed each time, then its fault matrix.
 
-    python jobs/soak.py --kills 10                     # the default sweep: a smoke grid, 8 trials
-    python jobs/soak.py --kills 3 -- jobs/rank_schedule_sweep.py --smoke --num-samples 6
+    lora-diffusion soak --kills 10                     # the default sweep: a smoke grid, 8 trials
+    lora-diffusion soak --kills 3 -- jobs/rank_schedule_sweep.py --smoke --num-samples 6
 
 The sweep's job runs as a driver in a process session of its own, with a local Ray (as on a
 preemptible machine: the driver, Ray and the trials go down together). Faults, in order:
@@ -29,12 +29,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from ..analysis import fault_matrix as fm
 from ..engine.tuner import RAY_START_TIMEOUT
-from . import fault_matrix as fm
 
 SIGKILL_FAULT, SIGINT_FAULT, WORKER_FAULT = "driver SIGKILL", "driver SIGINT (Ctrl-C)", "Train worker killed"
 DEFAULT_JOB = ["jobs/ablation_grid.py", "--smoke", "--retrain-seeds", "0", "--max-concurrent", "2", "--verbose", "0",
@@ -278,17 +278,18 @@ def run_soak(plan: SoakPlan) -> dict:
             "ray_start_retries": plan.start_retries,
             "wall_s": round(time.time() - t0, 1), "trials": per_trial, "matrix": rows,
             "reports_seen": {t: len(seen["rows"]) for t, seen in plan.seen.items()},
-            "resumed_from_seen": {t: sorted(x for x in seen["resumed"] if x is not None) for t, seen in plan.seen.items()}}
+            "resumed_from_seen": {t: sorted(x for x in seen["resumed"] if x is not None)
+                                  for t, seen in plan.seen.items()}}
 
 
 # ----------------------------------------------------------------------------- the job
 
 
-def build_parser():
+def build_parser(prog: str | None = None):
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="soak", description="Kill a sweep's driver at random moments, resume it each time, then print "
+        prog=prog, description="Kill a sweep's driver at random moments, resume it each time, then print "
         "its fault matrix. The sweep's job and options go after `--` (default: " + " ".join(DEFAULT_JOB) + ").")
     p.add_argument("--kills", type=int, default=10, help="driver SIGKILLs (default 10)")
     p.add_argument("--interrupts", type=int, default=1, help="Ctrl-C (SIGINT) while the last trials run (default 1)")
@@ -304,10 +305,10 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..core.errors import UserError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.kills < 0 or args.interrupts < 0 or args.max_delay < 0:
         print("error: --kills, --interrupts and --max-delay must be >= 0", file=sys.stderr)
         return 2

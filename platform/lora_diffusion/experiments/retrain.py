@@ -14,9 +14,9 @@ import json
 import math
 import sys
 
+from ..analysis.trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 from ..core.task_specs import metric_mode
 from ..engine.spec import SPEC_FILE
-from .trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 
 DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
 # the search's options that the retrain stage runs under too (where and how, not what)
@@ -129,7 +129,7 @@ def _stage_argv(args, stage: str, grid: dict, resume: bool) -> list[str]:
 def _record(storage, uri: str, name: str, stage: str, best: dict, summary: dict) -> None:
     """best.json, the search's parent run (metrics, tags, description) and the stage's parent
     run (tags linking back), all saying test = the retrain, validation beside it."""
-    from .trials import find_parent
+    from ..analysis.trials import find_parent
 
     best["retrain"] = {"sweep": stage, **summary}
     for key in _figures(summary):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from ..analysis.table import record_file
 from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
@@ -144,15 +145,9 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
     return grid
 
 
-def record_file(name: str) -> str:
-    """The comparison's record, beside its sweeps (not in a sweep's directory: the engine starts
-    a sweep only in an empty one)."""
-    return f"{name}.comparison.json"
-
-
 def write_grid(grid: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.analysis.comparison)\n"
+    path.write_text("# written by jobs/baseline_comparison.py (lora_diffusion.experiments.comparison)\n"
                     + yaml.safe_dump(grid, sort_keys=False))
     return path
 
@@ -199,9 +194,9 @@ class _StageRunner:
         self.storage, self.uri, self.engine_args, self.workdir, self.log = storage, uri, engine_args, workdir, log
 
     def stage(self, grid: dict, sweep_name: str) -> int:
+        from ..analysis.report import report_sweep
         from ..engine import sweep
         from ..engine.spec import SPEC_FILE
-        from .report import report_sweep
 
         if self.storage.exists(f"{sweep_name}/best.json"):
             self.log(f"{sweep_name}: finished earlier, skipped")
@@ -219,7 +214,7 @@ class _StageRunner:
         already ran (same cell) are read from it, not run again."""
         import pandas as pd
 
-        from .trials import load_trials
+        from ..analysis.trials import load_trials
 
         cells = stage_cells(spec, self.log)
         if spec.trials_per_method == 1:  # one candidate each: nothing to choose
@@ -236,3 +231,85 @@ class _StageRunner:
             self.log(f"{sweep_name}: {task} {method}: " + ", ".join(
                 f"{k}={v}" for k, v in cell.items() if k not in ("task", "method")))
         return 0, chosen
+
+
+# ----------------------------------------------------------------------------- the command line
+
+USAGE = """Baselines at a matched parameter budget: task x method x seed on the sweep engine.
+
+    lora-diffusion compare                                  # SST-2 + AG News, every compared method, 3 seeds
+    lora-diffusion compare --tasks sst2 --name baselines-sst2
+    lora-diffusion compare --smoke                          # tiny backbone, 2 methods, seconds per trial
+    lora-diffusion compare-table --name baselines           # the tables, from the record and MLflow
+
+Stage 1 (`NAME-tune`) tries the same number of candidates per method on validation (its rate and
+its own size/placement knobs, declared in its MethodSpec), stage 2 (`NAME`) runs every seed with
+the best one and reports test beside validation; `NAME-unmatched-tune` / `NAME-unmatched` repeat
+both without the budget (the second table). All are grid sweeps (Ray Tune trials, each a Ray Train
+run) logged to MLflow. Interrupted? Run the same command again: a finished stage is skipped and an
+unfinished one resumed. Arguments not listed here go to the sweep engine (--storage-path,
+--tracking-uri, --address, --max-concurrent, --workers, ...: see `lora-diffusion sweep --help`).
+"""
+
+
+def build_parser(prog: str | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="baselines", help="sweep name of stage 2 (stage 1: NAME-tune)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random backbone, lora and bitfit on SST-2, a few steps (engine's --smoke)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300, help="steps of every stage-2 run")
+    p.add_argument("--search-steps", type=int, help="steps of every stage-1 run (default: steps / 2)")
+    p.add_argument("--budget", type=int, default=73728,
+                   help="target trainable parameters, 0 = each method's default size (default: %(default)s)")
+    p.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"])
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
+    p.add_argument("--search-validation-examples", type=int, default=200)
+    p.add_argument("--eval-examples", type=int,
+                   help="stage 2: fixed subsets of this many validation and test rows (default: whole splits)")
+    p.add_argument("--lrs", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                   help="replace a method's learning-rate grid (repeatable); widened like every grid "
+                        "to --trials-per-method candidates, and stage 1 picks the rate")
+    p.add_argument("--trials-per-method", type=int, default=4,
+                   help="stage-1 candidates of every method, the same for all (1: no tuning stage)")
+    p.add_argument("--no-unmatched", action="store_true",
+                   help="skip the second table (each method tuned and run without the budget)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of every run (repeatable); a knob stage 1 would tune, set here, "
+                        "is fixed instead, and the budget is solved with it")
+    p.add_argument("--workdir", default="runs/baseline_comparison",
+                   help="where the generated grid files are written (default: %(default)s)")
+    return p
+
+
+def spec_from_args(args) -> tuple[ComparisonSpec, str, list[str]]:
+    """The spec, the stage-2 sweep name and the engine options the command line asks for
+    (--smoke: two methods, one task, a small budget, and the engine's --smoke)."""
+    spec = ComparisonSpec(methods=args.methods, tasks=args.tasks, seeds=args.seeds, steps=args.steps,
+                          budget=args.budget or None, search_steps=args.search_steps,
+                          search_validation_examples=args.search_validation_examples,
+                          trials_per_method=args.trials_per_method, unmatched=not args.no_unmatched,
+                          eval_examples=args.eval_examples)
+    spec.lr_grids.update(parse_lr_grids(args.lrs))
+    if args.trials_per_method < 1:
+        raise UserError(f"--trials-per-method: must be >= 1, got {args.trials_per_method}")
+    name, engine_smoke = args.name, []
+    if args.smoke:
+        engine_smoke = ["--smoke"]
+        spec.sets = {"backbone": "tiny-random"}
+        spec.methods = [m for m in args.methods if m in ("lora", "bitfit")] or args.methods[:2]
+        spec.tasks, spec.seeds, spec.budget = args.tasks[:1], args.seeds[:2], 3000
+        spec.steps, spec.search_steps, spec.search_validation_examples = 4, 2, 16
+        spec.trials_per_method = min(2, args.trials_per_method)
+        name = args.name + "-smoke" if args.name == "baselines" else args.name
+    spec.sets.update(config_lib.parse_sets(args.set))  # in every cell's `fixed`, so never tuned
+    return spec, name, engine_smoke
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`lora-diffusion compare`: raises UserError on bad input (the CLI prints it, exit 2)."""
+    args, engine_args = build_parser(prog).parse_known_args(argv)
+    spec, name, engine_smoke = spec_from_args(args)
+    return run(spec, name, [*engine_smoke, *engine_args], Path(args.workdir) / name)
