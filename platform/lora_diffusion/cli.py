@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for --help only: `main` hands everything after `sweep` to lora_diffusion.engine.sweep
     sub.add_parser("sweep", add_help=False,
                    help="Ray Tune + Optuna sweep over a search space (lora-diffusion sweep --help)")
+    # likewise `results`: lora_diffusion.analysis.results.main takes its own arguments
+    sub.add_parser("results", add_help=False,
+                   help="rebuild the reports in docs/results/ from their records (lora-diffusion results --help)")
     return p
 
 
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "sweep":
         return sweep_main(argv[1:])
+    if argv and argv[0] == "results":
+        from .analysis.results import main as results_main
+
+        return results_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
