@@ -119,3 +119,34 @@ def test_link_check_sees_a_broken_link(tmp_path):
     (tmp_path / "there.md").write_text("")
     page.write_text("[ok](there.md) [anchor](#x) [web](https://example.org) [gone](missing.png#top)")
     assert [t for t in links(page) if not (tmp_path / t).exists()] == ["missing.png"]
+
+
+def _logged_grid(uri: str, sweep: str) -> None:
+    """A 2-cell x 2-seed grid's trials in MLflow, as the engine logs them."""
+    from lora_diffusion.core import config as config_lib
+    from lora_diffusion.engine.tracking import SweepTracker
+
+    tracker = SweepTracker(uri, sweep, sweep_id=f"{sweep}-0001")
+    tracker.parent_run()
+    for rank, seed, score in ((4, 0, 0.61), (4, 1, 0.65), (8, 0, 0.70), (8, 1, 0.72)):
+        flat = config_lib.from_dict({}, {"trajectory.rank": rank, "train.seed": seed}).flat()
+        run = tracker.trial_run(f"t_{rank}_{seed}", params=flat, tags={"method": "trajectory", "seed": seed,
+                                                                          "task": "sst2"})
+        tracker.log_final(run, {"validation/accuracy": score, "test/accuracy": score - 0.02,
+                                "accounting": {"trainable_params": rank * 100, "bytes_saved": rank * 400}}, 10)
+        tracker.end_run(run, "FINISHED")
+
+
+def test_a_grid_report_built_from_its_mlflow_runs_changes_only_its_date_when_built_again(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _logged_grid(uri, "ranks")
+    report = tmp_path / "ranks.md"
+    report.write_text('<!-- results {"kind": "grid", "title": "Rank", "sweep": "ranks", "reference": '
+                      '"trajectory.rank=4", "command": "python jobs/ablation_grid.py --grid g --name ranks", '
+                      '"protocol": "2 seeds"} -->\n')
+    ctx = results.Context(tmp_path, uri, str(tmp_path / "sweeps"))
+    assert results.rebuild(report, ctx, "2030-01-02 03:04 UTC") == "rebuilt ranks.md"
+    first = report.read_text()
+    assert "| 8 |" in first.replace("| 8.0 |", "| 8 |") and "Ablation of sweep" not in first
+    results.rebuild(report, ctx, "2031-05-06 07:08 UTC")
+    assert dates_masked(report.read_text()) == dates_masked(first)
