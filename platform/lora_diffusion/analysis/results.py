@@ -208,8 +208,8 @@ def into_markers(text: str, block: str, begin: str = PERFORMANCE_BEGIN, end: str
     return text[:text.index(begin) + len(begin)] + "\n" + block.strip("\n") + "\n" + text[text.index(end):]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-diffusion results", description=(
+def build_parser(prog: str = "lora-diffusion results") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(
         "Rebuild every report under docs/results/ whose record is here (the benchmark's JSON, a "
         "comparison's or composition's record, a grid's MLflow runs), each headed by the command, date, "
         "machine, commit and protocol; reports whose records were not kept are left as they are."))
@@ -223,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lora-diffusion results") -> int:
     from lora_diffusion.engine import options
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     repo = options.repo_root()
     ctx = Context(repo, args.tracking_uri or options.default_tracking_uri(),
                   options.storage_location(args.storage_path))
