@@ -105,8 +105,8 @@ def build_soak(spec: dict, ctx: Context, out_dir: Path) -> Built:
 
 
 def build_comparison(spec: dict, ctx: Context, out_dir: Path) -> Built:
-    from lora_diffusion.engine.storage import SweepStorage
     from lora_diffusion.analysis.table import write_tables
+    from lora_diffusion.engine.storage import SweepStorage
 
     storage = SweepStorage(ctx.storage_path)
     body = "\n".join(write_tables(storage, ctx.tracking_uri, name) for name in spec["names"])
@@ -125,8 +125,8 @@ def build_grid(spec: dict, ctx: Context, out_dir: Path) -> Built:
 
 
 def build_composition(spec: dict, ctx: Context, out_dir: Path) -> Built:
-    from lora_diffusion.engine.storage import SweepStorage
     from lora_diffusion.analysis.composition_report import composition_table, matrix_table, summary
+    from lora_diffusion.engine.storage import SweepStorage
 
     data = json.loads(SweepStorage(ctx.storage_path).read_text(f"{spec['names'][0]}.composition.json"))
     body = summary(data, matrix_table(data), composition_table(data))
