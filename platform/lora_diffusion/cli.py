@@ -306,6 +306,12 @@ def _local_cluster(argv, prog):
     return local_cluster.main(argv, prog)
 
 
+def _results(argv, prog):
+    from .experiments import results
+
+    return results.main(argv, prog)
+
+
 DELEGATED = {
     "sweep": ("Ray Tune + Optuna sweep over a search space, then its selection retrained on test", _sweep),
     "grid": ("an ablation grid (cells x seeds) on the sweep engine, with its report", _grid),
@@ -318,6 +324,7 @@ DELEGATED = {
     "bench": ("what the methods cost: training, memory, inference, the sweep engine, data-parallel scaling",
               _bench),
     "bench-report": ("the README's performance table and plots from a bench JSON", _bench_report),
+    "results": ("rebuild the reports in docs/results/ from their records (MLflow, JSON)", _results),
     "bench-cluster": ("the benchmark as one Ray task on a cluster node (--gpus 1: a GPU node)",
                       _bench_cluster),
     "calibrate-injection": ("where trajectory modules go: accuracy and step time of three placements",
