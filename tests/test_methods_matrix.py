@@ -19,7 +19,7 @@ from lora_diffusion.core.recipe import Recipe
 
 # name -> (predicate on trainable names, identity at init, depends on t)
 MATRIX = {
-    "trajectory": (lambda n: n.startswith("injection."), True, True),
+    "trajectory": (lambda n: n.startswith(("injection.", "t_core.")), True, True),  # t_core: continuous t
     "full": (lambda n: n.startswith("model."), True, False),
     "lora": (lambda n: ".lora_A." in n or ".lora_B." in n, True, False),
     # prefix tuning changes the output at init by construction: a prefix key always receives
@@ -36,6 +36,8 @@ MATRIX = {
     "selora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, False),
     "gelora": (lambda n: ".lora_A." in n or ".lora_B." in n, True, False),
     "solo": (lambda n: n.startswith("skip."), True, False),
+    "nara": (lambda n: n.startswith(("adapters.", "core.")), True, True),
+    "trajectory_continuous": (lambda n: n.startswith(("injection.", "t_core.")), True, True),
 }
 VARIANTS = {  # extra configurations that take the same checks
     "lora_mlp": ("lora", {"lora.targets": "attention_mlp"}),
@@ -45,6 +47,8 @@ VARIANTS = {  # extra configurations that take the same checks
     "trajectory_adapter_shared": ("trajectory_adapter", {"trajectory.sharing": "shared",
                                                          "trajectory.rank_schedule": "linear"}),
     "trajectory_conditioned": ("trajectory", {"trajectory.num_tasks": 1}),  # A(c), task id 0
+    "trajectory_t_continuous": ("trajectory", {"trajectory.t_conditioning": "continuous", "trajectory.num_phases": 1}),
+    "nara_per_layer": ("nara", {"nara.layer_embedding": True, "nara.targets": "attention_mlp"}),
 }
 CASES = {**{m: (m, {}) for m in MATRIX}, **VARIANTS}
 
