@@ -28,7 +28,7 @@ MATRIX = {
     "adapter": (lambda n: n.startswith("adapters."), True, False),
     "bitfit": (lambda n: n.startswith("model.") and n.endswith(".bias"), True, False),
     "tlora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, True),
-    "trajectory_adapter": (lambda n: n.startswith("injection."), True, True),
+    "trajectory_adapter": (lambda n: n.startswith(("injection.", "t_core.")), True, True),
     "dora": (lambda n: any(k in n for k in (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")), True, False),
     "adalora": (lambda n: any(k in n for k in (".lora_A.", ".lora_B.", ".lora_E.")), True, False),
     "vera": (lambda n: ".vera_lambda_" in n, True, False),
@@ -48,6 +48,8 @@ VARIANTS = {  # extra configurations that take the same checks
                                                          "trajectory.rank_schedule": "linear"}),
     "trajectory_conditioned": ("trajectory", {"trajectory.num_tasks": 1}),  # A(c), task id 0
     "trajectory_t_continuous": ("trajectory", {"trajectory.t_conditioning": "continuous", "trajectory.num_phases": 1}),
+    "trajectory_adapter_continuous": ("trajectory_adapter", {"trajectory.t_conditioning": "continuous",
+                                                             "trajectory.num_phases": 1}),
     "nara_per_layer": ("nara", {"nara.layer_embedding": True, "nara.targets": "attention_mlp"}),
 }
 CASES = {**{m: (m, {}) for m in MATRIX}, **VARIANTS}

@@ -141,6 +141,16 @@ def test_saved_and_reloaded_exactly(tiny_config, tmp_path, case):
         assert loaded.config.trajectory.t_conditioning == "continuous" and loaded.config.trajectory.num_phases == 1
 
 
+def test_the_router_refuses_a_continuous_t_expert_by_name(tiny_config, tmp_path):
+    from lora_diffusion.core.methods.router import read_expert
+
+    name, sets = NOISE_AWARE["trajectory_t_continuous"]
+    recipe = Recipe(tiny_config(method=name, **sets))
+    checkpoint.save(tmp_path / "ckpt", recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
+    with pytest.raises(UserError, match="field router.checkpoints: .* continuous-t"):
+        read_expert(str(tmp_path / "ckpt"), recipe.fingerprint)
+
+
 def test_the_hypernetwork_is_counted_beside_the_low_rank_factors(tiny_backbone_dir):
     r, embed, hidden = 4, 32, 32
     nara, _ = _build(tiny_backbone_dir, "nara")

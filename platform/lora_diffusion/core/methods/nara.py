@@ -5,8 +5,9 @@ by a hypernetwork of the noise level, shared across layers.
 
 on the same target linears as weight LoRA (`nara.targets`: the family's attention, or attention
 and MLP, projections). lambda is the diffusion time t of each row, taken from the method's
-Context as the trajectory modules and T-LoRA take it, in training and in the sampler (with a
-linear schedule t is the masking probability, the noise level). With no Context (t unknown) the
+Context as the trajectory modules and T-LoRA take it, in training and in the sampler (with the
+linear schedule t is the masking probability, the noise level; the other schedules' masking
+probability is a monotone function of t, which the hypernetwork absorbs). With no Context the
 hooks add nothing: the method behaves as the base model. A forward hook on each target linear
 adds the update to its output: the backbone's modules and state_dict keys are untouched.
 
