@@ -48,6 +48,8 @@ VARIANTS = {  # extra configurations that take the same checks
                                                          "trajectory.rank_schedule": "linear"}),
     "trajectory_conditioned": ("trajectory", {"trajectory.num_tasks": 1}),  # A(c), task id 0
     "trajectory_t_continuous": ("trajectory", {"trajectory.t_conditioning": "continuous", "trajectory.num_phases": 1}),
+    "trajectory_t_continuous_conditioned": ("trajectory", {"trajectory.t_conditioning": "continuous",
+                                                           "trajectory.num_phases": 1, "trajectory.num_tasks": 1}),
     "trajectory_adapter_continuous": ("trajectory_adapter", {"trajectory.t_conditioning": "continuous",
                                                              "trajectory.num_phases": 1}),
     "nara_per_layer": ("nara", {"nara.layer_embedding": True, "nara.targets": "attention_mlp"}),

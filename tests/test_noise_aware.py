@@ -214,6 +214,31 @@ def test_nara_computes_its_core_once_per_forward_without_gradients(tiny_backbone
     assert method.core_evaluations == linears
 
 
+def test_the_sampler_runs_the_hypernetwork_once_per_step(tiny_config):
+    """In the reverse process every row of a step has the step's t: one core per step, and the
+    same tokens as recomputing it in every layer for every row."""
+    from lora_diffusion.core import diffusion
+
+    recipe = Recipe(tiny_config(method="nara", task="xquad", **{"nara.rank": 4, "generation.response_tokens": 4}))
+    _trained_like(recipe.method)
+    recipe.method.eval()
+    batch = recipe.encode(recipe.validation_examples[:4])
+    mask_id, steps = recipe.backbone.mask_token_id, 4  # the sampler masks the response itself
+    filled, denoise, forwards = {}, recipe.denoiser(batch), []
+
+    def counted(*args):
+        forwards.append(1)
+        return denoise(*args)
+    for cache in (True, False):
+        recipe.method.nc.cache_core, recipe.method.core_evaluations = cache, 0
+        forwards.clear()
+        filled[cache] = diffusion.sample(counted, batch, mask_id, steps, "low_confidence",
+                                         torch.Generator().manual_seed(0), "linear")
+        per_forward = 1 if cache else len(recipe.method.adapters)
+        assert len(forwards) == steps and recipe.method.core_evaluations == steps * per_forward
+    assert torch.equal(filled[True], filled[False])
+
+
 @pytest.mark.parametrize("sets, field", [
     ({"trajectory.t_conditioning": "smooth"}, "trajectory.t_conditioning"),
     ({"trajectory.t_conditioning": "continuous"}, "trajectory.num_phases"),  # the default 4 phases
