@@ -20,13 +20,14 @@ here (noise_core.py implements the hypernetwork):
   entries of C: 1,056 + 33 r^2 parameters. "Lightweight": at r = 8 that is 3,168, 2% of LoRA
   rank 8 on MiniLM's attention (147,456); at LLaDA-8B's r = 32, 34,848 beside LoRA's 33.6M.
   Width 32, not more, also keeps NaRA inside the comparison's budget tolerance where LoRA is:
-  at 73,728 parameters on MiniLM, rank 2 on attention + MLP is 84,132 (LoRA 82,944; +15% drops
-  a candidate), rank 4 on attention 75,312.
+  at 73,728 parameters on MiniLM, rank 2 on attention + MLP is 84,132 (LoRA 82,944; a count
+  more than 15% off drops a candidate), rank 4 on attention 75,312.
 - Initialisation: C(lambda) = I + H(lambda) with H's output layer zero, A kaiming-uniform and B
   zero as PEFT's LoRA. The update starts at zero (B = 0) and is then exactly LoRA's B A at every
-  t; B trains from the first step, H from the second (its gradient goes through B). Zero H alone
-  with a random B would also start at zero, but C = 0 leaves B and A without gradient, and the
-  three-way product would start on a saddle.
+  t; B trains from the first step, H's output layer from the second (its gradient goes through
+  B), its hidden layer from the third. A zero core (C = H, H's output zero) with a random B would
+  also start at zero, but C = 0 leaves B and A without gradient: the three-way product would
+  start on a saddle.
 - Layers: one hypernetwork for every target linear; per-layer embeddings are off by default
   (`nara.layer_embedding: false`): "shared across layers" is read as one C(lambda) for all
   layers, the layers differing through their own A and B. `true` adds a learned embedding per
@@ -44,10 +45,13 @@ forward. But every row of a sampler step (and of an ELBO t point) has the same t
 (`nara.cache_core`, on) computes C once per forward, for one row when all rows share t, and
 every row and layer reuses it, so the hypernetwork costs one MLP per denoising step instead of
 B x L; what remains is the unmerged low-rank path. Merging W + (alpha / r) B C(t) A into the
-weights per step would remove that too, at d_in d_out r per layer per step plus a copy of every
-target weight (or bf16 rounding drift from adding and subtracting in place): it beats the
-unmerged path only above d_in d_out / (d_in + d_out) tokens per step (192 on MiniLM's 384-wide
-attention, 2,048 on LLaDA-8B's 4,096), and is not done here (`merged_update` gives the matrix).
+weights per step would remove that too, at d_in d_out r multiply-adds per layer per step: fewer
+than the unmerged path's above d_in d_out / (d_in + d_out) tokens per step (192 on MiniLM's
+384-wide attention, 2,048 on LLaDA-8B's 4,096; a step runs every position of every row, 4,096
+tokens at 16 x 256). It is not done here: it needs a copy of every target weight (or takes bf16
+rounding drift from adding and subtracting in place), and the benchmark's infer section (nara,
+nara uncached, lora unmerged, lora merged) measures first whether the unmerged path costs enough
+to pay for it; `merged_update` gives the matrix.
 The cache is used without gradients only (evaluation, the sampler): in training the rows' t
 differ and each hook computes its core, which activation checkpointing recomputes as it was.
 """
