@@ -24,14 +24,17 @@ def _config(backbone, method, **sets):
 
 SIZED = sorted(s.name for s in registry.specs() if s.size_knob)  # methods with a size knob
 # FouRA's r x r gate puts 2,500 between its rank 4 (2,240) and 5 (2,840) on the tiny model: the
-# knob's granularity there, not the matcher (MiniLM's 73,728: rank 4, 74,304)
-OTHER_TARGETS = {"foura": 2300}
+# knob's granularity there, not the matcher (MiniLM's 73,728: rank 4, 74,304); NaRA's r x r core
+# from its hypernetwork puts 2,212 (rank 2) and 2,889 (rank 3) around it (MiniLM: rank 4, 75,312)
+OTHER_TARGETS = {"foura": 2300, "nara": 2300}
+# One continuous-t trajectory module on the 32-wide tiny model stops at rank 32, 4,160 parameters
+HIGH_TARGETS = {"trajectory_continuous": 4000}
 
 
 @pytest.mark.parametrize("method", SIZED)
 @pytest.mark.parametrize("target", [2500, 6000])
 def test_match_lands_within_ten_percent(backbone, synthetic_data_dir, method, target):
-    target = OTHER_TARGETS.get(method, target) if target == 2500 else target
+    target = OTHER_TARGETS.get(method, target) if target == 2500 else HIGH_TARGETS.get(method, target)
     config = match_budget(_config(backbone, method, data_dir=str(synthetic_data_dir)), backbone, target)
     got = count_params(config, backbone)
     assert abs(got - target) <= 0.10 * target, (method, got)

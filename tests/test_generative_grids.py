@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "search_spaces"
 PREPARED = "runs/backbones/minilm-mdlm"
 METRIC = {"xquad": "validation/f1", "xsum": "validation/rougeL"}
-QUESTIONS = ("rank_schedule", "sharing", "regularizers", "methods")
+QUESTIONS = ("rank_schedule", "sharing", "regularizers", "methods", "noise_aware")
 GRIDS = [f"grid_{task}_{q}" for task in METRIC for q in QUESTIONS]
 BUDGET = 73_728  # the comparison's budget: 96 rank units x 2 x 384 at one injection layer
 

@@ -18,7 +18,7 @@ from lora_diffusion.core.recipe import Recipe
 
 # name -> (predicate on trainable names, identity at init, depends on t)
 MATRIX = {
-    "trajectory": (lambda n: n.startswith("injection."), True, True),
+    "trajectory": (lambda n: n.startswith(("injection.", "t_core.")), True, True),  # t_core: continuous t
     "full": (lambda n: n.startswith("model."), True, False),
     "lora": (lambda n: ".lora_A." in n or ".lora_B." in n, True, False),
     # prefix tuning changes the output at init by construction: a prefix key always receives
@@ -27,7 +27,7 @@ MATRIX = {
     "adapter": (lambda n: n.startswith("adapters."), True, False),
     "bitfit": (lambda n: n.startswith("model.") and n.endswith(".bias"), True, False),
     "tlora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, True),
-    "trajectory_adapter": (lambda n: n.startswith("injection."), True, True),
+    "trajectory_adapter": (lambda n: n.startswith(("injection.", "t_core.")), True, True),
     "dora": (lambda n: any(k in n for k in (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")), True, False),
     "adalora": (lambda n: any(k in n for k in (".lora_A.", ".lora_B.", ".lora_E.")), True, False),
     "vera": (lambda n: ".vera_lambda_" in n, True, False),
@@ -35,6 +35,8 @@ MATRIX = {
     "selora": (lambda n: n.startswith("adapters.") and n.rsplit(".", 1)[1] in ("A", "B"), True, False),
     "gelora": (lambda n: ".lora_A." in n or ".lora_B." in n, True, False),
     "solo": (lambda n: n.startswith("skip."), True, False),
+    "nara": (lambda n: n.startswith(("adapters.", "core.")), True, True),
+    "trajectory_continuous": (lambda n: n.startswith(("injection.", "t_core.")), True, True),
 }
 VARIANTS = {  # extra configurations that take the same checks
     "lora_mlp": ("lora", {"lora.targets": "attention_mlp"}),
@@ -44,6 +46,12 @@ VARIANTS = {  # extra configurations that take the same checks
     "trajectory_adapter_shared": ("trajectory_adapter", {"trajectory.sharing": "shared",
                                                          "trajectory.rank_schedule": "linear"}),
     "trajectory_conditioned": ("trajectory", {"trajectory.num_tasks": 1}),  # A(c), task id 0
+    "trajectory_t_continuous": ("trajectory", {"trajectory.t_conditioning": "continuous", "trajectory.num_phases": 1}),
+    "trajectory_t_continuous_conditioned": ("trajectory", {"trajectory.t_conditioning": "continuous",
+                                                           "trajectory.num_phases": 1, "trajectory.num_tasks": 1}),
+    "trajectory_adapter_continuous": ("trajectory_adapter", {"trajectory.t_conditioning": "continuous",
+                                                             "trajectory.num_phases": 1}),
+    "nara_per_layer": ("nara", {"nara.layer_embedding": True, "nara.targets": "attention_mlp"}),
 }
 CASES = {**{m: (m, {}) for m in MATRIX}, **VARIANTS}
 

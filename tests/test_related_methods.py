@@ -284,6 +284,8 @@ def test_solo_homotopy_follows_the_step_counter(tiny_config):
     ({"adalora.tinit": 0.5, "adalora.tfinal": 0.5}, "adalora.tfinal"),
     ({"selora.init_rank": 5, "selora.rank": 4}, "selora.init_rank"),
     ({"foura.transform": "wavelet"}, "foura.transform"),
+    ({"nara.embed_dim": 7}, "nara.embed_dim"),  # NaRA's own checks: tests/test_noise_aware.py
+    ({"method": "nara", "nara.rank": 0}, "nara.rank"),
     ({"vera.targets": "mlp"}, "vera.targets"),
     ({"gelora.samples": 2}, "gelora.samples"),
     ({"method": "gelora", "gelora.intrinsic_dims": [3.0, 4.0]}, "gelora.intrinsic_dims"),

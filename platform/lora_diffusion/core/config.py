@@ -29,6 +29,7 @@ from .methods.foura import FouraConfig
 from .methods.gelora import GeloraConfig
 from .methods.lora import LoraConfig
 from .methods.lora_merge import LoraMergeConfig
+from .methods.nara import NaraConfig
 from .methods.prefix import PrefixConfig
 from .methods.router import RouterConfig
 from .methods.selora import SeloraConfig
@@ -177,6 +178,7 @@ class Config(RunSettings):
     gelora: GeloraConfig = field(default_factory=GeloraConfig)
     solo: SoloConfig = field(default_factory=SoloConfig)
     lora_merge: LoraMergeConfig = field(default_factory=LoraMergeConfig)
+    nara: NaraConfig = field(default_factory=NaraConfig)
 
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

@@ -42,11 +42,11 @@ from . import tuning
 # The compared methods are those whose spec has a learning-rate grid (`MethodSpec.lr_grid`:
 # MiniLM, AdamW, batch 32, each around the rate that trained best in single-seed calibration runs
 # on SST-2 dev, the old protocol), listed in the tables in this order: the reference, its placement
-# variant, the weight-LoRA family (PEFT's variants, then the adaptive-rank and frequency-domain
-# ones), the representation-level Solo Connection, then the other baselines; a method not named
-# here comes after them.
-TABLE_ORDER = ("trajectory", "trajectory_adapter", "lora", "tlora", "dora", "adalora", "vera", "gelora",
-               "selora", "foura", "solo", "adapter", "prefix", "bitfit", "full")
+# and continuous-t variants, the weight-LoRA family (the t-dependent T-LoRA and NaRA, PEFT's
+# variants, then the adaptive-rank and frequency-domain ones), the representation-level Solo
+# Connection, then the other baselines; a method not named here comes after them.
+TABLE_ORDER = ("trajectory", "trajectory_adapter", "trajectory_continuous", "lora", "tlora", "nara", "dora",
+               "adalora", "vera", "gelora", "selora", "foura", "solo", "adapter", "prefix", "bitfit", "full")
 
 
 def _table_position(method: str) -> int:

@@ -82,6 +82,9 @@ def read_expert(path: str, fingerprint: str) -> tuple[TrajectoryConfig, int, str
     except (KeyError, TypeError) as exc:
         raise UserError(f"field router.checkpoints: {path}/config.json is not a resolved config: {exc}") from None
     validate_trajectory(tc)
+    if tc.t_conditioning != "phase":  # its gates' hypernetwork is no part of the injection modules
+        raise UserError(f"field router.checkpoints: {path} is a continuous-t trajectory module "
+                        f"(trajectory.t_conditioning={tc.t_conditioning}); the router composes phase modules")
     return tc, sampler_steps, task, tensors
 
 

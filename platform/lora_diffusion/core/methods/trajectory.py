@@ -6,6 +6,9 @@ at each injection layer (a forward hook on that transformer block). Sharing mode
   per_phase  one (A_k, B_k) per phase, rank r_k from the rank schedule
   shared     one (A, B) of rank r_max whose active rank is masked to r_k = schedule(phase(t))
   per_step   one module per sampler step (per_phase with one uniform phase per step)
+`t_conditioning: continuous` instead makes one module for every t whose per-rank gates are a
+small function of an embedding of t, h' = h + (alpha / r) B (g(t) * A h), g(t) = 1 at init, one
+hypernetwork for every injection layer (noise_core.py): NaRA's question asked of hidden states.
 Optional task conditioning A(c) = diag(g_c) A with a learned gain per task (init 1), and a
 router that mixes several trained task modules (`TrajectoryRouter`). A run's examples carry its
 `trajectory.task_id` (the recipe puts it in every batch and hence every Context); conditioned
@@ -25,6 +28,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..errors import UserError, check, check_one_of
 from .base import Method
+from .noise_core import DEFAULT_EMBED_DIM, DEFAULT_HIDDEN, NoiseCore, check_continuous, gated_delta, one_row_if_uniform
 from .registry import MethodSpec
 
 if TYPE_CHECKING:  # config builds its sections from the method specs: no runtime import
@@ -32,6 +36,7 @@ if TYPE_CHECKING:  # config builds its sections from the method specs: no runtim
 
 RANK_SCHEDULES = ("constant", "linear", "cosine", "step", "reversed")
 SHARING_MODES = ("per_phase", "shared", "per_step")
+T_CONDITIONING = ("phase", "continuous")
 
 
 @dataclass
@@ -57,11 +62,16 @@ class TrajectoryConfig:
     nuclear_weight: float = 0.0  # weight of sum_k ||B_k A_k||_*
     orth_weight: float = 0.0  # weight of sum_k ||A_k A_k^T - I||_F^2
     init_std: float | None = None  # std of A's init; default 1/sqrt(hidden)
+    # phase: modules chosen by phase(t); continuous: one module gated by g(t) (num_phases 1)
+    t_conditioning: str = "phase"
 
 
 def validate(tc: TrajectoryConfig) -> None:
     check_one_of(tc.rank_schedule, RANK_SCHEDULES, "trajectory.rank_schedule")
     check_one_of(tc.sharing, SHARING_MODES, "trajectory.sharing")
+    check_one_of(tc.t_conditioning, T_CONDITIONING, "trajectory.t_conditioning")
+    if tc.t_conditioning == "continuous":
+        check_continuous(tc)
     check(tc.rank >= 1, "trajectory.rank", f"must be >= 1, got {tc.rank}")
     check(0 <= tc.min_rank <= tc.rank, "trajectory.min_rank", "must lie in [0, rank]")
     check(tc.num_phases >= 1, "trajectory.num_phases", "must be >= 1")
@@ -168,7 +178,10 @@ class TrajectoryLayer(nn.Module):
                 f"phase{k}": LowRank(hidden, r, std, tc.num_tasks) for k, r in enumerate(ranks) if r > 0
             })
 
-    def delta(self, h: torch.Tensor, phase: torch.Tensor, task_ids) -> torch.Tensor:
+    def delta(self, h: torch.Tensor, phase: torch.Tensor, task_ids, gates=None) -> torch.Tensor:
+        if gates is not None:  # continuous t: the one module, gated by g(t)
+            mod = self.phases["phase0"]
+            return gated_delta(mod, h, gates, task_ids, self.alpha / mod.rank)
         if self.shared:
             r = self.ranks[phase]  # active rank of each sample [B]
             z = self.module.down(h, task_ids)
@@ -226,6 +239,8 @@ class TrajectoryMethod(Method):
             self.tc, config.diffusion.sampler_steps, backbone)
         self.register_buffer("inner_edges", torch.tensor(self.boundaries[1:-1]), persistent=False)
         self.injected_blocks = layers
+        self.t_core = (NoiseCore(self.tc.rank, DEFAULT_EMBED_DIM, DEFAULT_HIDDEN, diagonal=True)
+                       if self.tc.t_conditioning == "continuous" else None)  # g(t), every layer's
         self.off_phases: frozenset[int] = frozenset()  # `switched_off(phases)`: run as the backbone
         self._hooks = [backbone.layers[i].register_forward_hook(self._hook(f"layer{i}"))
                        for i in layers]
@@ -263,13 +278,20 @@ class TrajectoryMethod(Method):
             if self.context is None:  # no time given: behave as the base model
                 return output
             phase = self.phase_of(self.context.t)
-            layer, ids = self.injection[key], self.context.task_ids
+            layer, ids, gates = self.injection[key], self.context.task_ids, self.gates(self.context.t)
             if self.off_phases:
                 on = ~torch.isin(phase, torch.tensor(sorted(self.off_phases), device=phase.device))
-                return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids)
+                return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids, gates)
                                        * on.view(-1, *[1] * (h.dim() - 1)))
-            return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids))
+            return _replace_hidden(output, lambda h: h + layer.delta(h, phase, ids, gates))
         return hook
+
+    def gates(self, t: torch.Tensor) -> torch.Tensor | None:
+        """g(t) [B or 1, r] (fp32) for continuous t (one row when every row shares t and no
+        gradient is taken); None for phase modules."""
+        if self.t_core is None:
+            return None
+        return self.t_core(t if torch.is_grad_enabled() else one_row_if_uniform(t))[0]
 
     def regularization(self):
         pairs = [p for layer in self.injection.values() for p in layer.low_rank_pairs()]

@@ -1,7 +1,9 @@
 """Inference cost: one denoising step (`Recipe.denoise`, what evaluation and the sampler call) and
 whole generations (`diffusion.sample`, T reverse steps) for the base model, trajectory modules
 with K phases, weight LoRA unmerged and merged into the weights (PEFT `merge_and_unload`),
-bottleneck adapters, and the router composing n trained trajectory modules.
+bottleneck adapters, the router composing n trained trajectory modules, and the noise-aware
+methods, which no merge removes: NaRA (its core C(t) cached per step, and recomputed by every
+layer for every row, `nara.cache_core: false`) and the continuous-t trajectory module.
 
 The router refuses fewer than two experts, so its curve starts at n = 2; n = 1 is a trajectory
 module alone (the K rows). Experts are one trajectory checkpoint saved here and listed n times:
@@ -29,6 +31,9 @@ def infer_variants(wb: Workbench, expert_dir: str) -> dict[str, dict]:
     out["lora unmerged"] = {"method": "lora", "lora.rank": 8}
     out["lora merged"] = {"method": "lora", "lora.rank": 8}
     out["adapter"] = {"method": "adapter"}
+    out["nara"] = {"method": "nara", "nara.rank": 8}  # LoRA's rank: beside "lora unmerged" / "merged"
+    out["nara uncached"] = {"method": "nara", "nara.rank": 8, "nara.cache_core": False}
+    out["trajectory continuous"] = {**traj, "method": "trajectory_continuous"}
     out.update({f"router n={n}": {"method": "router", "router.checkpoints": [expert_dir] * n}
                 for n in wb.size.modules})
     return out

@@ -43,6 +43,8 @@ def train_variants(wb: Workbench) -> dict[str, dict | None]:
         REFERENCE: {"method": "lora", "lora.rank": 4, "lora.targets": "attention"},
         "lora-attn-mlp": {"method": "lora", "lora.rank": 4, "lora.targets": "attention_mlp"},
         "tlora": {"method": "tlora", "tlora.rank": 4},
+        "trajectory_continuous": {"method": "trajectory_continuous", "trajectory.rank": rank,
+                                  "trajectory.injection_layers": [wb.mid_layer()]},
     }
     named = {s.get("method") for s in out.values() if s}
     for spec in registry.specs():
