@@ -67,6 +67,13 @@ def cast_trainable(method: torch.nn.Module, policy: str) -> None:
             p.data = p.data.to(dtype)
 
 
+def fp32_region(device: torch.device):
+    """Autocast switched off (a method's small fp32 computation inside the run's autocast)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast(policy: str, device: torch.device):
     """torch.autocast(bfloat16) for the bf16 policies on CPU and CUDA; nothing otherwise."""
     if policy in ("bf16-mixed", "bf16") and device.type in ("cuda", "cpu"):

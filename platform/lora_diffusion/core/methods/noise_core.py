@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import precision
 from ..errors import check
 
 # t is embedded on the 1000-step scale of DDPM / DiT's `timestep_embedding`
@@ -62,7 +63,7 @@ class NoiseCore(nn.Module):
 
     def forward(self, t: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """`layer`: that layer's core only ([1, B, ...]); None: every layer's."""
-        with torch.autocast(t.device.type, enabled=False):  # fp32 even inside the recipe's autocast
+        with precision.fp32_region(t.device):  # fp32 even inside the recipe's autocast
             e = self.embed(t.float())[None]  # [1, B, E]
             if self.layer_embedding is not None:
                 table = self.layer_embedding if layer is None else self.layer_embedding[layer:layer + 1]
