@@ -4,7 +4,7 @@
 BERT, RoBERTa and ModernBERT come from transformers' own classes with tiny configs. LLaDA,
 Dream and MDLM ship their code with their weights and that code is not installable here, so
 their directories are laid out as the real hub repositories are: config.json with `auto_map`,
-configuration_*.py and modeling_*.py (tiny stand-ins in tiny_remote/ with the SAME module paths
+configuration_*.py and modeling_*.py (the stand-ins in lora_diffusion/core/standins/, with the SAME module paths
 and forward signatures as the released code, each file says which), safetensors weights, a
 tokenizer. Loading them goes through `trust_remote_code`, the real path.
 
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-REMOTE = Path(__file__).parent / "tiny_remote"
+from lora_diffusion.core import standins
+
+REMOTE = Path(standins.__file__).parent  # the package's stand-in modeling files
 FAMILIES = ("bert", "roberta", "modernbert", "llada", "dream", "mdlm")
 WIDTH = dict(hidden=16, layers=2, heads=2, ffn=32)
 
@@ -39,7 +41,7 @@ REMOTE_FAMILIES = {
     "mdlm": ("mdlm", "MDLM", {"AutoConfig": "configuration_mdlm.MDLMConfig",
                               "AutoModelForMaskedLM": "modeling_mdlm.MDLM"},
              dict(vocab_size=50258, hidden_dim=16, cond_dim=8, n_blocks=2, n_heads=2,
-                  time_conditioning=True), "[MASK]", 50257),
+                  time_conditioning=True, frequency_embedding_size=32), "[MASK]", 50257),
 }
 
 

@@ -1,4 +1,5 @@
-"""Tiny stand-in for LLaDA's configuration_llada.py (GSAI-ML/LLaDA-8B-Instruct): the fields the
+"""Stand-in (tiny in tests, real size for the memory plan: core/standin.py)
+for LLaDA's configuration_llada.py (GSAI-ML/LLaDA-8B-Instruct): the fields the
 modeling file reads, under the released names (d_model, n_heads, n_layers, mlp_hidden_size,
 embedding_size, weight_tying, include_bias, mask_token_id)."""
 

@@ -1,4 +1,5 @@
-"""Tiny stand-in for LLaDA's modeling_llada.py (ML-GSAI/LLaDA, GSAI-ML/LLaDA-8B-Instruct), for
+"""Stand-in (tiny in tests, real size for the memory plan: core/standin.py)
+for LLaDA's modeling_llada.py (ML-GSAI/LLaDA, GSAI-ML/LLaDA-8B-Instruct), for
 tests: the real code is not installable here. Same module paths and forward signatures as the
 released code: `LLaDAModelLM.model` (LLaDAModel) -> `transformer` ModuleDict {wte, emb_drop,
 ln_f, blocks, ff_out}; each LLaDALlamaBlock has attn_norm, ff_norm, q_proj, k_proj, v_proj,

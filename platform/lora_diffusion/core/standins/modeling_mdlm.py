@@ -1,4 +1,5 @@
-"""Tiny stand-in for MDLM's modeling_mdlm.py (kuleshov-group/mdlm models/dit.py; the hub's
+"""Stand-in (tiny in tests, real size for the memory plan: core/standin.py)
+for MDLM's modeling_mdlm.py (kuleshov-group/mdlm models/dit.py; the hub's
 kuleshov-group/mdlm-owt), for tests: the real code is not installable here (flash-attn). Same
 module paths and forward signatures as the released code: `MDLM.backbone` (DITBackbone) ->
 vocab_embed, sigma_map (TimestepEmbedder), rotary_emb, `blocks[i]` (DDiTBlock: norm1, attn_qkv,
@@ -35,7 +36,7 @@ class LayerNorm(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size, frequency_embedding_size=32):
+    def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size, bias=True))
@@ -111,7 +112,7 @@ class DITBackbone(nn.Module):
         super().__init__()
         self.config = config
         self.vocab_embed = EmbeddingLayer(config.hidden_dim, config.vocab_size)
-        self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.sigma_map = TimestepEmbedder(config.cond_dim, config.frequency_embedding_size)
         self.rotary_emb = Rotary()
         self.blocks = nn.ModuleList(DDiTBlock(config.hidden_dim, config.n_heads, config.cond_dim,
                                               dropout=config.dropout) for _ in range(config.n_blocks))

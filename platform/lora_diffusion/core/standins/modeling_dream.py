@@ -1,4 +1,5 @@
-"""Tiny stand-in for Dream's modeling_dream.py (HKUNLP/Dream, Dream-org/Dream-v0-Instruct-7B), for
+"""Stand-in (tiny in tests, real size for the memory plan: core/standin.py)
+for Dream's modeling_dream.py (HKUNLP/Dream, Dream-org/Dream-v0-Instruct-7B), for
 tests: the real code is not installable here. Same module paths and forward signatures as the
 released code: `DreamModel.model` (DreamBaseModel) -> embed_tokens, `layers[i]` (DreamDecoderLayer:
 self_attn.{q,k,v,o}_proj with biases on q/k/v as Qwen2, mlp.{gate,up,down}_proj,

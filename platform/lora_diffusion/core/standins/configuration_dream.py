@@ -1,4 +1,5 @@
-"""Tiny stand-in for Dream's configuration_dream.py (Dream-org/Dream-v0-Instruct-7B): Qwen2-style
+"""Stand-in (tiny in tests, real size for the memory plan: core/standin.py)
+for Dream's configuration_dream.py (Dream-org/Dream-v0-Instruct-7B): Qwen2-style
 fields under the released names, mask_token_id 151666."""
 
 from transformers import PretrainedConfig
