@@ -17,17 +17,16 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from . import activations, diagnostics, diffusion, evaluation, generation, precision, tasks
+from . import diagnostics, diffusion, evaluation, generation, precision, tasks
 from .accounting import account
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
 from .config import Config
 from .diffusion import seeded
 from .errors import TrainingDiverged, UserError, check
-from .methods import Context, build_method
 from .recipe_data import RecipeData, task_of
+from .step import attach, denoise as denoise_with_context, loss_backward
 from .task_specs import run_metric
 
 Report = Callable[[dict, "Recipe"], None]
@@ -69,18 +68,12 @@ class Recipe(RecipeData):
         positions = getattr(self.backbone.config, "max_position_embeddings", None) or config.max_length
         check(config.max_length <= positions, "max_length", f"exceeds the backbone's {positions} positions")
         self.fingerprint = backbone_fingerprint(self.backbone)  # of the weights as stored
-        precision.cast_backbone(self.backbone.model, self.precision)
         self.tokenizer = self.backbone.tokenizer
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
                           if self.spec.kind == "classification" else None)
         torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
-        self.backbone.model.to(self.device)  # a method's set-up may run the backbone (GeLoRA)
-        with precision.autocast(self.precision, self.device):  # as every forward of the run
-            self.method = build_method(config, self.backbone).to(self.device)
-        precision.cast_trainable(self.method, self.precision)  # fp32 (bf16: bf16), optimizer state alike
+        self.method = attach(config, self.backbone, self.precision, self.device)
         self.params = list(self.method.trainable().values())
-        if tr.gradient_checkpointing:
-            activations.checkpoint_blocks(self.backbone.layers, self.method)
         self.diagnostics = diagnostics.Diagnostics(self)  # per-t bound, phase gains
         # a method with nothing to train (a training-free router mode) has no optimizer and runs no steps
         self.optimizer = (torch.optim.AdamW(self.params, lr=tr.lr, weight_decay=tr.weight_decay)
@@ -109,17 +102,8 @@ class Recipe(RecipeData):
     # ------------------------------------------------------------------------- model
     def denoise(self, input_ids, attention_mask, select, t, prompt_mask=None, task_ids=None,
                 hidden: bool = False):
-        """Logits [N, V] at the `select` positions, the method told t (and the rows' prompt
-        positions and task ids); with `hidden`, the hidden states the head reads ([N, H], a
-        separable head only), for the loss to apply the head in chunks."""
-        t = t.to(self.device)
-        self.method.set_context(Context(t=t, prompt_mask=prompt_mask, task_ids=task_ids))
-        try:
-            with precision.autocast(self.precision, self.device):
-                run = self.backbone.hidden_at if hidden else self.backbone.logits
-                return run(input_ids, attention_mask, select, t)
-        finally:
-            self.method.set_context(None)
+        """Logits (or, with `hidden`, the head's input) at `select`, the method told t (core/step.py)."""
+        return denoise_with_context(self, input_ids, attention_mask, select, t, prompt_mask, task_ids, hidden)
 
     def denoiser(self, batch: diffusion.Batch):
         """`denoise` bound to a batch's prompt positions (routers pool the prompt) and task ids."""
@@ -147,7 +131,8 @@ class Recipe(RecipeData):
         weights = diffusion.token_loss_weights(batch, noise, c.diffusion.noise_schedule,
                                                generation.train_weights(self, batch))
         self.optimizer.zero_grad(set_to_none=False)
-        loss, accuracy = self._loss_backward(batch, noise, weights)
+        loss, accuracy = loss_backward(self, batch, noise, weights, c.train.micro_batch_size,
+                                            c.train.logits_chunk_rows)
         self._check_finite(loss, "loss")
         try:
             reg, reg_logs = self.method.regularization()
@@ -169,37 +154,6 @@ class Recipe(RecipeData):
         self.last_loss = float(loss)
         return {"train/loss": self.last_loss, "train/masked_accuracy": accuracy,
                 **{f"train/{k}": v for k, v in reg_logs.items()}}
-
-    def _loss_backward(self, batch, noise, weights) -> tuple[torch.Tensor, float]:
-        """The step's loss, sum(weight * CE) / B over the masked tokens, backpropagated one
-        micro-batch (`train.micro_batch_size` rows) at a time: the draws and weights are the
-        whole batch's, so the accumulated gradient is the whole batch's. Returns the loss and
-        the masked-token accuracy."""
-        B = batch.input_ids.shape[0]
-        size = self.config.train.micro_batch_size or B
-        ends = [0, *noise.masked.sum(1).cumsum(0).tolist()]  # masked tokens before each row
-        loss, right = torch.zeros((), device=self.device), 0
-        for lo in range(0, B, size):
-            hi = min(lo + size, B)
-            part, part_noise = diffusion.micro_batch(batch, noise, lo, hi)
-            ce, ok = self._masked_cross_entropy(part, part_noise)
-            part_loss = (weights[ends[lo]:ends[hi]] * ce).sum() / B
-            part_loss.backward()
-            loss, right = loss + part_loss.detach(), right + ok
-        return loss, float(right) / max(ends[-1], 1)
-
-    def _masked_cross_entropy(self, batch, noise) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token CE at the masked positions and the count predicted right; the head in
-        chunks of `train.logits_chunk_rows` where it is separable (core/activations.py)."""
-        targets = batch.input_ids[noise.masked]
-        args = (noise.noisy, batch.attention_mask, noise.masked, noise.t, batch.prompt_mask, batch.task_ids)
-        if not self.backbone.head_separable:  # MDLM: the output layer needs the time embedding
-            logits = self.denoise(*args).float()
-            return F.cross_entropy(logits, targets, reduction="none"), (logits.argmax(-1) == targets).sum()
-        hidden = self.denoise(*args, hidden=True)
-        with precision.autocast(self.precision, self.device):
-            return activations.cross_entropy_at(self.backbone.head, hidden, targets,
-                                                self.config.train.logits_chunk_rows)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
         """The divergence guard: one line naming the step and the value, before the optimizer sees it."""
