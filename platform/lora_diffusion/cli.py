@@ -306,6 +306,12 @@ def _local_cluster(argv, prog):
     return local_cluster.main(argv, prog)
 
 
+def _gpu_check(argv, prog):
+    from .experiments.bench import gpu
+
+    return gpu.main(argv, prog)
+
+
 def _results(argv, prog):
     from .experiments import results
 
@@ -324,6 +330,8 @@ DELEGATED = {
     "bench": ("what the methods cost: training, memory, inference, the sweep engine, data-parallel scaling",
               _bench),
     "bench-report": ("the README's performance table and plots from a bench JSON", _bench_report),
+    "gpu-check": ("one LLaDA-8B-shaped training step on one GPU, no Ray/MLflow: precision, checkpointing, MFU",
+                  _gpu_check),
     "results": ("rebuild the reports in docs/results/ from their records (MLflow, JSON)", _results),
     "bench-cluster": ("the benchmark as one Ray task on a cluster node (--gpus 1: a GPU node)",
                       _bench_cluster),
