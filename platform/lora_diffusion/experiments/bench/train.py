@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from ...core import diffusion
+from ...core import diffusion, precision
 from ...core.methods import registry
 from .timing import fit_exponent, interleave, peak_rss_mb, reset_peak, rss_mb, summarise
 from .workbench import SIZES, Workbench, set_shape
@@ -61,7 +61,7 @@ def floor_step(recipe) -> None:
     t = diffusion.sample_times(batch.input_ids.shape[0], c.diffusion.t_min, gen)
     noisy, masked = diffusion.apply_mask(batch, t, recipe.backbone.mask_token_id, c.diffusion.noise_schedule,
                                          gen, nonempty=True)
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast(recipe.precision, recipe.device):  # as the step computes
         recipe.backbone.logits(noisy, batch.attention_mask, masked)
     recipe.step += 1
 
