@@ -98,9 +98,10 @@ def test_end_token_weight_weighs_the_padding_after_the_first_end_token():
 def test_training_uses_the_end_token_weight_and_the_elbo_does_not(tiny_config, monkeypatch):
     """The training loss gets the weights; the reported ELBO stays the bound on the whole padded
     reference (the same number, before training, whatever the weight)."""
-    seen, elbos, loss = [], [], diffusion.diffusion_loss
-    monkeypatch.setattr(diffusion, "diffusion_loss",
-                        lambda *a: seen.append((a[1], a[6])) or loss(*a))
+    seen, elbos, weigh = [], [], diffusion.token_loss_weights
+    monkeypatch.setattr(diffusion, "token_loss_weights",  # what Recipe.train_step weighs the loss by
+                        lambda batch, noise, schedule, token_weight=None:
+                        seen.append((batch, token_weight)) or weigh(batch, noise, schedule, token_weight))
     times = diffusion.stratified_times([0, 0.5, 1], 2, 1e-3)
     for weight in (1.0, 0.0):
         recipe = Recipe(tiny_config(task="xquad", **GENERATION_SETS,

@@ -8,8 +8,8 @@ is about to report the evaluation of step STEP, once (the MARKER file records th
 in which trial).
 The sweep's workers call `ray.train.report` through the module (engine/trial.py), so they get
 the wrapper. With LORA_DIFFUSION_TEST_NAN_AT=STEP, the diffusion loss of every training step
-from STEP on is NaN (`lora_diffusion.core.diffusion.diffusion_loss` wrapped on import): the
-recipe's divergence guard must stop the trial. Without the variables this module does nothing.
+from STEP on is NaN (`lora_diffusion.core.step.loss_backward`, what Recipe.train_step calls, wrapped
+on import): the recipe's divergence guard must stop the trial. Without the variables this module does nothing.
 """
 
 import functools
@@ -24,12 +24,12 @@ NAN_AT_ENV = "LORA_DIFFUSION_TEST_NAN_AT"
 
 
 def _nan_from(step: int):
-    def wrap(diffusion_loss):
+    def wrap(loss_backward):
         calls = {"n": 0}
 
-        @functools.wraps(diffusion_loss)
+        @functools.wraps(loss_backward)
         def loss_or_nan(*args, **kwargs):
-            loss, stats = diffusion_loss(*args, **kwargs)
+            loss, stats = loss_backward(*args, **kwargs)
             calls["n"] += 1  # training steps of this process (a restarted worker counts again)
             return (loss * float("nan") if calls["n"] >= step else loss), stats
         return loss_or_nan
@@ -96,8 +96,8 @@ def _install() -> None:
         rank, step, marker = hook.split(":", 2)
         sys.meta_path.insert(0, _OnImport("ray.train", _dies_at(int(rank), int(step), marker), "report"))
     if os.environ.get(NAN_AT_ENV):
-        sys.meta_path.insert(0, _OnImport("lora_diffusion.core.diffusion", _nan_from(int(os.environ[NAN_AT_ENV])),
-                                          "diffusion_loss"))
+        sys.meta_path.insert(0, _OnImport("lora_diffusion.core.step", _nan_from(int(os.environ[NAN_AT_ENV])),
+                                          "loss_backward"))
 
 
 _install()
