@@ -97,8 +97,11 @@ def _resume(rank, world, tmp, config_dict):
     resumed = [second.train_step()["train/loss"] for _ in range(2)]
     same = all(torch.equal(a.full_tensor(), b.full_tensor())
                for a, b in zip(first.params, second.params, strict=True))
+    result = second.final_result(0.0)  # evaluation and accounting run on the sharded model
     return {"sharded": first.sharded, "straight": straight, "resumed": resumed, "step": resumed_step,
-            "same_params": same, "files": sorted(os.listdir(tmp / "ckpt"))}
+            "same_params": same, "files": sorted(os.listdir(tmp / "ckpt")),
+            "trained": result["accounting"]["trained_params"], "backbone": second.backbone.parameter_count(),
+            "accuracy": result["validation/accuracy"]}
 
 
 def test_a_sharded_full_fine_tuning_checkpoint_resumes_exactly(tiny_config, tmp_path):
@@ -108,6 +111,9 @@ def test_a_sharded_full_fine_tuning_checkpoint_resumes_exactly(tiny_config, tmp_
         assert r["sharded"] and r["step"] == 2
         assert r["resumed"] == r["straight"]  # bit for bit
         assert r["same_params"]
+        assert r["trained"] == r["backbone"]  # counted whole, not one rank's shard
+        assert 0 <= r["accuracy"] <= 1
+    assert results[0]["accuracy"] == results[1]["accuracy"]
     files = results[0]["files"]
     assert sharding.DCP_METADATA in files and {"__0_0.distcp", "__1_0.distcp"} <= set(files)
     assert "trainer_state.json" in files
@@ -125,10 +131,14 @@ def test_data_parallel_gradients_travel_in_one_collective_and_unused_modules_sen
     counter = _CountingAllReduce()
     monkeypatch.setattr(dist, "all_reduce", counter)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    from lora_diffusion.core.recipe import Recipe
+
     params = [torch.nn.Parameter(torch.ones(3, 2)) for _ in range(5)]
     for p in params[:4]:
         p.grad = torch.full_like(p, 4.0)  # the 5th: a phase module no t of the batch reached
-    sharding.average_gradients(params, world_size=2)
+    recipe = Recipe.__new__(Recipe)  # the recipe's gradient step alone, on rank 0 of 2
+    recipe.params, recipe.world_size, recipe.rank = params, 2, 0
+    recipe._sync_gradients()
     assert counter.calls == 1  # was one all_reduce per parameter
     assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in params[:4])  # summed by no one: /2
     assert torch.equal(params[4].grad, torch.zeros_like(params[4]))
