@@ -37,7 +37,7 @@ def _entry(rank, fn, world, init, tmp, args):
         dist.destroy_process_group()
 
 
-def _losses_on_one_global_batch(rank, world, tmp, backbone_dir, method_name):
+def _losses_on_one_global_batch(rank, world, tmp, backbone_dir, method_name, shard):
     """STEPS AdamW steps on a fixed global batch split by rank; every position counted, the same
     number per rank, so the mean of the ranks' losses is the one-rank loss."""
     from lora_diffusion.core.backbone import load_backbone
@@ -47,8 +47,7 @@ def _losses_on_one_global_batch(rank, world, tmp, backbone_dir, method_name):
     backbone = load_backbone(backbone_dir)
     config = config_lib.from_dict({}, {"backbone": backbone_dir, "method": method_name})
     method = build_method(config, backbone).eval()  # no dropout: ranks and runs comparable
-    sharded = method_name == "full" and world > 1
-    if sharded:
+    if shard and world > 1:
         sharding.shard_backbone(backbone)
     params = list(method.trainable().values())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -69,11 +68,13 @@ def _losses_on_one_global_batch(rank, world, tmp, backbone_dir, method_name):
     return {"losses": losses, "sharded": any(sharding.is_dtensor(p) for p in params)}
 
 
-@pytest.mark.parametrize("method_name", ["full", "lora"])
-def test_two_ranks_give_the_one_rank_loss_on_the_same_global_batch(method_name, tiny_backbone_dir, tmp_path):
-    one = _spawn(_losses_on_one_global_batch, 1, tmp_path, str(tiny_backbone_dir), method_name)[0]
-    two = _spawn(_losses_on_one_global_batch, 2, tmp_path, str(tiny_backbone_dir), method_name)
-    assert two[0]["sharded"] == (method_name == "full")  # full fine-tuning is FSDP2-sharded
+@pytest.mark.parametrize("method_name, shard", [("full", True), ("lora", False), ("lora", True)],
+                         ids=["full-fsdp2", "lora-data-parallel", "lora-on-an-fsdp2-backbone"])
+def test_two_ranks_give_the_one_rank_loss_on_the_same_global_batch(method_name, shard, tiny_backbone_dir, tmp_path):
+    """lora-on-an-fsdp2-backbone: the frozen backbone sharded (one too large for a device)."""
+    one = _spawn(_losses_on_one_global_batch, 1, tmp_path, str(tiny_backbone_dir), method_name, False)[0]
+    two = _spawn(_losses_on_one_global_batch, 2, tmp_path, str(tiny_backbone_dir), method_name, shard)
+    assert two[0]["sharded"] == shard
     assert two[0]["losses"] == two[1]["losses"]
     assert one["losses"][-1] < one["losses"][0]  # it trains
     assert two[0]["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
