@@ -50,6 +50,29 @@ def test_cluster_yaml_passes_rays_schema(config):
     assert 0 <= gpu["min_workers"] <= gpu["max_workers"] <= config["max_workers"]
 
 
+# AWS GPU instance types with 80 GB GPUs: GPUs per node, host memory in GiB
+GPU_80GB_TYPES = {"p4de.24xlarge": (8, 1152), "p5.48xlarge": (8, 2048), "p5e.48xlarge": (8, 2048),
+                  "p5en.48xlarge": (8, 2048), "p5.4xlarge": (1, 256)}
+LLADA_8B_BF16_GIB = 14.9  # the stand-in's frozen weights (core/standin.py), fp32 twice that
+
+
+def test_gpu_node_type_holds_an_8b_lora_trial_and_one_node_stays_up(config):
+    """80 GB GPUs, host memory for the 8B weights in fp32 on every GPU at once (loading), and
+    min_workers 1: the sweep packs trials onto the GPUs it sees at start and refuses a cluster
+    with none (engine/preflight.py), as the README says."""
+    gpu = config["available_node_types"]["gpu_worker"]
+    gpus, host_gib = GPU_80GB_TYPES[gpu["node_config"]["InstanceType"]]
+    assert host_gib >= gpus * 2 * LLADA_8B_BF16_GIB
+    assert gpu["min_workers"] >= 1
+    readme = (REPO / "README.md").read_text()
+    assert "min_workers: 1" in readme and gpu["node_config"]["InstanceType"] in readme
+    from lora_diffusion.core.errors import UserError
+    from lora_diffusion.engine import preflight
+
+    with pytest.raises(UserError, match="min_workers|keeps one GPU node"):
+        preflight.check_cluster_gpus(1.0, 0.0)
+
+
 def test_local_variant_passes_rays_schema_and_replaces_only_provider_and_auth(config, local):
     prepared = _validate(local)
     assert prepared["available_node_types"]["local.cluster.node"]["max_workers"] == 0

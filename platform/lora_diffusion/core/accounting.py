@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .checkpoint_files import serialize
+from .sharding import is_dtensor
 
 
 def account(method) -> dict:
@@ -20,11 +21,14 @@ def account(method) -> dict:
     for name, tensor in tensors.items():
         per_module[name.rsplit(".", 1)[0]] += tensor.numel()
     params = sum(t.numel() for t in tensors.values())
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    # an FSDP-sharded method (core/sharding.py) is saved as DCP shards, not one file: its bytes
+    sharded = any(is_dtensor(t) for t in tensors.values())
     return {
         "trainable_params": params,
-        "bytes_saved": len(serialize(method)),
+        "bytes_saved": tensor_bytes if sharded else len(serialize(method)),
         "trained_params": sum(p.numel() for p in method.trainable().values()),
-        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "tensor_bytes": tensor_bytes,
         "percent_of_backbone": 100.0 * params / method.backbone_params,
         "backbone_params": method.backbone_params,
         "per_module": dict(per_module),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import config as config_lib
+from . import config as config_lib, sharding
 from .checkpoint_files import BACKBONE, CONFIG, TRAINING_STATE, WEIGHTS, read_files, serialize, write_atomic
 from .errors import UserError
 
@@ -45,10 +45,14 @@ def save_state(directory: Path, recipe) -> None:
     """A resume checkpoint: the saved method (so `eval --checkpoint` reads it) plus what only
     resuming needs: optimizer.pt (AdamW state, loaded weights_only), method_train.safetensors
     (trained tensors the saved file leaves out, `Method.training_state`; only if any) and
-    trainer_state.json (step, train time, tokens seen)."""
+    trainer_state.json (step, train time, tokens seen). A sharded recipe (FSDP2) is saved by
+    every rank: `_save_sharded`."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if getattr(recipe, "sharded", False):
+        _save_sharded(directory, recipe)
+        return
     save(directory, recipe.method, recipe.config, recipe.fingerprint, recipe.backbone.source)
     state = recipe.state_dict()
     torch.save(state["optimizer"], directory / "optimizer.pt")
@@ -64,9 +68,39 @@ def load_state(directory: Path, recipe) -> None:
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if sharding.is_sharded_checkpoint(directory):
+        _load_sharded(directory, recipe)
+        return
     tensors = load_file(str(directory / WEIGHTS), device=str(recipe.device))
     optimizer = torch.load(directory / "optimizer.pt", map_location=recipe.device, weights_only=True)
     meta = json.loads((directory / "trainer_state.json").read_text())
     train_path = directory / TRAINING_STATE
     method_train = load_file(str(train_path), device=str(recipe.device)) if train_path.exists() else {}
     recipe.load_state_dict({"method": tensors, "method_train": method_train, "optimizer": optimizer, **meta})
+
+
+def _counters(recipe) -> dict:
+    return {"step": recipe.step, "train_time": recipe.train_time, "train_tokens": recipe.train_tokens}
+
+
+def _save_sharded(directory: Path, recipe) -> None:
+    """Collective: each rank's shard of the trained parameters and AdamW state through
+    torch.distributed.checkpoint (core/sharding.py); rank 0 adds the config, the backbone's
+    fingerprint and trainer_state.json. Not readable by `eval --checkpoint` as is: consolidate
+    it first (torch.distributed.checkpoint.format_utils.dcp_to_torch_save)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sharding.save_sharded(directory, recipe.method, recipe.optimizer)
+    if recipe.rank == 0:
+        write_atomic(directory / CONFIG, json.dumps(recipe.config.to_dict(), indent=2).encode())
+        meta = {"backbone_source": recipe.backbone.source, "backbone_fingerprint": recipe.fingerprint,
+                "method": recipe.method.name, "sharded": True}
+        write_atomic(directory / BACKBONE, json.dumps(meta, indent=2).encode())
+        (directory / "trainer_state.json").write_text(json.dumps(_counters(recipe)))
+
+
+def _load_sharded(directory: Path, recipe) -> None:
+    """Collective: `_save_sharded`'s state resharded onto this recipe's ranks, counters restored."""
+    sharding.load_sharded(directory, recipe.method, recipe.optimizer)
+    meta = json.loads((directory / "trainer_state.json").read_text())
+    recipe.step, recipe.train_time, recipe.train_tokens = meta["step"], meta["train_time"], meta["train_tokens"]
+    recipe.method.after_step(recipe.step)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from . import diagnostics, diffusion, evaluation, generation, precision, tasks
+from . import diagnostics, diffusion, evaluation, generation, precision, sharding, tasks
 from .accounting import account
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
@@ -46,7 +46,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Recipe(RecipeData):
-    def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1, backbone=None, device=None):
+    def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1, backbone=None, device=None,
+                 shard: bool | None = None):
         self.config, self.rank, self.world_size = config, rank, world_size
         tr = config.train
         if tr.threads:
@@ -73,6 +74,11 @@ class Recipe(RecipeData):
                           if self.spec.kind == "classification" else None)
         torch.manual_seed(tr.seed)  # the method's own initialisation varies with the run seed
         self.method = attach(config, self.backbone, self.precision, self.device)
+        # FSDP2 (core/sharding.py) for full fine-tuning on several ranks, or when the memory plan
+        # says the backbone does not fit one device (`shard`); its parameters become DTensors
+        self.sharded = (config.method == "full" if shard is None else shard) and self._distributed()
+        if self.sharded:
+            sharding.shard_backbone(self.backbone)
         self.params = list(self.method.trainable().values())
         self.diagnostics = diagnostics.Diagnostics(self)  # per-t bound, phase gains
         # a method with nothing to train (a training-free router mode) has no optimizer and runs no steps
@@ -161,16 +167,15 @@ class Recipe(RecipeData):
             raise TrainingDiverged(f"training diverged at step {self.step + 1}: {what} {float(value.detach()):g} "
                                    "(lower train.lr or set train.grad_clip)")
 
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
     def _sync_gradients(self) -> None:
-        """All-reduce gradients by hand instead of DDP: per-phase modules that a batch did not
-        use have no gradient, which DDP would reject without find_unused_parameters."""
-        if self.world_size == 1 or not dist.is_initialized():
-            return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world_size
+        """Average gradients over ranks in one flat all_reduce instead of DDP: per-phase modules
+        that a batch did not use have no gradient, which DDP would reject without
+        find_unused_parameters (they send zeros). FSDP-sharded parameters are reduced by FSDP."""
+        if self._distributed():
+            sharding.average_gradients(self.params, self.world_size)
 
     # ------------------------------------------------------------------------- evaluate
     @torch.no_grad()

@@ -55,8 +55,11 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
                    "private one (default: $RAY_ADDRESS, else auto on a `ray up` head node, else local)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs each Train worker reserves "
                    "(default: the cluster's CPUs shared among workers x concurrent trials, at most 1)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves (default: 1 if the "
-                   "cluster has GPUs, else 0)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves (default: on a cluster "
+                   "with GPUs, packed by the memory plan: a share of a GPU for trials that fit several to a "
+                   "GPU, one GPU per rank otherwise, the ranks the plan needs for a sharded trial; else 0)")
+    p.add_argument("--gpu-memory-gib", type=float, help="memory of the cluster's GPUs the plan packs trials "
+                   "into (default 80: cluster.yaml's GPU node type)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial (default 2)")
     p.add_argument("--verbose", type=int, default=1, help="Tune's verbosity (0 quiet, 1 status tables)")
     p.add_argument("--retrain-seeds", type=int, default=None,

@@ -98,13 +98,22 @@ def _running_cluster() -> str | None:
         return None
 
 
-def check_gpus(gpus_per_worker: float | None, address: str) -> None:
+def check_gpus(gpus_per_worker: float | None, address: str, workers: int | None = None) -> None:
     """--gpus-per-worker > 0 on a local Ray without a visible GPU would wait forever for one. A
-    cluster (any other address) is checked when Ray has joined it (`check_cluster_gpus`)."""
+    cluster (any other address) is checked when Ray has joined it (`check_cluster_gpus`). A rank
+    drives one GPU: a fraction with several ranks could put two NCCL ranks of one trial on one
+    GPU, and more than one GPU per rank leaves all but one idle (engine/resources.py)."""
     if not gpus_per_worker:
         if gpus_per_worker is not None and gpus_per_worker < 0:
             raise UserError(f"--gpus-per-worker: must be >= 0, got {gpus_per_worker}")
         return
+    if gpus_per_worker > 1:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: a worker (rank) drives one GPU; for "
+                        "several GPUs a trial pass --workers N with --gpus-per-worker 1 (or leave both "
+                        "to the memory plan)")
+    if gpus_per_worker < 1 and (workers or 1) > 1:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g} with --workers {workers}: two ranks of one "
+                        "trial could share a GPU; give each rank a whole GPU (1), or run one worker a trial")
     if address == "local":
         import torch
 
@@ -114,11 +123,14 @@ def check_gpus(gpus_per_worker: float | None, address: str) -> None:
 
 
 def check_cluster_gpus(gpus_per_worker: float, cluster_gpus: float) -> None:
-    """On a cluster with no GPU at all, trials asking for one would wait for ever: refuse. (An
-    autoscaling cluster whose GPU nodes scale from zero needs one GPU node up first.)"""
+    """On a cluster with no GPU up, trials asking for one would wait for a node, and the sweep
+    cannot pack them: refuse. cluster.yaml keeps one GPU node up (min_workers: 1; more start
+    through the autoscaler when trials ask for more GPUs than are up), so a GPU is missing only
+    while that node is still joining after `ray up`, or on a cluster configured otherwise."""
     if gpus_per_worker and not cluster_gpus:
-        raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster has no GPU "
-                        "(start a GPU node first, or pass --gpus-per-worker 0)")
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g}: the Ray cluster has no GPU up (cluster.yaml "
+                        "keeps one GPU node: it joins minutes after `ray up`; submit when `ray status` lists "
+                        "a GPU, or pass --gpus-per-worker 0)")
 
 
 PREPARE_HINT = ("a prepared CPU diffusion LM is made first by `lora-diffusion prepare-backbone "

@@ -69,7 +69,7 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
     address = tuner_lib.ray_address(args.address)
     preflight.check_tracking_uri(spec.tracking_uri)  # the world: a few seconds at most, nothing written
     preflight.check_address(address)
-    preflight.check_gpus(args.gpus_per_worker, address)
+    preflight.check_gpus(args.gpus_per_worker, address, spec.sweep.workers)
     tracking.prepare_uri(spec.tracking_uri)
     storage = SweepStorage(spec.storage)
     restore = args.resume and started(storage, spec.name)  # else no trial ever ran: start it afresh
@@ -89,8 +89,9 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
     t0 = time.time()
     tuner_lib.init_ray(address)
     try:
-        res = tuner_lib.resources(args, spec.sweep.workers, spec.sweep.max_concurrent)
+        res = tuner_lib.resources(args, spec.sweep.workers, spec.sweep.max_concurrent, _figures(args, spec))
         preflight.check_cluster_gpus(res.gpus_per_worker, res.cluster_gpus)
+        spec.sweep.workers, spec.sweep.max_concurrent = res.workers, res.max_concurrent  # the tuner's
         _banner(spec, address, res)
         version = tracking.code_version(repo_root())
         tracker = tracking.SweepTracker(spec.tracking_uri, spec.name, spec.experiment, sweep_id=spec.sweep_id,
@@ -118,6 +119,20 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         ray.shutdown()
 
 
+def _figures(args, spec: SweepSpec):
+    """The memory plan's figures for the sweep's base configuration (its fixed overrides), on a
+    cluster with GPUs where --gpus-per-worker leaves the packing to the sweep; else None."""
+    import ray
+
+    from ..core import config as config_lib
+    from .resources import DEFAULT_GPU_MEMORY_GIB, plan_figures
+
+    if args.gpus_per_worker is not None or not ray.cluster_resources().get("GPU"):
+        return None
+    memory = args.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
+    return plan_figures(config_lib.from_dict({}, spec.fixed), memory, spec.sweep.workers)
+
+
 def _trainable(spec: SweepSpec, res):
     from ray import tune
 
@@ -125,7 +140,7 @@ def _trainable(spec: SweepSpec, res):
     from .tuner import TRIAL_CPUS
 
     plan = TrialPlan(fixed=spec.fixed, workers=spec.sweep.workers, cpus_per_worker=res.cpus_per_worker,
-                     gpus_per_worker=res.gpus_per_worker,
+                     gpus_per_worker=res.gpus_per_worker, shard=res.shard,
                      train_storage=SweepStorage(spec.storage).join(spec.name, "train"),
                      max_failures=spec.max_failures)
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
@@ -136,7 +151,7 @@ def _banner(spec: SweepSpec, address: str, res) -> None:
     print(f"sweep {spec.name}: {sweep.num_samples} trials x {sweep.workers} worker(s), "
           f"{sweep.max_concurrent} at a time, {spec.steps} steps each; space {spec.space_path}; "
           f"ray {address} ({res.cluster_cpus:g} CPU, {res.cluster_gpus:g} GPU; "
-          f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU per worker); "
+          f"{res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU per worker{'; ' + res.why if res.why else ''}); "
           f"storage {spec.exp_dir}; mlflow {spec.tracking_uri}", flush=True)
 
 

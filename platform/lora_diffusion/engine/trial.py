@@ -4,7 +4,8 @@ each run one `Recipe` and report once per evaluation.
 Every worker builds the recipe with its world rank and size (the recipe shards the data and
 all-reduces gradients when torch.distributed is up, which TorchTrainer does: gloo on CPU, NCCL on
 GPU). Resume comes from `ray.train.get_checkpoint()`: the Train run's latest checkpoint after a
-worker failure (FailureConfig) or when a Tune trial is restored. Only rank 0 writes checkpoints;
+worker failure (FailureConfig) or when a Tune trial is restored. Only rank 0 writes checkpoints
+(every rank of an FSDP-sharded recipe writes its shard, and Train merges them into one);
 every rank calls `ray.train.report` (it is collective in Train V2).
 
 A checkpoint directory holds the resume checkpoint `core.checkpoint.save_state` writes (the
@@ -43,6 +44,8 @@ class TrialPlan:
     gpus_per_worker: float
     train_storage: str  # where the trials' Train runs (and their checkpoints) live
     max_failures: int  # worker-group restarts per trial
+    shard: bool | None = None  # FSDP2 over the ranks (None: the recipe decides: method=full)
+    backend: str | None = None  # torch.distributed's (None: Ray's choice, nccl with GPUs, else gloo)
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
@@ -58,10 +61,11 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
 
 
 def make_trainer(config: dict, plan: TrialPlan, name: str, started: float, callbacks: list,
-                 keep: int | None = 2):
-    """The TorchTrainer of one Train run: `plan.workers` workers running `train_loop` on
-    `config` (a Config as a dict), its run `name` under `plan.train_storage`, `keep` checkpoints
-    (None: all). A sweep trial fits it under Tune; the benchmark's scaling section fits it alone."""
+                 keep: int | None = 2, loop=None):
+    """The TorchTrainer of one Train run: `plan.workers` workers running `loop` (`train_loop`)
+    on `config` (a Config as a dict), its run `name` under `plan.train_storage`, `keep`
+    checkpoints (None: all). A sweep trial fits it under Tune; the benchmark's scaling section
+    fits it alone. Each worker reserves `plan.gpus_per_worker` (a share of one GPU, or one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,9 +73,10 @@ def make_trainer(config: dict, plan: TrialPlan, name: str, started: float, callb
     if plan.gpus_per_worker:
         per_worker["GPU"] = plan.gpus_per_worker
     return TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config, "threads": max(1, int(plan.cpus_per_worker)), "trial_started": started},
-        torch_config=TorchConfig(backend="nccl" if plan.gpus_per_worker else "gloo"),
+        loop or train_loop,
+        train_loop_config={"config": config, "threads": max(1, int(plan.cpus_per_worker)), "trial_started": started,
+                           "shard": plan.shard},
+        torch_config=TorchConfig(backend=plan.backend or ("nccl" if plan.gpus_per_worker else "gloo")),
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=bool(plan.gpus_per_worker),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=plan.train_storage,
@@ -86,6 +91,7 @@ def make_trainer(config: dict, plan: TrialPlan, name: str, started: float, callb
 def train_loop(loop_config: dict) -> None:
     """`train_loop_per_worker` of the trial's TorchTrainer."""
     import ray.train
+    import ray.train.torch
 
     from ..core.recipe import Recipe
 
@@ -95,7 +101,8 @@ def train_loop(loop_config: dict) -> None:
     config = config_lib.from_dict(loop_config["config"])
     if config.train.threads is None and loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))  # the CPUs this worker reserved
-    recipe = Recipe(config, rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+    recipe = Recipe(config, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                    device=ray.train.torch.get_device(), shard=loop_config.get("shard"))
     reporter = Reporter(recipe, t0)
     reporter.timing.begin(loop_config.get("trial_started", started), started, recipe)
     reporter.resume()
@@ -115,6 +122,7 @@ class Reporter:
         """Load the Train run's latest checkpoint, if any, and report its metrics again: they may
         never have reached Tune (the driver died while they sat in the report queue); the tracker
         skips steps it already logged."""
+        import ray
         import ray.train
 
         from ..core.accounting import account
@@ -127,7 +135,9 @@ class Reporter:
                 if (Path(d) / "metrics.json").is_file():
                     replay = json.loads((Path(d) / "metrics.json").read_text())
         self.start = self.recipe.step
-        self.first = {"accounting_json": json.dumps(account(self.recipe.method))}
+        # the GPUs Ray gave this rank (its CUDA_VISIBLE_DEVICES): what a packed sweep is checked by
+        self.first = {"accounting_json": json.dumps(account(self.recipe.method)),
+                      "gpu_ids_json": json.dumps([str(g) for g in ray.get_gpu_ids()])}
         if replay is not None:
             replay.update(self.first, resumed_from_step=self.start)
             self.first.clear()
@@ -150,11 +160,12 @@ class Reporter:
                 result = {**rec.final_result(time.perf_counter() - self.t0), "resumed_from_step": self.start}
             out["result_json"] = json.dumps(result, default=str)
         out.update(self.timing.figures(rec))
-        if rec.rank == 0:
+        if rec.rank == 0 or rec.sharded:  # a sharded recipe: every rank writes its shard, Train merges them
             with tempfile.TemporaryDirectory() as tmp:
                 with self.timing.phase("checkpoint"):
                     checkpoint.save_state(Path(tmp), rec)
-                    (Path(tmp) / "metrics.json").write_text(json.dumps(out))
+                    if rec.rank == 0:
+                        (Path(tmp) / "metrics.json").write_text(json.dumps(out))
                 with self.timing.phase("report"):
                     ray.train.report(out, checkpoint=Checkpoint.from_directory(tmp))
         else:

@@ -103,22 +103,39 @@ class Resources:
     gpus_per_worker: float
     cluster_cpus: float
     cluster_gpus: float
+    workers: int = 1  # ranks per trial
+    max_concurrent: int = 2  # trials at once
+    shard: bool | None = None  # FSDP2 over a trial's ranks (None: the recipe's default, method=full)
+    why: str = ""  # how the GPUs were packed, for the banner
 
 
-def resources(args, workers: int, max_concurrent: int) -> Resources:
-    """--cpus/gpus-per-worker, else the cluster's share per worker slot (workers x concurrent trials)."""
+def resources(args, workers: int, max_concurrent: int, figures=None) -> Resources:
+    """What each trial's workers reserve and how many trials run at once. On a cluster with GPUs
+    and no --gpus-per-worker, the memory plan's `figures` (engine/resources.py) pack the trials:
+    ranks per trial, GPU share per rank, concurrency (--max-concurrent, when given, wins). Else
+    --gpus-per-worker as given, or 0 without GPUs, and `max_concurrent` trials. CPUs: the
+    cluster's share per worker slot (ranks x concurrent trials), at most 1, or --cpus-per-worker."""
     import ray
+
+    from .resources import pack
 
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
-    slots = workers * max_concurrent
+    res = Resources(cpus_per_worker=0.0, gpus_per_worker=args.gpus_per_worker or 0.0, cluster_cpus=cpus,
+                    cluster_gpus=gpus, workers=workers, max_concurrent=max_concurrent)
+    if args.gpus_per_worker is None and gpus and figures is not None:
+        placed = pack(gpus, figures, workers)
+        res.gpus_per_worker, res.workers, res.shard, res.why = (placed.gpus_per_worker, placed.workers,
+                                                                placed.shard, placed.why)
+        res.max_concurrent = args.max_concurrent or placed.max_concurrent
+    elif args.gpus_per_worker is None and gpus:  # no plan: one rank per GPU
+        res.gpus_per_worker, res.why = 1.0, "one GPU per rank (no memory plan)"
+    slots = res.workers * res.max_concurrent
     cpw = args.cpus_per_worker
     if cpw is None:
         cpw = max(0.01, min(1.0, math.floor(100 * (cpus - 0.1) / slots) / 100))
-    gpw = args.gpus_per_worker
-    if gpw is None:
-        gpw = 1.0 if gpus >= slots else (math.floor(100 * gpus / slots) / 100 if gpus else 0.0)
-    return Resources(cpus_per_worker=cpw, gpus_per_worker=gpw, cluster_cpus=cpus, cluster_gpus=gpus)
+    res.cpus_per_worker = cpw
+    return res
 
 
 def grid_param_space(grid: GridSpec) -> dict:

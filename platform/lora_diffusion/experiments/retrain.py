@@ -21,7 +21,7 @@ from ..engine.spec import SPEC_FILE
 DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
 # the search's options that the retrain stage runs under too (where and how, not what)
 FORWARDED = ("storage_path", "tracking_uri", "address", "max_concurrent", "workers", "experiment",
-             "cpus_per_worker", "gpus_per_worker", "max_failures", "verbose")
+             "cpus_per_worker", "gpus_per_worker", "gpu_memory_gib", "max_failures", "verbose")
 NOTE_MARK = "\n\n**Retrained with fresh seeds**"
 
 
