@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .core import checkpoint, config as config_lib
-from .core.errors import TrainingDiverged, UserError
+from .core.errors import OutOfDeviceMemory, TrainingDiverged, UserError
 
 
 # per-bin and per-phase figures (`<split>/per_t/bound_bin3`, `<split>/phase_gain/2`): one line
@@ -251,6 +251,13 @@ def cmd_plan(args) -> int:
                 print(memory_plan.describe(plans[-1]), end="\n\n")
     if args.table:
         print(memory_plan.table(plans))
+    if args.measure:  # the plan checked: this config's real steps on this machine (CPU)
+        from .core.memory_trace import measured_peak
+        from .core.recipe import Recipe
+
+        measured = measured_peak(Recipe(config), steps=args.measure)
+        print(f"measured peak over {args.measure} steps {measured / 2**20:.1f} MiB, predicted "
+              f"{plans[-1].peak / 2**20:.1f} MiB ({plans[-1].peak / measured - 1:+.1%})")
     return 0
 
 
@@ -269,6 +276,8 @@ def _add_plan_parser(sub) -> None:
     m.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed", "bf16"), help="overrides train.precision")
     m.add_argument("--gradient-checkpointing", choices=("on", "off"), help="overrides train.gradient_checkpointing")
     m.add_argument("--micro-batch-size", type=int, help="overrides train.micro_batch_size")
+    m.add_argument("--measure", type=int, metavar="STEPS", help="also run STEPS training steps of the "
+                   "config here and print their measured peak tensor memory beside the plan's (CPU)")
     m.set_defaults(func=cmd_plan)
 
 
@@ -344,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:  # the input was valid; the run failed: one line, exit 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OutOfDeviceMemory as exc:  # the trial does not fit the device: one line, exit 3
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

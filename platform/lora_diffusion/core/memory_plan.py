@@ -36,15 +36,14 @@ import torch
 from . import standin
 from .memory_trace import trace_activations
 from .accounting import count
-from .errors import UserError
+from .errors import MEMORY_KNOBS, UserError
 from .methods import build_method
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 LOGITS_CHUNK_ROWS = 1024  # rows of [rows, vocab] logits alive at once (masked positions, chunked)
 USABLE_FRACTION = 0.9
 GIB = 2**30
-# What lowers a trial's peak, in the order worth trying (named by the refusal and by OOM lines).
-KNOBS = ("train.micro_batch_size", "train.gradient_checkpointing", "max_length")
+KNOBS = MEMORY_KNOBS  # what lowers a trial's peak (named by the refusal and by out-of-memory lines)
 
 
 def resolve_precision(precision: str, device_type: str = "cuda") -> str:
@@ -150,6 +149,12 @@ def _frozen_bytes(method) -> int:
     return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in trainable)
 
 
+def _largest_trainable(method) -> int:
+    """Elements of the largest trainable tensor: its fresh gradient is made in full before
+    backward adds it into `.grad` (which the recipe keeps between steps)."""
+    return max((p.numel() for p in method.trainable().values()), default=0)
+
+
 def _adamw_step_bytes(method, device_type: str) -> int:
     """torch's AdamW step: on a GPU the foreach path makes an fp32 temporary the size of every
     trainable tensor at once (sqrt of the second moments); on a CPU the single-tensor path one
@@ -188,7 +193,8 @@ def plan(config, *, source: str | None = None, gpu_memory_gib: float = 80.0, wor
         weights=frozen + 4 * trained, gradients=4 * trained, optimizer=8 * trained,
         autocast_cache=2 * trained if precision == "bf16-mixed" else 0,
         activations=trace.saved(settings["checkpointing"]), logits=logits_bytes(rows, backbone.vocab_size, act),
-        backward=trace.backward_transient(), gpu_memory=int(gpu_memory_gib * GIB), note=trace.note,
+        backward=trace.backward_transient() + 4 * _largest_trainable(method), gpu_memory=int(gpu_memory_gib * GIB),
+        note=trace.note,
         largest_block_params=block_params, frozen_weights=frozen,
         optimizer_step=_adamw_step_bytes(method, device_type))
     result.fit = placement(result)
@@ -248,7 +254,7 @@ _COLUMNS = ("backbone", "method", "params", "trainable", "weights", "grads", "Ad
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.2f}" if n >= GIB / 100 else f"{n / 2**20:.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2**20:.1f} MiB"
 
 
 def _count(n: int) -> str:
@@ -261,21 +267,21 @@ def describe(p: MemoryPlan) -> str:
     gpus = fit["gpus_per_trial"] if fit["gpus_per_trial"] is not None else "cannot (activations alone)"
     lines = [
         f"backbone {p.backbone} ({p.family}), method {p.method}",
-        f"micro-batch {p.micro_batch} x {p.max_length} tokens, {p.response_tokens} response tokens a row, "
+        f"micro-batch {p.micro_batch} x {p.max_length} tokens, response tokens per row {p.response_tokens}, "
         f"precision {p.precision}, gradient checkpointing {'on' if p.checkpointing else 'off'}",
         f"parameters: {p.params_total:,} total, {p.params_trainable:,} trainable",
         f"weights {_gib(p.weights)} (frozen {_gib(p.frozen_weights)}, trainable fp32 {_gib(4 * p.params_trainable)})",
         f"gradients {_gib(p.gradients)}, AdamW state {_gib(p.optimizer)}, AdamW step temporaries {_gib(p.optimizer_step)}",
         f"activations {_gib(p.activations)}, logits {_gib(p.logits)}, backward {_gib(p.backward)}, "
         f"autocast copies {_gib(p.autocast_cache)}",
-        f"peak per worker {_gib(p.peak)} GiB; GPU {p.gpu_memory / GIB:g} GiB "
+        f"peak per worker {_gib(p.peak)}; GPU {p.gpu_memory / GIB:g} GiB "
         f"({USABLE_FRACTION:.0%} usable): fits one GPU {'yes' if fit['fits'] else 'no'}, "
         f"GPUs per trial {gpus}, trials per GPU {fit['trials_per_gpu']}"]
     return "\n".join(lines + ([f"note: {p.note}"] if p.note else []))
 
 
 def table(plans: list[MemoryPlan]) -> str:
-    """Plans as a markdown table (sizes in GiB)."""
+    """Plans as a markdown table."""
     rows = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for p in plans:
         gpus = p.fit["gpus_per_trial"]

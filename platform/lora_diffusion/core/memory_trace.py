@@ -146,9 +146,15 @@ def _run_trace(backbone, method, batch: int, length: int, pack, device_type: str
 
 
 def _forward_to_stop(backbone, method, inputs: dict, context, pack) -> str:
+    """The forward with the method's context; where that cannot run on the meta device (a method
+    that reads values: FouRA's gate, Solo Connection's logged ratio), without it (hooks that read
+    the context pass the hidden states through), then without the method's hooks at all."""
     note = ""
-    for attempt in (context, None):
-        method.set_context(attempt)
+    for attempt in ("context", "no context", "no hooks"):
+        if attempt == "no hooks":
+            for handle in method._hooks:  # the plan's model is thrown away after the trace
+                handle.remove()
+        method.set_context(context if attempt == "context" else None)
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 backbone.model(**inputs)
@@ -156,7 +162,8 @@ def _forward_to_stop(backbone, method, inputs: dict, context, pack) -> str:
             return note
         except (RuntimeError, NotImplementedError) as exc:
             note = (f"the {method.name} forward does not run on the meta device "
-                    f"({str(exc).splitlines()[0][:80]}): its own activations are not counted")
+                    f"({str(exc).splitlines()[0][:80]}): traced with {'no hooks' if attempt != 'context' else 'no context'}, "
+                    f"its own activations are not counted")
         finally:
             method.set_context(None)
     raise UserError(f"method: the {method.name} forward on {backbone.family.name} cannot be traced on the meta device")

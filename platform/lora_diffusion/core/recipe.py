@@ -25,7 +25,7 @@ from .task_specs import TASKS, run_metric
 from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
 from .diffusion import seeded
-from .errors import TrainingDiverged, UserError, check
+from .errors import TrainingDiverged, UserError, check, out_of_memory
 from .config import Config
 from .methods import Context, build_method
 
@@ -346,7 +346,10 @@ class Recipe:
         tr = self.config.train
         wall0 = time.perf_counter()
         while self.params and self.step < tr.steps:  # nothing to train: evaluated as built
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except torch.OutOfMemoryError as exc:  # an answer, not a crash: the knobs that lower it
+                raise out_of_memory(self.step + 1, exc) from None
             if log and self.step % 50 == 0 and self.step % tr.eval_every:
                 log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
                     f"{self.train_time / self.step:.3f} s/step")
