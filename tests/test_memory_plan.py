@@ -106,3 +106,27 @@ def test_plan_verb_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert "parameters: 169,678,418 total" in out or "parameters: 169," in out
     assert "fits one GPU yes" in out
+
+
+def test_the_sweep_preflight_refuses_a_gpu_trial_that_cannot_fit_and_passes_cpu_trials():
+    from lora_diffusion.engine import preflight
+
+    config = _config(method="full", backbone="minilm", max_length=512, **{"train.batch_size": 4})
+    preflight.check_memory(config, gpus_per_worker=0, workers=2, gpu_memory_gib=1)  # CPU: not planned
+    with pytest.raises(UserError, match=r"^field train\.\w+: a full trial of minilm needs"):
+        preflight.check_memory(config, gpus_per_worker=1, workers=1, gpu_memory_gib=0.25)
+    preflight.check_memory(config, gpus_per_worker=1, workers=1, gpu_memory_gib=80)
+
+
+def test_trajectory_activations_are_saved_from_its_injected_block_on_every_time():
+    """The method's phase lookup reads real phase edges (a meta tensor has no values): blocks
+    before the injection keep nothing, every block after it keeps the same, on every plan."""
+    from lora_diffusion.core.memory_trace import trace_activations
+
+    traces = []
+    for _ in range(2):
+        backbone, method = memory_plan.build_on_meta(_config(max_length=128), "mdlm-owt")
+        traces.append(trace_activations(backbone, method.float(), 4, 128, 4))
+    blocks = traces[0].per_block
+    assert traces[0] == traces[1]
+    assert blocks[:2] == [0, 0] and blocks[2] > 0 and len(set(blocks[3:])) == 1 and blocks[3] > blocks[2]

@@ -123,6 +123,18 @@ def _frozen_dtype(precision: str, checkpoint: torch.dtype) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, checkpoint)
 
 
+class _DataOnCpu(torch.overrides.TorchFunctionMode):
+    """Tensors made from Python data (a method's phase edges and ranks, `torch.tensor(...)`) keep
+    their values on the CPU while everything else goes to the meta device: the traced forward
+    looks phases up from them (a meta tensor has no values to look up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
 def build_on_meta(config, source: str | None = None, precision: str = "bf16-mixed"):
     """(backbone, method) on the meta device: the backbone of `source` (a shipped config name, a
     model directory, default the configured backbone) in the precision's frozen dtype, and the
@@ -133,7 +145,7 @@ def build_on_meta(config, source: str | None = None, precision: str = "bf16-mixe
                                      family=getattr(config, "backbone_family", "auto"))
     torch.manual_seed(config.train.seed)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _DataOnCpu():
             method = build_method(config, backbone)
     except (RuntimeError, NotImplementedError, AttributeError, TypeError) as exc:
         raise UserError(f"method: {config.method} cannot be built on the meta device for the plan "
@@ -177,6 +189,9 @@ def plan(config, *, source: str | None = None, gpu_memory_gib: float = 80.0, wor
     precision = resolve_precision(settings["precision"], device_type)
     act = 4 if precision == "fp32" else 2
     backbone, method = build_on_meta(config, source, precision)
+    positions = getattr(backbone.config, "max_position_embeddings", None) or config.max_length
+    if config.max_length > positions:
+        raise UserError(f"field max_length: {config.max_length} exceeds the backbone's {positions} positions")
     counts = count(method)
     trained = counts["trained_params"]
     frozen = _frozen_bytes(method)

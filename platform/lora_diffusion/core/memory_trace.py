@@ -166,7 +166,8 @@ def _forward_to_stop(backbone, method, inputs: dict, context, pack) -> str:
                     f"its own activations are not counted")
         finally:
             method.set_context(None)
-    raise UserError(f"method: the {method.name} forward on {backbone.family.name} cannot be traced on the meta device")
+    raise UserError(f"method: the {method.name} forward on {backbone.family.name} cannot be traced on the "
+                    f"meta device: {note}")
 
 
 def measured_peak(recipe, steps: int = 3) -> int:
