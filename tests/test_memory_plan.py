@@ -130,3 +130,16 @@ def test_trajectory_activations_are_saved_from_its_injected_block_on_every_time(
     blocks = traces[0].per_block
     assert traces[0] == traces[1]
     assert blocks[:2] == [0, 0] and blocks[2] > 0 and len(set(blocks[3:])) == 1 and blocks[3] > blocks[2]
+
+
+def test_precision_sets_the_bytes_of_frozen_and_trainable_tensors():
+    """fp32 upcasts LLaDA's bf16 checkpoint; bf16-mixed keeps it, trainables fp32; bf16-true
+    keeps trainables, their gradients and moments in bf16 (core/precision.py)."""
+    config = _config(method="lora", max_length=128, **{"train.batch_size": 2})
+    plans = {p: memory_plan.plan(config, source="llada-8b", overrides={"precision": p})
+             for p in ("fp32", "bf16-mixed", "bf16")}
+    n = plans["fp32"].params_trainable
+    assert plans["fp32"].frozen_weights == 2 * plans["bf16-mixed"].frozen_weights == 2 * plans["bf16"].frozen_weights
+    assert plans["bf16-mixed"].gradients == 4 * n and plans["bf16-mixed"].optimizer == 8 * n
+    assert plans["bf16"].gradients == 2 * n and plans["bf16"].optimizer == 4 * n
+    assert plans["fp32"].activations == 2 * plans["bf16-mixed"].activations

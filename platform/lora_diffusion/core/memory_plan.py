@@ -4,21 +4,29 @@ The backbone is built from its config on the meta device (core/standin.py: shape
 the configured method is attached as in training, and the bytes are added up:
 
 - weights: frozen tensors in the dtype the precision keeps them in (the checkpoint's for
-  bf16-mixed, bf16 for bf16, fp32 for fp32), trainable parameters in fp32;
-- gradients: fp32, trainable only; AdamW: two fp32 moments per trainable parameter; under
-  bf16-mixed, autocast's cached bf16 copies of the trainable weights (2 bytes each);
+  bf16-mixed, bf16 for bf16, fp32 for fp32), trainable parameters in fp32 (bf16 under bf16,
+  core/precision.py's "bf16-true");
+- gradients: trainable only, in the trainable dtype; AdamW: two moments per trainable parameter,
+  and its step's temporaries (the foreach path on a GPU: one per trainable tensor at once; on a
+  CPU the largest tensor's); under bf16-mixed, autocast's cached bf16 copies of the trainable
+  weights (2 bytes each);
 - activations: the tensors autograd saves for backward, found by running the forward of one
   micro-batch [micro_batch, max_length] on the meta device with the method attached and counting
-  every saved tensor once (storage, not view; parameters excluded). With gradient checkpointing a
-  block keeps only its input, and the one block being recomputed keeps its own set. The trace
-  runs in fp32; bf16 precisions count its floating tensors at 2 bytes (autocast keeps norms and
-  softmax statistics in fp32: an approximation, checked on a GPU where one is at hand). Backward
-  adds the gradient flowing through the largest block (`BACKWARD_FACTOR` x its saved set);
+  every saved tensor once (storage, not view; parameters excluded; core/memory_trace.py). With
+  gradient checkpointing a block keeps only its input, and the one block being recomputed keeps
+  its own set. The trace runs in fp32; bf16 precisions count its floating tensors at 2 bytes
+  (autocast keeps norms and softmax statistics in fp32: an approximation, to check on a GPU).
+  Backward's working set adds two hidden-state gradients, the gradient of the widest tensor a
+  block saves, and the fresh gradient of the largest trainable tensor;
 - logits, at masked positions only, chunked: rows = micro_batch x response tokens (every
-  response position masked, the worst step), at most LOGITS_CHUNK_ROWS rows alive; bytes =
-  rows x vocab x (12 + act) where 12 is three fp32 [rows, V] tensors alive when backward starts
-  (the log-softmax saved by cross-entropy, its incoming gradient, the gradient it returns) and
-  act the logits in the compute dtype where that is not fp32 (their fp32 copy is the first).
+  response position masked, the worst step), at most `train.logits_chunk_rows` rows alive
+  (default 2048); bytes = rows x vocab x (12 + act) where 12 is three fp32 [rows, V] tensors
+  alive when backward starts (the log-softmax saved by cross-entropy, its incoming gradient,
+  the gradient it returns) and act the logits in the compute dtype where that is not fp32.
+
+The peak is the state (weights, gradients, AdamW moments) plus the larger of the working set
+(activations, logits, backward, autocast copies) and the AdamW step's temporaries: activations
+are freed before the optimiser steps.
 
 GPUs: a trial fits when its peak is within USABLE_FRACTION of the GPU (the CUDA context, the
 caching allocator's fragmentation and NCCL buffers take the rest). A trial that does not fit one
@@ -40,7 +48,7 @@ from .errors import MEMORY_KNOBS, UserError
 from .methods import build_method
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
-LOGITS_CHUNK_ROWS = 1024  # rows of [rows, vocab] logits alive at once (masked positions, chunked)
+LOGITS_CHUNK_ROWS = 2048  # train.logits_chunk_rows where a config has none: rows of logits alive at once
 USABLE_FRACTION = 0.9
 GIB = 2**30
 KNOBS = MEMORY_KNOBS  # what lowers a trial's peak (named by the refusal and by out-of-memory lines)
@@ -67,9 +75,9 @@ def train_settings(config, workers: int = 1, overrides: dict | None = None) -> d
             "micro_batch": min(micro, per_worker), "batch": per_worker}
 
 
-def logits_bytes(rows: int, vocab: int, act_bytes: int) -> int:
+def logits_bytes(rows: int, vocab: int, act_bytes: int, chunk_rows: int = LOGITS_CHUNK_ROWS) -> int:
     """Logits at masked positions, chunked: see the module docstring."""
-    alive = min(rows, LOGITS_CHUNK_ROWS)
+    alive = min(rows, chunk_rows)
     return alive * vocab * (12 + (act_bytes if act_bytes != 4 else 0))
 
 
@@ -200,18 +208,20 @@ def plan(config, *, source: str | None = None, gpu_memory_gib: float = 80.0, wor
     method.float()  # the trace runs in fp32 (hooks and weights agree); bf16 counts 2 bytes
     trace = trace_activations(backbone, method, settings["micro_batch"], config.max_length, act, device_type)
     rows = settings["micro_batch"] * (response_tokens or response_positions(config))
+    chunk_rows = getattr(config.train, "logits_chunk_rows", None) or LOGITS_CHUNK_ROWS
+    tb = 2 if precision == "bf16" else 4  # trainable tensors, their gradients and moments (bf16-true: bf16)
     result = MemoryPlan(
         backbone=source or config.backbone, family=backbone.family.name, method=config.method,
         precision=precision, checkpointing=settings["checkpointing"], micro_batch=settings["micro_batch"],
         max_length=config.max_length, response_tokens=response_tokens or response_positions(config),
         params_total=total, params_trainable=trained,
-        weights=frozen + 4 * trained, gradients=4 * trained, optimizer=8 * trained,
+        weights=frozen + tb * trained, gradients=tb * trained, optimizer=2 * tb * trained,
         autocast_cache=2 * trained if precision == "bf16-mixed" else 0,
-        activations=trace.saved(settings["checkpointing"]), logits=logits_bytes(rows, backbone.vocab_size, act),
-        backward=trace.backward_transient() + 4 * _largest_trainable(method), gpu_memory=int(gpu_memory_gib * GIB),
+        activations=trace.saved(settings["checkpointing"]), logits=logits_bytes(rows, backbone.vocab_size, act, chunk_rows),
+        backward=trace.backward_transient() + tb * _largest_trainable(method), gpu_memory=int(gpu_memory_gib * GIB),
         note=trace.note,
         largest_block_params=block_params, frozen_weights=frozen,
-        optimizer_step=_adamw_step_bytes(method, device_type))
+        optimizer_step=_adamw_step_bytes(method, device_type) * tb // 4)
     result.fit = placement(result)
     return result
 
