@@ -16,24 +16,26 @@ import torch
 from support.procs import kill_session
 
 from lora_diffusion.cli import main
-from lora_diffusion.core import diffusion
 from lora_diffusion.core.errors import OutOfDeviceMemory
 from lora_diffusion.engine.callbacks import FAILURE_TAG, failure_reason
 
 KNOBS = ("train.micro_batch_size", "train.gradient_checkpointing", "max_length")
 
 
-def _oom_from_the_loss(monkeypatch):
-    def loss(*args, **kwargs):
+def _oom_from_the_step(monkeypatch):
+    """Every training step runs out of memory, as a step too large for its GPU does."""
+    from lora_diffusion.core.recipe import Recipe
+
+    def step(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(diffusion, "diffusion_loss", loss)
+    monkeypatch.setattr(Recipe, "train_step", step)
 
 
 def test_a_step_out_of_memory_ends_the_run_with_one_line_naming_the_knobs(tiny_config, monkeypatch):
     from lora_diffusion.core.recipe import Recipe
 
     recipe = Recipe(tiny_config())
-    _oom_from_the_loss(monkeypatch)
+    _oom_from_the_step(monkeypatch)
     with pytest.raises(OutOfDeviceMemory) as caught:
         recipe.run(log=None)
     line = str(caught.value)
@@ -44,7 +46,7 @@ def test_a_step_out_of_memory_ends_the_run_with_one_line_naming_the_knobs(tiny_c
 
 def test_the_train_verb_prints_the_line_and_exits_3(tiny_backbone_dir, synthetic_data_dir, tmp_path,
                                                      monkeypatch, capsys):
-    _oom_from_the_loss(monkeypatch)
+    _oom_from_the_step(monkeypatch)
     args = ["train", "--output-dir", str(tmp_path / "out")]
     for s in (f"backbone={tiny_backbone_dir}", f"data_dir={synthetic_data_dir}", "trajectory.injection_layers=[0]",
               "train.steps=1", "max_train_examples=16", "max_eval_examples=8"):
