@@ -14,8 +14,9 @@ the configured method is attached as in training, and the bytes are added up:
   micro-batch [micro_batch, max_length] on the meta device with the method attached and counting
   every saved tensor once (storage, not view; parameters excluded; core/memory_trace.py). With
   gradient checkpointing a block keeps only its input, and the one block being recomputed keeps
-  its own set. The trace runs in fp32; bf16 precisions count its floating tensors at 2 bytes
-  (autocast keeps norms and softmax statistics in fp32: an approximation, to check on a GPU).
+  its own set. The trace runs in fp32; where the frozen weights are bf16 (a bf16 checkpoint under
+  bf16-mixed, or bf16) its floating tensors count 2 bytes (an approximation, to check on a GPU),
+  over fp32 weights 4 (autocast over fp32 weights saves little, measured on the CPU).
   Backward's working set adds two hidden-state gradients, the gradient of the widest tensor a
   block saves, and the fresh gradient of the largest trainable tensor;
 - logits, at masked positions only, chunked: rows = micro_batch x response tokens (every
@@ -169,6 +170,15 @@ def _frozen_bytes(method) -> int:
     return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in trainable)
 
 
+def _activation_bytes(precision: str, model_config: dict) -> int:
+    """Bytes of a saved floating activation: 2 where the frozen weights are bf16 (a bf16
+    checkpoint under bf16-mixed, or bf16), else 4. Autocast over fp32 weights saves little: its
+    norms and softmax stay fp32 and it saves the bf16 copies of the weights beside the inputs
+    (MiniLM, LoRA, CPU: bf16-mixed peaks at 95% of fp32's), so the plan counts fp32 there."""
+    frozen = _frozen_dtype(precision, standin.checkpoint_dtype(model_config))
+    return 2 if frozen == torch.bfloat16 and precision != "fp32" else 4
+
+
 def _largest_trainable(method) -> int:
     """Elements of the largest trainable tensor: its fresh gradient is made in full before
     backward adds it into `.grad` (which the recipe keeps between steps)."""
@@ -195,8 +205,8 @@ def plan(config, *, source: str | None = None, gpu_memory_gib: float = 80.0, wor
     """The memory plan of one trial of `config` (see the module docstring)."""
     settings = train_settings(config, workers, overrides)
     precision = resolve_precision(settings["precision"], device_type)
-    act = 4 if precision == "fp32" else 2
     backbone, method = build_on_meta(config, source, precision)
+    act = _activation_bytes(precision, standin.read_config(source or config.backbone)[1])
     positions = getattr(backbone.config, "max_position_embeddings", None) or config.max_length
     if config.max_length > positions:
         raise UserError(f"field max_length: {config.max_length} exceeds the backbone's {positions} positions")
