@@ -24,7 +24,7 @@ from .backbone import backbone_fingerprint, load_backbone
 from .checkpoint import read as read_checkpoint
 from .config import Config
 from .diffusion import seeded
-from .errors import TrainingDiverged, UserError, check
+from .errors import TrainingDiverged, UserError, check, out_of_memory
 from .recipe_data import RecipeData, task_of
 from .step import attach, denoise as denoise_with_context, loss_backward
 from .task_specs import run_metric
@@ -246,7 +246,10 @@ class Recipe(RecipeData):
         tr = self.config.train
         wall0 = time.perf_counter()
         while self.params and self.step < tr.steps:  # nothing to train: evaluated as built
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except torch.OutOfMemoryError as exc:  # an answer, not a crash: the knobs that lower it
+                raise out_of_memory(self.step + 1, exc) from None
             if log and self.step % 50 == 0 and self.step % tr.eval_every:
                 log(f"step {self.step:5d}  loss {metrics['train/loss']:.4f}  "
                     f"{self.train_time / self.step:.3f} s/step")

@@ -347,10 +347,11 @@ def _error_text(trial) -> str:
 
 def failure_reason(text: str) -> str:
     """One line out of a failed trial's traceback (Tune wraps the Train worker's, which wraps
-    the recipe's): the divergence guard's line if there is one, else the last `XError: message`
-    line, else the last line."""
+    the recipe's): the divergence guard's or the out-of-memory line (core/errors.py) if there is
+    one, else the last `XError: message` line, else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for pattern in (r"TrainingDiverged: (.*)", r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b.*)$"):
+    for pattern in (r"(?:TrainingDiverged|OutOfDeviceMemory): (.*)",
+                    r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)\b.*)$"):
         found = [m.group(1) for m in map(re.compile(pattern).search, lines) if m]
         if found:
             return found[-1][:500]

@@ -133,6 +133,18 @@ def check_cluster_gpus(gpus_per_worker: float, cluster_gpus: float) -> None:
                         "a GPU, or pass --gpus-per-worker 0)")
 
 
+def check_memory(config, gpus_per_worker: float | None, workers: int, gpu_memory_gib: float) -> None:
+    """A GPU trial whose memory plan (core/memory_plan.py, the backbone on the meta device) does
+    not fit the GPUs it asks for is one UserError naming the field to change, before Ray starts.
+    CPU trials (no GPU asked for) are not planned."""
+    if not gpus_per_worker:
+        return
+    from ..core.memory_plan import refuse_unfit
+
+    refuse_unfit(config, gpu_memory_gib=gpu_memory_gib, workers=workers,
+                 gpus_per_trial=max(1, int(gpus_per_worker * workers)))
+
+
 PREPARE_HINT = ("a prepared CPU diffusion LM is made first by `lora-diffusion prepare-backbone "
                 "--mode full --out {name}` (README: A CPU diffusion LM)")
 

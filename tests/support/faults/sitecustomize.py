@@ -9,7 +9,11 @@ in which trial).
 The sweep's workers call `ray.train.report` through the module (engine/trial.py), so they get
 the wrapper. With LORA_DIFFUSION_TEST_NAN_AT=STEP, the diffusion loss of every training step
 from STEP on is NaN (`lora_diffusion.core.step.loss_backward`, what Recipe.train_step calls, wrapped
-on import): the recipe's divergence guard must stop the trial. Without the variables this module does nothing.
+on import): the recipe's divergence guard must stop the trial. With LORA_DIFFUSION_TEST_OOM_WHEN=KEY=VALUE, the
+training step of a recipe whose flattened config has KEY = VALUE raises torch.OutOfMemoryError
+(`Recipe.train_step` wrapped on import), as a step that does not fit its GPU does: the trial must
+end FAILED with the out-of-memory line while the others finish. Without the variables this module
+does nothing.
 """
 
 import functools
@@ -21,6 +25,26 @@ from pathlib import Path
 
 KILL_WORKER_ENV = "LORA_DIFFUSION_TEST_KILL_WORKER"
 NAN_AT_ENV = "LORA_DIFFUSION_TEST_NAN_AT"
+OOM_WHEN_ENV = "LORA_DIFFUSION_TEST_OOM_WHEN"
+
+
+def _oom_when(condition: str):
+    key, value = condition.split("=", 1)
+
+    def wrap(recipe_class):
+        train_step = recipe_class.train_step
+
+        @functools.wraps(train_step)
+        def step_or_oom(self, *args, **kwargs):
+            if str(self.config.flat().get(key)) == value:
+                import torch
+
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB "
+                                             "(injected by tests/support/faults)")
+            return train_step(self, *args, **kwargs)
+        recipe_class.train_step = step_or_oom
+        return recipe_class
+    return wrap
 
 
 def _nan_from(step: int):
@@ -98,6 +122,9 @@ def _install() -> None:
     if os.environ.get(NAN_AT_ENV):
         sys.meta_path.insert(0, _OnImport("lora_diffusion.core.step", _nan_from(int(os.environ[NAN_AT_ENV])),
                                           "loss_backward"))
+    if os.environ.get(OOM_WHEN_ENV):
+        sys.meta_path.insert(0, _OnImport("lora_diffusion.core.recipe", _oom_when(os.environ[OOM_WHEN_ENV]),
+                                          "Recipe"))
 
 
 _install()
