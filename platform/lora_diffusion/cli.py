@@ -192,62 +192,11 @@ def _add_prepare_parser(sub) -> None:
     b.set_defaults(func=cmd_prepare)
 
 
-def cmd_plan(args) -> int:
-    """The memory plan (core/memory_plan.py): one trial's bytes per worker and its GPU placement."""
-    from .core import memory_plan, standin
-
-    config = config_lib.load(args.config, args.set)
-    overrides = {"precision": args.precision, "micro_batch_size": args.micro_batch_size,
-                 "gradient_checkpointing": {"on": True, "off": False}.get(args.gradient_checkpointing)}
-    sources = standin.shipped_names() if args.table else [args.backbone]
-    methods = args.methods.split(",") if args.methods else [config.method]
-    plans = []
-    for source in sources:
-        for method in methods:
-            config.method = method
-            plans.append(memory_plan.plan(config, source=source, gpu_memory_gib=args.gpu_memory_gib,
-                                          workers=args.workers, device_type=args.device,
-                                          response_tokens=args.response_tokens, overrides=overrides))
-            if not args.table:
-                print(memory_plan.describe(plans[-1]), end="\n\n")
-    if args.table:
-        print(memory_plan.table(plans))
-    if args.measure:  # the plan checked: this config's real steps on this machine (CPU)
-        from .core.memory_trace import measured_peak
-        from .core.recipe import Recipe
-
-        measured = measured_peak(Recipe(config), steps=args.measure)
-        print(f"measured peak over {args.measure} steps {measured / 2**20:.1f} MiB, predicted "
-              f"{plans[-1].peak / 2**20:.1f} MiB ({plans[-1].peak / measured - 1:+.1%})")
-    return 0
-
-
-def _add_plan_parser(sub) -> None:
-    m = sub.add_parser("plan", help="memory plan of a trial: bytes per worker, fits, GPUs per trial, trials per GPU")
-    m.add_argument("--config", help="YAML/JSON config file (its method, batch, length, precision)")
-    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. lora.rank=32")
-    m.add_argument("--backbone", help="a shipped config (llada-8b, dream-7b, modernbert-large, mdlm-owt), a model "
-                                      "directory or config.json (default: the configured backbone)")
-    m.add_argument("--table", action="store_true", help="a markdown table of the four shipped configs")
-    m.add_argument("--methods", help="comma-separated methods planned in turn (default: the configured one)")
-    m.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    m.add_argument("--workers", type=int, default=1, help="data-parallel workers sharing train.batch_size")
-    m.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what train.precision=auto resolves for")
-    m.add_argument("--response-tokens", type=int, help="response tokens a row (default: the task's)")
-    m.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed", "bf16"), help="overrides train.precision")
-    m.add_argument("--gradient-checkpointing", choices=("on", "off"), help="overrides train.gradient_checkpointing")
-    m.add_argument("--micro-batch-size", type=int, help="overrides train.micro_batch_size")
-    m.add_argument("--measure", type=int, metavar="STEPS", help="also run STEPS training steps of the "
-                   "config here and print their measured peak tensor memory beside the plan's (CPU)")
-    m.set_defaults(func=cmd_plan)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-diffusion", description=__doc__,
                                 epilog="each verb: lora-diffusion VERB --help",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    _add_plan_parser(sub)
 
     t = sub.add_parser("train", help="train one configuration")
     t.add_argument("--config", help="YAML/JSON config file (defaults are in config.py)")
@@ -363,6 +312,12 @@ def _gpu_check(argv, prog):
     return gpu.main(argv, prog)
 
 
+def _plan(argv, prog):
+    from .experiments import plan
+
+    return plan.main(argv, prog)
+
+
 def _results(argv, prog):
     from .experiments import results
 
@@ -383,6 +338,7 @@ DELEGATED = {
     "bench-report": ("the README's performance table and plots from a bench JSON", _bench_report),
     "gpu-check": ("one LLaDA-8B-shaped training step on one GPU, no Ray/MLflow: precision, checkpointing, MFU",
                   _gpu_check),
+    "plan": ("memory plan of a trial: bytes per worker, fits, GPUs per trial, trials per GPU", _plan),
     "results": ("rebuild the reports in docs/results/ from their records (MLflow, JSON)", _results),
     "bench-cluster": ("the benchmark as one Ray task on a cluster node (--gpus 1: a GPU node)",
                       _bench_cluster),
