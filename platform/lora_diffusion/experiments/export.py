@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import tempfile
-from pathlib import Path
 
 from ..core import export as export_lib
 from ..core.errors import UserError
