@@ -200,3 +200,48 @@ def test_a_failed_export_leaves_nothing_at_out(trained, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         export.export(trained("trajectory"), "native", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+# The MLflow model's code (engine/pyfunc_model.py) run as MLflow runs it: a file, not this package.
+WRAPPER = r"""
+import runpy, sys, types
+import numpy as np
+ns = runpy.run_path(sys.argv[1])
+model = ns["ExportedDenoiser"]()
+model.load_context(types.SimpleNamespace(artifacts={"model": sys.argv[2]}))
+inputs = {"input_ids": np.load(sys.argv[3]), "attention_mask": np.load(sys.argv[4]), "t": [float(sys.argv[5])]}
+np.save(sys.argv[6], model.predict(None, inputs))
+assert not [m for m in sys.modules if m.startswith("lora_diffusion")], "imported lora_diffusion"
+"""
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "mdlm"])
+def test_merged_remote_code_family_loads_with_its_own_code_alone(family, synthetic_data_dir, tmp_path):
+    """LLaDA, Dream and MDLM merged: their code files beside the weights, loaded by AutoModel with
+    trust_remote_code, called as export.json says (Dream's shift, MDLM's time): the platform's logits."""
+    from lora_diffusion.core import precision
+    from lora_diffusion.core.backbone import backbone_fingerprint, load_backbone
+    from lora_diffusion.core.step import attach
+    from lora_diffusion.engine import model_registry
+    from support import tiny_families
+
+    source = tiny_families.build(family, tmp_path / family)
+    config = config_lib.from_dict({}, {"backbone": str(source), "trust_remote_code": True, "method": "lora",
+                                       "data_dir": str(synthetic_data_dir), "max_length": 24})
+    torch.manual_seed(config.backbone_seed)
+    backbone = load_backbone(str(source), trust_remote_code=True)
+    fingerprint = backbone_fingerprint(backbone)
+    method = attach(config, backbone, "fp32", torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in method.trainable().items():
+            p.normal_(0, 0.2) if "lora_B" in name else None
+    ckpt = checkpoint.save(tmp_path / "ckpt", method, config, fingerprint, backbone.source)
+    out = export.export(ckpt, "merged", tmp_path / "merged")
+    assert list(out.glob("modeling_*.py"))
+    ids, attn = torch.randint(0, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    np.save(tmp_path / "attn.npy", attn.numpy())
+    run_outside(WRAPPER, [str(model_registry.CODE), str(out), str(tmp_path / "ids.npy"), str(tmp_path / "attn.npy"),
+                          str(T), str(tmp_path / "got.npy")], tmp_path)
+    diff = np.abs(np.load(tmp_path / "got.npy") - platform_logits(ckpt, ids, attn)).max()
+    assert diff <= MERGED_TOL, diff
