@@ -219,7 +219,6 @@ assert not [m for m in sys.modules if m.startswith("lora_diffusion")], "imported
 def test_merged_remote_code_family_loads_with_its_own_code_alone(family, synthetic_data_dir, tmp_path):
     """LLaDA, Dream and MDLM merged: their code files beside the weights, loaded by AutoModel with
     trust_remote_code, called as export.json says (Dream's shift, MDLM's time): the platform's logits."""
-    from lora_diffusion.core import precision
     from lora_diffusion.core.backbone import backbone_fingerprint, load_backbone
     from lora_diffusion.core.step import attach
     from lora_diffusion.engine import model_registry
