@@ -13,6 +13,7 @@ one line naming the method and its formats, and write nothing.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,9 @@ def trained(tiny_backbone_dir, synthetic_data_dir, tmp_path_factory):
     is P E Q with E starting at zero), built on first use."""
     root, made = tmp_path_factory.mktemp("export-ckpts"), {}
 
-    def make(method: str) -> Path:
-        if method not in made:
+    def make(method: str, name: str | None = None, **sets) -> Path:
+        name = name or method
+        if name not in made:
             from lora_diffusion.core.recipe import Recipe
 
             config = config_lib.from_dict({}, {
@@ -43,13 +45,13 @@ def trained(tiny_backbone_dir, synthetic_data_dir, tmp_path_factory):
                 "max_length": 32, "max_train_examples": 64, "max_eval_examples": 8, "train_accuracy_examples": 8,
                 "train.steps": 4, "train.batch_size": 8, "train.eval_every": 4, "train.warmup_steps": 1,
                 "train.lr": 1e-2, "trajectory.injection_layers": [0], "trajectory.num_phases": 2,
-                "gelora.samples": 32, "diffusion.eval_t_points": 1, **LARGER_RATE.get(method, {})})
+                "gelora.samples": 32, "diffusion.eval_t_points": 1, **LARGER_RATE.get(method, {}), **sets})
             recipe = Recipe(config)
             for _ in range(3):
                 recipe.train_step()
-            made[method] = checkpoint.save(root / method, recipe.method, config, recipe.fingerprint,
-                                           recipe.backbone.source)
-        return made[method]
+            made[name] = checkpoint.save(root / name, recipe.method, config, recipe.fingerprint,
+                                         recipe.backbone.source)
+        return made[name]
     return make
 
 
@@ -175,6 +177,21 @@ def test_native_export_round_trips_through_the_loader(trained, inputs, tmp_path)
             torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)
         texts = loaded.generate(["the film was", "a dull story"], response_tokens=3, steps=3)
         assert len(texts) == 2 and all(isinstance(x, str) for x in texts)
+
+
+def test_native_router_export_carries_its_experts(trained, inputs, tmp_path):
+    """A router's experts are copied into the export: it loads after the originals are gone."""
+    import lora_diffusion
+
+    experts = [shutil.copytree(trained("trajectory"), tmp_path / f"expert{k}") for k in range(2)]
+    router = trained("router", name="router-export", **{"router.checkpoints": [str(p) for p in experts]})
+    ids, attn = inputs
+    want = platform_logits(router, ids, attn)
+    out = export.export(router, "native", tmp_path / "router")
+    for p in experts:
+        shutil.rmtree(p)
+    assert json.loads((out / "config.json").read_text())["router"]["checkpoints"] == ["experts/0", "experts/1"]
+    np.testing.assert_array_equal(lora_diffusion.load(out).logits(ids, attn, T).numpy(), want)
 
 
 @pytest.mark.parametrize("method,fmt,formats", [("trajectory", "peft", "native"), ("trajectory", "merged", "native"),
