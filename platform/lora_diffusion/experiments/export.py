@@ -61,9 +61,12 @@ def trial_checkpoint(storage, stage: str, trial_id: str) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def selected_checkpoint(storage, tracking_uri: str, stage: str, seed: int | None = None):
-    """(local checkpoint directory, trial row, step) of the stage's selected seed, while inside."""
+def selected_checkpoint(storage, tracking_uri: str, stage: str, seed: int | None = None, fmt: str | None = None):
+    """(local checkpoint directory, trial row, step) of the stage's selected seed, while inside;
+    a `fmt` its method (the trial's tag) does not have is refused before anything is copied."""
     row = selected_trial(tracking_uri, stage, seed)
+    if fmt is not None and isinstance(row.get("method"), str):
+        export_lib.check_format(row["method"], fmt)
     rel, step = trial_checkpoint(storage, stage, row["trial_id"])
     with tempfile.TemporaryDirectory(prefix="lora-diffusion-checkpoint-") as scratch:
         yield storage.local_copy(rel, scratch), row, step
@@ -102,7 +105,6 @@ def main(argv: list[str] | None = None, prog: str = "lora-diffusion export") -> 
     if args.checkpoint:
         if args.seed is not None:
             raise UserError("--seed: only with --sweep (a checkpoint directory is one seed)")
-        export_lib.check_format(export_lib.method_of(args.checkpoint), args.format)
         out = export_lib.export(args.checkpoint, args.format, args.out, args.overwrite)
         print(f"{args.format} export of {args.checkpoint} in {out}")
         return 0
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None, prog: str = "lora-diffusion export") -> 
     if not storage.exists(f"{stage}/train"):
         raise UserError(f"--sweep: {args.sweep} has no retrain stage with checkpoints ({storage.join(stage, 'train')})")
     uri = _sweep_tracking_uri(storage, args.sweep, args.tracking_uri)
-    with selected_checkpoint(storage, uri, stage, args.seed) as (path, row, step):
+    with selected_checkpoint(storage, uri, stage, args.seed, args.format) as (path, row, step):
         out = export_lib.export(path, args.format, args.out, args.overwrite)
     print(f"{args.format} export of {args.sweep}'s retrained seed {int(row['seed'])} (trial {row['trial_id']}, "
           f"step {step}) in {out}")
