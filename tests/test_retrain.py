@@ -115,6 +115,8 @@ def test_sweep_retrains_its_selection_with_fresh_seeds_once(tiny_backbone_dir, s
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert "selected configuration, retrained: test/accuracy" in first.stdout
+    # its best seed on validation, logged as an MLflow model from its Train checkpoint (issue 47)
+    assert "(best on validation) logged as merged model models:/" in first.stdout, first.stdout[-3000:]
 
     best = json.loads((storage / "rt" / "best.json").read_text())
     assert best["selection"]["metric"] == "validation/accuracy" and "validation/accuracy" in best
@@ -140,6 +142,7 @@ def test_sweep_retrains_its_selection_with_fresh_seeds_once(tiny_backbone_dir, s
     again = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "rt-retrain: finished earlier, not run again" in again.stdout
+    assert "logged as" not in again.stdout  # the model is logged once
     assert len(runs()) == 2  # not trained twice
     assert json.loads((storage / "rt" / "best.json").read_text())["retrain"]["seeds"] == [1, 2]
 

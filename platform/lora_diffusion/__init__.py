@@ -14,3 +14,13 @@ worker, a test or `lora-diffusion train` loads core without them. See CONTRIBUTI
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`lora_diffusion.load(DIR)`: a checkpoint as a model with `logits` and `generate`
+    (core/loader.py), imported on first use so that `import lora_diffusion` stays light."""
+    if name == "load":
+        from .core.loader import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

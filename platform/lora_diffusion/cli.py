@@ -12,6 +12,7 @@
     calibrate-injection          where trajectory modules go: placements side by side
     overlap                      each task's split sizes and evaluation-set overlap
     local-cluster                cluster.yaml's one-machine variant (and its loopback sshd)
+    export                       a checkpoint (or a sweep's retrained selection) as PEFT, merged or native
 
 Bad input (a config field, a missing file, an unknown backbone) prints one line naming the field
 or file and exits with code 2, before anything is written.
@@ -318,6 +319,12 @@ def _plan(argv, prog):
     return plan.main(argv, prog)
 
 
+def _export(argv, prog):
+    from .experiments import export
+
+    return export.main(argv, prog)
+
+
 def _results(argv, prog):
     from .experiments import results
 
@@ -344,6 +351,8 @@ DELEGATED = {
                       _bench_cluster),
     "calibrate-injection": ("where trajectory modules go: accuracy and step time of three placements",
                             _calibrate_injection),
+    "export": ("a checkpoint, or a sweep's retrained selection, as a PEFT adapter, merged weights or native",
+               _export),
     "local-cluster": ("write cluster.yaml's one-machine variant; --sshd also serves its loopback sshd",
                       _local_cluster),
 }

@@ -65,4 +65,7 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
     p.add_argument("--retrain-seeds", type=int, default=None,
                    help="when the sweep ends, retrain its selected configuration with this many fresh seeds "
                         "(never used by the search) and report test (default 3, 1 with --smoke; 0 skips)")
+    p.add_argument("--register", action="store_true",
+                   help="register the retrain stage's logged model (its best seed on validation) in the "
+                        "MLflow Model Registry under the sweep's name")
     return p

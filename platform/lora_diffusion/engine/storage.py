@@ -90,6 +90,17 @@ class SweepStorage:
         infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
         return [info.base_name for info in infos]
 
+    def local_copy(self, rel: str, scratch: str | os.PathLike) -> Path:
+        """Directory `rel` as a local path: itself on a local store, else copied into `scratch`."""
+        import pyarrow.fs as pafs
+
+        if self.is_local:
+            return Path(self._path(rel))
+        dest = Path(scratch) / rel.strip("/").rsplit("/", 1)[-1]
+        pafs.copy_files(self._path(rel), str(dest), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return dest
+
     def read_text(self, rel: str) -> str:
         with self.fs.open_input_stream(self._path(rel)) as f:
             return f.read().decode()

@@ -6,6 +6,10 @@ The search chose its configuration on validation, so its best validation score i
 never used, and reports test mean ± std over them, with validation beside it, in the search's
 `best.json`, on its MLflow parent run (metrics, tags linking the two parent runs, description)
 and on the console. A finished retrain stage is not run again: a rerun only re-reads it.
+
+The stage's best seed on validation is then logged as an MLflow model (engine/model_registry.py)
+on its trial's run, once, and registered under the search's name with `--register` (a rerun
+with --register registers the model logged before).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
 FORWARDED = ("storage_path", "tracking_uri", "address", "max_concurrent", "workers", "experiment",
              "cpus_per_worker", "gpus_per_worker", "gpu_memory_gib", "max_failures", "verbose")
 NOTE_MARK = "\n\n**Retrained with fresh seeds**"
+MODEL_TAG, REGISTERED_TAG = "model.uri", "model.registered"  # on the stage's parent run
 
 
 def fresh_seeds(used, n: int) -> list[int]:
@@ -101,6 +106,7 @@ def run(args, log=print) -> int:
         _record(storage, uri, name, stage, best, summary)
         log(f"\nsweep {name}: selected configuration, retrained: " + line(summary)
             + f"; selection score (validation, best of the search) {best['selection']['score']:.4f}")
+        log_selected_model(storage, uri, name, stage, getattr(args, "register", False), log)
     return rc
 
 
@@ -149,6 +155,34 @@ def _record(storage, uri: str, name: str, stage: str, best: dict, summary: dict)
     note = client.get_run(search_run).data.tags.get("mlflow.note.content", "").split(NOTE_MARK)[0]
     client.set_tag(search_run, "mlflow.note.content", note + NOTE_MARK + f" (sweep `{stage}`): " + line(summary)
                    + f". Selection score (validation, best of the search): {best['selection']['score']:.4f}.\n")
+
+
+def log_selected_model(storage, uri: str, name: str, stage: str, register: bool, log=print) -> None:
+    """The stage's best seed (validation) as an MLflow model on its trial's run, linked to its
+    final metrics, once; registered as `name` when `register` (also a model logged before)."""
+    from ..analysis.trials import find_parent
+    from ..core.errors import UserError
+    from ..engine import model_registry
+    from .export import selected_checkpoint
+
+    client, stage_run = mlflow_client(uri), find_parent(uri, stage)
+    tags, version = stage_run.data.tags, None
+    if MODEL_TAG not in tags:
+        try:
+            with selected_checkpoint(storage, uri, stage) as (path, row, step):
+                info = model_registry.log_checkpoint_model(uri, row["run_id"], path, step, name if register else None)
+        except UserError as exc:
+            log(f"{stage}: no model logged ({exc})")
+            return
+        uri_of_model, version = info["model_uri"], info["registered_version"]
+        client.set_tag(stage_run.info.run_id, MODEL_TAG, uri_of_model)
+        client.set_tag(find_parent(uri, name).info.run_id, "retrain.model_uri", uri_of_model)
+        log(f"{stage}: seed {int(row['seed'])} (best on validation) logged as {info['format']} model {uri_of_model}")
+    elif register and REGISTERED_TAG not in tags:
+        version = model_registry.register(uri, tags[MODEL_TAG], name)
+    if version is not None:
+        client.set_tag(stage_run.info.run_id, REGISTERED_TAG, f"{name}/{version}")
+        log(f"{stage}: registered as models:/{name}/{version}")
 
 
 def main_after_sweep(args, rc: int) -> int:
