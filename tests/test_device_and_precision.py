@@ -126,6 +126,18 @@ def test_every_method_trains_on_a_bf16_checkpoint_with_fp32_trainables(bf16_dirs
     assert math.isclose(loss, reference.train_step()["train/loss"], rel_tol=LOSS_RTOL)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_method_trains_under_bf16_mixed_on_an_fp32_checkpoint(tiny_config, tiny_bert, case):
+    """MiniLM-style fp32 weights under autocast: activations come out fp32 or bf16 op by op, and a
+    method mixing them (a bf16 delta written into an fp32 buffer) fails only here."""
+    method, sets = CASES[case]
+    config = tiny_config(method=method, **sets, **{"train.precision": "bf16-mixed", "diagnostics.per_t_rows": 4})
+    recipe = Recipe(config, backbone=_copy(tiny_bert))
+    assert math.isfinite(recipe.train_step()["train/loss"])
+    assert {p.dtype for p in recipe.params} == {torch.float32}
+    assert 0 <= recipe.evaluate(recipe.validation_examples, "validation")["validation/accuracy"] <= 1
+
+
 def test_auto_precision_is_fp32_on_a_cpu_and_bf16_keeps_trainables_bf16(bf16_dirs, synthetic_data_dir, tmp_path):
     auto = _recipe(bf16_dirs["bert"], "lora", synthetic_data_dir, tmp_path)
     assert auto.precision == "fp32" and {p.dtype for p in auto.backbone.model.parameters()} == {torch.float32}

@@ -154,12 +154,15 @@ class LowRank(nn.Module):
         self.task_gain = nn.Parameter(torch.ones(num_tasks, rank)) if num_tasks else None
 
     def down(self, h: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
-        z = h @ self.A.T  # [n, S, r]
+        z = h @ self.A.to(h.dtype).T  # [n, S, r], in the activation's dtype (fp32 A on a bf16 backbone)
         if self.task_gain is not None:
             if task_ids is None:  # a silent default id would make conditioning a no-op
                 raise ValueError("a task-conditioned trajectory module needs Context.task_ids")
-            z = z * self.task_gain[task_ids][:, None, :]
+            z = z * self.task_gain[task_ids][:, None, :].to(z.dtype)
         return z
+
+    def up(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.B.to(z.dtype).T
 
 
 class TrajectoryLayer(nn.Module):
@@ -187,7 +190,7 @@ class TrajectoryLayer(nn.Module):
             z = self.module.down(h, task_ids)
             keep = torch.arange(z.shape[-1], device=z.device) < r[:, None]  # mask ranks above r(t)
             scale = (self.alpha / r.clamp(min=1).float()) * (r > 0)
-            return (z * keep[:, None, :]) @ self.module.B.T * scale[:, None, None]
+            return self.module.up(z * keep[:, None, :]) * scale[:, None, None].to(z.dtype)
         out = torch.zeros_like(h)
         for k in phase.unique().tolist():
             mod = self.phases[f"phase{k}"] if f"phase{k}" in self.phases else None
@@ -195,7 +198,8 @@ class TrajectoryLayer(nn.Module):
                 continue
             rows = phase == k
             ids = task_ids[rows] if task_ids is not None else None
-            out[rows] = mod.down(h[rows], ids) @ mod.B.T * (self.alpha / mod.rank)
+            # under autocast the product is bf16 while h may be fp32 (an fp32 checkpoint)
+            out[rows] = (mod.up(mod.down(h[rows], ids)) * (self.alpha / mod.rank)).to(out.dtype)
         return out
 
     def low_rank_pairs(self):
