@@ -9,35 +9,46 @@ import argparse
 from ..core import config as config_lib, memory_plan, standin
 
 
-def run(args) -> int:
-    """The memory plan (core/memory_plan.py): one trial's bytes per worker and its GPU placement."""
+def plans(args) -> tuple[list, object]:
+    """The plans the arguments ask for (each backbone x method), and the config they start from."""
     config = config_lib.load(args.config, args.set)
     overrides = {"precision": args.precision, "micro_batch_size": args.micro_batch_size,
                  "gradient_checkpointing": {"on": True, "off": False}.get(args.gradient_checkpointing)}
     sources = standin.shipped_names() if args.table else [args.backbone]
     methods = args.methods.split(",") if args.methods else [config.method]
-    plans = []
+    out = []
     for source in sources:
         for method in methods:
             config.method = method
-            plans.append(memory_plan.plan(config, source=source, gpu_memory_gib=args.gpu_memory_gib,
-                                          workers=args.workers, device_type=args.device,
-                                          response_tokens=args.response_tokens, overrides=overrides))
-            if not args.table:
-                print(memory_plan.describe(plans[-1]), end="\n\n")
+            out.append(memory_plan.plan(config, source=source, gpu_memory_gib=args.gpu_memory_gib,
+                                        workers=args.workers, device_type=args.device,
+                                        response_tokens=args.response_tokens, overrides=overrides))
+    return out, config
+
+
+def run(args) -> int:
+    """The memory plan (core/memory_plan.py): one trial's bytes per worker and its GPU placement."""
+    planned, config = plans(args)
     if args.table:
-        print(memory_plan.table(plans))
+        print(memory_plan.table(planned))
+    else:
+        for p in planned:
+            print(memory_plan.describe(p), end="\n\n")
     if args.measure:  # the plan checked: this config's real steps on this machine (CPU)
         from ..core.memory_trace import measured_peak
         from ..core.recipe import Recipe
 
         measured = measured_peak(Recipe(config), steps=args.measure)
         print(f"measured peak over {args.measure} steps {measured / 2**20:.1f} MiB, predicted "
-              f"{plans[-1].peak / 2**20:.1f} MiB ({plans[-1].peak / measured - 1:+.1%})")
+              f"{planned[-1].peak / 2**20:.1f} MiB ({planned[-1].peak / measured - 1:+.1%})")
     return 0
 
 
 def main(argv: list[str] | None = None, prog: str = "lora-diffusion plan") -> int:
+    return run(parser(prog).parse_args(argv))
+
+
+def parser(prog: str = "lora-diffusion plan") -> argparse.ArgumentParser:
     m = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     m.add_argument("--config", help="YAML/JSON config file (its method, batch, length, precision)")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. lora.rank=32")
@@ -54,4 +65,4 @@ def main(argv: list[str] | None = None, prog: str = "lora-diffusion plan") -> in
     m.add_argument("--micro-batch-size", type=int, help="overrides train.micro_batch_size")
     m.add_argument("--measure", type=int, metavar="STEPS", help="also run STEPS training steps of the "
                    "config here and print their measured peak tensor memory beside the plan's (CPU)")
-    return run(m.parse_args(argv))
+    return m

@@ -15,6 +15,8 @@ Each report says how it is made in its first line, a JSON spec in an HTML commen
   ablation summary `report` writes;
 - `composition`: NAME.composition.json in the sweep storage (`names`: its one `--name`), through
   `composition_report`.
+- `plan`: the memory plan's table (`argv`: `lora-diffusion plan` arguments), computed on the meta
+  device from the shipped configs: no record, regenerable anywhere.
 
 Rebuilding writes the spec line, a header (the command that measured the record, the date it
 was generated, the machine and commit it was measured on, the protocol) and the body, so
@@ -133,14 +135,37 @@ def build_composition(spec: dict, ctx: Context, out_dir: Path) -> Built:
     return Built(body.split("\n", 1)[1].replace("\n## ", "\n### ").strip("\n"))
 
 
+def build_plan(spec: dict, ctx: Context, out_dir: Path) -> Built:
+    """The memory plan's table: computed on the meta device from the shipped configs, no record."""
+    import platform
+
+    from lora_diffusion.core import memory_plan
+    from lora_diffusion.experiments import plan
+
+    planned, _ = plan.plans(plan.parser().parse_args(spec["argv"]))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return Built(memory_plan.table(planned), f"{when} (computed, not measured)",
+                 f"any: the plan runs on the meta device ({platform.machine()} here)", _head_commit(ctx.repo))
+
+
+def _head_commit(repo: Path) -> str | None:
+    """The checkout's commit: a computed report is of the code that computed it."""
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 BUILDERS = {"bench": build_bench, "soak": build_soak, "comparison": build_comparison,
-            "grid": build_grid, "composition": build_composition}
+            "grid": build_grid, "composition": build_composition, "plan": build_plan}
 
 
 def missing_record(spec: dict, ctx: Context) -> str | None:
     """Why this report cannot be rebuilt here (its record is absent), or None. Checked without
     opening the MLflow store, so a missing SQLite file is not created by asking."""
     kind = spec["kind"]
+    if kind == "plan":  # computed from the shipped configs: nothing to be missing
+        return None
     if kind in ("bench", "soak"):
         return None if (ctx.repo / spec["record"]).is_file() else f"no {spec['record']}"
     if kind in ("grid", "comparison") and ctx.tracking_uri.startswith("sqlite:///"):
@@ -161,7 +186,8 @@ def missing_record(spec: dict, ctx: Context) -> str | None:
 def render(spec: dict, built: Built, generated: str, name: str) -> str:
     """The whole report (`name`: its file's stem): spec line, title, header, body."""
     commit = built.commit or spec.get("commit") or "not recorded"
-    source = spec.get("record") or spec.get("sweep") or ", ".join(spec.get("names", []))
+    source = (spec.get("record") or spec.get("sweep") or ", ".join(spec.get("names", []))
+              or "the shipped backbone configs")
     lines = [f"<!-- results {json.dumps(spec, ensure_ascii=False)} -->", f"# {spec['title']}", "",
              f"{GENERATED} on {generated} from `{source}`; regenerate with "
              f"`lora-diffusion results --only {name}`.", "",
