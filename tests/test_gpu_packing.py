@@ -56,8 +56,7 @@ def _plan_of(placed, tmp_path) -> TrialPlan:
 
 def test_an_8b_full_fine_tuning_trial_asks_ray_for_the_gpus_the_plan_says(tmp_path):
     """The resource request only: the trial cannot run on CPU."""
-    memory_plan = pytest.importorskip("lora_diffusion.core.memory_plan")  # issue 42's plan (branch i42plan)
-    from lora_diffusion.core import config as config_lib
+    from lora_diffusion.core import config as config_lib, memory_plan
 
     config = config_lib.from_dict({}, {"method": "full", "max_length": 1024, "train.batch_size": 4,
                                        "train.gradient_checkpointing": True})
@@ -66,6 +65,27 @@ def test_an_8b_full_fine_tuning_trial_asks_ray_for_the_gpus_the_plan_says(tmp_pa
     assert need >= 2
     placed = pack(8, PlanFigures.of(p.fit), workers=1)
     assert _requested(_plan_of(placed, tmp_path)) == (need, {"CPU": 1.0, "GPU": 1.0}, True)
+
+
+def test_a_gpu_sweep_whose_trial_fits_no_gpu_is_refused_before_ray_starts(tiny_config, monkeypatch):
+    """On a machine or cluster with GPUs the sweep plans its base configuration before ray.init:
+    a trial whose activations alone exceed a GPU is one error naming the field to change."""
+    import ray
+    import torch
+
+    from lora_diffusion.engine import sweep
+
+    config = tiny_config()
+    spec = Namespace(fixed={"backbone": config.backbone, "data_dir": config.data_dir, "max_length": 32,
+                            "trajectory.injection_layers": [0], "train.batch_size": 64},
+                     sweep=Namespace(workers=1))
+    args = Namespace(gpus_per_worker=None, gpu_memory_gib=0.001)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match=r"field (train\.micro_batch_size|max_length|train\.gradient_checkpointing)"):
+        sweep.planned(args, spec, "local")
+    assert not ray.is_initialized()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU sweep here plans nothing
+    assert sweep.planned(args, spec, "local") is None
 
 
 def test_a_sharded_trial_asks_ray_for_one_gpu_per_rank(tmp_path):

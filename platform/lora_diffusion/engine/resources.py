@@ -68,10 +68,3 @@ def pack(cluster_gpus: float, figures: PlanFigures, workers: int) -> Placement:
     share = math.floor(10**GPU_SHARE_DIGITS / per_gpu) / 10**GPU_SHARE_DIGITS
     return Placement(1, share, max(1, gpus * per_gpu), False,
                      f"{per_gpu} trial(s) per GPU by the memory plan")
-
-
-def plan_figures(config, gpu_memory_gib: float, workers: int) -> PlanFigures:
-    """The memory plan of the sweep's base configuration on GPUs of `gpu_memory_gib`."""
-    from ..core.memory_plan import plan
-
-    return PlanFigures.of(plan(config, gpu_memory_gib=gpu_memory_gib, workers=workers).fit)

@@ -70,6 +70,7 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
     preflight.check_tracking_uri(spec.tracking_uri)  # the world: a few seconds at most, nothing written
     preflight.check_address(address)
     preflight.check_gpus(args.gpus_per_worker, address, spec.sweep.workers)
+    figures = planned(args, spec, address)  # a trial that cannot fit is refused here, before Ray
     tracking.prepare_uri(spec.tracking_uri)
     storage = SweepStorage(spec.storage)
     restore = args.resume and started(storage, spec.name)  # else no trial ever ran: start it afresh
@@ -89,7 +90,8 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
     t0 = time.time()
     tuner_lib.init_ray(address)
     try:
-        res = tuner_lib.resources(args, spec.sweep.workers, spec.sweep.max_concurrent, _figures(args, spec))
+        res = tuner_lib.resources(args, spec.sweep.workers, spec.sweep.max_concurrent,
+                                  figures if ray.cluster_resources().get("GPU") else None)
         preflight.check_cluster_gpus(res.gpus_per_worker, res.cluster_gpus)
         spec.sweep.workers, spec.sweep.max_concurrent = res.workers, res.max_concurrent  # the tuner's
         _banner(spec, address, res)
@@ -119,18 +121,28 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         ray.shutdown()
 
 
-def _figures(args, spec: SweepSpec):
-    """The memory plan's figures for the sweep's base configuration (its fixed overrides), on a
-    cluster with GPUs where --gpus-per-worker leaves the packing to the sweep; else None."""
-    import ray
+def planned(args, spec: SweepSpec, address: str):
+    """The memory plan of the sweep's base configuration (its fixed overrides), before Ray starts,
+    for a sweep that may run on GPUs: --gpus-per-worker given (a trial that does not fit the GPUs
+    it asks for is refused, naming the field), or left to the packing on a cluster or a machine
+    with a GPU (a trial that fits no number of GPUs is refused; the figures go to the packing).
+    None for a CPU sweep on this machine, which plans nothing."""
+    import torch
 
-    from ..core import config as config_lib
-    from .resources import DEFAULT_GPU_MEMORY_GIB, plan_figures
+    from ..core import config as config_lib, memory_plan
+    from .resources import DEFAULT_GPU_MEMORY_GIB, PlanFigures
 
-    if args.gpus_per_worker is not None or not ray.cluster_resources().get("GPU"):
+    if args.gpus_per_worker == 0 or (args.gpus_per_worker is None and address == "local"
+                                     and not torch.cuda.is_available()):
         return None
-    memory = args.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
-    return plan_figures(config_lib.from_dict({}, spec.fixed), memory, spec.sweep.workers)
+    config, memory = config_lib.from_dict({}, spec.fixed), args.gpu_memory_gib or DEFAULT_GPU_MEMORY_GIB
+    if args.gpus_per_worker:
+        preflight.check_memory(config, args.gpus_per_worker, spec.sweep.workers, memory)
+        return None
+    fit = memory_plan.plan(config, gpu_memory_gib=memory, workers=spec.sweep.workers).fit
+    if fit["gpus_per_trial"] is None:
+        memory_plan.refuse_unfit(config, gpu_memory_gib=memory, workers=spec.sweep.workers)
+    return PlanFigures.of(fit)
 
 
 def _trainable(spec: SweepSpec, res):
