@@ -9,6 +9,7 @@ untyped dict.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -198,6 +199,7 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
     if not (grid and ("backbone" in grid.axes or any("backbone" in c for c in grid.cells or []))):
         fixed, base = _local_backbone(fixed, base, fixed_cfg)
     _check_positions(fixed_cfg)
+    preflight.check_backbone_fit(run_configs(fixed, grid))
     _fit_grace_period(options, fixed_cfg, args.smoke)
     return SweepSpec(
         name=name, storage=storage.join(), exp_dir=storage.join(name), space_path=str(path),
@@ -229,6 +231,15 @@ def _local_backbone(fixed: dict, base: dict, fixed_cfg) -> tuple[dict, dict]:
         return fixed, base
     fixed_cfg.backbone = backbone
     return {**fixed, "backbone": backbone}, {**base, "backbone": backbone}
+
+
+def run_configs(fixed: dict, grid: GridSpec | None) -> list:
+    """The config of every distinct run setting before seeds: the fixed one, or each grid cell's."""
+    if grid is None:
+        return [config_lib.from_dict({}, fixed)]
+    cells = grid.cells if grid.cells is not None else \
+        [dict(zip(grid.axes, combo)) for combo in itertools.product(*grid.axes.values())]
+    return [config_lib.from_dict({}, {**fixed, **cell}) for cell in cells]
 
 
 def _check_positions(fixed_cfg) -> None:
@@ -362,7 +373,9 @@ def smoke_grid(raw: dict) -> dict:
     raw = dict(raw)
     axes, ref = raw.get("grid"), raw.get("reference") or {}
     if isinstance(axes, dict) and isinstance(ref, dict):
-        raw["grid"] = {k: ([ref[k]] + [v for v in vals if v != ref[k]] if k in ref else list(vals))[:2]
+        # a reference value that is not one of its axis's values stays out: parse_grid refuses it
+        raw["grid"] = {k: ([ref[k]] + [v for v in vals if v != ref[k]] if k in ref and ref[k] in vals
+                           else list(vals))[:2]
                        if isinstance(vals, list) else vals for k, vals in axes.items()}
     if isinstance(raw.get("seeds"), list):
         raw["seeds"] = raw["seeds"][:2]
