@@ -180,6 +180,7 @@ CASES = [
     ("sweep zero workers", _sweep("--workers", "0"), "--workers"),
     ("sweep zero concurrency", _sweep("--max-concurrent", "0"), "--max-concurrent"),
     ("sweep negative max failures", _sweep("--max-failures", "-1"), "--max-failures"),
+    ("sweep negative trial retries", _sweep("--retry-failed", "-1"), "--retry-failed"),
     ("sweep name with a slash", _sweep("--name", "a/b"), "--name"),
     ("sweep name ..", _sweep("--name", ".."), "--name"),
     ("sweep name with a space", _sweep("--name", "a b"), "--name"),

@@ -48,7 +48,7 @@ from ..core.errors import UserError
 from .search_space import check_config, check_sweep_options
 
 GRID_KEYS = ("description", "fixed", "grid", "cells", "axes", "seeds", "reference", "sweep")
-GRID_SWEEP_KEYS = ("max_concurrent", "workers")
+GRID_SWEEP_KEYS = ("max_concurrent", "workers", "max_trial_retries")
 SEED_FIELD = "train.seed"
 
 

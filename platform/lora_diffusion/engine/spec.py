@@ -63,6 +63,7 @@ class SweepOptions:
     seed: int = 0  # Optuna's sampler
     grace_period: int = 50  # ASHA's first rung (steps)
     reduction_factor: int = 3
+    max_trial_retries: int = 0  # a failed trial run again from its last checkpoint (Tune's FailureConfig)
 
 
 @dataclass
@@ -140,6 +141,8 @@ def prepare(args) -> SweepSpec:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if getattr(args, "retry_failed", None) is not None and args.retry_failed < 0:
+        raise UserError(f"--retry-failed: must be >= 0 (retries of a failed trial), got {args.retry_failed}")
     if args.max_failures < 0:
         raise UserError(f"--max-failures: must be >= 0 (worker-group restarts per trial), got {args.max_failures}")
     return _resume(args, storage) if args.resume else _new(args, storage)
@@ -286,6 +289,8 @@ def _options(args, from_file: dict) -> SweepOptions:
     for key in ("num_samples", "workers", "max_concurrent", "seed"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    if getattr(args, "retry_failed", None) is not None:
+        options["max_trial_retries"] = args.retry_failed
     return SweepOptions(**options)
 
 

@@ -8,8 +8,11 @@ is about to report the evaluation of step STEP, once (the MARKER file records th
 in which trial).
 The sweep's workers call `ray.train.report` through the module (engine/trial.py), so they get
 the wrapper. With LORA_DIFFUSION_TEST_NAN_AT=STEP, the diffusion loss of every training step
-from STEP on is NaN (`lora_diffusion.core.diffusion.diffusion_loss` wrapped on import): the
-recipe's divergence guard must stop the trial. Without the variables this module does nothing.
+from STEP on is NaN (`lora_diffusion.core.step.loss_backward` wrapped on import): the
+recipe's divergence guard must stop the trial. With LORA_DIFFUSION_TEST_PAUSE_AT=STEP:MARKER,
+the Train worker about to report step STEP writes MARKER and waits until the test has deleted it
+(once: MARKER.done records that it did): the test changes the world (a store made read-only) at
+a known step. Without the variables this module does nothing.
 """
 
 import functools
@@ -21,17 +24,36 @@ from pathlib import Path
 
 KILL_WORKER_ENV = "LORA_DIFFUSION_TEST_KILL_WORKER"
 NAN_AT_ENV = "LORA_DIFFUSION_TEST_NAN_AT"
+PAUSE_AT_ENV = "LORA_DIFFUSION_TEST_PAUSE_AT"
+PAUSE_LIMIT_S = 120  # a test that never deletes the marker does not hang the worker for ever
+
+
+def _pauses_at(step: int, marker: str):
+    def wrap(report):
+        @functools.wraps(report)
+        def pause_then_report(metrics, *args, **kwargs):
+            done = Path(marker + ".done")
+            if metrics.get("step") == step and not done.exists():
+                time.sleep(5)  # the previous report's checkpoint registered first (see _dies_at)
+                done.write_text(f"paused at step {step}\n")
+                Path(marker).write_text(f"paused at step {step}\n")
+                deadline = time.time() + PAUSE_LIMIT_S
+                while Path(marker).exists() and time.time() < deadline:
+                    time.sleep(0.2)
+            return report(metrics, *args, **kwargs)
+        return pause_then_report
+    return wrap
 
 
 def _nan_from(step: int):
-    def wrap(diffusion_loss):
+    def wrap(loss_backward):
         calls = {"n": 0}
 
-        @functools.wraps(diffusion_loss)
+        @functools.wraps(loss_backward)
         def loss_or_nan(*args, **kwargs):
-            loss, stats = diffusion_loss(*args, **kwargs)
+            loss, accuracy = loss_backward(*args, **kwargs)
             calls["n"] += 1  # training steps of this process (a restarted worker counts again)
-            return (loss * float("nan") if calls["n"] >= step else loss), stats
+            return (loss * float("nan") if calls["n"] >= step else loss), accuracy
         return loss_or_nan
     return wrap
 
@@ -95,9 +117,14 @@ def _install() -> None:
     if hook:
         rank, step, marker = hook.split(":", 2)
         sys.meta_path.insert(0, _OnImport("ray.train", _dies_at(int(rank), int(step), marker), "report"))
+    pause = os.environ.get(PAUSE_AT_ENV)
+    if pause:
+        step, marker = pause.split(":", 1)
+        sys.meta_path.insert(0, _OnImport("ray.train", _pauses_at(int(step), marker), "report"))
     if os.environ.get(NAN_AT_ENV):
-        sys.meta_path.insert(0, _OnImport("lora_diffusion.core.diffusion", _nan_from(int(os.environ[NAN_AT_ENV])),
-                                          "diffusion_loss"))
+        # the training step's loss (core/step.py; the recipe imports it by name, after this wrap)
+        sys.meta_path.insert(0, _OnImport("lora_diffusion.core.step", _nan_from(int(os.environ[NAN_AT_ENV])),
+                                          "loss_backward"))
 
 
 _install()
