@@ -179,9 +179,10 @@ class TrialEnds(Callback):
 def _held(hook):
     """A tracking hook whose writes wait, in order, while the MLflow server is down (HeldWrites)."""
     @functools.wraps(hook)
-    def hold(self, **info):
-        info = {k: dict(v) if k == "result" else v for k, v in info.items()}  # as it was reported
-        self.writes.run(lambda: hook(self, **info))
+    def hold(self, *args, **info):
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)  # a result, as it was reported
+        info = {k: dict(v) if k == "result" else v for k, v in info.items()}
+        self.writes.run(lambda: hook(self, *args, **info))
     return hold
 
 

@@ -154,14 +154,22 @@ def check_backbone(name: str, allow_hub: bool) -> str:
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "n_blocks", "num_layers")
 
 
-def check_backbone_fit(configs: list) -> None:
+def check_backbone_fit(fixed: dict, grid, cells_too: bool = True) -> None:
     """Every config value that depends on the backbone (a trajectory module's rank against the
     hidden size, its injection layers and Solo Connection's blocks against the block count),
-    checked against the backbone's config.json before Ray starts, by the methods' own checks:
-    not one failed trial per cell. A backbone whose config cannot be read here (a hub id not
-    in the cache) is left to the trials."""
+    checked against the backbone's config.json before Ray starts, by the methods' own checks,
+    for the fixed config and every cell of a grid (a GridSpec): not one failed trial per cell. A
+    backbone whose config cannot be read here (a hub id not in the cache) is left to the trials.
+    `cells_too=False` (--smoke on its own tiny backbone: a grid written for a real backbone,
+    whose wide cells are known to fail there, as its file says) checks the fixed config only."""
+    import itertools
+
+    from ..core import config as config_lib
+
+    cells = [{}] if grid is None or not cells_too else grid.cells if grid.cells is not None else \
+        [dict(zip(grid.axes, combo)) for combo in itertools.product(*grid.axes.values())]
     sizes: dict[tuple[str, str], tuple[int, int] | None] = {}
-    for config in configs:
+    for config in (config_lib.from_dict({}, {**fixed, **cell}) for cell in cells):
         key = (config.backbone, config.backbone_family)
         if key not in sizes:
             sizes[key] = _backbone_sizes(*key)

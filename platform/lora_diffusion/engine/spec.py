@@ -9,7 +9,6 @@ untyped dict.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -202,7 +201,7 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
     if not (grid and ("backbone" in grid.axes or any("backbone" in c for c in grid.cells or []))):
         fixed, base = _local_backbone(fixed, base, fixed_cfg)
     _check_positions(fixed_cfg)
-    preflight.check_backbone_fit(run_configs(fixed, grid))
+    preflight.check_backbone_fit(fixed, grid, cells_too=not (args.smoke and fixed_cfg.backbone == TINY_BACKBONE))
     _fit_grace_period(options, fixed_cfg, args.smoke)
     return SweepSpec(
         name=name, storage=storage.join(), exp_dir=storage.join(name), space_path=str(path),
@@ -234,15 +233,6 @@ def _local_backbone(fixed: dict, base: dict, fixed_cfg) -> tuple[dict, dict]:
         return fixed, base
     fixed_cfg.backbone = backbone
     return {**fixed, "backbone": backbone}, {**base, "backbone": backbone}
-
-
-def run_configs(fixed: dict, grid: GridSpec | None) -> list:
-    """The config of every distinct run setting before seeds: the fixed one, or each grid cell's."""
-    if grid is None:
-        return [config_lib.from_dict({}, fixed)]
-    cells = grid.cells if grid.cells is not None else \
-        [dict(zip(grid.axes, combo)) for combo in itertools.product(*grid.axes.values())]
-    return [config_lib.from_dict({}, {**fixed, **cell}) for cell in cells]
 
 
 def _check_positions(fixed_cfg) -> None:
