@@ -1,6 +1,7 @@
 """What a sweep checks of the world before Ray starts and before anything is written: the MLflow
 store answers (or can be written), the Ray cluster to join answers, the GPUs asked for exist, and
-a backbone given as a directory is there.
+a backbone given as a directory is there, and what the config asks of the backbone (injection
+layers, ranks against the hidden size) fits its config.json.
 
 Each check takes at most a few seconds (`TIMEOUT_S`) and raises one `UserError` naming the
 option and what was wrong: a typo must not cost a cluster start-up, nor leave a half-made sweep.
