@@ -223,12 +223,14 @@ class MlflowSweepCallback(Callback):
         if getattr(trial, "num_failures", 0) == 0:  # a retried trial's count is set when it is recovered
             self.tracker.client.set_tag(run_id, ATTEMPTS_TAG, "1")
 
-    @_held
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A failed trial that Tune runs again (--retry-failed): the same run counts the attempt
         and keeps the reason the one before it failed (`attempt.N.failure_reason`)."""
+        failed = trial.num_failures  # attempts so far, each of them failed: counted now, written when it can be
+        self.writes.run(lambda: self._recovered(trial, failed))
+
+    def _recovered(self, trial, failed: int) -> None:
         run_id = self._run_for(trial)
-        failed = trial.num_failures  # attempts so far, each of them failed
         self.tracker.client.set_tag(run_id, f"attempt.{failed}.{FAILURE_TAG}", failure_reason(_error_text(trial)))
         self.tracker.client.set_tag(run_id, ATTEMPTS_TAG, str(failed + 1))
 
