@@ -43,6 +43,15 @@ def corpus(tmp_path_factory, tiny_backbone_dir, synthetic_data_dir):
     (d / "space_orphan.yaml").write_text(
         "params:\n  trajectory.min_rank: {type: int, low: 1, high: 4, when: {trajectory.rank_schedule: linear}}\n")
     (d / "space_method.yaml").write_text("params:\n  method: {type: categorical, choices: [lora, lorra]}\n")
+    (d / "grid_rank_too_wide.yaml").write_text("grid:\n  trajectory.rank: [4, 64]\nseeds: [0]\n")
+    (d / "grid_solo_blocks.yaml").write_text(
+        "fixed:\n  method: solo\n  solo.to_block: 5\ngrid:\n  solo.rank: [2, 4]\nseeds: [0]\n")
+    (d / "grid_ref_not_a_value.yaml").write_text(
+        "grid:\n  trajectory.rank: [2, 4]\nreference: {trajectory.rank: 8}\nseeds: [0]\n")
+    (d / "grid_ref_not_a_cell.yaml").write_text(
+        "cells:\n  - {trajectory.rank: 2, trajectory.num_phases: 1}\n"
+        "  - {trajectory.rank: 4, trajectory.num_phases: 2}\n"
+        "reference: {trajectory.rank: 2, trajectory.num_phases: 2}\nseeds: [0]\n")
     (d / "binary.tsv").write_bytes(b"\xff\xfe\x00" * 200)
     (d / "empty.tsv").write_text("")
     (d / "wrong_columns.tsv").write_text("text\tstars\nfine film\t1\n")
@@ -178,6 +187,7 @@ CASES = [
     ("sweep zero workers", _sweep("--workers", "0"), "--workers"),
     ("sweep zero concurrency", _sweep("--max-concurrent", "0"), "--max-concurrent"),
     ("sweep negative max failures", _sweep("--max-failures", "-1"), "--max-failures"),
+    ("sweep negative trial retries", _sweep("--retry-failed", "-1"), "--retry-failed"),
     ("sweep name with a slash", _sweep("--name", "a/b"), "--name"),
     ("sweep name ..", _sweep("--name", ".."), "--name"),
     ("sweep name with a space", _sweep("--name", "a b"), "--name"),
@@ -190,6 +200,23 @@ CASES = [
     ("tracking sqlite relative", _sweep("--tracking-uri", "sqlite:relative.db"), "--tracking-uri"),
     ("ray address unreachable", _sweep("--address", "127.0.0.1:9"), "127.0.0.1:9"),
     ("ray address malformed", _sweep("--address", "not-an-address"), "--address"),
+    # -- every verb that takes a tracking URI checks it as the sweep's preflight does (issue 46)
+    ("report tracking unreachable", ["report", "--sweep", "s", "--tracking-uri", "http://127.0.0.1:9"],
+     "127.0.0.1:9"),
+    ("compare-table tracking unreachable", ["compare-table", "--tracking-uri=http://127.0.0.1:9"], "127.0.0.1:9"),
+    ("results tracking unknown scheme", ["results", "--tracking-uri", "htp://host"], "--tracking-uri"),
+    # -- every config value that depends on the backbone, against its config.json before Ray
+    ("sweep injection layer beyond the backbone", _sweep("--set", "trajectory.injection_layers=[5]"),
+     "trajectory.injection_layers"),
+    ("grid rank above the hidden size", _sweep(space="{corpus}/grid_rank_too_wide.yaml"), "trajectory.rank"),
+    ("grid solo block beyond the backbone", _sweep(space="{corpus}/grid_solo_blocks.yaml"), "solo.to_block"),
+    # -- a grid's reference is a cell of the grid that runs (after --smoke rewrote it)
+    ("smoke grid reference not an axis value", _sweep(space="{corpus}/grid_ref_not_a_value.yaml"),
+     "reference.trajectory.rank"),
+    ("smoke grid reference not a cell", _sweep(space="{corpus}/grid_ref_not_a_cell.yaml"), "reference"),
+    # -- every job's seed list, checked where it is parsed
+    ("compare repeated seeds", ["compare", "--smoke", "--seeds", "0", "0", "--workdir", "{out}"], "--seeds"),
+    ("compose repeated seeds", ["compose", "--smoke", "--seeds", "1", "1", "--workdir", "{out}"], "--seeds"),
     ("gpus without a GPU", _sweep("--gpus-per-worker", "1"), "--gpus-per-worker"),
     ("negative gpus", _sweep("--gpus-per-worker", "-1"), "--gpus-per-worker"),
 ]

@@ -185,6 +185,7 @@ def test_an_xquad_grid_run_elbo_only_is_a_sweep_on_the_bound(tmp_path, monkeypat
     monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
     args = build_parser("grid_rank_schedule").parse_args(
         ["--grid", "grid_xquad_sharing", "--smoke", "--set", "generation.text_scores=false",
+         "--set", "trajectory.rank=16", "--set", "trajectory.min_rank=4",  # the tiny backbone is 32 wide
          "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     spec = prepare(args)
     assert (spec.metric, spec.mode) == (ELBO, "min") and spec.fixed["generation.text_scores"] is False

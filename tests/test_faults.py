@@ -15,7 +15,7 @@ import torch
 
 from lora_diffusion.core.errors import TrainingDiverged
 from lora_diffusion.engine import spec as spec_lib, sweep
-from lora_diffusion.engine.callbacks import FAILURE_TAG, MlflowSweepCallback, failure_reason
+from lora_diffusion.engine.callbacks import ATTEMPTS_TAG, FAILURE_TAG, MlflowSweepCallback, failure_reason
 from lora_diffusion.engine.options import build_parser
 from lora_diffusion.engine.spec import METRIC
 from lora_diffusion.engine.storage import SweepStorage
@@ -121,6 +121,39 @@ def test_a_failed_trials_reason_is_read_before_tune_syncs_it_to_storage(tracker,
     callback.on_trial_error(iteration=1, trials=[trial], trial=trial)
     (run,) = tracker.trial_runs()
     assert run.data.tags[FAILURE_TAG] == "training diverged at step 7: loss nan, regularizer 0"
+
+
+def test_a_retried_trial_counts_its_attempts_and_keeps_each_reason_on_one_run(tracker, tmp_path):
+    """--retry-failed: Tune recovers a failed trial (`on_trial_recover`) before it runs again; its one
+    run counts the attempts and keeps why each earlier one failed; the last failure ends it FAILED."""
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(TRACEBACK)
+    trial = SimpleNamespace(trial_id="t3", config={"train.lr": 1e-3}, last_result={}, num_failures=0,
+                            error_file=str(error_file), get_error=lambda: None)
+    callback = MlflowSweepCallback(tracker, resolve=lambda config: ({"train.lr": 1e-3}, {}))
+    callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    for failures in (1, 2):
+        trial.num_failures = failures
+        callback.on_trial_recover(iteration=1, trials=[trial], trial=trial)
+        callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    (run,) = tracker.trial_runs()
+    assert run.info.status == "RUNNING" and run.data.tags[ATTEMPTS_TAG] == "3"
+    assert run.data.tags[f"attempt.2.{FAILURE_TAG}"] == "training diverged at step 7: loss nan, regularizer 0"
+    trial.num_failures = 3
+    callback.on_trial_error(iteration=1, trials=[trial], trial=trial)
+    (run,) = tracker.trial_runs()
+    assert run.info.status == "FAILED" and run.data.tags[ATTEMPTS_TAG] == "3"
+
+
+def test_retries_come_from_the_command_line_over_the_sweep_file(tmp_path, synthetic_data_dir, monkeypatch):
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    grid = tmp_path / "grid_retries.yaml"
+    grid.write_text("grid:\n  trajectory.rank: [2, 4]\nseeds: [0]\nsweep: {max_trial_retries: 2}\n")
+    spec = spec_lib.prepare(_args(tmp_path / "s", "--space", str(grid)))
+    assert spec.sweep.max_trial_retries == 2
+    spec = spec_lib.prepare(_args(tmp_path / "s", "--space", str(grid), "--retry-failed", "0"))
+    assert spec.sweep.max_trial_retries == 0
+    assert spec_lib.prepare(_args(tmp_path / "s")).sweep.max_trial_retries == 0  # default: none
 
 
 def _args(storage: Path, *extra):

@@ -152,7 +152,10 @@ def test_sweep_spec_carries_the_absolute_backbone_and_smoke_fits_xsum(tmp_path, 
     (tmp_path / PREPARED).parent.mkdir(parents=True)
     (tmp_path / PREPARED).symlink_to(tiny_backbone_dir)
     args = build_parser("rank_schedule").parse_args(
-        ["--grid", "grid_xquad_sharing", "--set", "max_length=64", *_sweep_args(tmp_path)])
+        ["--grid", "grid_xquad_sharing", "--set", "max_length=64", *_sweep_args(tmp_path),
+         # the stand-in is 2 layers, 32 wide: the grid's rank 38 and the default injection layer 2
+         # are refused before Ray (issue 46)
+         "--set", "trajectory.rank=16", "--set", "trajectory.min_rank=4", "--set", "trajectory.injection_layers=[0]"])
     spec = prepare(args)  # the tiny model has 128 positions: max_length 64 fits
     assert spec.fixed["backbone"] == spec.base_overrides["backbone"] == str(tmp_path / PREPARED)
     assert spec.metric == "validation/f1" and spec.sweep.num_samples == 9
@@ -276,6 +279,7 @@ def test_a_sweep_of_an_extending_grid_runs_the_merged_grid(tmp_path, monkeypatch
     monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
     args = build_parser("grid_rank_schedule").parse_args(
         ["--grid", str(SPACES / "grid_xsum_sharing.yaml"), "--smoke", "--set", "generation.text_scores=false",
+         "--set", "trajectory.rank=16", "--set", "trajectory.min_rank=4",  # the tiny backbone is 32 wide
          "--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     spec = prepare(args)
     assert spec.name == "grid_xsum_sharing-smoke" and spec.fixed["task"] == "xsum"

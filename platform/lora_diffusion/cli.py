@@ -374,9 +374,24 @@ def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_sche
     return retrain.main_after_sweep(build_parser(default_space).parse_args(argv), rc)
 
 
+def tracking_uri_option(argv: list[str]) -> str | None:
+    """The --tracking-uri a command line gives (`--tracking-uri URI` or `--tracking-uri=URI`)."""
+    for i, arg in enumerate(argv):
+        if arg == "--tracking-uri" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--tracking-uri="):
+            return arg.partition("=")[2]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        uri = tracking_uri_option(argv[1:])
+        if uri is not None:  # every verb that takes one, checked as the sweep's preflight does,
+            from .engine.preflight import check_tracking_uri  # before it reads, writes or waits
+
+            check_tracking_uri(uri)
         if argv and argv[0] in DELEGATED:
             return DELEGATED[argv[0]][1](argv[1:], f"lora-diffusion {argv[0]}")
         args = build_parser().parse_args(argv)

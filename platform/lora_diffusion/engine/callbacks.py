@@ -12,6 +12,7 @@ reads the counts of the callbacks it made.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -24,7 +25,7 @@ from ..core.task_specs import metric_mode
 from . import search_space as space_lib
 from .grid import SEED_FIELD
 from .spec import METRIC
-from .tracking import SweepTracker
+from .tracking import HeldWrites, SweepTracker
 
 HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",
          "on_trial_result", "on_trial_complete", "on_trial_recover", "on_trial_error", "on_checkpoint",
@@ -175,6 +176,16 @@ class TrialEnds(Callback):
                    and (t.trial_id in self.ended or t.trial_id not in self.started))
 
 
+def _held(hook):
+    """A tracking hook whose writes wait, in order, while the MLflow server is down (HeldWrites)."""
+    @functools.wraps(hook)
+    def hold(self, *args, **info):
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)  # a result, as it was reported
+        info = {k: dict(v) if k == "result" else v for k, v in info.items()}
+        self.writes.run(lambda: hook(self, *args, **info))
+    return hold
+
+
 class MlflowSweepCallback(Callback):
     """Drives a `SweepTracker` from Tune events on the driver.
 
@@ -191,6 +202,7 @@ class MlflowSweepCallback(Callback):
         self._accounting: dict[str, dict] = {}
         self._final_logged: set[str] = set()
         self._last_result: dict[str, dict] = {}
+        self.writes = HeldWrites(tracker.tracking_uri)
 
     def setup(self, **info):
         self.parent_id = self.tracker.parent_run()
@@ -205,9 +217,24 @@ class MlflowSweepCallback(Callback):
                 self._final_logged.add(tid)  # finished before the driver was interrupted
         return self._runs[tid]
 
+    @_held
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        run_id = self._run_for(trial)
+        if getattr(trial, "num_failures", 0) == 0:  # a retried trial's count is set when it is recovered
+            self.tracker.client.set_tag(run_id, ATTEMPTS_TAG, "1")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed trial that Tune runs again (--retry-failed): the same run counts the attempt
+        and keeps the reason the one before it failed (`attempt.N.failure_reason`)."""
+        failed = trial.num_failures  # attempts so far, each of them failed: counted now, written when it can be
+        self.writes.run(lambda: self._recovered(trial, failed))
+
+    def _recovered(self, trial, failed: int) -> None:
+        run_id = self._run_for(trial)
+        self.tracker.client.set_tag(run_id, f"attempt.{failed}.{FAILURE_TAG}", failure_reason(_error_text(trial)))
+        self.tracker.client.set_tag(run_id, ATTEMPTS_TAG, str(failed + 1))
+
+    @_held
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
         tid = trial.trial_id
@@ -238,12 +265,15 @@ class MlflowSweepCallback(Callback):
             self._final_logged.add(tid)
         self.tracker.end_run(run_id, status)
 
+    @_held
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "FINISHED")
 
+    @_held
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         self.tracker.client.set_tag(run_id, FAILURE_TAG, failure_reason(_error_text(trial)))
+        self.tracker.client.set_tag(run_id, ATTEMPTS_TAG, str(max(1, getattr(trial, "num_failures", 0))))
         self._end(trial, "FAILED")
 
     def describe_parent(self, knobs: list[str], resume: str) -> str:
@@ -261,9 +291,12 @@ class MlflowSweepCallback(Callback):
         """End the parent run, with the best trial's configuration and score, the best trial
         tagged `best_trial`, and the sweep's summary as the parent's description; `reason`
         (why there is no best trial, or why the sweep failed) as its `failure_reason` tag."""
+        self.writes.drain()  # every trial's metrics logged before the sweep's run ends
         parent = self.tracker.parent_run()
         if reason:
             self.tracker.client.set_tag(parent, FAILURE_TAG, reason)
+        elif FAILURE_TAG in self.tracker.client.get_run(parent).data.tags:  # an earlier run's, resumed
+            self.tracker.client.delete_tag(parent, FAILURE_TAG)
         if best:
             from mlflow.entities import Metric
 
@@ -285,6 +318,7 @@ class MlflowSweepCallback(Callback):
 
 BEST_TAG = "best_trial"
 FAILURE_TAG = "failure_reason"  # on a failed trial's run (and a failed sweep's parent): one line
+ATTEMPTS_TAG = "attempts"  # how many times the trial ran: 1, plus one per retry (--retry-failed)
 
 
 def view_metrics(metric: str = METRIC) -> list[str]:

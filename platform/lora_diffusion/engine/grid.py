@@ -48,7 +48,7 @@ from ..core.errors import UserError
 from .search_space import check_config, check_sweep_options
 
 GRID_KEYS = ("description", "fixed", "grid", "cells", "axes", "seeds", "reference", "sweep")
-GRID_SWEEP_KEYS = ("max_concurrent", "workers")
+GRID_SWEEP_KEYS = ("max_concurrent", "workers", "max_trial_retries")
 SEED_FIELD = "train.seed"
 
 
@@ -149,6 +149,9 @@ def parse_grid(data, source: str, base_overrides: dict | None = None) -> Grid:
                 fixed=dict(fixed), axes={k: list(v) for k, v in axes.items()}, seeds=list(seeds),
                 reference=dict(reference), sweep=dict(sweep),
                 explicit_cells=[dict(c) for c in cells] if cells is not None else None)
+    if not any(all(c.get(k) == v for k, v in grid.reference.items()) for c in grid.cells()):
+        err("reference", f"{grid.reference} is not a cell of the grid (its paired differences "
+                         "would be to no run)")
     _check_cells(grid, source)
     return grid
 
@@ -222,11 +225,20 @@ def _axes(data: dict, fixed: dict, err) -> dict[str, list]:
 
 
 def _seeds(seeds, err) -> list[int]:
+    try:
+        return check_seeds(seeds, "seeds")
+    except UserError as exc:
+        err("seeds", str(exc).removeprefix("seeds: "))
+
+
+def check_seeds(seeds, name: str) -> list[int]:
+    """A seed list, wherever it is parsed (a grid's `seeds`, a job's --seeds): non-empty, integers,
+    no seed twice (two runs of one seed are one run counted twice in every std and p-value)."""
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        err("seeds", f"expected a non-empty list of integers, got {seeds!r}")
+        raise UserError(f"{name}: expected a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
-        err("seeds", f"repeated seed in {seeds}")
+        raise UserError(f"{name}: repeated seed in {seeds}")
     return seeds
 
 

@@ -61,6 +61,9 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gib", type=float, help="memory of the cluster's GPUs the plan packs trials "
                    "into (default 80: cluster.yaml's GPU node type)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial (default 2)")
+    p.add_argument("--retry-failed", type=int, metavar="N",
+                   help="run a failed trial again, up to N times, from its last checkpoint, on the same "
+                        "MLflow run (default: the file's sweep.max_trial_retries, else 0)")
     p.add_argument("--verbose", type=int, default=1, help="Tune's verbosity (0 quiet, 1 status tables)")
     p.add_argument("--retrain-seeds", type=int, default=None,
                    help="when the sweep ends, retrain its selected configuration with this many fresh seeds "

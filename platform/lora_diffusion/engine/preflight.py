@@ -1,6 +1,7 @@
 """What a sweep checks of the world before Ray starts and before anything is written: the MLflow
 store answers (or can be written), the Ray cluster to join answers, the GPUs asked for exist, and
-a backbone given as a directory is there.
+a backbone given as a directory is there, and what the config asks of the backbone (injection
+layers, ranks against the hidden size) fits its config.json.
 
 Each check takes at most a few seconds (`TIMEOUT_S`) and raises one `UserError` naming the
 option and what was wrong: a typo must not cost a cluster start-up, nor leave a half-made sweep.
@@ -172,3 +173,62 @@ def check_backbone(name: str, allow_hub: bool) -> str:
                         "cache (set allow_hub: true to download hub ids)")
     raise UserError(f"backbone: {name}: no such directory ({path}); "
                     + PREPARE_HINT.format(name=name))
+
+
+# where a config.json gives the block count: BERT-family, ModernBERT and Dream; LLaDA; MDLM
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "n_blocks", "num_layers")
+
+
+def check_backbone_fit(fixed: dict, grid, cells_too: bool = True) -> None:
+    """Every config value that depends on the backbone (a trajectory module's rank against the
+    hidden size, its injection layers and Solo Connection's blocks against the block count),
+    checked against the backbone's config.json before Ray starts, by the methods' own checks,
+    for the fixed config and every cell of a grid (a GridSpec): not one failed trial per cell. A
+    backbone whose config cannot be read here (a hub id not in the cache) is left to the trials.
+    `cells_too=False` (--smoke on its own tiny backbone: a grid written for a real backbone,
+    whose wide cells are known to fail there, as its file says) checks the fixed config only."""
+    import itertools
+
+    from ..core import config as config_lib
+
+    cells = [{}] if grid is None or not cells_too else grid.cells if grid.cells is not None else \
+        [dict(zip(grid.axes, combo)) for combo in itertools.product(*grid.axes.values())]
+    sizes: dict[tuple[str, str], tuple[int, int] | None] = {}
+    for config in (config_lib.from_dict({}, {**fixed, **cell}) for cell in cells):
+        key = (config.backbone, config.backbone_family)
+        if key not in sizes:
+            sizes[key] = _backbone_sizes(*key)
+        if sizes[key] is not None:
+            _check_method_fits(config, *sizes[key])
+
+
+def _backbone_sizes(backbone: str, family_name: str) -> tuple[int, int] | None:
+    """(hidden size, block count) from the backbone's config.json, without loading a weight."""
+    from types import SimpleNamespace
+
+    from ..core import families
+    from ..core.backbone import resolve_backbone
+
+    try:
+        data = families.read_model_config(resolve_backbone(backbone), local_only=True)
+    except (OSError, ValueError, UserError):
+        return None
+    layers = next((data[k] for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)), None)
+    if layers is None:
+        return None
+    return families.hidden_size(families.detect(data, family_name), SimpleNamespace(**data)), layers
+
+
+def _check_method_fits(config, hidden: int, n_layers: int) -> None:
+    from dataclasses import replace
+
+    from ..core.methods import registry, solo, trajectory, trajectory_adapter
+
+    method = registry.spec_of(config.method).method
+    if issubclass(method, trajectory.TrajectoryMethod):
+        tc = config.trajectory
+        if issubclass(method, trajectory_adapter.TrajectoryAdapterMethod):  # every block: no layers to check
+            tc = replace(tc, injection_layers=[])
+        trajectory.check_fits_backbone(tc, hidden, n_layers)
+    elif issubclass(method, solo.SoloConnection):
+        solo.resolve_blocks(config.solo, n_layers)

@@ -41,7 +41,8 @@ from ..core.errors import UserError
 TYPES = ("categorical", "int", "float", "loguniform")
 TOP_KEYS = ("description", "fixed", "params", "sweep")
 SWEEP_KEYS = {"num_samples": int, "max_concurrent": int, "workers": int, "seed": int,
-              "grace_period": int, "reduction_factor": int}
+              "grace_period": int, "reduction_factor": int, "max_trial_retries": int}
+NON_NEGATIVE_SWEEP_KEYS = ("max_trial_retries",)  # 0 is a value (no retry), not a missing one
 PARAM_KEYS = {"type", "choices", "low", "high", "step", "when"}
 SPACES_DIR = "search_spaces"
 SWITCH = "switch."
@@ -313,8 +314,10 @@ def check_sweep_options(sweep, valid, fail) -> dict:
     for key, value in sweep.items():
         if key not in valid:
             fail(f"sweep.{key}", f"unknown option (valid: {', '.join(valid)})")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail(f"sweep.{key}", f"must be a positive integer, got {value!r}")
+        least = 0 if key in NON_NEGATIVE_SWEEP_KEYS else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            fail(f"sweep.{key}", ("must be a positive integer" if least else "must be an integer >= 0")
+                 + f", got {value!r}")
     return sweep
 
 

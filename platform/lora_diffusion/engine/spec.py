@@ -62,6 +62,7 @@ class SweepOptions:
     seed: int = 0  # Optuna's sampler
     grace_period: int = 50  # ASHA's first rung (steps)
     reduction_factor: int = 3
+    max_trial_retries: int = 0  # a failed trial run again from its last checkpoint (Tune's FailureConfig)
 
 
 @dataclass
@@ -139,6 +140,8 @@ def prepare(args) -> SweepSpec:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if getattr(args, "retry_failed", None) is not None and args.retry_failed < 0:
+        raise UserError(f"--retry-failed: must be >= 0 (retries of a failed trial), got {args.retry_failed}")
     if args.max_failures < 0:
         raise UserError(f"--max-failures: must be >= 0 (worker-group restarts per trial), got {args.max_failures}")
     return _resume(args, storage) if args.resume else _new(args, storage)
@@ -198,6 +201,7 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
     if not (grid and ("backbone" in grid.axes or any("backbone" in c for c in grid.cells or []))):
         fixed, base = _local_backbone(fixed, base, fixed_cfg)
     _check_positions(fixed_cfg)
+    preflight.check_backbone_fit(fixed, grid, cells_too=not (args.smoke and fixed_cfg.backbone == TINY_BACKBONE))
     _fit_grace_period(options, fixed_cfg, args.smoke)
     return SweepSpec(
         name=name, storage=storage.join(), exp_dir=storage.join(name), space_path=str(path),
@@ -275,6 +279,8 @@ def _options(args, from_file: dict) -> SweepOptions:
     for key in ("num_samples", "workers", "max_concurrent", "seed"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    if getattr(args, "retry_failed", None) is not None:
+        options["max_trial_retries"] = args.retry_failed
     return SweepOptions(**options)
 
 
@@ -362,7 +368,9 @@ def smoke_grid(raw: dict) -> dict:
     raw = dict(raw)
     axes, ref = raw.get("grid"), raw.get("reference") or {}
     if isinstance(axes, dict) and isinstance(ref, dict):
-        raw["grid"] = {k: ([ref[k]] + [v for v in vals if v != ref[k]] if k in ref else list(vals))[:2]
+        # a reference value that is not one of its axis's values stays out: parse_grid refuses it
+        raw["grid"] = {k: ([ref[k]] + [v for v in vals if v != ref[k]] if k in ref and ref[k] in vals
+                           else list(vals))[:2]
                        if isinstance(vals, list) else vals for k, vals in axes.items()}
     if isinstance(raw.get("seeds"), list):
         raw["seeds"] = raw["seeds"][:2]

@@ -106,11 +106,9 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         tuner = tuner_lib.make_tuner(spec, _trainable(spec, res), run_callbacks, resume=restore,
                                      verbose=args.verbose)
         link = _log_parent(mlflow_cb, spec)
-        try:
-            results = tuner.fit()
-        except Exception as exc:  # Tune itself failed: the parent run must not stay RUNNING
-            mlflow_cb.finish(None, "FAILED", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
-            raise
+        results = _fit(tuner, spec, mlflow_cb)
+        if results is None:
+            return 1
         rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
         print(tracking.compare_line(spec.tracking_uri, link))
         if report is not None and not _interrupted(results, spec, ends):  # failed cells included
@@ -197,6 +195,38 @@ def _resume_command(spec: SweepSpec) -> str:
     else:
         command = "python " + (os.path.relpath(job, repo_root()) if job.is_absolute() else str(job))
     return f"{command} --name {spec.name} --storage-path {spec.storage} --resume"
+
+
+def _fit(tuner, spec: SweepSpec, mlflow_cb):
+    """The tuner's results; None when the store could not be written as the sweep ran (its trials
+    or Tune's own snapshots failed there: said in one error line, the parent run FAILED with it)."""
+    try:
+        results = tuner.fit()
+    except Exception as exc:  # Tune itself failed: the parent run must not stay RUNNING
+        lost = _unwritable(spec)
+        mlflow_cb.finish(None, "FAILED", reason=lost or f"{type(exc).__name__}: {exc}".splitlines()[0])
+        if not lost:
+            raise
+    else:
+        lost = _unwritable(spec)
+        if not lost:
+            return results
+        mlflow_cb.finish(None, "FAILED", reason=lost)
+    print(f"error: {lost}", file=sys.stderr)
+    return None
+
+
+def _unwritable(spec: SweepSpec) -> str | None:
+    """The error line of a sweep whose store could not be written as it ran (read-only, full),
+    naming the directory; None if it can be written. What the failed writes left is never read
+    back: Tune and Train read only the checkpoints and state their snapshots list, and those are
+    written after the files they name."""
+    try:
+        SweepStorage(spec.exp_dir).check_writable()
+    except UserError as exc:
+        return (f"{exc}; the sweep stopped there: make it writable (free space, remount), then rerun "
+                f"with --resume ({_resume_command(spec)})")
+    return None
 
 
 def _interrupted(results, spec: SweepSpec, ends) -> bool:

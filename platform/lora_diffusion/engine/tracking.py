@@ -272,3 +272,70 @@ class SweepTracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
+
+
+# How long a sweep's end waits for an unreachable MLflow server to come back before it gives up
+# on the writes it holds (LORA_DIFFUSION_TRACKING_WAIT_S overrides it)
+TRACKING_WAIT_S = 600.0
+
+
+class HeldWrites:
+    """The driver's tracking writes, held in order while the MLflow server is unreachable for
+    longer than the client's own retries, and written when it answers again: a trial's metrics
+    are never lost to an outage, and Tune's loop is not stalled by it (during an outage only a
+    3 s health check is tried, not the client's minutes of retries). Only an http(s) server
+    that does not answer counts as down; any other tracking error is raised as it is."""
+
+    def __init__(self, uri: str, log=print):
+        self.uri, self.log = uri, log
+        self.held: list = []  # zero-argument callables, oldest first
+        self.down_since: float | None = None
+
+    def run(self, write) -> None:
+        self.held.append(write)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write what is held, oldest first; False (the rest still held) while the server is down."""
+        if self.down_since is not None and not self._answers():
+            return False
+        while self.held:
+            try:
+                self.held[0]()
+            except Exception:
+                if self._answers():  # a real error, not an outage
+                    raise
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    self.log(f"warning: MLflow server {self.uri} unreachable: holding its writes "
+                             "until it answers again", flush=True)
+                return False
+            self.held.pop(0)
+        if self.down_since is not None:
+            self.log(f"MLflow server {self.uri} answers again after {time.time() - self.down_since:.0f} s: "
+                     "the writes held meanwhile are logged", flush=True)
+            self.down_since = None
+        return True
+
+    def drain(self, wait_s: float | None = None) -> None:
+        """Wait (up to `wait_s`) until every held write is written; UserError naming the server if not."""
+        wait_s = float(os.environ.get("LORA_DIFFUSION_TRACKING_WAIT_S", TRACKING_WAIT_S)) if wait_s is None else wait_s
+        deadline = time.time() + wait_s
+        while not self.flush():
+            if time.time() >= deadline:
+                raise UserError(f"--tracking-uri: the MLflow server {self.uri} did not answer for "
+                                f"{time.time() - self.down_since:.0f} s; {len(self.held)} tracking writes "
+                                "(metrics, run ends) were not logged, the sweep's run was not ended "
+                                "(each trial's Tune record in the sweep directory keeps its metrics)")
+            time.sleep(2)
+
+    def _answers(self) -> bool:
+        if not self.uri.startswith(("http://", "https://")):
+            return True  # a local store: its errors are errors
+        from .preflight import check_tracking_uri
+
+        try:
+            check_tracking_uri(self.uri)
+        except UserError:
+            return False
+        return True

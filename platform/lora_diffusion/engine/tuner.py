@@ -161,7 +161,10 @@ def make_tuner(spec: SweepSpec, trainable, callbacks: list, *, resume: bool, ver
         return tune.Tuner.restore(spec.exp_dir, trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     run_config = tune.RunConfig(name=spec.name, storage_path=spec.storage, callbacks=callbacks,
-                                verbose=verbose, failure_config=tune.FailureConfig(max_failures=0))
+                                verbose=verbose,
+                                # a failed trial (its Train run out of worker restarts, its node
+                                # lost) runs again; its Train run resumes from its last checkpoint
+                                failure_config=tune.FailureConfig(max_failures=spec.sweep.max_trial_retries))
     if spec.kind == "grid":
         return _grid_tuner(spec, trainable, run_config)
     return _optuna_tuner(spec, trainable, run_config)

@@ -37,6 +37,7 @@ from ..analysis.table import record_file
 from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
+from ..engine.grid import check_seeds
 from . import tuning
 
 # The compared methods are those whose spec has a learning-rate grid (`MethodSpec.lr_grid`:
@@ -287,6 +288,7 @@ def build_parser(prog: str | None = None):
 def spec_from_args(args) -> tuple[ComparisonSpec, str, list[str]]:
     """The spec, the stage-2 sweep name and the engine options the command line asks for
     (--smoke: two methods, one task, a small budget, and the engine's --smoke)."""
+    check_seeds(args.seeds, "--seeds")
     spec = ComparisonSpec(methods=args.methods, tasks=args.tasks, seeds=args.seeds, steps=args.steps,
                           budget=args.budget or None, search_steps=args.search_steps,
                           search_validation_examples=args.search_validation_examples,

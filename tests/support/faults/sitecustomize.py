@@ -7,13 +7,18 @@ With LORA_DIFFUSION_TEST_KILL_WORKER=RANK:STEP:MARKER set, `ray.train.report` is
 is about to report the evaluation of step STEP, once (the MARKER file records that it did, and
 in which trial).
 The sweep's workers call `ray.train.report` through the module (engine/trial.py), so they get
-the wrapper. With LORA_DIFFUSION_TEST_NAN_AT=STEP, the diffusion loss of every training step
-from STEP on is NaN (`lora_diffusion.core.step.loss_backward`, what Recipe.train_step calls, wrapped
-on import): the recipe's divergence guard must stop the trial. With LORA_DIFFUSION_TEST_OOM_WHEN=KEY=VALUE, the
-training step of a recipe whose flattened config has KEY = VALUE raises torch.OutOfMemoryError
-(`Recipe.train_step` wrapped on import), as a step that does not fit its GPU does: the trial must
-end FAILED with the out-of-memory line while the others finish. Without the variables this module
-does nothing.
+the wrapper.
+- LORA_DIFFUSION_TEST_NAN_AT=STEP: the loss of every training step from STEP on is NaN
+  (`lora_diffusion.core.step.loss_backward`, what Recipe.train_step calls, wrapped on import):
+  the recipe's divergence guard must stop the trial.
+- LORA_DIFFUSION_TEST_OOM_WHEN=KEY=VALUE: the training step of a recipe whose flattened config
+  has KEY = VALUE raises torch.OutOfMemoryError (`Recipe.train_step` wrapped on import), as a step
+  that does not fit its GPU does: the trial must end FAILED with the out-of-memory line while the
+  others finish.
+- LORA_DIFFUSION_TEST_PAUSE_AT=STEP:MARKER: the Train worker about to report step STEP writes
+  MARKER and waits until the test has deleted it (once: MARKER.done records that it did): the
+  test changes the world (a store made read-only) at a known step.
+Without the variables this module does nothing.
 """
 
 import functools
@@ -47,15 +52,36 @@ def _oom_when(condition: str):
     return wrap
 
 
+PAUSE_AT_ENV = "LORA_DIFFUSION_TEST_PAUSE_AT"
+PAUSE_LIMIT_S = 120  # a test that never deletes the marker does not hang the worker for ever
+
+
+def _pauses_at(step: int, marker: str):
+    def wrap(report):
+        @functools.wraps(report)
+        def pause_then_report(metrics, *args, **kwargs):
+            done = Path(marker + ".done")
+            if metrics.get("step") == step and not done.exists():
+                time.sleep(5)  # the previous report's checkpoint registered first (see _dies_at)
+                done.write_text(f"paused at step {step}\n")
+                Path(marker).write_text(f"paused at step {step}\n")
+                deadline = time.time() + PAUSE_LIMIT_S
+                while Path(marker).exists() and time.time() < deadline:
+                    time.sleep(0.2)
+            return report(metrics, *args, **kwargs)
+        return pause_then_report
+    return wrap
+
+
 def _nan_from(step: int):
     def wrap(loss_backward):
         calls = {"n": 0}
 
         @functools.wraps(loss_backward)
         def loss_or_nan(*args, **kwargs):
-            loss, stats = loss_backward(*args, **kwargs)
+            loss, accuracy = loss_backward(*args, **kwargs)
             calls["n"] += 1  # training steps of this process (a restarted worker counts again)
-            return (loss * float("nan") if calls["n"] >= step else loss), stats
+            return (loss * float("nan") if calls["n"] >= step else loss), accuracy
         return loss_or_nan
     return wrap
 
@@ -119,6 +145,10 @@ def _install() -> None:
     if hook:
         rank, step, marker = hook.split(":", 2)
         sys.meta_path.insert(0, _OnImport("ray.train", _dies_at(int(rank), int(step), marker), "report"))
+    pause = os.environ.get(PAUSE_AT_ENV)
+    if pause:
+        step, marker = pause.split(":", 1)
+        sys.meta_path.insert(0, _OnImport("ray.train", _pauses_at(int(step), marker), "report"))
     if os.environ.get(NAN_AT_ENV):
         sys.meta_path.insert(0, _OnImport("lora_diffusion.core.step", _nan_from(int(os.environ[NAN_AT_ENV])),
                                           "loss_backward"))

@@ -207,16 +207,22 @@ class TrajectoryLayer(nn.Module):
         return [(m.B, m.A) for m in mods]
 
 
-def build_injection(tc: TrajectoryConfig, sampler_steps: int, backbone: Backbone):
-    """Validate the trajectory settings against the backbone and build the modules:
-    (layer indices, phase boundaries, per-phase ranks, ModuleDict of TrajectoryLayer)."""
-    hidden, n_layers = backbone.hidden_size, len(backbone.layers)
+def check_fits_backbone(tc: TrajectoryConfig, hidden: int, n_layers: int) -> None:
+    """The settings that depend on the backbone, checked against its sizes: by the method when
+    it is built, and by the sweep's preflight from the backbone's config.json before Ray starts."""
     if tc.rank > hidden:
         raise UserError(f"field trajectory.rank: {tc.rank} exceeds the hidden size {hidden}")
     for i in tc.injection_layers:
         if not -n_layers <= i < n_layers:
             raise UserError(f"field trajectory.injection_layers: {i} is outside the "
                             f"{n_layers} layers of the backbone")
+
+
+def build_injection(tc: TrajectoryConfig, sampler_steps: int, backbone: Backbone):
+    """Validate the trajectory settings against the backbone and build the modules:
+    (layer indices, phase boundaries, per-phase ranks, ModuleDict of TrajectoryLayer)."""
+    hidden, n_layers = backbone.hidden_size, len(backbone.layers)
+    check_fits_backbone(tc, hidden, n_layers)
     layers = sorted({i % n_layers for i in tc.injection_layers})
     boundaries = phase_boundaries(tc, sampler_steps)
     ranks = rank_schedule(tc, boundaries)

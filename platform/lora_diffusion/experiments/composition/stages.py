@@ -263,7 +263,9 @@ def build_parser(prog: str | None = None):
 
 def spec_from_args(args) -> CompositionSpec:
     from ...core.errors import UserError
+    from ...engine.grid import check_seeds
 
+    check_seeds(args.seeds, "--seeds")
     spec = CompositionSpec(tasks=args.tasks, seeds=args.seeds, steps=args.steps,
                            router_steps=args.router_steps, eval_examples=args.eval_examples,
                            energy_temperature=args.energy_temperature)
