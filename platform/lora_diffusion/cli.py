@@ -253,108 +253,46 @@ def _grid(argv, prog):
     return sweep_main(argv, default_space="grid_rank_schedule")
 
 
-def _bench(argv, prog):
-    from .experiments.bench import benchmark
+def _in(target: str):
+    """A verb whose parser lives in its module: `module:function` under lora_diffusion, imported
+    when the verb runs (so `lora-diffusion --help` loads neither Ray nor torch)."""
+    module, function = target.split(":")
 
-    return benchmark.main(argv, prog)
+    def run(argv, prog):
+        import importlib
 
-
-def _bench_report(argv, prog):
-    from .experiments.bench import benchmark
-
-    return benchmark.report_main(argv, prog)
-
-
-def _compare(argv, prog):
-    from .experiments import comparison
-
-    return comparison.main(argv, prog)
-
-
-def _compare_table(argv, prog):
-    from .analysis import table
-
-    return table.main(argv, prog)
-
-
-def _compose(argv, prog):
-    from .experiments.composition import stages
-
-    return stages.main(argv, prog)
-
-
-def _soak(argv, prog):
-    from .experiments import soak
-
-    return soak.main(argv, prog)
-
-
-def _bench_cluster(argv, prog):
-    from .experiments.bench import cluster
-
-    return cluster.main(argv, prog)
-
-
-def _calibrate_injection(argv, prog):
-    from .experiments.bench import calibrate
-
-    return calibrate.main(argv, prog)
-
-
-def _local_cluster(argv, prog):
-    from .engine import local_cluster
-
-    return local_cluster.main(argv, prog)
-
-
-def _gpu_check(argv, prog):
-    from .experiments.bench import gpu
-
-    return gpu.main(argv, prog)
-
-
-def _plan(argv, prog):
-    from .experiments import plan
-
-    return plan.main(argv, prog)
-
-
-def _export(argv, prog):
-    from .experiments import export
-
-    return export.main(argv, prog)
-
-
-def _results(argv, prog):
-    from .experiments import results
-
-    return results.main(argv, prog)
+        return getattr(importlib.import_module(f"lora_diffusion.{module}"), function)(argv, prog)
+    return run
 
 
 DELEGATED = {
     "sweep": ("Ray Tune + Optuna sweep over a search space, then its selection retrained on test", _sweep),
     "grid": ("an ablation grid (cells x seeds) on the sweep engine, with its report", _grid),
-    "compare": ("baselines at a matched parameter budget: tuned on validation, every seed on test", _compare),
+    "compare": ("baselines at a matched parameter budget: tuned on validation, every seed on test",
+                _in("experiments.comparison:main")),
     "compare-table": ("the baseline comparison's tables as markdown, from its record and MLflow",
-                      _compare_table),
+                      _in("analysis.table:main")),
     "compose": ("multi-task composition: task modules trained apart, composed, interference measured",
-                _compose),
-    "soak": ("a sweep's driver killed at random moments and resumed; its fault matrix", _soak),
+                _in("experiments.composition.stages:main")),
+    "soak": ("a sweep's driver killed at random moments and resumed; its fault matrix", _in("experiments.soak:main")),
     "bench": ("what the methods cost: training, memory, inference, the sweep engine, data-parallel scaling",
-              _bench),
-    "bench-report": ("the README's performance table and plots from a bench JSON", _bench_report),
+              _in("experiments.bench.benchmark:main")),
+    "bench-report": ("the README's performance table and plots from a bench JSON",
+                     _in("experiments.bench.benchmark:report_main")),
     "gpu-check": ("one LLaDA-8B-shaped training step on one GPU, no Ray/MLflow: precision, checkpointing, MFU",
-                  _gpu_check),
-    "plan": ("memory plan of a trial: bytes per worker, fits, GPUs per trial, trials per GPU", _plan),
-    "results": ("rebuild the reports in docs/results/ from their records (MLflow, JSON)", _results),
+                  _in("experiments.bench.gpu:main")),
+    "plan": ("memory plan of a trial: bytes per worker, fits, GPUs per trial, trials per GPU",
+             _in("experiments.plan:main")),
+    "results": ("rebuild the reports in docs/results/ from their records (MLflow, JSON)",
+                _in("experiments.results:main")),
     "bench-cluster": ("the benchmark as one Ray task on a cluster node (--gpus 1: a GPU node)",
-                      _bench_cluster),
+                      _in("experiments.bench.cluster:main")),
     "calibrate-injection": ("where trajectory modules go: accuracy and step time of three placements",
-                            _calibrate_injection),
+                            _in("experiments.bench.calibrate:main")),
     "export": ("a checkpoint, or a sweep's retrained selection, as a PEFT adapter, merged weights or native",
-               _export),
+               _in("experiments.export:main")),
     "local-cluster": ("write cluster.yaml's one-machine variant; --sshd also serves its loopback sshd",
-                      _local_cluster),
+                      _in("engine.local_cluster:main")),
 }
 
 
