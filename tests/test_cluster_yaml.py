@@ -59,7 +59,7 @@ LLADA_8B_BF16_GIB = 14.9  # the stand-in's frozen weights (core/standin.py), fp3
 def test_gpu_node_type_holds_an_8b_lora_trial_and_one_node_stays_up(config):
     """80 GB GPUs, host memory for the 8B weights in fp32 on every GPU at once (loading), and
     min_workers 1: the sweep packs trials onto the GPUs it sees at start and refuses a cluster
-    with none (engine/preflight.py), as the README says."""
+    with none (engine/preflight.py), as the README (and docs/gpus.md) says."""
     gpu = config["available_node_types"]["gpu_worker"]
     gpus, host_gib = GPU_80GB_TYPES[gpu["node_config"]["InstanceType"]]
     assert host_gib >= gpus * 2 * LLADA_8B_BF16_GIB
