@@ -24,7 +24,9 @@ import torch
 
 from lora_diffusion.core import checkpoint, config as config_lib, export
 
-PEFT_TOL, MERGED_TOL = 1e-6, 1e-5
+# fp32 logits of magnitude ~10 from another process (its own thread count, so its own summation
+# order): 1e-5 is a relative 1e-6; seen 6.7e-6 on a loaded 2-core CI machine for the headless case
+PEFT_TOL, MERGED_TOL = 1e-5, 1e-5
 LARGER_RATE = {"adalora": {"train.lr": 5e-2}}
 T = 0.7  # the diffusion time the platform's forward is told (weight-space methods ignore it)
 

@@ -97,6 +97,7 @@ class SweepStorage:
         if self.is_local:
             return Path(self._path(rel))
         dest = Path(scratch) / rel.strip("/").rsplit("/", 1)[-1]
+        dest.mkdir(parents=True, exist_ok=True)  # pyarrow writes files into it, it makes no directory
         pafs.copy_files(self._path(rel), str(dest), source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
         return dest

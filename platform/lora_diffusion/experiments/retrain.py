@@ -174,6 +174,9 @@ def log_selected_model(storage, uri: str, name: str, stage: str, register: bool,
         except UserError as exc:
             log(f"{stage}: no model logged ({exc})")
             return
+        except (OSError, RuntimeError) as exc:  # the figures stand; the model can be logged again
+            log(f"{stage}: no model logged ({type(exc).__name__}: {exc}); --resume tries again")
+            return
         uri_of_model, version = info["model_uri"], info["registered_version"]
         client.set_tag(stage_run.info.run_id, MODEL_TAG, uri_of_model)
         client.set_tag(find_parent(uri, name).info.run_id, "retrain.model_uri", uri_of_model)
