@@ -231,3 +231,22 @@ def test_the_comparison_jobs_set_fixes_a_knob_stage_1_would_tune(monkeypatch):
     assert seen["spec"].sets["trajectory.num_phases"] == 4 and seen["spec"].sets["max_length"] == 256
     assert seen["engine_args"] == ["--max-concurrent", "2"]
     assert "trajectory.num_phases" not in comparison.tuning.tuned_knobs("trajectory", 73728, seen["spec"].sets)
+
+
+def test_a_learning_curve_evaluates_stage_2_periodically_and_stage_1_once(monkeypatch):
+    """`--curve-every N`: stage 2's runs score validation every N steps (the learning curve that
+    tells "learns slower" from "ends worse"); stage 1 still scores once, at its end; an N that does
+    not divide --steps is refused by name."""
+    from lora_diffusion.cli import main
+    from lora_diffusion.experiments import comparison
+
+    seen = {}
+    monkeypatch.setattr(comparison, "run", lambda spec, name, engine_args, workdir: seen.update(spec=spec) or 0)
+    assert main(["compare", "--tasks", "sst2", "--steps", "300", "--search-steps", "120", "--curve-every", "50"]) == 0
+    spec = seen["spec"]
+    chosen = {("sst2", "lora"): {"task": "sst2", "method": "lora", "train.lr": 1e-3}}
+    assert comparison.final_grid(spec, chosen)["fixed"]["train.eval_every"] == 50
+    assert comparison.tuning_grid(spec, [chosen[("sst2", "lora")]])["fixed"]["train.eval_every"] == 120
+    with pytest.raises(UserError, match="--curve-every"):
+        comparison.spec_from_args(comparison.build_parser().parse_known_args(
+            ["--steps", "300", "--curve-every", "70"])[0])

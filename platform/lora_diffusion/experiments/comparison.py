@@ -86,6 +86,7 @@ class ComparisonSpec:
     trials_per_method: int = 4  # stage-1 candidates of every method (tuning.py)
     tuning_seed: int = 0  # which candidates a method with more than that runs
     unmatched: bool = True  # also the second table: each method tuned and run without the budget
+    curve_every: int = 0  # stage 2: validation every this many steps (a learning curve); 0: at the end only
     sets: dict[str, object] = field(default_factory=lambda: dict(BASE_SETS))  # every run
 
 
@@ -137,7 +138,7 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
     """Stage 2's grid file content: every (task, method) at its chosen candidate x every seed."""
     what = "at a matched budget" if budget else "each at its best validated size, no budget"
     grid = {"description": f"baseline comparison: methods {what}, tuned on validation, reported on test",
-            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.steps,
+            "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.curve_every or spec.steps,
                       "max_eval_examples": spec.eval_examples},
             "cells": [chosen[(t, m)] for t in spec.tasks for m in spec.methods if (t, m) in chosen],
             "axes": ["task", "method"], "seeds": list(spec.seeds)}
@@ -275,6 +276,10 @@ def build_parser(prog: str | None = None):
                         "to --trials-per-method candidates, and stage 1 picks the rate")
     p.add_argument("--trials-per-method", type=int, default=4,
                    help="stage-1 candidates of every method, the same for all (1: no tuning stage)")
+    p.add_argument("--curve-every", type=int, default=0, metavar="N",
+                   help="stage 2: score validation every N steps, a learning curve per method "
+                        "(lora-diffusion compare-table --curves); test is scored once, at the end "
+                        "(default: validation at the end only)")
     p.add_argument("--no-unmatched", action="store_true",
                    help="skip the second table (each method tuned and run without the budget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -293,7 +298,9 @@ def spec_from_args(args) -> tuple[ComparisonSpec, str, list[str]]:
                           budget=args.budget or None, search_steps=args.search_steps,
                           search_validation_examples=args.search_validation_examples,
                           trials_per_method=args.trials_per_method, unmatched=not args.no_unmatched,
-                          eval_examples=args.eval_examples)
+                          eval_examples=args.eval_examples, curve_every=args.curve_every)
+    if args.curve_every < 0 or (args.curve_every and args.steps % args.curve_every):
+        raise UserError(f"--curve-every: must divide --steps {args.steps} (or be 0), got {args.curve_every}")
     spec.lr_grids.update(parse_lr_grids(args.lrs))
     if args.trials_per_method < 1:
         raise UserError(f"--trials-per-method: must be >= 1, got {args.trials_per_method}")
