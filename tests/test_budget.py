@@ -250,3 +250,56 @@ def test_a_learning_curve_evaluates_stage_2_periodically_and_stage_1_once(monkey
     with pytest.raises(UserError, match="--curve-every"):
         comparison.spec_from_args(comparison.build_parser().parse_known_args(
             ["--steps", "300", "--curve-every", "70"])[0])
+
+
+def test_paired_differences_are_by_seed_with_signs_and_per_bin_of_t():
+    """A pair (A, B) of a comparison is read seed by seed: A's test minus B's on the same seed, a
+    seed only one method finished is left out, and per bin of t the mean of A's bound minus B's
+    with the count of seeds where A's is lower."""
+    import pandas as pd
+
+    from lora_diffusion.analysis import paired
+    from lora_diffusion.analysis.trials import TEST_METRIC, VALIDATION_METRIC
+
+    record = {"tasks": ["sst2"], "stages": {"matched": {"chosen": [
+        {"task": "sst2", "method": "nara", "final_sweep": "s"},
+        {"task": "sst2", "method": "lora", "final_sweep": "s"}]}}}
+    rows = [{"task": "sst2", "method": "nara", "status": "FINISHED", "seed": s, TEST_METRIC: t, VALIDATION_METRIC: 0.5,
+             f"{paired.PER_T_BOUND}0": b0, f"{paired.PER_T_BOUND}1": 1.0} for s, t, b0 in
+            [(0, 0.80, 0.2), (1, 0.70, 0.4), (2, 0.9, 0.0)]]
+    rows += [{"task": "sst2", "method": "lora", "status": st, "seed": s, TEST_METRIC: 0.75, VALIDATION_METRIC: 0.5,
+              f"{paired.PER_T_BOUND}0": 0.3, f"{paired.PER_T_BOUND}1": 1.0} for s, st in
+             [(0, "FINISHED"), (1, "FINISHED"), (2, "FAILED")]]
+    (row,) = paired.pair_rows(record, lambda sweep: pd.DataFrame(rows), [("nara", "lora")])
+    assert row["test"] == pytest.approx({0: 0.05, 1: -0.05}) and set(row["validation"]) == {0, 1}
+    (k0, mean0, lower0, n0), (k1, mean1, lower1, n1) = row["per_t"]
+    assert (k0, lower0, n0) == (0, 1, 2) and mean0 == pytest.approx(0.0)
+    assert (k1, mean1, lower1) == (1, 0.0, 0)
+    text = paired.pairs_markdown([row])
+    assert "nara - lora" in text and "seeds 0: +0.050, 1: -0.050" in text and "0: +0.000 [1/2]" in text
+
+
+def test_learning_curves_come_from_the_runs_metric_histories(tmp_path):
+    """The learning curve of a method is its finished runs' `validation/<metric>` history from
+    MLflow, mean ± std over seeds per step; a run that did not finish is not in it."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from lora_diffusion.analysis import paired
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    rows = []
+    for seed, values, status in [(0, [0.5, 0.7], "FINISHED"), (1, [0.6, 0.9], "FINISHED"), (2, [0.1, 0.1], "FAILED")]:
+        run = client.create_run(exp)
+        for step, v in zip((50, 100), values):
+            client.log_metric(run.info.run_id, "validation/accuracy", v, step=step)
+        rows.append({"task": "sst2", "method": "lora", "status": status, "seed": seed, "run_id": run.info.run_id})
+    record = {"stages": {"matched": {"chosen": [{"task": "sst2", "method": "lora", "final_sweep": "s"}]}}}
+    curves = paired.learning_curves(record, lambda sweep: pd.DataFrame(rows), uri)
+    (s50, m50, sd50, n50), (s100, m100, _, n100) = curves["sst2"]["lora"]
+    assert (s50, s100, n50, n100) == (50, 100, 2, 2)
+    assert m50 == pytest.approx(0.55) and m100 == pytest.approx(0.8) and sd50 == pytest.approx(0.0707, abs=1e-3)
+    assert "| 100 | 0.800 ± 0.141 |" in paired.curves_markdown(curves)
+    assert paired.plot_curves(curves, tmp_path / "c.png").stat().st_size > 0

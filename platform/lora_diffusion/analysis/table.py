@@ -108,9 +108,9 @@ def into_readme(readme: str, generated: str, block: str | None = None) -> str:
     return readme[:head] + generated.rstrip("\n") + "\n" + readme[end:]
 
 
-def write_tables(storage, tracking_uri: str, name: str) -> str:
-    """Both tables (matched budget; each method's best validated configuration without it)."""
-    record = read_record(storage, name)
+def trials_loader(tracking_uri: str):
+    """`trials_of(sweep)`: the sweep's trial rows (analysis/trials.py), each sweep read once; an
+    empty frame for a stage that has not started yet."""
     cache: dict[str, object] = {}
 
     def trials_of(sweep: str):
@@ -121,7 +121,13 @@ def write_tables(storage, tracking_uri: str, name: str) -> str:
                 import pandas as pd
                 cache[sweep] = pd.DataFrame(columns=["task", "method", "status"])
         return cache[sweep]
+    return trials_of
 
+
+def write_tables(storage, tracking_uri: str, name: str, trials_of=None) -> str:
+    """Both tables (matched budget; each method's best validated configuration without it)."""
+    record = read_record(storage, name)
+    trials_of = trials_of or trials_loader(tracking_uri)
     parts = []
     titles = {"matched": f"At a matched budget of {record['budget']:,} trainable parameters"
               if record.get("budget") else "Each method at its default size",

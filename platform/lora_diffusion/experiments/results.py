@@ -10,7 +10,9 @@ Each report says how it is made in its first line, a JSON spec in an HTML commen
 - `bench`: the benchmark's JSON (`lora-diffusion bench`), through `bench_report` (`record`: its path);
 - `soak`: the soak's fault matrix JSON (`jobs/soak.py --out`), through `fault_matrix` (`record`);
 - `comparison`: one or more baseline comparisons (`names`: their `--name`s), their records
-  NAME.comparison.json in the sweep storage and their trials in MLflow, through `table`;
+  NAME.comparison.json in the sweep storage and their trials in MLflow, through `table`
+  (`pairs`: [[A, B], ...] adds each pair's differences by seed and along t, `curves`: true the
+  learning curves, through `paired`);
 - `grid`: a grid sweep's trials in MLflow (`sweep`; `metric`, `reference` as for `report`), the
   ablation summary `report` writes;
 - `composition`: NAME.composition.json in the sweep storage (`names`: its one `--name`), through
@@ -107,12 +109,26 @@ def build_soak(spec: dict, ctx: Context, out_dir: Path) -> Built:
 
 
 def build_comparison(spec: dict, ctx: Context, out_dir: Path) -> Built:
-    from lora_diffusion.analysis.table import write_tables
+    """The tables; with `pairs` ([[A, B], ...]) each pair's differences by seed and along t, with
+    `curves` (true) the learning curves and their plot NAME-curves.png beside the report."""
+    from lora_diffusion.analysis import paired
+    from lora_diffusion.analysis.table import read_record, trials_loader, write_tables
     from lora_diffusion.engine.storage import SweepStorage
 
     storage = SweepStorage(ctx.storage_path)
-    body = "\n".join(write_tables(storage, ctx.tracking_uri, name) for name in spec["names"])
-    return Built(body.rstrip("\n"))
+    trials_of = trials_loader(ctx.tracking_uri)
+    parts = [write_tables(storage, ctx.tracking_uri, name, trials_of) for name in spec["names"]]
+    for name in spec["names"]:
+        record = read_record(storage, name)
+        if spec.get("pairs"):
+            rows = paired.pair_rows(record, trials_of, [tuple(p) for p in spec["pairs"]])
+            parts += [f"#### Paired differences, A - B, same seed ({name})", "", paired.pairs_markdown(rows), ""]
+        if spec.get("curves"):
+            curves = paired.learning_curves(record, trials_of, ctx.tracking_uri)
+            png = paired.plot_curves(curves, out_dir / f"{name}-curves.png")
+            parts += [f"#### Learning curves ({name})", ""] + ([f"![learning curves]({png.name})", ""] if png else [])
+            parts += [paired.curves_markdown(curves) or "No evaluation history yet.", ""]
+    return Built("\n".join(parts).rstrip("\n"))
 
 
 def build_grid(spec: dict, ctx: Context, out_dir: Path) -> Built:
