@@ -128,7 +128,27 @@ def build_comparison(spec: dict, ctx: Context, out_dir: Path) -> Built:
             png = paired.plot_curves(curves, out_dir / f"{name}-curves.png")
             parts += [f"#### Learning curves ({name})", ""] + ([f"![learning curves]({png.name})", ""] if png else [])
             parts += [paired.curves_markdown(curves) or "No evaluation history yet.", ""]
-    return Built("\n".join(parts).rstrip("\n"))
+    measured, commits = _comparison_provenance(storage, spec["names"], trials_of)
+    return Built("\n".join(parts).rstrip("\n"), measured, spec.get("machine", "not recorded"), commits)
+
+
+def _comparison_provenance(storage, names: list[str], trials_of) -> tuple[str, str | None]:
+    """When the comparisons' reported runs ended (first to last day) and the code their sweeps
+    ran (the parent runs' `code_version` tags), from MLflow."""
+    from lora_diffusion.analysis.table import read_record
+
+    ends, commits = [], []
+    for name in names:
+        for stage in read_record(storage, name)["stages"].values():
+            for sweep in {c["final_sweep"] for c in stage["chosen"]}:
+                df = trials_of(sweep)
+                ends += [int(t) for t in df.get("end_time", []) if t == t and t]
+                version = df.attrs.get("parent_tags", {}).get("code_version")
+                if version and version[:7] not in commits:
+                    commits.append(version[:7])
+    days = sorted({time.strftime("%Y-%m-%d", time.gmtime(t / 1000)) for t in ends})
+    measured = (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}") if days else "not recorded"
+    return measured, ", ".join(commits) or None
 
 
 def build_grid(spec: dict, ctx: Context, out_dir: Path) -> Built:
