@@ -287,7 +287,6 @@ def _options(args, from_file: dict) -> SweepOptions:
     return SweepOptions(**options)
 
 
-
 def _grid_part(args, raw, path: Path, base: dict):
     """(fixed, base overrides, options, GridSpec) of a grid file; every cell x seed validated."""
     if args.smoke:
