@@ -188,6 +188,8 @@ CASES = [
     ("sweep zero concurrency", _sweep("--max-concurrent", "0"), "--max-concurrent"),
     ("sweep negative max failures", _sweep("--max-failures", "-1"), "--max-failures"),
     ("sweep negative trial retries", _sweep("--retry-failed", "-1"), "--retry-failed"),
+    ("sweep worker resource without amount", _sweep("--worker-resources", "spot"), "--worker-resources"),
+    ("sweep worker resource CPU", _sweep("--worker-resources", "CPU=1"), "--worker-resources"),
     ("sweep name with a slash", _sweep("--name", "a/b"), "--name"),
     ("sweep name ..", _sweep("--name", ".."), "--name"),
     ("sweep name with a space", _sweep("--name", "a b"), "--name"),

@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..core.errors import UserError
 from . import tracking
 
 
@@ -26,6 +27,25 @@ def storage_location(arg: str | None) -> str:
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the sqlite store in <repo>/runs."""
     return tracking.default_tracking_uri(repo_root() / "runs")
+
+
+def worker_resources(items: list[str]) -> dict[str, float]:
+    """--worker-resources NAME=AMOUNT, each a custom Ray resource with a positive amount (CPUs and
+    GPUs have their own options: the sweep shares them out)."""
+    out = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = float("nan")
+        if not sep or not name.strip() or not value > 0 or value == float("inf"):
+            raise UserError(f"--worker-resources: {item!r} must be NAME=AMOUNT with AMOUNT > 0, e.g. spot=1")
+        if name.strip().upper() in ("CPU", "GPU"):
+            raise UserError(f"--worker-resources: {name.strip()} has its own option "
+                            f"(--{name.strip().lower()}s-per-worker)")
+        out[name.strip()] = value
+    return out
 
 
 def build_parser(default_space: str) -> argparse.ArgumentParser:
@@ -60,7 +80,13 @@ def build_parser(default_space: str) -> argparse.ArgumentParser:
                    "GPU, one GPU per rank otherwise, the ranks the plan needs for a sharded trial; else 0)")
     p.add_argument("--gpu-memory-gib", type=float, help="memory of the cluster's GPUs the plan packs trials "
                    "into (default 80: cluster.yaml's GPU node type)")
-    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per trial (default 2)")
+    p.add_argument("--worker-resources", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each Train worker reserves besides its CPUs and GPUs "
+                        "(repeatable), e.g. spot=1 to run the workers only on nodes started with "
+                        "--resources '{\"spot\": N}'")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group restarts per trial: a Train worker that died, or was lost with its "
+                        "node, restarts the trial's workers from its last checkpoint (default 2)")
     p.add_argument("--retry-failed", type=int, metavar="N",
                    help="run a failed trial again, up to N times, from its last checkpoint, on the same "
                         "MLflow run (default: the file's sweep.max_trial_retries, else 0)")

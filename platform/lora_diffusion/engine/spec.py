@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..core import config as config_lib, tasks
@@ -23,7 +23,7 @@ from ..core.errors import UserError
 from ..core.task_specs import TEXT_SCORES, metric_mode, run_metric
 from . import preflight, search_space as space_lib
 from .grid import only_cells, parse_grid, parse_only, read_with_extends
-from .options import default_tracking_uri, repo_root, storage_location
+from .options import default_tracking_uri, repo_root, storage_location, worker_resources
 from .storage import SweepStorage
 from .tracking import DEFAULT_EXPERIMENT
 
@@ -63,6 +63,8 @@ class SweepOptions:
     grace_period: int = 50  # ASHA's first rung (steps)
     reduction_factor: int = 3
     max_trial_retries: int = 0  # a failed trial run again from its last checkpoint (Tune's FailureConfig)
+    # custom Ray resources each Train worker reserves besides CPU / GPU (--worker-resources): a node type
+    worker_resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -281,6 +283,7 @@ def _options(args, from_file: dict) -> SweepOptions:
             options[key] = getattr(args, key)
     if getattr(args, "retry_failed", None) is not None:
         options["max_trial_retries"] = args.retry_failed
+    options["worker_resources"] = worker_resources(getattr(args, "worker_resources", None) or [])
     return SweepOptions(**options)
 
 

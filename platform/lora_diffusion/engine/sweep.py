@@ -147,13 +147,14 @@ def _trainable(spec: SweepSpec, res):
     from ray import tune
 
     from .trial import TrialPlan, run_trial
-    from .tuner import TRIAL_CPUS
+    from .tuner import trial_resources
 
     plan = TrialPlan(fixed=spec.fixed, workers=spec.sweep.workers, cpus_per_worker=res.cpus_per_worker,
                      gpus_per_worker=res.gpus_per_worker, shard=res.shard,
                      train_storage=SweepStorage(spec.storage).join(spec.name, "train"),
-                     max_failures=spec.max_failures)
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
+                     max_failures=spec.max_failures, extra_resources=spec.sweep.worker_resources)
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan),
+                               trial_resources(spec.sweep.max_concurrent))
 
 
 def _banner(spec: SweepSpec, address: str, res) -> None:

@@ -46,6 +46,7 @@ class TrialPlan:
     max_failures: int  # worker-group restarts per trial
     shard: bool | None = None  # FSDP2 over the ranks (None: the recipe decides: method=full)
     backend: str | None = None  # torch.distributed's (None: Ray's choice, nccl with GPUs, else gloo)
+    extra_resources: dict | None = None  # custom Ray resources per worker (--worker-resources)
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
@@ -65,11 +66,19 @@ def make_trainer(config: dict, plan: TrialPlan, name: str, started: float, callb
     """The TorchTrainer of one Train run: `plan.workers` workers running `loop` (`train_loop`)
     on `config` (a Config as a dict), its run `name` under `plan.train_storage`, `keep`
     checkpoints (None: all). A sweep trial fits it under Tune; the benchmark's scaling section
-    fits it alone. Each worker reserves `plan.gpus_per_worker` (a share of one GPU, or one)."""
+    fits it alone. Each worker reserves `plan.gpus_per_worker` (a share of one GPU, or one) and
+    `plan.extra_resources`.
+
+    A worker lost with its node is a worker-group failure to Ray Train 2.60 (the controller's
+    health check gets the actor's death, `WorkerGroupError`; a node drained for preemption counts
+    against FailureConfig.max_preemption_failures instead, unlimited by default): the group
+    restarts, up to `plan.max_failures` times (--max-failures, default 2), on whatever nodes
+    have the resources, from the run's latest checkpoint. The Tune trial does not fail, so its
+    MLflow run and step axis go on (tests/test_node_loss.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    per_worker = {"CPU": plan.cpus_per_worker}
+    per_worker = {"CPU": plan.cpus_per_worker, **(plan.extra_resources or {})}
     if plan.gpus_per_worker:
         per_worker["GPU"] = plan.gpus_per_worker
     return TorchTrainer(

@@ -24,6 +24,8 @@ from .spec import GridSpec, SweepSpec
 RAY_START_TIMEOUT = "The current node timed out during startup"
 LOCAL_START_ATTEMPTS = 3
 TRIAL_CPUS = 0.01  # the trial's own actor only starts the TorchTrainer: its workers reserve the CPUs
+HEAD_NODE = "node:__internal_head__"  # Ray's resource of the head node (1 there, absent elsewhere)
+TRIAL_HEAD_SHARE = 0.001  # of HEAD_NODE per trial actor: as Ray pins its own state actors
 
 
 def ray_address(arg: str | None) -> str:
@@ -95,6 +97,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def trial_resources(max_concurrent: int) -> dict:
+    """What a trial's own actor reserves: TRIAL_CPUS, on the head node when the head has CPUs
+    for `max_concurrent` of them. Ray Train attaches the trial's Train controller to this actor's
+    node, so a trial actor on a worker node dies with that node and its Tune trial fails (only
+    --retry-failed, default 0, would run it again); on the head, which a sweep cannot lose
+    anyway (the driver, Tune and MLflow live there), a lost worker node costs the trial only
+    its Train workers, which Train restarts from the last checkpoint (--max-failures)."""
+    import ray
+
+    heads = [n for n in ray.nodes() if n.get("Alive") and HEAD_NODE in n.get("Resources", {})]
+    if heads and heads[0]["Resources"].get("CPU", 0) >= TRIAL_CPUS * max_concurrent:
+        return {"CPU": TRIAL_CPUS, HEAD_NODE: TRIAL_HEAD_SHARE}
+    return {"CPU": TRIAL_CPUS}  # a head started with --num-cpus 0: trial actors go where CPUs are
 
 
 @dataclass

@@ -129,6 +129,8 @@ def _stage_argv(args, stage: str, grid: dict, resume: bool) -> list[str]:
         value = getattr(args, key, None)
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
+    for item in getattr(args, "worker_resources", None) or []:  # the node type the search's workers ran on
+        argv += ["--worker-resources", item]
     return argv
 
 
