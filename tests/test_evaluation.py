@@ -173,3 +173,15 @@ def test_a_time_conditioned_backbone_shares_no_forward(tiny_config, tmp_path):
     scores = diffusion.score_label_words(evaluation.SharedForward(recipe, batch), batch,
                                          [ids[0] for ids in recipe.label_ids], c.diffusion.noise_schedule, times, mask)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_scored_split_states_the_standard_error_of_its_accuracy(tiny_config):
+    """Beside each accuracy, sqrt(p (1 - p) / n) of its rows: the noise a validation subset
+    leaves in the selection metric, the same whether scored now or reused from the last score."""
+    recipe = Recipe(tiny_config(max_eval_examples=12))
+    rows = recipe.validation_examples
+    out = recipe.evaluate(rows, "validation", sampler=False)
+    p = out["validation/accuracy"]
+    assert len(rows) == 12 and out["validation/accuracy_se"] == pytest.approx((p * (1 - p) / 12) ** 0.5)
+    assert recipe.evaluate(rows, "validation", sampler=True)["validation/accuracy_se"] == out["validation/accuracy_se"]
+    assert evaluation.accuracy_se(0.8, 861) == pytest.approx(0.01363, abs=1e-5)

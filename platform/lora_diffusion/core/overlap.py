@@ -21,6 +21,7 @@ training phrases 0.16 s, 872 test sentences 0.8 s, 861 validation sentences 0.8 
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 
 from .errors import UserError
@@ -83,9 +84,42 @@ def overlap_fraction(examples, training: TrainingText) -> float:
 def check_overlap(name: str, examples, training: TrainingText, allow: bool) -> float:
     """The overlap fraction of an evaluation set; above MAX_OVERLAP a UserError naming the set,
     unless `allow` (the caller then reports the fraction beside the metric)."""
-    fraction = overlap_fraction(examples, training)
+    return _refuse(name, examples, overlap_fraction(examples, training), allow)
+
+
+def _refuse(name: str, examples, fraction: float, allow: bool) -> float:
     if fraction > MAX_OVERLAP and not allow:
         raise UserError(f"{name}: {fraction:.1%} of its {len(examples)} rows overlap the run's "
                         f"training rows (exact or containment; limit {MAX_OVERLAP:.0%}); evaluate "
                         "a file disjoint from training, or pass --allow-overlap (allow_overlap: true)")
     return fraction
+
+
+def check_overlaps(sets, train_texts: list[str], allow: bool) -> dict[str, float]:
+    """`check_overlap` of each (split, name, examples) against the training texts, each fraction
+    stored per node (core/node_cache.py) under a digest of the texts compared and of this
+    module: SST-2's check costs seconds and every trial of a sweep repeats it."""
+    from . import node_cache
+
+    train_key, index = _texts_key(train_texts), []
+
+    def fraction(examples) -> float:
+        if not index:  # built only when some fraction is not stored yet
+            index.append(TrainingText(train_texts))
+        return overlap_fraction(examples, index[0])
+
+    out = {}
+    for split, name, examples in sets:
+        key = node_cache.key_of(train_key, _texts_key(e.text for e in examples),
+                                node_cache.code_digest("overlap.py"))
+        stored = node_cache.cached("overlap", key, lambda examples=examples: fraction(examples))
+        out[split] = _refuse(name, examples, stored, allow)
+    return out
+
+
+def _texts_key(texts) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()

@@ -25,6 +25,7 @@ from .checkpoint import read as read_checkpoint
 from .config import Config
 from .diffusion import seeded
 from .errors import TrainingDiverged, UserError, check, out_of_memory
+from .node_cache import loaded_fingerprint
 from .recipe_data import RecipeData, task_of
 from .step import attach, denoise as denoise_with_context, loss_backward
 from .task_specs import run_metric
@@ -68,7 +69,9 @@ class Recipe(RecipeData):
                                                   allow_hub=config.allow_hub, family=config.backbone_family)
         positions = getattr(self.backbone.config, "max_position_embeddings", None) or config.max_length
         check(config.max_length <= positions, "max_length", f"exceeds the backbone's {positions} positions")
-        self.fingerprint = backbone_fingerprint(self.backbone)  # of the weights as stored
+        # of the weights as stored; one loaded here is hashed once per node (core/node_cache.py)
+        self.fingerprint = (backbone_fingerprint(self.backbone) if backbone is not None
+                            else loaded_fingerprint(self.backbone, config.backbone_seed))
         self.tokenizer = self.backbone.tokenizer
         self.label_ids = (tasks.label_word_token_ids(self.spec, self.tokenizer)
                           if self.spec.kind == "classification" else None)

@@ -49,12 +49,11 @@ class RecipeData:
         """Each evaluation set's fraction of rows overlapping this run's training rows; above 1%
         a UserError naming the set, unless allow_overlap."""
         c = self.config
-        training = overlap.TrainingText(e.text for e in self.train_examples)
-        return {split: overlap.check_overlap(name, examples, training, c.allow_overlap)
-                for split, name, examples in (
-                    ("validation", f"{c.task} validation split", self.validation_examples),
-                    ("test", f"test_file {c.test_file}" if c.test_file else f"{c.task} test split",
-                     self.test_examples))}
+        return overlap.check_overlaps(
+            (("validation", f"{c.task} validation split", self.validation_examples),
+             ("test", f"test_file {c.test_file}" if c.test_file else f"{c.task} test split",
+              self.test_examples)),
+            [e.text for e in self.train_examples], c.allow_overlap)
 
     def response_ids(self, example) -> list[int]:
         task = task_of(example)

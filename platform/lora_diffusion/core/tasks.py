@@ -87,8 +87,16 @@ def _load_task(task: str, split: str, data_dir: str | None, allow_hub: bool) -> 
 
 @lru_cache(maxsize=8)  # the SST-2 cut takes about a second; a run loads three splits
 def _cut(task: str, paths: tuple[str, ...] | None) -> dict[str, tuple[Example, ...]]:
-    """All splits of a task, from its local files (or the hub copy when paths is None)."""
-    return splits.cut(task, read_local(task, paths) if paths else read_hub(task))
+    """All splits of a task, from its local files (or the hub copy when paths is None). A local
+    cut is stored per node under the digests of its files and of the code that cuts them
+    (core/node_cache.py): every sweep trial is a new process and would cut it again."""
+    if not paths:
+        return splits.cut(task, read_hub(task))  # the datasets library caches the hub copy
+    from . import node_cache
+
+    key = node_cache.key_of(task, [node_cache.file_digest(p) for p in paths],
+                            node_cache.code_digest("splits.py", "task_readers.py", "task_specs.py"))
+    return node_cache.cached("splits", key, lambda: splits.cut(task, read_local(task, paths)))
 
 
 def check_local_data(task: str, data_dir: str | None, allow_hub: bool) -> None:

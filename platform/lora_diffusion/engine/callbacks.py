@@ -136,6 +136,7 @@ class ProgressLines(Callback):
             extra = [k for k in ("validation/accuracy_sampler", "train/accuracy") if k in r]
             print(f"[trial {trial.trial_id}] final  step {r.get('steps')}  "
                   f"{self.metric} {r.get(self.metric, float('nan')):.4f}  "
+                  + (f"(se {r[self.metric + '_se']:.4f})  " if f"{self.metric}_se" in r else "")
                   + "".join(f"{k} {r[k]:.4f}  " for k in extra if isinstance(r[k], float))
                   + f"params {acc.get('trainable_params')}", flush=True)
 
