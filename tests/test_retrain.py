@@ -37,6 +37,30 @@ def test_retrain_grid_is_the_selected_configuration_with_fresh_seeds():
     grid = grid_lib.parse_grid(retrain.retrain_grid(best, [1, 2], "s"), "retrain.yaml")
     assert grid.seeds == [1, 2] and "train.seed" not in grid.fixed
     assert [r["lora.rank"] for r in grid.runs()] == [4, 4] and grid.runs()[0]["method"] == "lora"
+    # the search's trials were search trials (validation only); the retrain is the result
+    searched = retrain.retrain_grid({**best, "config": {**best["config"], "evaluation.role": "search"}}, [1], "s")
+    assert grid_lib.parse_grid(searched, "retrain.yaml").fixed["evaluation.role"] == "result"
+
+
+def test_the_job_ends_with_one_summary_selection_retrained_test_and_link():
+    """The main job's last lines, once: the selected configuration, its retrained test ± std with
+    validation beside it, the selection score for what it is, the link to compare trials."""
+    best = {"trial_id": "t1", "params": {"train.lr": 0.005}, "config": {"method": "trajectory"},
+            "selection": {"metric": "validation/accuracy", "score": 0.7167, "completed_trials": 2}}
+    summary = {"metric": "accuracy", "seeds": [1, 2, 3],
+               "test/accuracy": {"mean": 0.81, "std": 0.01, "n": 3},
+               "validation/accuracy": {"mean": 0.79, "std": 0.02, "n": 3}}
+    text = retrain.closing_summary("rs", best, summary, "compare its trials: open http://x/#/runs")
+    assert text.strip().splitlines() == [
+        "sweep rs: selected configuration (trial t1):",
+        "  train.lr = 0.005",
+        "  retrained: test/accuracy 0.8100 ± 0.0100 over 3 fresh seed(s) [1, 2, 3] "
+        "(validation/accuracy 0.7900 ± 0.0200)",
+        "  selection score validation/accuracy 0.7167, the best of 2 completed trials on validation: "
+        "optimistic, not a result",
+        "compare its trials: open http://x/#/runs"]
+    assert "not retrained (--retrain-seeds 0)" in retrain.closing_summary("rs", best, None, "c")
+    assert retrain.closing_summary("rs", {}, None, "compare") == "compare"  # no selection: the link alone
 
 
 def test_summary_is_test_mean_and_std_over_finished_seeds_with_validation_beside():
@@ -86,6 +110,7 @@ def test_a_finished_retrain_stage_is_read_back_not_trained_again(tmp_path, monke
     lines = []
     assert retrain.run(args, log=lines.append) == 0
     assert "s-retrain: finished earlier, not run again" in lines
+    assert "retrained: test/accuracy 0.8000 ± 0.1000" in lines[-1] and "compare its trials" in lines[-1]
     best = json.loads(storage.read_text("s/best.json"))
     assert best["retrain"]["seeds"] == [2, 3, 4] and best["test/accuracy"]["mean"] == pytest.approx(0.8)
     assert best["test/accuracy"]["std"] == pytest.approx(0.1) and best["selection"]["score"] == 0.6
