@@ -10,7 +10,8 @@ Shape (Ray 2.60, Train V2):
   as a `UserError` before Ray starts; preflight.py: the MLflow store, the Ray address and the
   GPUs checked before anything is written (a sweep that still dies before Tune saved its state
   reruns under its name, with or without --resume);
-- the best trial (printed, tagged on the parent run, best.json) is a trial that did not fail
+- the best trial (tagged on the parent run, best.json; printed unless the caller sums the job up
+  itself: cli.sweep_main prints one summary after the retrain) is a trial that did not fail
   with a finite selection metric, the highest, or the lowest for the ELBO bound of an ELBO-only
   generation sweep (generation.text_scores false; spec.mode); when there is none the sweep
   fails, saying why;
