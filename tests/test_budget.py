@@ -96,6 +96,8 @@ def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbo
 
     grid = grid_lib.parse_grid(comparison.tuning_grid(spec, cells), "tune.yaml")
     assert len(grid.runs()) == 12 and grid.seeds == [0] and grid.fixed["train.steps"] == 2
+    # stage 1's trials are search trials: validation only, test never scored (issue 45)
+    assert grid.fixed["evaluation.role"] == "search"
 
     rows = [{**c, "status": "FINISHED", VALIDATION_METRIC: 0.5} for c in cells]
     rows[1][VALIDATION_METRIC] = 0.9  # lora's second candidate
@@ -107,6 +109,7 @@ def test_comparison_grids_tune_the_same_number_per_method_and_choose(tiny_backbo
     final = grid_lib.parse_grid(comparison.final_grid(spec, chosen), "final.yaml")
     assert list(final.axes) == ["task", "method"] and final.reference == {"method": "trajectory"}
     assert final.runs()[0] == {**final.fixed, **cells[1], "train.seed": 0}
+    assert final.fixed["evaluation.role"] == "result"  # stage 2 reports test
 
 
 def test_unmatched_candidates_tune_the_size_knob_and_draw_a_seeded_subset():

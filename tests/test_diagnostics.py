@@ -95,6 +95,15 @@ def test_the_backbone_figures_are_an_untrained_methods_and_the_trained_one_diffe
     assert Recipe(tiny_config(**{"diagnostics.per_t_bins": 0})).diagnostics.per_t(rows, "validation") == {}
 
 
+def test_per_t_bins_unset_follow_the_role_and_a_set_number_runs_at_every_evaluation(tiny_config):
+    search = {"evaluation.role": "search"}
+    assert [diagnostics.per_t_bins(tiny_config(), final) for final in (False, True)] == [0, BINS]
+    assert [diagnostics.per_t_bins(tiny_config(**search), final) for final in (False, True)] == [0, 0]
+    set_ = {"diagnostics.per_t_bins": 3}
+    assert [diagnostics.per_t_bins(tiny_config(**search, **set_), final) for final in (False, True)] == [3, 3]
+    assert diagnostics.phase_gains_on(tiny_config()) and not diagnostics.phase_gains_on(tiny_config(**search))
+
+
 @pytest.mark.parametrize("sets", [{"trajectory.sharing": "per_phase"}, {"trajectory.sharing": "shared"},
                                   {"method": "trajectory_adapter"}])
 def test_switching_a_phase_off_changes_only_the_rows_of_that_phase(tiny_config, sets):
@@ -197,8 +206,9 @@ def test_the_figures_reach_mlflow_and_the_grid_plot(tiny_config, tmp_path):
         result = recipe.run(report=lambda metrics, rec, run=run: tracker.log_step(run, metrics, rec.step), log=None)
         tracker.log_final(run, result, recipe.step)
         tracker.end_run(run)
+    # unset (diagnostics.per_t_bins None): at the final evaluation of a result run only
     history = tracker.client.get_metric_history(run, "validation/per_t/bound_bin9")
-    assert sorted(m.step for m in history) == [2, 4]
+    assert sorted(m.step for m in history) == [4]
     metrics = tracker.client.get_run(run).data.metrics
     assert {f"validation/per_t/backbone_bound_bin{k}" for k in range(BINS)} <= set(metrics)
     assert {f"final/test/phase_gain/{k}" for k in range(4)} <= set(metrics)

@@ -100,6 +100,22 @@ def test_result_labels_every_accuracy_by_split(tiny_config, tmp_path, synthetic_
     assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0
 
 
+def test_a_search_trial_scores_validation_only_and_a_result_run_scores_test(tiny_config):
+    """evaluation.role: a search trial's final result has validation and no test, train subset
+    or diagnostics (none set); a result run (the default: train, grids, retrains) has them all."""
+    sets = {"trajectory.num_phases": 2}
+    search = Recipe(tiny_config(**sets, **{"evaluation.role": "search"})).run(log=None)
+    assert 0.0 <= search["validation/accuracy"] <= 1.0 and "validation/accuracy_sampler" in search
+    assert not [k for k in search if k.startswith(("test/", "train/accuracy")) or "per_t" in k or "phase_gain" in k]
+    result = Recipe(tiny_config(**sets)).run(log=None)
+    assert {"test/accuracy", "train/accuracy", "test/phase_gain/0", "validation/per_t/bound_bin0"} <= set(result)
+    # diagnostics asked for explicitly are a search trial's too (phase gains on validation)
+    asked = Recipe(tiny_config(**sets, **{"evaluation.role": "search", "diagnostics.per_t_bins": 2,
+                                          "diagnostics.phase_gains": True})).run(log=None)
+    assert {"validation/per_t/bound_bin1", "validation/phase_gain/1"} <= set(asked)
+    assert not [k for k in asked if k.startswith("test/")]
+
+
 # prefix through its MLP saves the prefix, not the MLP: resume must carry the MLP itself
 @pytest.mark.parametrize("sets", [{}, {"method": "prefix", "prefix.projection": 8}], ids=["trajectory", "prefix_mlp"])
 def test_resume_from_state_continues_identically(tiny_config, tmp_path, sets):

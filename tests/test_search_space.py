@@ -115,3 +115,42 @@ def test_bad_set_key_and_existing_sweep(tmp_path, capsys):
     assert "already exists" in err and "--resume" in err
     assert sweep.main(args + ["--resume", "--name", "other"]) == 2
     assert "no sweep named 'other'" in capsys.readouterr().err
+
+
+# Measured (issue 45, the space's comments): at 100 steps most trajectory trials were still at the
+# majority class; two-phase trials had left it by 200 (0.69), four-phase ones had not (0.53).
+LEAVES_CHANCE_BY_STEP = 200
+
+
+def test_the_main_sweeps_asha_rungs_fall_where_its_trials_have_left_chance():
+    """The default job's ASHA stops no trial before it can leave chance: every rung below max_t
+    (train.steps + 1, engine/tuner.py) is at or past the step where two-phase trials left the
+    majority class, and is an evaluation step (a rung between evaluations would compare trials
+    at different steps); the phase count whose trials had not left it by then is not searched."""
+    from lora_diffusion.core import config as config_lib
+
+    space = ss.load(REPO / "search_spaces" / "rank_schedule.yaml")
+    config = config_lib.from_dict({}, space.fixed)
+    steps, every = config.train.steps, config.train.eval_every
+    grace, factor = space.sweep["grace_period"], space.sweep["reduction_factor"]
+    rungs = [grace * factor ** k for k in range(8) if grace * factor ** k < steps + 1]
+    assert rungs and rungs[0] >= LEAVES_CHANCE_BY_STEP and rungs[-1] < steps  # a rung that stops some
+    assert all(r % every == 0 for r in rungs) and steps % every == 0
+    assert config.trajectory.num_phases == 2 and "trajectory.num_phases" not in {p.field for p in space.params}
+    [lr] = [p for p in space.params if p.field == "train.lr"]
+    assert lr.low >= config_lib.TrainConfig.lr  # no rate below the default's, which needs ~600 steps
+
+
+def test_a_search_spaces_trials_are_search_trials_and_a_grids_are_results(tmp_path, monkeypatch,
+                                                                          synthetic_data_dir):
+    """The engine marks a search space's trials evaluation.role search (validation only: test is
+    the retrain's); a grid's cells are results; the user's own setting wins."""
+    from lora_diffusion.engine.options import build_parser
+    from lora_diffusion.engine.spec import ROLE, prepare
+
+    monkeypatch.setenv("LORA_DIFFUSION_DATA_DIR", str(synthetic_data_dir))
+    where = ["--storage-path", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--smoke"]
+    parse = build_parser("rank_schedule").parse_args
+    assert prepare(parse(where)).fixed[ROLE] == "search"
+    assert prepare(parse([*where, "--set", f"{ROLE}=result"])).fixed[ROLE] == "result"
+    assert ROLE not in prepare(parse([*where, "--grid", "grid_rank_schedule"])).fixed

@@ -305,7 +305,8 @@ def sweep_main(argv: list[str] | None = None, *, default_space: str = "rank_sche
     from .engine.sweep import main as engine_main
     from .experiments import retrain
 
-    rc = engine_main(argv, default_space=default_space, report=report_sweep)
+    # closing=False: the job's one summary (selection, retrained test, link) comes after the retrain
+    rc = engine_main(argv, default_space=default_space, report=report_sweep, closing=False)
     if rc == 2:  # a user error: nothing ran
         return rc
     # the selected configuration, retrained with fresh seeds and reported on test

@@ -42,6 +42,7 @@ from .task_specs import TASKS
 
 NOISE_SCHEDULES = ("linear", "loglinear", "cosine")
 REMASKING = ("low_confidence", "random")
+ROLES = ("result", "search")  # evaluation.role
 
 
 @dataclass
@@ -107,6 +108,10 @@ class EvaluationConfig:
     # Rows per forward when a split is scored or sampled. The masks of multi-token scoring are
     # drawn per batch, so figures compare across runs at the same batch size.
     batch_size: int = 64
+    # result (train, grids, retrains, compare's stage 2): the final result scores a train subset,
+    # validation, test, diagnostics. search (search trials, compare's stage 1; set by the engine):
+    # validation only, diagnostics where set; test is scored once, by the selection's retrain.
+    role: str = "result"
 
 
 @dataclass
@@ -115,14 +120,16 @@ class DiagnosticsConfig:
 
     # The loss bound (nats per response token at one t, the ELBO's integrand) at the midpoint of
     # each of this many equal bins of t over (0, 1], for the method and for the backbone alone,
-    # on the first `per_t_rows` validation rows, at every periodic evaluation; 0 = off. Cost per
-    # evaluation: bins x ceil(rows / 64) forwards of the method; the backbone's once per run
-    # (MiniLM, 32 rows, one thread: about 5 s on SST-2, 65-78 s on XSum at max_length 384).
-    per_t_bins: int = 10
+    # on the first `per_t_rows` validation rows; 0 = off; a number: at every periodic evaluation;
+    # None: 10 bins at the final evaluation of a result run (evaluation.role), none in a search.
+    # Cost per evaluation: bins x ceil(rows / 64) forwards of the method; the backbone's once per
+    # run (MiniLM, 32 rows, one thread: about 5 s on SST-2, 65-78 s on XSum at max_length 384).
+    per_t_bins: int | None = None
     per_t_rows: int = 32
-    # At the final evaluation, K > 1 phase modules: the test metric with each one switched off
-    # (`test/phase_gain/{k}`). Cost: one more ELBO scoring of the test split per phase.
-    phase_gains: bool = True
+    # At the final evaluation, K > 1 phase modules: the test metric (validation's in a search)
+    # with each one switched off (`test/phase_gain/{k}`), one more ELBO scoring per phase.
+    # None: on in a result run only (evaluation.role).
+    phase_gains: bool | None = None
 
 
 @dataclass
@@ -356,7 +363,7 @@ def validate(config: Config) -> None:
     for name in ("max_train_examples", "max_eval_examples"):
         check(getattr(config, name) is None or getattr(config, name) >= 1, name, "must be >= 1 (or null: all)")
     check(config.train_accuracy_examples >= 1, "train_accuracy_examples", "must be >= 1")
-    check(config.diagnostics.per_t_bins >= 0, "diagnostics.per_t_bins", "must be >= 0 (0 turns it off)")
+    check((config.diagnostics.per_t_bins or 0) >= 0, "diagnostics.per_t_bins", "must be >= 0 (0 turns it off)")
     check(config.diagnostics.per_t_rows >= 1, "diagnostics.per_t_rows", "must be >= 1")
     for spec in registry.specs():  # every section, whichever method runs: a bad value is an error
         if spec.validate is not None:
@@ -372,6 +379,7 @@ def validate_memory(config: Config) -> None:
           f"got {tr.micro_batch_size}")
     check(tr.logits_chunk_rows >= 1, "train.logits_chunk_rows", "must be >= 1")
     check(config.evaluation.batch_size >= 1, "evaluation.batch_size", "must be >= 1")
+    check_one_of(config.evaluation.role, ROLES, "evaluation.role")
 
 
 def validate_generation(config: Config) -> None:

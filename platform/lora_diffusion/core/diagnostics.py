@@ -32,6 +32,23 @@ from . import diffusion, evaluation, generation, tasks
 from .diffusion import seeded
 
 PER_T_SEED = 19  # the per-t masks: seeded(train.seed, PER_T_SEED, bin)
+AUTO_PER_T_BINS = 10  # diagnostics.per_t_bins None: at the final evaluation of a result run
+
+
+def per_t_bins(config, final: bool) -> int:
+    """The bins of this evaluation: the number set, at every evaluation; unset (None), 10 at the
+    final evaluation of a result run and none otherwise (evaluation.role: a search trial's
+    figures serve selection, which reads validation's metric only)."""
+    n = config.diagnostics.per_t_bins
+    if n is not None:
+        return n
+    return AUTO_PER_T_BINS if final and config.evaluation.role == "result" else 0
+
+
+def phase_gains_on(config) -> bool:
+    """diagnostics.phase_gains as set, or (None) on in a result run only."""
+    on = config.diagnostics.phase_gains
+    return config.evaluation.role == "result" if on is None else on
 
 
 def bin_edges(n: int) -> list[tuple[float, float]]:
@@ -67,15 +84,15 @@ class Diagnostics:
 
     def __init__(self, recipe):
         self.recipe, self.settings = recipe, recipe.config.diagnostics
-        if self.settings.per_t_bins:
+        if per_t_bins(recipe.config, final=True):
             recipe.method.remember_start()  # the method as built is the backbone: switched_off
         self._backbone: dict[tuple, list[float]] = {}  # rows -> figures
         self._method: dict[str, tuple] = {}  # split -> (Recipe.state_key, metrics)
 
-    def per_t(self, examples, split: str) -> dict[str, float]:
+    def per_t(self, examples, split: str, final: bool = True) -> dict[str, float]:
         """`<split>/per_t/bound_bin{k}` and `backbone_bound_bin{k}` on the first `per_t_rows`
-        rows; {} when `per_t_bins` is 0."""
-        n = self.settings.per_t_bins
+        rows; {} when this evaluation (`final`: the run's last) has no bins (`per_t_bins`)."""
+        n = per_t_bins(self.recipe.config, final)
         if not n:
             return {}
         rows = examples[:self.settings.per_t_rows]
@@ -95,7 +112,7 @@ class Diagnostics:
         """`<split>/phase_gain/{k}` per phase module (K > 1 only), from the split's metric in
         `scored` (the final result's) and the metric with phase k switched off."""
         phases = self.recipe.method.phase_modules()
-        if not self.settings.phase_gains or len(phases) < 2:
+        if not phase_gains_on(self.recipe.config) or len(phases) < 2:
             return {}
         if self.recipe.spec.kind != "classification":
             return {f"{split}/phase_gain_metric": "elbo_nats_per_token (off - all)",

@@ -258,7 +258,8 @@ class Recipe(RecipeData):
                     f"{self.train_time / self.step:.3f} s/step")
             if self.step % tr.eval_every == 0 or self.step == tr.steps:
                 metrics.update(self.evaluate(self.validation_examples, "validation", sampler=False))
-                metrics.update(self.diagnostics.per_t(self.validation_examples, "validation"))
+                metrics.update(self.diagnostics.per_t(self.validation_examples, "validation",
+                                                      final=self.step >= tr.steps))
                 metrics["step"] = self.step
                 if log:
                     metric = f"validation/{run_metric(self.config.task, self.config.generation.text_scores)}"
@@ -276,20 +277,26 @@ class Recipe(RecipeData):
         return self._final[1]
 
     def result(self, wall_time: float) -> dict:
+        """The final result. A result run (evaluation.role) scores a train subset, validation and
+        test; a search trial validation only (its test is never scored: selection may not see it,
+        and the retrain of the selection scores test)."""
         c = self.config
         res = {"task": c.task, "method": c.method, "steps": self.step, "seed": c.train.seed,
                "split_note": self.spec.split_note, "train/loss": self.last_loss}
+        search = c.evaluation.role == "search"
         rng = seeded(c.train.seed, 17)
         own = [e for e in self.train_examples if task_of(e) == c.task]  # a mixture's: the run's task's rows
-        n = min(c.train_accuracy_examples, len(own))
+        n = 0 if search else min(c.train_accuracy_examples, len(own))
         train_subset = [own[i] for i in torch.randperm(len(own), generator=rng)[:n].tolist()]
         if train_subset:  # none when a router's mixture leaves out the run's task
             res.update(self.evaluate(train_subset, "train", sampler=False))
         res.update(self.evaluate(self.validation_examples, "validation"))
         res.update(self.diagnostics.per_t(self.validation_examples, "validation"))  # the last periodic one
-        res.update(self.evaluate(self.test_examples, "test"))
-        res.update(self.diagnostics.phase_gains(self.test_examples, "test", res))
-        res["test/source"] = c.test_file or f"{c.task} test split"
+        last, split = (self.validation_examples, "validation") if search else (self.test_examples, "test")
+        if not search:
+            res.update(self.evaluate(self.test_examples, "test"))
+            res["test/source"] = c.test_file or f"{c.task} test split"
+        res.update(self.diagnostics.phase_gains(last, split, res))
         res["accounting"] = account(self.method)
         res["wall_time_s"] = wall_time
         res["train_time_s"] = self.train_time

@@ -29,6 +29,7 @@ from .tracking import DEFAULT_EXPERIMENT
 
 METRIC = "validation/accuracy"  # classification's; every run's: selection_metric, its mode: metric_mode
 SPEC_FILE = "sweep.json"
+ROLE = "evaluation.role"  # search for a search space's trials (core/config.py EvaluationConfig)
 TINY_BACKBONE = "tiny-random"  # --smoke's backbone (backbone.py builds it locally on first use)
 
 
@@ -195,7 +196,8 @@ def _new(args, storage: SweepStorage) -> SweepSpec:
     else:
         space = space_lib.load(path, base)  # validates file, keys, values: UserError names file and key
         _refuse_sampled_sets(args, space, path)
-        kind, fixed, options, grid = "optuna", space.fixed, _options(args, space.sweep), None
+        # its trials serve selection: validation only, unless the space or --set says otherwise
+        kind, fixed, options, grid = "optuna", {ROLE: "search", **space.fixed}, _options(args, space.sweep), None
         if args.only:
             raise UserError(f"--only: slices a grid file's cells; {path} is a search space")
     fixed_cfg = config_lib.from_dict({}, fixed)

@@ -10,7 +10,8 @@ Shape (Ray 2.60, Train V2):
   as a `UserError` before Ray starts; preflight.py: the MLflow store, the Ray address and the
   GPUs checked before anything is written (a sweep that still dies before Tune saved its state
   reruns under its name, with or without --resume);
-- the best trial (printed, tagged on the parent run, best.json) is a trial that did not fail
+- the best trial (tagged on the parent run, best.json; printed unless the caller sums the job up
+  itself: cli.sweep_main prints one summary after the retrain) is a trial that did not fail
   with a finite selection metric, the highest, or the lowest for the ELBO bound of an ELBO-only
   generation sweep (generation.text_scores false; spec.mode); when there is none the sweep
   fails, saying why;
@@ -52,16 +53,18 @@ from .storage import SweepStorage
 
 
 def main(argv: list[str] | None = None, *, default_space: str = "rank_schedule",
-         report: Callable[[dict], None] | None = None) -> int:
+         report: Callable[[dict], None] | None = None, closing: bool = True) -> int:
+    """`closing`: print the selection and the link to compare trials when the sweep ends; False
+    when the caller prints one summary of its own after a follow-up stage (cli.sweep_main)."""
     args = build_parser(default_space).parse_args(argv)
     try:
-        return run(args, report)
+        return run(args, report, closing)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def run(args, report: Callable[[dict], None] | None = None) -> int:
+def run(args, report: Callable[[dict], None] | None = None, closing: bool = True) -> int:
     """Run (or resume) the sweep; `report(spec)` (the spec as sweep.json holds it) is called when
     every trial has ended (the analysis layer passes the ablation report: the engine does not
     import analysis)."""
@@ -109,8 +112,9 @@ def run(args, report: Callable[[dict], None] | None = None) -> int:
         results = _fit(tuner, spec, mlflow_cb)
         if results is None:
             return 1
-        rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0)
-        print(tracking.compare_line(spec.tracking_uri, link))
+        rc = _summarise(results, spec, mlflow_cb, ends, time.time() - t0, closing)
+        if closing:
+            print(tracking.compare_line(spec.tracking_uri, link))
         if report is not None and not _interrupted(results, spec, ends):  # failed cells included
             report(spec.to_dict())
         return rc
@@ -256,8 +260,9 @@ def _select(results, spec: SweepSpec) -> dict | None:
             "config": {k: v for k, v in config.items() if not k.startswith("sampled.")}}
 
 
-def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
-    """The sweep's end: best.json and the parent run's status, or how to resume it."""
+def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float, closing: bool = True) -> int:
+    """The sweep's end: best.json and the parent run's status, or how to resume it; with
+    `closing`, the selected trial and its configuration printed."""
     if _interrupted(results, spec, ends):
         print(f"\nsweep {spec.name} interrupted ({ends.finished()} of {spec.sweep.num_samples} trials "
               "finished): rerun the same command with --resume to continue it")
@@ -271,14 +276,19 @@ def _summarise(results, spec: SweepSpec, mlflow_cb, ends, wall: float) -> int:
     if best is None:  # no best.json: nothing downstream may take a failed trial for the best one
         print(f"sweep {spec.name} FAILED: {reason}; no best trial", file=sys.stderr)
         return 1
-    print(f"selected trial {best['trial_id']}: selection score {spec.metric} {best['selection']['score']:.4f} "
-          f"({direction(spec.metric)}; the best of {best['selection']['completed_trials']} completed trials "
-          "on validation: optimistic, not a result)")
-    for k, v in best["params"].items():
-        print(f"  {k} = {v}")
+    if closing:
+        print(selection_line(best) + "".join(f"\n  {k} = {v}" for k, v in best["params"].items()))
     SweepStorage(spec.storage).write_kept(f"{spec.name}/best.json",
                                           json.dumps({**best, "wall_s": wall}, indent=2, default=str))
     return 0 if not errors else 1
+
+
+def selection_line(best: dict) -> str:
+    """What best.json's `selection` says: the trial, its score, that it is no result."""
+    sel = best["selection"]
+    return (f"selected trial {best['trial_id']}: selection score {sel['metric']} {sel['score']:.4f} "
+            f"({direction(sel['metric'])}; the best of {sel['completed_trials']} completed trials "
+            "on validation: optimistic, not a result)")
 
 
 def _usable(r, metric: str = METRIC) -> bool:

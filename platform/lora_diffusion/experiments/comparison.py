@@ -6,7 +6,8 @@ Grid sweeps (sweep.py running grid.py's `cells` form), each resumable and logged
 1. `<name>-tune`: `trials_per_method` candidates per (task, method): its learning rate and its
    own size/placement knobs (`MethodSpec.tuning`, drawn by tuning.py: the same number for every
    method), each candidate's size solved to the budget; first seed, `search_steps` steps,
-   scored on a fixed `search_validation_examples`-row subset of validation.
+   scored on a fixed `search_validation_examples`-row subset of validation only (search trials,
+   `evaluation.role: search`: no test, no diagnostics).
 2. `<name>`: every (task, method) at the candidate that scored best x every seed, `steps` steps,
    scored on the whole validation split and on the test split (reported; nothing is chosen on
    it). Its ablation report (axes task x method, paired differences to `trajectory` by seed) is
@@ -38,6 +39,7 @@ from ..core import config as config_lib
 from ..core.errors import UserError
 from ..core.methods import registry
 from ..engine.grid import check_seeds
+from ..engine.spec import ROLE
 from . import tuning
 
 # The compared methods are those whose spec has a learning-rate grid (`MethodSpec.lr_grid`:
@@ -130,7 +132,7 @@ def tuning_grid(spec: ComparisonSpec, cells: list[dict]) -> dict:
     return {"description": f"baseline comparison, stage 1: {spec.trials_per_method} candidates per "
                            f"task x method {budget}, on validation",
             "fixed": {**spec.sets, "train.steps": steps, "train.eval_every": steps,
-                      "max_eval_examples": spec.search_validation_examples},
+                      "max_eval_examples": spec.search_validation_examples, ROLE: "search"},
             "cells": cells, "seeds": spec.seeds[:1]}
 
 
@@ -139,7 +141,7 @@ def final_grid(spec: ComparisonSpec, chosen: dict[tuple[str, str], dict], budget
     what = "at a matched budget" if budget else "each at its best validated size, no budget"
     grid = {"description": f"baseline comparison: methods {what}, tuned on validation, reported on test",
             "fixed": {**spec.sets, "train.steps": spec.steps, "train.eval_every": spec.curve_every or spec.steps,
-                      "max_eval_examples": spec.eval_examples},
+                      "max_eval_examples": spec.eval_examples, ROLE: "result"},
             "cells": [chosen[(t, m)] for t in spec.tasks for m in spec.methods if (t, m) in chosen],
             "axes": ["task", "method"], "seeds": list(spec.seeds)}
     if any(c["method"] == REFERENCE_METHOD for c in grid["cells"]):  # not when reused from stage 2

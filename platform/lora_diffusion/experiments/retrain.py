@@ -20,7 +20,7 @@ import sys
 
 from ..analysis.trials import SEED_FIELD, final_column, load_trials, mlflow_client, task_metric
 from ..core.task_specs import metric_mode
-from ..engine.spec import SPEC_FILE
+from ..engine.spec import ROLE, SPEC_FILE
 
 DEFAULT_SEEDS, SMOKE_SEEDS = 3, 1
 # the search's options that the retrain stage runs under too (where and how, not what)
@@ -39,6 +39,7 @@ def fresh_seeds(used, n: int) -> list[int]:
 def retrain_grid(best: dict, seeds: list[int], search: str) -> dict:
     """The stage's grid file: the selected configuration as one cell x the fresh seeds."""
     config = {k: v for k, v in best["config"].items() if k != SEED_FIELD}
+    config[ROLE] = "result"  # the search's trials scored validation only; this stage is the result
     method = config.pop("method")
     return {"description": f"retrain of sweep {search}'s selected configuration (trial "
                            f"{best['trial_id']}) with fresh seeds, reported on test",
@@ -80,34 +81,79 @@ def line(summary: dict) -> str:
 def run(args, log=print) -> int:
     """After `lora-diffusion sweep` (cli.sweep_main): retrain the selected configuration of the
     sweep `args` named, unless --retrain-seeds 0 or it has no selection (interrupted, nothing
-    completed). Returns the stage's exit code."""
-    from ..engine import options, sweep
+    completed), then print the job's one closing summary. Returns the stage's exit code."""
+    from ..engine import options
     from ..engine.spec import sweep_name
     from ..engine.storage import SweepStorage
 
     n = args.retrain_seeds if args.retrain_seeds is not None else (SMOKE_SEEDS if args.smoke else DEFAULT_SEEDS)
     name = sweep_name(args)
     storage = SweepStorage(options.storage_location(args.storage_path))
-    best = json.loads(storage.read_kept(f"{name}/best.json")) if storage.exists(f"{name}/best.json") else {}
-    if n < 1 or not best.get("config"):
+    if not storage.exists(f"{name}/{SPEC_FILE}"):  # the sweep never started: nothing to sum up
         return 0
-    saved = json.loads(storage.read_kept(f"{name}/{SPEC_FILE}"))
-    uri = args.tracking_uri or saved["tracking_uri"]
+    best = json.loads(storage.read_kept(f"{name}/best.json")) if storage.exists(f"{name}/best.json") else {}
+    uri = args.tracking_uri or json.loads(storage.read_kept(f"{name}/{SPEC_FILE}"))["tracking_uri"]
+    rc, summary = 0, None
+    if n >= 1 and best.get("config"):
+        rc, summary = _retrain(args, storage, uri, name, best, n, log)
+    log(closing_summary(name, best, summary, _compare_line(uri, name)))
+    return rc
+
+
+def _retrain(args, storage, uri: str, name: str, best: dict, n: int, log) -> tuple[int, dict]:
+    """The stage run (or read back when it finished earlier), recorded, its model logged:
+    (exit code, `summarise` of its trials)."""
+    from ..engine import sweep
+
     stage = f"{name}-retrain"
     if storage.exists(f"{stage}/best.json"):
         log(f"{stage}: finished earlier, not run again")
         rc = 0
     else:
         seeds = fresh_seeds(load_trials(uri, name)["seed"].dropna(), n)
+        # closing=False: the stage selects nothing; the job's summary comes after it, once
         rc = sweep.main(_stage_argv(args, stage, retrain_grid(best, seeds, name),
-                                    resume=storage.exists(f"{stage}/{SPEC_FILE}")))
+                                    resume=storage.exists(f"{stage}/{SPEC_FILE}")), closing=False)
     summary = summarise(load_trials(uri, stage))
     if summary[_figures(summary)[0]]["n"]:
         _record(storage, uri, name, stage, best, summary)
-        log(f"\nsweep {name}: selected configuration, retrained: " + line(summary)
-            + f"; selection score (validation, best of the search) {best['selection']['score']:.4f}")
         log_selected_model(storage, uri, name, stage, getattr(args, "register", False), log)
-    return rc
+    return rc, summary
+
+
+def closing_summary(name: str, best: dict, summary: dict | None, compare: str) -> str:
+    """The main job's end, printed once: the selected configuration, its retrained test mean ±
+    std with validation beside it (or why there is none), the selection score for what it is,
+    and the line to compare the trials. Without a selection (interrupted, every trial failed:
+    said above it), the compare line alone."""
+    if not best.get("config"):
+        return compare
+    sel = best.get("selection", {})
+    lines = [f"\nsweep {name}: selected configuration (trial {best.get('trial_id')}):"]
+    lines += [f"  {k} = {v}" for k, v in best.get("params", {}).items()]
+    if summary is None:
+        lines.append("  not retrained (--retrain-seeds 0): no test figure")
+    elif summary[_figures(summary)[0]]["n"]:
+        lines.append("  retrained: " + line(summary))
+    else:
+        lines.append(f"  retrained: no seed finished (sweep {name}-retrain); --resume tries again")
+    completed = f", the best of {sel['completed_trials']} completed trials" if "completed_trials" in sel else ""
+    lines.append(f"  selection score {sel.get('metric', 'on validation')} {sel.get('score', math.nan):.4f}"
+                 f"{completed} on validation: optimistic, not a result")
+    return "\n".join([*lines, compare])
+
+
+def _compare_line(uri: str, name: str) -> str:
+    """The search's link to compare its trials (its parent run's saved runs view)."""
+    from ..analysis.trials import find_parent
+    from ..core.errors import UserError
+    from ..engine.tracking import RUNS_VIEW_TAG, compare_line
+
+    try:
+        link = find_parent(uri, name).data.tags.get(RUNS_VIEW_TAG, "")
+    except UserError:  # no parent run: the sweep failed before it logged one
+        link = ""
+    return compare_line(uri, link)
 
 
 def _stage_argv(args, stage: str, grid: dict, resume: bool) -> list[str]:
