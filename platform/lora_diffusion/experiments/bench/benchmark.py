@@ -97,17 +97,22 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
     size = SIZES[size_name]
     torch.set_num_threads(size.threads)
     result = {**(previous or {}), "size": size_name, "settings": dataclasses.asdict(size), "machine": machine()}
+    # which run measured each section: one kept from `previous` keeps its own date and load
+    earlier = (previous or {}).get("machine")
+    result["section_machines"] = {**{k: earlier for k in SECTIONS if earlier and k in (previous or {})},
+                                  **(previous or {}).get("section_machines", {})}
     wb = Workbench(size, data_dir=data_dir) if set(sections) & {"train", "memory", "infer"} else None
 
-    def save():
+    def save(section: str):
         result["machine_end"] = machine()  # the load the last section left (the header's "at the end")
+        result["section_machines"][section] = result["machine_end"]
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(result, indent=1))
 
     if "infer" in sections:
         result["infer"] = bench_infer.run(wb, log)
-        save()
+        save("infer")
     if "train" in sections:
         variants = bench_train.train_variants(wb)
         recipes = bench_train.build(wb, variants)
@@ -116,23 +121,23 @@ def run_benchmark(size_name: str, sections=SECTIONS, data_dir: str | None = None
         rows += bench_train.time_shapes(wb, growth, variants, size.growth_shapes, log)
         result["train"] = {"reference": bench_train.REFERENCE, "floor": bench_train.FLOOR, "rows": rows,
                            "growth": bench_train.growth(wb, log)}
-        save()
+        save("train")
     if "memory" in sections:
         rows = bench_train.memory(size_name, bench_train.train_variants(wb), data_dir, log)
         result["memory"] = {"reference": bench_train.REFERENCE, "rows": rows}
-        save()
+        save("memory")
     if "sweep" in sections:
         from .sweep import run_sweep
 
         workdir = Path(out).parent / "sweep" if out else Path("runs") / "bench" / "sweep"
         result["sweep"] = run_sweep(sweep_args or [], workdir, log)
-        save()
+        save("sweep")
     if "scaling" in sections:
         from . import scaling as bench_scaling
 
         workdir = Path(out).parent / "scaling" if out else Path("runs") / "bench" / "scaling"
         result["scaling"] = bench_scaling.run(size, data_dir, workdir, log)
-        save()
+        save("scaling")
     return result
 
 

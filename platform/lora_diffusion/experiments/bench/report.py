@@ -275,6 +275,10 @@ def table(result: dict, plot_dir: str | None = None, relative_to: Path | None = 
              f"{end['load_average'][0]:.1f}, the benchmark's own processes included: seconds move with the "
              f"machine's load, the ratios, taken side by side in one process, are what compares), "
              f"size `{result['size']}`."]
+    dated = result.get("section_machines", {})
+    if len({v["date"] for v in dated.values()}) > 1:  # sections measured by different runs
+        parts[0] += " Sections measured at different times: " + "; ".join(
+            f"{k} {v['date']} (load {v['load_average'][0]:.1f})" for k, v in dated.items()) + "."
     if "train" in result:
         parts += ["", "Training (`Recipe.train_step`; ratios to PEFT LoRA on attention; memory measured per "
                   "variant in its own process, peak resident set above the loaded model):", "", train_table(result)]
