@@ -79,11 +79,20 @@ def _read_sst2(path: Path, prefix: str) -> tuple[Example, ...]:
             raise UserError(f"data_file: {path} has no column {column!r} (header: {header})")
     features = datasets.Features({c: datasets.Value("int64" if c == "label" else "string")
                                   for c in header})
+    # datasets logs its own ERROR line for a file it cannot read; the UserError below is the one
+    # line a bad file gets, so its logger is quiet while reading (restored after)
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()  # "Generating train split" for a file read in a second
     try:
         ds = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
                                    keep_default_na=False, features=features, split="train")
     except Exception as e:  # e.g. a label that is not an integer
         raise UserError(f"data_file: could not read {path} (column 'label' must hold 0/1): {e}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
     cols = ds.to_dict()  # one Arrow -> Python conversion; iterating Columns is 100x slower
     rows = zip(cols["sentence"], cols["label"])
     return tuple(sst2_example(f"{prefix}/{i}", s, _check_label(lab, 2, path, "label"))
